@@ -1,0 +1,183 @@
+//! `OrderBook`: the orders and carts of a set of users.
+//!
+//! Live, each order shard owns the book of the users hashed to it; on replay
+//! one book holds everyone. The same [`OrderBook::apply`] serves both. Orders
+//! are kept by id (ids grow with time, so id order is age order) with a
+//! per-user index for listings.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::cart::Cart;
+use crate::domain::idem::{IdemBook, Outcome};
+use crate::domain::order::Order;
+use crate::domain::{DomainError, Event, OrderId, OrderStatus, UserId};
+
+/// Orders and carts of some users.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderBook {
+    orders: BTreeMap<OrderId, Order>,
+    by_user: HashMap<UserId, Vec<OrderId>>,
+    carts: HashMap<UserId, Cart>,
+}
+
+impl OrderBook {
+    /// The order with this id.
+    pub fn get(&self, id: OrderId) -> Option<&Order> {
+        self.orders.get(&id)
+    }
+
+    /// How many orders there are.
+    pub fn len(&self) -> usize {
+        self.orders.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.orders.is_empty()
+    }
+
+    /// Every order, oldest first.
+    pub fn orders(&self) -> impl DoubleEndedIterator<Item = &Order> {
+        self.orders.values()
+    }
+
+    /// A user's orders, newest first, at most `limit`.
+    pub fn list_user(&self, user: &UserId, limit: usize) -> Vec<&Order> {
+        self.by_user
+            .get(user)
+            .map(|ids| {
+                ids.iter()
+                    .rev()
+                    .filter_map(|id| self.orders.get(id))
+                    .take(limit)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Everyone's orders, newest first, at most `limit`.
+    pub fn list_all(&self, limit: usize) -> Vec<&Order> {
+        self.orders.values().rev().take(limit).collect()
+    }
+
+    /// A user's cart (empty when they never had one).
+    pub fn cart(&self, user: &UserId) -> Cart {
+        self.carts.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Every cart that has lines, for snapshots and checks.
+    pub fn carts(&self) -> impl Iterator<Item = (&UserId, &Cart)> {
+        self.carts.iter()
+    }
+
+    /// Moves every order and cart of `other` into this book (used to split and
+    /// merge books across shards).
+    pub fn absorb(&mut self, other: OrderBook) {
+        for (id, order) in other.orders {
+            self.by_user.entry(order.user).or_default().push(id);
+            self.orders.insert(id, order);
+        }
+        for ids in self.by_user.values_mut() {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        self.carts.extend(other.carts);
+    }
+
+    /// Splits the book by a function of the user, into `parts` books.
+    pub fn split(self, parts: usize, part_of: impl Fn(&UserId) -> usize) -> Vec<OrderBook> {
+        let mut books: Vec<OrderBook> = (0..parts.max(1)).map(|_| OrderBook::default()).collect();
+        let count = books.len();
+        for (id, order) in self.orders {
+            let book = &mut books[part_of(&order.user) % count];
+            book.by_user.entry(order.user).or_default().push(id);
+            book.orders.insert(id, order);
+        }
+        for (user, cart) in self.carts {
+            books[part_of(&user) % count].carts.insert(user, cart);
+        }
+        books
+    }
+
+    /// Applies an order or cart event; other events change nothing. Records
+    /// the idempotency outcome of a stamped event in `idem`. On `Err` the
+    /// book is unchanged.
+    ///
+    /// # Errors
+    /// `Inconsistent` when the event does not fit (a bug or a damaged
+    /// journal).
+    pub fn apply(&mut self, idem: &IdemBook, event: &Event) -> Result<(), DomainError> {
+        match event {
+            Event::OrderPlaced {
+                order,
+                reservations,
+                from_cart,
+                idem: stamp,
+            } => {
+                if self.orders.contains_key(&order.id) {
+                    return Err(DomainError::inconsistent(format!(
+                        "order {} placed twice",
+                        order.id
+                    )));
+                }
+                if order.status != OrderStatus::Reserved
+                    || order.history.len() != 1
+                    || reservations.len() != order.lines.len()
+                    || order.paid_cents != 0
+                    || order.refunded_cents != 0
+                {
+                    return Err(DomainError::inconsistent(format!(
+                        "order {} placed in an impossible shape",
+                        order.id
+                    )));
+                }
+                let ids = self.by_user.entry(order.user).or_default();
+                if ids.last().is_some_and(|last| *last > order.id) {
+                    // Out-of-order ids (a restored snapshot): keep the index sorted.
+                    ids.push(order.id);
+                    ids.sort_unstable();
+                } else {
+                    ids.push(order.id);
+                }
+                self.orders.insert(order.id, Order::clone(order));
+                if *from_cart {
+                    self.carts.remove(&order.user);
+                }
+                if let Some(stamp) = stamp {
+                    idem.record(
+                        stamp,
+                        order.created_at_ms,
+                        Outcome::Order(Order::clone(order)),
+                    );
+                }
+            }
+            Event::OrderPaid { order: id, .. }
+            | Event::OrderReleased { order: id, .. }
+            | Event::OrderShipped { order: id, .. }
+            | Event::OrderDelivered { order: id, .. }
+            | Event::OrderRefunded { order: id, .. } => {
+                let order = self.orders.get_mut(id).ok_or_else(|| {
+                    DomainError::inconsistent(format!("event for unknown order {id}"))
+                })?;
+                order.apply(event)?;
+                if let Some(stamp) = event.idem() {
+                    idem.record(stamp, event.at_ms(), Outcome::Order(order.clone()));
+                }
+            }
+            Event::CartItemSet { user, sku, qty, .. } => {
+                let cart = self.carts.entry(*user).or_default();
+                cart.set(*sku, *qty)?;
+                if cart.is_empty() {
+                    self.carts.remove(user);
+                }
+            }
+            Event::CartCleared { user, .. } => {
+                self.carts.remove(user);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+//! `Event`: every state change flashcore can make, as a value.
+//!
+//! Events are what the journal stores, so this enum is a persisted format:
+//! variants and fields are only ever appended, never reordered or removed
+//! (bincode encodes a variant by its index), and nothing here uses `usize`,
+//! `flatten` or `untagged`. A change to the shape of an existing variant needs
+//! a new `FORMAT_VERSION` in the codec.
+//!
+//! Events are self-contained: an order event carries the SKU moves it makes
+//! (`lines`), so a SKU applies it without looking the order up, and replay
+//! cross-checks those moves against the order it finds.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::order::Order;
+use crate::domain::promo::Promotion;
+use crate::domain::{IdempotencyKey, OrderId, PaymentRef, SkuId, UserId};
+
+/// An `Idempotency-Key` attached to the change it made, so the key's record
+/// and the change are one journal record: a crash can keep both or neither.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdemStamp {
+    /// The key's scope: the caller's `sub`.
+    pub user: UserId,
+    /// The key.
+    pub key: IdempotencyKey,
+    /// A hash of the request (route and canonical body): the same key with a
+    /// different fingerprint is an `idempotency_conflict`.
+    pub fingerprint: [u8; 16],
+}
+
+/// Units of one SKU moved by an order event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuQty {
+    /// The SKU.
+    pub sku: SkuId,
+    /// How many units.
+    pub qty: u32,
+}
+
+/// One line of a refund.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundedLine {
+    /// Index of the line in the order.
+    pub line: u32,
+    /// The line's SKU.
+    pub sku: SkuId,
+    /// Units refunded now.
+    pub qty: u32,
+    /// Money returned for them.
+    pub cents: u64,
+}
+
+/// What a refund does to stock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefundStock {
+    /// Not shipped yet: `allocated -> available`.
+    Unallocate,
+    /// Shipped and returned to the warehouse: `on_hand` and `available` rise.
+    Restock,
+    /// Shipped and not returned: stock is unchanged.
+    Keep,
+}
+
+/// Why a reserved order let go of its units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReleaseReason {
+    /// Cancelled by its owner or an admin.
+    Cancelled,
+    /// Unpaid past its deadline.
+    Expired,
+}
+
+/// Every state change. See the module doc for the rules of this format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A SKU joined the catalog.
+    SkuCreated {
+        /// Its id.
+        sku: SkuId,
+        /// Its name.
+        name: String,
+        /// Its unit price.
+        price_cents: u64,
+        /// Most units one user may hold, or none.
+        per_user_limit: Option<u32>,
+        /// Its initial stock.
+        stock: u64,
+        /// When.
+        at_ms: u64,
+    },
+    /// A SKU's name, price or limit changed (absent fields stay).
+    SkuUpdated {
+        /// The SKU.
+        sku: SkuId,
+        /// New name.
+        name: Option<String>,
+        /// New price.
+        price_cents: Option<u64>,
+        /// New limit (`Some(None)` makes it unlimited).
+        per_user_limit: Option<Option<u32>>,
+        /// When.
+        at_ms: u64,
+    },
+    /// Units arrived.
+    Restocked {
+        /// The SKU.
+        sku: SkuId,
+        /// How many.
+        qty: u64,
+        /// The request's idempotency key, if any.
+        idem: Option<IdemStamp>,
+        /// When.
+        at_ms: u64,
+    },
+    /// Units of a SKU were held for an order being placed
+    /// (`available -> reserved`).
+    StockReserved {
+        /// The SKU.
+        sku: SkuId,
+        /// The reservation's id, from the order id sequence.
+        reservation: OrderId,
+        /// Who holds them.
+        user: UserId,
+        /// How many.
+        qty: u32,
+        /// When.
+        at_ms: u64,
+    },
+    /// A reservation that never became an order was let go
+    /// (`reserved -> available`).
+    ReservationReleased {
+        /// The SKU.
+        sku: SkuId,
+        /// The reservation.
+        reservation: OrderId,
+        /// Who held them.
+        user: UserId,
+        /// How many.
+        qty: u32,
+        /// When.
+        at_ms: u64,
+    },
+    /// A promotion was created.
+    PromotionCreated {
+        /// The promotion.
+        promo: Promotion,
+        /// When.
+        at_ms: u64,
+    },
+    /// An order was placed from reservations it now owns.
+    OrderPlaced {
+        /// The new order, as placed (`reserved`, one history entry).
+        order: Box<Order>,
+        /// The reservation behind each line, in line order.
+        reservations: Vec<OrderId>,
+        /// Placed by a cart checkout, which empties the cart.
+        from_cart: bool,
+        /// The request's idempotency key, if any.
+        idem: Option<IdemStamp>,
+    },
+    /// A payment was recorded (`reserved -> allocated` for each line).
+    OrderPaid {
+        /// The order.
+        order: OrderId,
+        /// The provider's reference.
+        payment_ref: PaymentRef,
+        /// What was paid: the order's total.
+        amount_cents: u64,
+        /// The units moved.
+        lines: Vec<SkuQty>,
+        /// The request's idempotency key, if any.
+        idem: Option<IdemStamp>,
+        /// When.
+        at_ms: u64,
+    },
+    /// A reserved order was cancelled or expired (`reserved -> available`).
+    OrderReleased {
+        /// The order.
+        order: OrderId,
+        /// Its owner, whose per-user counts fall.
+        user: UserId,
+        /// Cancelled or expired.
+        reason: ReleaseReason,
+        /// The units let go.
+        lines: Vec<SkuQty>,
+        /// When.
+        at_ms: u64,
+    },
+    /// A paid order left the warehouse (its unrefunded units).
+    OrderShipped {
+        /// The order.
+        order: OrderId,
+        /// The units shipped.
+        lines: Vec<SkuQty>,
+        /// When.
+        at_ms: u64,
+    },
+    /// A shipped order arrived.
+    OrderDelivered {
+        /// The order.
+        order: OrderId,
+        /// When.
+        at_ms: u64,
+    },
+    /// Units of a paid, shipped or delivered order were refunded.
+    OrderRefunded {
+        /// The order.
+        order: OrderId,
+        /// Its owner, whose per-user counts fall.
+        user: UserId,
+        /// What was refunded, line by line.
+        lines: Vec<RefundedLine>,
+        /// What happens to the units.
+        stock: RefundStock,
+        /// The request's idempotency key, if any.
+        idem: Option<IdemStamp>,
+        /// When.
+        at_ms: u64,
+    },
+    /// A cart line was set (`qty` 0 removes it).
+    CartItemSet {
+        /// The cart's owner.
+        user: UserId,
+        /// The SKU.
+        sku: SkuId,
+        /// The new quantity.
+        qty: u32,
+        /// When.
+        at_ms: u64,
+    },
+    /// A cart was emptied.
+    CartCleared {
+        /// The cart's owner.
+        user: UserId,
+        /// When.
+        at_ms: u64,
+    },
+}
+
+impl Event {
+    /// The SKUs whose counters or settings this event changes. Every SKU
+    /// actor named here must apply the event; no other needs to.
+    pub fn touched_skus(&self) -> Vec<SkuId> {
+        match self {
+            Event::SkuCreated { sku, .. }
+            | Event::SkuUpdated { sku, .. }
+            | Event::Restocked { sku, .. }
+            | Event::StockReserved { sku, .. }
+            | Event::ReservationReleased { sku, .. } => vec![*sku],
+            Event::OrderPaid { lines, .. }
+            | Event::OrderReleased { lines, .. }
+            | Event::OrderShipped { lines, .. } => lines.iter().map(|l| l.sku).collect(),
+            Event::OrderRefunded { lines, .. } => lines.iter().map(|l| l.sku).collect(),
+            Event::PromotionCreated { .. }
+            | Event::OrderPlaced { .. }
+            | Event::OrderDelivered { .. }
+            | Event::CartItemSet { .. }
+            | Event::CartCleared { .. } => Vec::new(),
+        }
+    }
+
+    /// The user whose orders or cart this event changes, if any. Orders and
+    /// carts are partitioned by this user.
+    pub fn order_owner(&self) -> Option<UserId> {
+        match self {
+            Event::OrderPlaced { order, .. } => Some(order.user),
+            Event::CartItemSet { user, .. } | Event::CartCleared { user, .. } => Some(*user),
+            _ => None,
+        }
+    }
+
+    /// The order this event changes, if it changes one that exists already.
+    pub fn order_id(&self) -> Option<OrderId> {
+        match self {
+            Event::OrderPaid { order, .. }
+            | Event::OrderReleased { order, .. }
+            | Event::OrderShipped { order, .. }
+            | Event::OrderDelivered { order, .. }
+            | Event::OrderRefunded { order, .. } => Some(*order),
+            _ => None,
+        }
+    }
+
+    /// The idempotency key this change carries, if any.
+    pub fn idem(&self) -> Option<&IdemStamp> {
+        match self {
+            Event::Restocked { idem, .. }
+            | Event::OrderPlaced { idem, .. }
+            | Event::OrderPaid { idem, .. }
+            | Event::OrderRefunded { idem, .. } => idem.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// When the change happened, in unix milliseconds.
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            Event::OrderPlaced { order, .. } => order.created_at_ms,
+            Event::SkuCreated { at_ms, .. }
+            | Event::SkuUpdated { at_ms, .. }
+            | Event::Restocked { at_ms, .. }
+            | Event::StockReserved { at_ms, .. }
+            | Event::ReservationReleased { at_ms, .. }
+            | Event::PromotionCreated { at_ms, .. }
+            | Event::OrderPaid { at_ms, .. }
+            | Event::OrderReleased { at_ms, .. }
+            | Event::OrderShipped { at_ms, .. }
+            | Event::OrderDelivered { at_ms, .. }
+            | Event::OrderRefunded { at_ms, .. }
+            | Event::CartItemSet { at_ms, .. }
+            | Event::CartCleared { at_ms, .. } => *at_ms,
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Idempotency records: the first successful answer to a request that
+//! carried an `Idempotency-Key`, kept per user and key.
+//!
+//! A record is written by applying the very event that made the change (the
+//! event carries an [`IdemStamp`]), so after a crash a key has a record if and
+//! only if its change survived. Only changes are recorded: a refused request
+//! changes nothing (contract, guarantee 4), so it leaves no record and a
+//! retry runs again. The book is shared by every actor that applies stamped
+//! events, hence the concurrent map; it is bounded by
+//! [`IDEMPOTENCY_RECORDS_MAX`] and records older than
+//! [`IDEMPOTENCY_TTL_MS`] are dropped.
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::order::Order;
+use crate::domain::sku::SkuView;
+use crate::domain::{IdemStamp, IdempotencyKey, UserId};
+use crate::limits::{IDEMPOTENCY_RECORDS_MAX, IDEMPOTENCY_TTL_MS};
+
+/// The first answer to a keyed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// An order, as it was right after the change.
+    Order(Order),
+    /// A SKU, as it was right after the change.
+    Sku(SkuView),
+}
+
+/// One key's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdemRecord {
+    /// The key's scope.
+    pub user: UserId,
+    /// The key.
+    pub key: IdempotencyKey,
+    /// The first request's fingerprint.
+    pub fingerprint: [u8; 16],
+    /// When it was recorded, unix milliseconds.
+    pub at_ms: u64,
+    /// The first answer.
+    pub outcome: Outcome,
+}
+
+/// What a new keyed request finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// No record: run the request.
+    Fresh,
+    /// The same request ran before: answer with its first outcome.
+    Replay(Box<Outcome>),
+    /// The key was used for a different request.
+    Conflict,
+}
+
+/// Every idempotency record.
+#[derive(Debug, Default)]
+pub struct IdemBook {
+    records: DashMap<(UserId, IdempotencyKey), IdemRecord>,
+}
+
+impl IdemBook {
+    /// What a request with this key and fingerprint should do.
+    pub fn lookup(&self, user: UserId, key: &IdempotencyKey, fingerprint: [u8; 16]) -> Lookup {
+        match self.records.get(&(user, key.clone())) {
+            None => Lookup::Fresh,
+            Some(record) if record.fingerprint == fingerprint => {
+                Lookup::Replay(Box::new(record.outcome.clone()))
+            }
+            Some(_) => Lookup::Conflict,
+        }
+    }
+
+    /// Whether a new key can be taken: the book is below its bound.
+    pub fn has_room(&self) -> bool {
+        self.records.len() < IDEMPOTENCY_RECORDS_MAX
+    }
+
+    /// How many records there are.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Records the outcome of a stamped change. A record that exists is kept:
+    /// the first answer wins.
+    pub fn record(&self, stamp: &IdemStamp, at_ms: u64, outcome: Outcome) {
+        self.records
+            .entry((stamp.user, stamp.key.clone()))
+            .or_insert_with(|| IdemRecord {
+                user: stamp.user,
+                key: stamp.key.clone(),
+                fingerprint: stamp.fingerprint,
+                at_ms,
+                outcome,
+            });
+    }
+
+    /// Drops records older than the TTL; returns how many went.
+    pub fn evict_expired(&self, now_ms: u64) -> usize {
+        let cutoff = now_ms.saturating_sub(IDEMPOTENCY_TTL_MS);
+        let before = self.records.len();
+        self.records.retain(|_, record| record.at_ms >= cutoff);
+        before.saturating_sub(self.records.len())
+    }
+
+    /// Every record, sorted by user and key (for snapshots and comparisons).
+    pub fn to_sorted_vec(&self) -> Vec<IdemRecord> {
+        let mut all: Vec<IdemRecord> = self.records.iter().map(|r| r.value().clone()).collect();
+        all.sort_by(|a, b| (a.user, &a.key).cmp(&(b.user, &b.key)));
+        all
+    }
+
+    /// Builds a book from records (a snapshot).
+    pub fn from_records(records: impl IntoIterator<Item = IdemRecord>) -> IdemBook {
+        let book = IdemBook::default();
+        for record in records {
+            book.records
+                .insert((record.user, record.key.clone()), record);
+        }
+        book
+    }
+}
+
+impl PartialEq for IdemBook {
+    fn eq(&self, other: &IdemBook) -> bool {
+        self.to_sorted_vec() == other.to_sorted_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::sku::SkuView;
+    use crate::domain::{SkuId, StockLevels};
+
+    fn stamp(key: &str, fp: u8) -> IdemStamp {
+        IdemStamp {
+            user: UserId::parse("u").expect("valid"),
+            key: IdempotencyKey::parse(key).expect("valid"),
+            fingerprint: [fp; 16],
+        }
+    }
+
+    fn outcome(price: u64) -> Outcome {
+        Outcome::Sku(SkuView {
+            sku: SkuId::parse("s").expect("valid"),
+            name: "S".into(),
+            price_cents: price,
+            per_user_limit: None,
+            levels: StockLevels::new(1),
+        })
+    }
+
+    #[test]
+    fn the_first_answer_wins_and_a_different_request_conflicts() {
+        let book = IdemBook::default();
+        let s = stamp("k", 1);
+        assert_eq!(book.lookup(s.user, &s.key, s.fingerprint), Lookup::Fresh);
+        book.record(&s, 10, outcome(1));
+        book.record(&s, 11, outcome(2));
+        assert_eq!(
+            book.lookup(s.user, &s.key, s.fingerprint),
+            Lookup::Replay(Box::new(outcome(1)))
+        );
+        assert_eq!(book.lookup(s.user, &s.key, [2; 16]), Lookup::Conflict);
+        let other_user = UserId::parse("v").expect("valid");
+        assert_eq!(
+            book.lookup(other_user, &s.key, s.fingerprint),
+            Lookup::Fresh
+        );
+    }
+
+    #[test]
+    fn records_live_at_least_the_ttl() {
+        let book = IdemBook::default();
+        book.record(&stamp("old", 1), 0, outcome(1));
+        book.record(&stamp("new", 1), IDEMPOTENCY_TTL_MS, outcome(1));
+        assert_eq!(book.evict_expired(IDEMPOTENCY_TTL_MS), 0);
+        assert_eq!(book.evict_expired(IDEMPOTENCY_TTL_MS + 1), 1);
+        assert_eq!(book.len(), 1);
+    }
+}

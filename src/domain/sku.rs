@@ -1,0 +1,415 @@
+//! One SKU: its settings, its stock counters and its per-user unit counts,
+//! with the decisions and applications of every change to them.
+//!
+//! A SKU counts, per user, the units held in live orders and open
+//! reservations, less those refunded (contract: `per_user_limit`). A count
+//! that falls to zero is removed, so the map only holds current buyers.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::event::{RefundStock, SkuQty};
+use crate::domain::stock::StockLevels;
+use crate::domain::{DomainError, Event, IdemStamp, OrderId, SkuId, UserId, add, sub, validate};
+
+/// What a client sees of a SKU (contract: "SKU"), also kept as the first
+/// answer of an idempotent restock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuView {
+    /// The SKU's id.
+    pub sku: SkuId,
+    /// Its name.
+    pub name: String,
+    /// Its unit price.
+    pub price_cents: u64,
+    /// Most units per user, or none.
+    pub per_user_limit: Option<u32>,
+    /// Its counters.
+    pub levels: StockLevels,
+}
+
+/// A SKU and everything that changes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuState {
+    id: SkuId,
+    name: String,
+    price_cents: u64,
+    per_user_limit: Option<u32>,
+    levels: StockLevels,
+    user_units: HashMap<UserId, u64>,
+}
+
+impl SkuState {
+    /// Decides the creation of a SKU (the registry checks the id is free).
+    ///
+    /// # Errors
+    /// `Invalid` when a value is out of the contract's range.
+    pub fn decide_create(
+        sku: SkuId,
+        name: String,
+        price_cents: u64,
+        per_user_limit: Option<u32>,
+        stock: u64,
+        at_ms: u64,
+    ) -> Result<Event, DomainError> {
+        validate::name(&name)?;
+        validate::price_cents(price_cents)?;
+        validate::per_user_limit(per_user_limit)?;
+        validate::stock(stock)?;
+        Ok(Event::SkuCreated {
+            sku,
+            name,
+            price_cents,
+            per_user_limit,
+            stock,
+            at_ms,
+        })
+    }
+
+    /// Builds a SKU from its `SkuCreated` event.
+    ///
+    /// # Errors
+    /// `Inconsistent` for any other event.
+    pub fn from_created(event: &Event) -> Result<SkuState, DomainError> {
+        match event {
+            Event::SkuCreated {
+                sku,
+                name,
+                price_cents,
+                per_user_limit,
+                stock,
+                ..
+            } => Ok(SkuState {
+                id: *sku,
+                name: name.clone(),
+                price_cents: *price_cents,
+                per_user_limit: *per_user_limit,
+                levels: StockLevels::new(*stock),
+                user_units: HashMap::new(),
+            }),
+            _ => Err(DomainError::inconsistent(
+                "a SKU built from a non-creation event",
+            )),
+        }
+    }
+
+    /// The SKU's id.
+    pub fn id(&self) -> SkuId {
+        self.id
+    }
+
+    /// The SKU's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The SKU's unit price.
+    pub fn price_cents(&self) -> u64 {
+        self.price_cents
+    }
+
+    /// The counters.
+    pub fn levels(&self) -> StockLevels {
+        self.levels
+    }
+
+    /// Units `user` currently counts against the per-user limit.
+    pub fn user_units(&self, user: &UserId) -> u64 {
+        self.user_units.get(user).copied().unwrap_or(0)
+    }
+
+    /// Every user's count, for invariant checks.
+    pub fn all_user_units(&self) -> impl Iterator<Item = (&UserId, &u64)> {
+        self.user_units.iter()
+    }
+
+    /// What a client sees.
+    pub fn view(&self) -> SkuView {
+        SkuView {
+            sku: self.id,
+            name: self.name.clone(),
+            price_cents: self.price_cents,
+            per_user_limit: self.per_user_limit,
+            levels: self.levels,
+        }
+    }
+
+    /// Decides a change of settings.
+    ///
+    /// # Errors
+    /// `Invalid` when a value is out of range or nothing would change.
+    pub fn decide_update(
+        &self,
+        name: Option<String>,
+        price_cents: Option<u64>,
+        per_user_limit: Option<Option<u32>>,
+        at_ms: u64,
+    ) -> Result<Event, DomainError> {
+        if name.is_none() && price_cents.is_none() && per_user_limit.is_none() {
+            return Err(DomainError::invalid(
+                "give at least one of name, price_cents, per_user_limit",
+            ));
+        }
+        if let Some(name) = &name {
+            validate::name(name)?;
+        }
+        if let Some(price) = price_cents {
+            validate::price_cents(price)?;
+        }
+        if let Some(limit) = per_user_limit {
+            validate::per_user_limit(limit)?;
+        }
+        Ok(Event::SkuUpdated {
+            sku: self.id,
+            name,
+            price_cents,
+            per_user_limit,
+            at_ms,
+        })
+    }
+
+    /// Decides a restock.
+    ///
+    /// # Errors
+    /// `Invalid` for a quantity out of range, `Overflow` when `on_hand`
+    /// would pass its cap.
+    pub fn decide_restock(
+        &self,
+        qty: u64,
+        idem: Option<IdemStamp>,
+        at_ms: u64,
+    ) -> Result<Event, DomainError> {
+        validate::restock_qty(qty)?;
+        if !self.levels.can_stock_in(qty) {
+            return Err(DomainError::Overflow { what: "on_hand" });
+        }
+        Ok(Event::Restocked {
+            sku: self.id,
+            qty,
+            idem,
+            at_ms,
+        })
+    }
+
+    /// Decides a reservation of `qty` units for `user`.
+    ///
+    /// # Errors
+    /// `Invalid` for a quantity out of range, `OutOfStock` when fewer units
+    /// are available, `LimitExceeded` when the user's count would pass the
+    /// per-user limit.
+    pub fn decide_reserve(
+        &self,
+        reservation: OrderId,
+        user: UserId,
+        qty: u32,
+        at_ms: u64,
+    ) -> Result<Event, DomainError> {
+        validate::qty(qty)?;
+        if self.levels.available < u64::from(qty) {
+            return Err(DomainError::OutOfStock { sku: self.id });
+        }
+        if let Some(limit) = self.per_user_limit {
+            let after = self.user_units(&user).saturating_add(u64::from(qty));
+            if after > u64::from(limit) {
+                return Err(DomainError::LimitExceeded {
+                    sku: self.id,
+                    limit,
+                });
+            }
+        }
+        Ok(Event::StockReserved {
+            sku: self.id,
+            reservation,
+            user,
+            qty,
+            at_ms,
+        })
+    }
+
+    fn add_user_units(&mut self, user: UserId, units: u32) -> Result<(), DomainError> {
+        let count = self.user_units.entry(user).or_insert(0);
+        *count = add(*count, u64::from(units), "user units")?;
+        Ok(())
+    }
+
+    fn remove_user_units(&mut self, user: UserId, units: u32) -> Result<(), DomainError> {
+        let count = self.user_units(&user);
+        let left = sub(count, u64::from(units), "user units")?;
+        if left == 0 {
+            self.user_units.remove(&user);
+        } else {
+            self.user_units.insert(user, left);
+        }
+        Ok(())
+    }
+
+    /// This SKU's units in a list of order moves (0 when absent).
+    fn units_in(&self, lines: &[SkuQty]) -> u32 {
+        lines
+            .iter()
+            .filter(|l| l.sku == self.id)
+            .map(|l| l.qty)
+            .sum()
+    }
+
+    /// Applies an event to this SKU; events about other SKUs, and events
+    /// that do not touch SKUs, change nothing. On `Err` nothing changed.
+    ///
+    /// # Errors
+    /// `Inconsistent` when a move does not fit the counters (a bug or a
+    /// damaged journal), `Overflow` when a restock passes the cap.
+    pub fn apply(&mut self, event: &Event) -> Result<(), DomainError> {
+        let mut next = self.clone();
+        next.apply_in_place(event)?;
+        next.levels.check()?;
+        *self = next;
+        Ok(())
+    }
+
+    fn apply_in_place(&mut self, event: &Event) -> Result<(), DomainError> {
+        match event {
+            Event::SkuUpdated {
+                sku,
+                name,
+                price_cents,
+                per_user_limit,
+                ..
+            } if *sku == self.id => {
+                if let Some(name) = name {
+                    self.name = name.clone();
+                }
+                if let Some(price) = price_cents {
+                    self.price_cents = *price;
+                }
+                if let Some(limit) = per_user_limit {
+                    self.per_user_limit = *limit;
+                }
+            }
+            Event::Restocked { sku, qty, .. } if *sku == self.id => self.levels.stock_in(*qty)?,
+            Event::StockReserved { sku, user, qty, .. } if *sku == self.id => {
+                self.levels.reserve(u64::from(*qty))?;
+                self.add_user_units(*user, *qty)?;
+            }
+            Event::ReservationReleased { sku, user, qty, .. } if *sku == self.id => {
+                self.levels.release(u64::from(*qty))?;
+                self.remove_user_units(*user, *qty)?;
+            }
+            Event::OrderPaid { lines, .. } => {
+                self.levels.allocate(u64::from(self.units_in(lines)))?;
+            }
+            Event::OrderReleased { user, lines, .. } => {
+                let units = self.units_in(lines);
+                self.levels.release(u64::from(units))?;
+                self.remove_user_units(*user, units)?;
+            }
+            Event::OrderShipped { lines, .. } => {
+                self.levels.ship(u64::from(self.units_in(lines)))?;
+            }
+            Event::OrderRefunded {
+                user, lines, stock, ..
+            } => {
+                let units: u32 = lines
+                    .iter()
+                    .filter(|l| l.sku == self.id)
+                    .map(|l| l.qty)
+                    .sum();
+                match stock {
+                    RefundStock::Unallocate => self.levels.unallocate(u64::from(units))?,
+                    RefundStock::Restock => self.levels.stock_in(u64::from(units))?,
+                    RefundStock::Keep => {}
+                }
+                self.remove_user_units(*user, units)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sku_with(stock: u64, limit: Option<u32>) -> SkuState {
+        let e = SkuState::decide_create(
+            SkuId::parse("tee").expect("valid"),
+            "Tee".into(),
+            1_000,
+            limit,
+            stock,
+            0,
+        )
+        .expect("valid");
+        SkuState::from_created(&e).expect("created")
+    }
+
+    fn user(u: &str) -> UserId {
+        UserId::parse(u).expect("valid")
+    }
+
+    #[test]
+    fn reserving_takes_available_units_and_counts_them_per_user() {
+        let mut s = sku_with(5, None);
+        let e = s.decide_reserve(OrderId(1), user("a"), 3, 1).expect("fits");
+        s.apply(&e).expect("applied");
+        assert_eq!((s.levels().available, s.levels().reserved), (2, 3));
+        assert_eq!(s.user_units(&user("a")), 3);
+        assert_eq!(
+            s.decide_reserve(OrderId(2), user("b"), 3, 1),
+            Err(DomainError::OutOfStock { sku: s.id() })
+        );
+    }
+
+    #[test]
+    fn the_per_user_limit_counts_held_units() {
+        let mut s = sku_with(100, Some(2));
+        let e = s.decide_reserve(OrderId(1), user("a"), 2, 1).expect("fits");
+        s.apply(&e).expect("applied");
+        assert!(matches!(
+            s.decide_reserve(OrderId(2), user("a"), 1, 1),
+            Err(DomainError::LimitExceeded { limit: 2, .. })
+        ));
+        assert!(s.decide_reserve(OrderId(2), user("b"), 2, 1).is_ok());
+        let release = Event::ReservationReleased {
+            sku: s.id(),
+            reservation: OrderId(1),
+            user: user("a"),
+            qty: 2,
+            at_ms: 2,
+        };
+        s.apply(&release).expect("applied");
+        assert_eq!(s.user_units(&user("a")), 0);
+        assert_eq!(s.all_user_units().count(), 0, "zero counts are dropped");
+    }
+
+    #[test]
+    fn a_move_the_counters_cannot_take_changes_nothing() {
+        let mut s = sku_with(1, None);
+        let before = s.clone();
+        let bad = Event::OrderShipped {
+            order: OrderId(1),
+            lines: vec![SkuQty {
+                sku: s.id(),
+                qty: 1,
+            }],
+            at_ms: 1,
+        };
+        assert!(matches!(s.apply(&bad), Err(DomainError::Inconsistent(_))));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn updates_need_a_field_and_valid_values() {
+        let s = sku_with(1, None);
+        assert!(s.decide_update(None, None, None, 1).is_err());
+        assert!(s.decide_update(Some(String::new()), None, None, 1).is_err());
+        assert!(s.decide_update(None, None, Some(Some(0)), 1).is_err());
+        let mut s2 = s.clone();
+        let e = s
+            .decide_update(None, Some(5), Some(None), 1)
+            .expect("valid");
+        s2.apply(&e).expect("applied");
+        assert_eq!(s2.price_cents(), 5);
+    }
+}

@@ -1,0 +1,230 @@
+//! `State`: everything flashcore knows, in one value, and the one `apply`
+//! that changes it.
+//!
+//! Live, the state is split among actors (each SKU actor owns its
+//! [`SkuState`], each order shard a part of the [`OrderBook`]), and each
+//! actor applies events with the same functions `State::apply` calls here:
+//! [`apply_to_sku`] and [`OrderBook::apply`]. Recovery and snapshots replay
+//! the journal into one `State`. Besides what the actors hold, a `State` keeps
+//! the reservations that no order has taken yet, so recovery can release the
+//! ones a crash left behind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::book::OrderBook;
+use crate::domain::idem::{IdemBook, Outcome};
+use crate::domain::promo::Promotions;
+use crate::domain::sku::SkuState;
+use crate::domain::{DomainError, Event, OrderId, OrderStatus, SkuId, UserId};
+
+/// A reservation not yet taken by an order nor released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenReservation {
+    /// The SKU.
+    pub sku: SkuId,
+    /// Who holds it.
+    pub user: UserId,
+    /// How many units.
+    pub qty: u32,
+}
+
+/// Everything, in one value.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Every SKU.
+    pub skus: BTreeMap<SkuId, SkuState>,
+    /// Every order and cart.
+    pub orders: OrderBook,
+    /// Every promotion.
+    pub promotions: Promotions,
+    /// Every idempotency record (shared with the actors once live).
+    pub idem: Arc<IdemBook>,
+    /// Reservations no order has taken yet.
+    pub open_reservations: BTreeMap<OrderId, OpenReservation>,
+    /// The next order or reservation id to hand out.
+    pub next_id: u64,
+}
+
+/// Applies an event to one SKU, recording the idempotency outcome of a
+/// stamped restock. Used live by the SKU actor and on replay.
+///
+/// # Errors
+/// As [`SkuState::apply`]; on `Err` nothing changed.
+pub fn apply_to_sku(sku: &mut SkuState, idem: &IdemBook, event: &Event) -> Result<(), DomainError> {
+    sku.apply(event)?;
+    if let (Event::Restocked { .. }, Some(stamp)) = (event, event.idem()) {
+        idem.record(stamp, event.at_ms(), Outcome::Sku(sku.view()));
+    }
+    Ok(())
+}
+
+impl State {
+    /// Applies one event to everything it touches.
+    ///
+    /// # Errors
+    /// `Inconsistent` when the event does not fit the state: the journal is
+    /// damaged or a bug let a bad event through. The state must then be
+    /// dropped; replay stops there.
+    pub fn apply(&mut self, event: &Event) -> Result<(), DomainError> {
+        self.track_reservations(event)?;
+        match event {
+            Event::SkuCreated { sku, .. } => {
+                if self.skus.contains_key(sku) {
+                    return Err(DomainError::inconsistent(format!(
+                        "SKU {sku} created twice"
+                    )));
+                }
+                self.skus.insert(*sku, SkuState::from_created(event)?);
+            }
+            Event::PromotionCreated { .. } => self.promotions.apply(event)?,
+            _ => {
+                for sku in event.touched_skus() {
+                    let state = self.skus.get_mut(&sku).ok_or_else(|| {
+                        DomainError::inconsistent(format!("event for unknown SKU {sku}"))
+                    })?;
+                    apply_to_sku(state, &self.idem, event)?;
+                }
+            }
+        }
+        self.orders.apply(&self.idem, event)
+    }
+
+    /// Keeps the open reservations and the id sequence up to date, checking
+    /// that an order takes exactly the reservations it names.
+    fn track_reservations(&mut self, event: &Event) -> Result<(), DomainError> {
+        match event {
+            Event::StockReserved {
+                sku,
+                reservation,
+                user,
+                qty,
+                ..
+            } => {
+                self.bump_next_id(*reservation);
+                let open = OpenReservation {
+                    sku: *sku,
+                    user: *user,
+                    qty: *qty,
+                };
+                if self.open_reservations.insert(*reservation, open).is_some() {
+                    return Err(DomainError::inconsistent(format!(
+                        "reservation {reservation} made twice"
+                    )));
+                }
+            }
+            Event::ReservationReleased {
+                sku,
+                reservation,
+                user,
+                qty,
+                ..
+            } => {
+                let expected = OpenReservation {
+                    sku: *sku,
+                    user: *user,
+                    qty: *qty,
+                };
+                if self.open_reservations.remove(reservation) != Some(expected) {
+                    return Err(DomainError::inconsistent(format!(
+                        "release of reservation {reservation} that is not open as {expected:?}"
+                    )));
+                }
+            }
+            Event::OrderPlaced {
+                order,
+                reservations,
+                ..
+            } => {
+                self.bump_next_id(order.id);
+                for (line, reservation) in order.lines.iter().zip(reservations) {
+                    let expected = OpenReservation {
+                        sku: line.sku,
+                        user: order.user,
+                        qty: line.qty,
+                    };
+                    if self.open_reservations.remove(reservation) != Some(expected) {
+                        return Err(DomainError::inconsistent(format!(
+                            "order {} takes reservation {reservation}, not open as {expected:?}",
+                            order.id
+                        )));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn bump_next_id(&mut self, id: OrderId) {
+        self.next_id = self.next_id.max(id.0.saturating_add(1));
+    }
+
+    /// Checks every invariant of the contract across the whole state: each
+    /// SKU balances, and its `reserved`, `allocated` and per-user counts are
+    /// exactly what the orders and open reservations hold.
+    ///
+    /// # Errors
+    /// `Inconsistent` describing the first broken invariant.
+    pub fn check(&self) -> Result<(), DomainError> {
+        #[derive(Default)]
+        struct Expected {
+            reserved: u64,
+            allocated: u64,
+            users: HashMap<UserId, u64>,
+        }
+        let mut expected: HashMap<SkuId, Expected> = HashMap::new();
+        for open in self.open_reservations.values() {
+            let e = expected.entry(open.sku).or_default();
+            e.reserved += u64::from(open.qty);
+            *e.users.entry(open.user).or_default() += u64::from(open.qty);
+        }
+        for order in self.orders.orders() {
+            for line in &order.lines {
+                let e = expected.entry(line.sku).or_default();
+                let left = u64::from(line.units_left());
+                match order.status {
+                    OrderStatus::Reserved => e.reserved += left,
+                    OrderStatus::Paid => e.allocated += left,
+                    _ => {}
+                }
+                if !order.status.is_terminal() && left > 0 {
+                    *e.users.entry(order.user).or_default() += left;
+                }
+            }
+            if order.refunded_cents > order.paid_cents {
+                return Err(DomainError::inconsistent(format!(
+                    "order {} refunded more than was paid",
+                    order.id
+                )));
+            }
+        }
+        for (id, sku) in &self.skus {
+            let levels = sku.levels();
+            levels.check()?;
+            let e = expected.remove(id).unwrap_or_default();
+            if levels.reserved != e.reserved || levels.allocated != e.allocated {
+                return Err(DomainError::inconsistent(format!(
+                    "SKU {id}: reserved {} allocated {}, but orders hold {} and {}",
+                    levels.reserved, levels.allocated, e.reserved, e.allocated
+                )));
+            }
+            let counted: HashMap<UserId, u64> =
+                sku.all_user_units().map(|(u, n)| (*u, *n)).collect();
+            if counted != e.users {
+                return Err(DomainError::inconsistent(format!(
+                    "SKU {id}: per-user counts {counted:?}, but orders hold {:?}",
+                    e.users
+                )));
+            }
+        }
+        if let Some(sku) = expected.keys().next() {
+            return Err(DomainError::inconsistent(format!(
+                "orders hold units of unknown SKU {sku}"
+            )));
+        }
+        Ok(())
+    }
+}

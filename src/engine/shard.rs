@@ -1,0 +1,447 @@
+//! `OrderShard`: an actor owning the orders and carts of the users hashed to
+//! it, and driving each of its orders through its states.
+//!
+//! Every order move is decided here with the pure domain, journaled, applied
+//! to the shard's book, and then its SKU moves are sent to the SKU actors.
+//! Those messages must arrive (the event is already in the journal), so they
+//! bypass the mailbox bound; they are few (one per SKU line) and only follow
+//! a change this shard accepted through its own bounded mailbox. The caller
+//! is told when every SKU has applied its part ([`Completion`]), so a client
+//! that cancels and then reads the SKU sees its units back.
+//!
+//! Each shard keeps a deadline heap of its reserved orders and expires the
+//! overdue ones on a timer; an overdue order is also expired before any other
+//! move or read of it, so it never reads as reserved past its deadline.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context, Handler, Message};
+use dashmap::DashMap;
+
+use crate::domain::book::OrderBook;
+use crate::domain::cart::Cart;
+use crate::domain::event::{ReleaseReason, SkuQty};
+use crate::domain::idem::IdemBook;
+use crate::domain::order::{Order, OrderStatus};
+use crate::domain::promo::Promotion;
+use crate::domain::{Event, IdemStamp, OrderId, PaymentRef, SkuId, UserId};
+use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
+use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
+use crate::journal::{Journal, Seq};
+use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
+
+/// Every SKU's handle, by id.
+pub(crate) type SkuRegistry = DashMap<SkuId, Arc<SkuHandle>>;
+
+/// Which shard holds each order.
+pub(crate) type OrderRoutes = DashMap<OrderId, u16>;
+
+/// What shards share.
+pub(crate) struct ShardContext {
+    pub(crate) journal: Arc<dyn Journal>,
+    pub(crate) idem: Arc<IdemBook>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) skus: Arc<SkuRegistry>,
+    pub(crate) routes: Arc<OrderRoutes>,
+    pub(crate) ttl_ms: u64,
+    pub(crate) mailbox: usize,
+}
+
+/// An actor owning a partition of orders and carts.
+pub(crate) struct OrderShard {
+    index: u16,
+    book: OrderBook,
+    deadlines: BinaryHeap<Reverse<(u64, OrderId)>>,
+    shared: Arc<ShardContext>,
+    last_seq: Seq,
+    /// Orders by state, kept up to date on every commit (for metrics).
+    counts: [u64; OrderStatus::ALL.len()],
+}
+
+fn status_index(status: OrderStatus) -> usize {
+    OrderStatus::ALL
+        .iter()
+        .position(|s| *s == status)
+        .unwrap_or(0)
+}
+
+impl OrderShard {
+    pub(crate) fn new(index: u16, book: OrderBook, shared: Arc<ShardContext>, seq: Seq) -> Self {
+        let deadlines = book
+            .orders()
+            .filter(|o| o.status == OrderStatus::Reserved)
+            .map(|o| Reverse((o.expires_at_ms, o.id)))
+            .collect();
+        let mut counts = [0; OrderStatus::ALL.len()];
+        for order in book.orders() {
+            counts[status_index(order.status)] += 1;
+        }
+        OrderShard {
+            index,
+            book,
+            deadlines,
+            shared,
+            last_seq: seq,
+            counts,
+        }
+    }
+
+    fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
+        let _ = reply.send(Answer {
+            result,
+            seen: self.last_seq,
+        });
+    }
+
+    /// Journals a decided event, applies it, and sends its SKU moves.
+    fn commit(&mut self, event: Event, done: Option<&Arc<Completion>>) -> Result<Seq, EngineError> {
+        let seq = self.shared.journal.append(&event)?;
+        let before = event
+            .order_id()
+            .and_then(|id| self.book.get(id))
+            .map(|o| o.status);
+        if let Err(error) = self.book.apply(&self.shared.idem, &event) {
+            panic!(
+                "order shard {} cannot apply journaled event {seq}: {error}",
+                self.index
+            );
+        }
+        self.last_seq = seq;
+        let id = match &event {
+            Event::OrderPlaced { order, .. } => Some(order.id),
+            other => other.order_id(),
+        };
+        if let Some(after) = id.and_then(|id| self.book.get(id)).map(|o| o.status) {
+            if let Some(before) = before {
+                self.counts[status_index(before)] -= 1;
+            }
+            self.counts[status_index(after)] += 1;
+        }
+        if let Event::OrderPlaced { order, .. } = &event {
+            self.shared.routes.insert(order.id, self.index);
+            self.deadlines
+                .push(Reverse((order.expires_at_ms, order.id)));
+        }
+        let skus = event.touched_skus();
+        if !skus.is_empty() {
+            let event = Arc::new(event);
+            for sku in skus {
+                match self.shared.skus.get(&sku) {
+                    Some(handle) => handle.addr.do_send(ApplyEvent {
+                        event: Arc::clone(&event),
+                        seq,
+                        done: done.cloned(),
+                    }),
+                    // SKUs are never removed, and an order only names SKUs
+                    // that existed when it was placed.
+                    None => panic!("event {seq} moves units of unregistered SKU {sku}"),
+                }
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Expires the order if it is unpaid past its deadline.
+    fn expire_if_overdue(
+        &mut self,
+        id: OrderId,
+        now_ms: u64,
+        done: Option<&Arc<Completion>>,
+    ) -> Result<(), EngineError> {
+        let Some(order) = self.book.get(id) else {
+            return Ok(());
+        };
+        if !order.is_overdue(now_ms) {
+            return Ok(());
+        }
+        let event = order.decide_release(ReleaseReason::Expired, now_ms)?;
+        self.commit(event, done).map(|_| ())
+    }
+
+    /// Expires up to [`EXPIRY_BATCH_MAX`] overdue orders; returns how many.
+    fn expire_due(&mut self, now_ms: u64, done: Option<&Arc<Completion>>) -> usize {
+        let mut expired = 0;
+        while expired < EXPIRY_BATCH_MAX {
+            let Some(Reverse((deadline, id))) = self.deadlines.peek().copied() else {
+                break;
+            };
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop();
+            let overdue = self.book.get(id).is_some_and(|o| o.is_overdue(now_ms));
+            if !overdue {
+                continue; // paid or cancelled since: nothing to do
+            }
+            match self.expire_if_overdue(id, now_ms, done) {
+                Ok(()) => expired += 1,
+                Err(error) => {
+                    // Journal full or failing: keep the deadline for the next tick.
+                    self.deadlines.push(Reverse((deadline, id)));
+                    tracing::warn!(order = %id, %error, "could not expire an order; retrying");
+                    break;
+                }
+            }
+        }
+        expired
+    }
+
+    fn order_for(&self, id: OrderId, caller: &Caller) -> Result<&Order, EngineError> {
+        let order = self
+            .book
+            .get(id)
+            .ok_or_else(|| EngineError::order_not_found(id))?;
+        if !caller.admin && caller.user != order.user {
+            return Err(EngineError::Forbidden(format!(
+                "order {id} belongs to another user"
+            )));
+        }
+        Ok(order)
+    }
+}
+
+impl Actor for OrderShard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.shared.mailbox);
+        ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, _| {
+            let now_ms = shard.shared.clock.now_ms();
+            shard.expire_due(now_ms, None);
+        });
+    }
+}
+
+/// Place an order from reservations.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Place {
+    pub(crate) order_id: OrderId,
+    pub(crate) user: UserId,
+    pub(crate) reservations: Vec<Reservation>,
+    pub(crate) promo: Option<Promotion>,
+    /// For a checkout: the cart lines the order was built from. The cart
+    /// must still hold exactly these, else the answer is `None` (retry).
+    pub(crate) from_cart: Option<Vec<SkuQty>>,
+    pub(crate) idem: Option<IdemStamp>,
+    pub(crate) reply: Reply<Option<Order>>,
+}
+
+impl Handler<Place> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Place, _: &mut Context<Self>) {
+        let now_ms = self.shared.clock.now_ms();
+        let result = (|| {
+            if let Some(expected) = &msg.from_cart {
+                if self.book.cart(&msg.user).items() != expected.as_slice() {
+                    return Ok(None);
+                }
+            }
+            let lines: Vec<_> = msg.reservations.iter().map(Reservation::line).collect();
+            let order = Order::place(
+                msg.order_id,
+                msg.user,
+                &lines,
+                msg.promo.as_ref(),
+                now_ms,
+                self.shared.ttl_ms,
+            )?;
+            let event = Event::OrderPlaced {
+                order: Box::new(order.clone()),
+                reservations: msg.reservations.iter().map(Reservation::id).collect(),
+                from_cart: msg.from_cart.is_some(),
+                idem: msg.idem,
+            };
+            self.commit(event, None)?;
+            Ok(Some(order))
+        })();
+        if matches!(result, Ok(Some(_))) {
+            // Journaled: the order owns the units now.
+            msg.reservations.into_iter().for_each(Reservation::taken);
+        }
+        // Otherwise the reservations drop here and release their units.
+        self.answer(msg.reply, result);
+    }
+}
+
+/// What is asked of an existing order.
+#[derive(Debug, Clone)]
+pub(crate) enum OrderOp {
+    Get,
+    Pay {
+        payment_ref: PaymentRef,
+        amount_cents: u64,
+        idem: Option<IdemStamp>,
+    },
+    Cancel,
+    Ship,
+    Deliver,
+    Refund {
+        lines: Vec<SkuQty>,
+        restock: bool,
+        idem: Option<IdemStamp>,
+    },
+}
+
+/// The answer to an [`Act`]: the order, and a signal that fires once every
+/// SKU has applied the move (immediately when there was none).
+pub(crate) struct Acted {
+    pub(crate) order: Order,
+    pub(crate) applied: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Read or move an order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Act {
+    pub(crate) order_id: OrderId,
+    pub(crate) caller: Caller,
+    pub(crate) op: OrderOp,
+    pub(crate) reply: Reply<Acted>,
+}
+
+impl Handler<Act> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Act, _: &mut Context<Self>) {
+        let now_ms = self.shared.clock.now_ms();
+        let (done, applied) = Completion::new();
+        let result = (|| {
+            self.order_for(msg.order_id, &msg.caller)?;
+            let admin_only = !matches!(msg.op, OrderOp::Get | OrderOp::Cancel);
+            if admin_only && !msg.caller.admin {
+                return Err(EngineError::Forbidden("this needs an admin".into()));
+            }
+            self.expire_if_overdue(msg.order_id, now_ms, Some(&done))?;
+            let order = self.order_for(msg.order_id, &msg.caller)?;
+            let event = match msg.op {
+                OrderOp::Get => None,
+                OrderOp::Pay {
+                    payment_ref,
+                    amount_cents,
+                    idem,
+                } => order.decide_pay(payment_ref, amount_cents, idem, now_ms)?,
+                OrderOp::Cancel => Some(order.decide_release(ReleaseReason::Cancelled, now_ms)?),
+                OrderOp::Ship => Some(order.decide_ship(now_ms)?),
+                OrderOp::Deliver => Some(order.decide_deliver(now_ms)?),
+                OrderOp::Refund {
+                    lines,
+                    restock,
+                    idem,
+                } => Some(order.decide_refund(&lines, restock, idem, now_ms)?),
+            };
+            if let Some(event) = event {
+                self.commit(event, Some(&done))?;
+            }
+            let order = self
+                .book
+                .get(msg.order_id)
+                .cloned()
+                .ok_or_else(|| EngineError::order_not_found(msg.order_id))?;
+            Ok(order)
+        })();
+        drop(done);
+        let result = result.map(|order| Acted { order, applied });
+        self.answer(msg.reply, result);
+    }
+}
+
+/// List orders, newest first.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct List {
+    /// Only this user's orders, or everyone's.
+    pub(crate) user: Option<UserId>,
+    pub(crate) limit: usize,
+    pub(crate) reply: Reply<Vec<Order>>,
+}
+
+impl Handler<List> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: List, _: &mut Context<Self>) {
+        let orders = match &msg.user {
+            Some(user) => self.book.list_user(user, msg.limit),
+            None => self.book.list_all(msg.limit),
+        };
+        let orders = orders.into_iter().cloned().collect();
+        self.answer(msg.reply, Ok(orders));
+    }
+}
+
+/// Read, change or empty a cart.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct CartOp {
+    pub(crate) user: UserId,
+    /// `None` reads; `Some((sku, qty))` sets a line; see `clear`.
+    pub(crate) set: Option<(SkuId, u32)>,
+    /// Empty the cart.
+    pub(crate) clear: bool,
+    pub(crate) reply: Reply<Cart>,
+}
+
+impl Handler<CartOp> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: CartOp, _: &mut Context<Self>) {
+        let now_ms = self.shared.clock.now_ms();
+        let cart = self.book.cart(&msg.user);
+        let result = (|| {
+            let event = match (msg.set, msg.clear) {
+                (Some((sku, qty)), _) => Some(cart.decide_set(msg.user, sku, qty, now_ms)?),
+                (None, true) if !cart.is_empty() => Some(Event::CartCleared {
+                    user: msg.user,
+                    at_ms: now_ms,
+                }),
+                (None, _) => None,
+            };
+            if let Some(event) = event {
+                self.commit(event, None)?;
+            }
+            let cart = self.book.cart(&msg.user);
+            debug_assert!(cart.items().len() <= LINES_MAX);
+            Ok::<_, EngineError>(cart)
+        })();
+        self.answer(msg.reply, result);
+    }
+}
+
+/// Expire every overdue order now (tests drive time by hand with this).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ExpireDue {
+    pub(crate) reply: Reply<(usize, tokio::sync::oneshot::Receiver<()>)>,
+}
+
+impl Handler<ExpireDue> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ExpireDue, _: &mut Context<Self>) {
+        let now_ms = self.shared.clock.now_ms();
+        let (done, applied) = Completion::new();
+        let expired = self.expire_due(now_ms, Some(&done));
+        drop(done);
+        self.answer(msg.reply, Ok((expired, applied)));
+    }
+}
+
+/// Orders by state, for metrics.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct CountByStatus {
+    pub(crate) reply: Reply<Vec<(OrderStatus, u64)>>,
+}
+
+impl Handler<CountByStatus> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: CountByStatus, _: &mut Context<Self>) {
+        let counts = OrderStatus::ALL.iter().copied().zip(self.counts).collect();
+        self.answer(msg.reply, Ok(counts));
+    }
+}

@@ -1,0 +1,381 @@
+//! `SkuActor`: the one owner of a SKU's stock. Every reservation, release,
+//! allocation, shipment, refund and restock of the SKU passes through its
+//! mailbox, one at a time, so no two changes can race and no unit can be
+//! granted twice.
+//!
+//! A change is: pure decide (an `Err` changes nothing), append the event to
+//! the journal (a full or failed journal changes nothing), apply, answer.
+//! Order events that move this SKU's units were decided and journaled by an
+//! order shard; the SKU only applies them ([`ApplyEvent`]).
+//!
+//! The actor publishes `available` and the sequence number of its last
+//! applied event in a [`SkuHint`], so a sold-out SKU can answer
+//! `out_of_stock` without a mailbox round trip. The hint only ever refuses:
+//! the actor stays the only authority that grants units.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::{Actor, AsyncContext, Context, Handler, Message};
+use tokio::sync::oneshot;
+
+use crate::domain::idem::IdemBook;
+use crate::domain::order::ReservedLine;
+use crate::domain::sku::{SkuState, SkuView};
+use crate::domain::state::apply_to_sku;
+use crate::domain::{Event, IdemStamp, OrderId, SkuId, UserId};
+use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
+use crate::journal::{Journal, Seq};
+
+/// How often a release is retried while the journal queue is full, and for
+/// how long at most (in attempts): 10 ms apart, up to 10 s.
+const RELEASE_RETRY_MS: u64 = 10;
+const RELEASE_ATTEMPTS_MAX: u32 = 1_000;
+
+/// What a SKU actor publishes for callers that must not wait for it.
+#[derive(Debug, Default)]
+pub(crate) struct SkuHint {
+    available: AtomicU64,
+    last_seq: AtomicU64,
+}
+
+impl SkuHint {
+    pub(crate) fn publish(&self, available: u64, seq: Seq) {
+        // Sequence first: a reader that sees the new `available` also sees a
+        // sequence number at least as new (release/acquire pairing).
+        self.last_seq.fetch_max(seq, Ordering::Release);
+        self.available.store(available, Ordering::Release);
+    }
+
+    /// When fewer than `qty` units are available, the sequence number the
+    /// answer depends on; `None` when the actor must decide.
+    pub(crate) fn sold_out_for(&self, qty: u32) -> Option<Seq> {
+        if self.available.load(Ordering::Acquire) < u64::from(qty) {
+            Some(self.last_seq.load(Ordering::Acquire))
+        } else {
+            None
+        }
+    }
+
+    /// The last sequence number the actor applied.
+    pub(crate) fn last_seq(&self) -> Seq {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// `available` as last published.
+    pub(crate) fn available(&self) -> u64 {
+        self.available.load(Ordering::Acquire)
+    }
+}
+
+/// The registry's entry for a SKU: its mailbox and its hint.
+pub(crate) struct SkuHandle {
+    pub(crate) id: SkuId,
+    pub(crate) addr: actix::Addr<SkuActor>,
+    pub(crate) hint: Arc<SkuHint>,
+}
+
+/// Units of one SKU held for an order that is being placed.
+///
+/// Dropping a `Reservation` that no order has taken releases its units (a
+/// journaled `ReservationReleased`), so a caller that gives up half-way, or
+/// is cancelled, never leaves units stuck.
+pub struct Reservation {
+    handle: Arc<SkuHandle>,
+    id: OrderId,
+    user: UserId,
+    qty: u32,
+    name: String,
+    unit_price_cents: u64,
+    armed: bool,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.id)
+            .field("sku", &self.handle.id)
+            .field("qty", &self.qty)
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// The reservation's id.
+    pub fn id(&self) -> OrderId {
+        self.id
+    }
+
+    /// The SKU held.
+    pub fn sku(&self) -> SkuId {
+        self.handle.id
+    }
+
+    /// The units held.
+    pub fn qty(&self) -> u32 {
+        self.qty
+    }
+
+    /// The line an order makes of it: name and price as reserved.
+    pub(crate) fn line(&self) -> ReservedLine {
+        ReservedLine {
+            sku: self.handle.id,
+            name: self.name.clone(),
+            qty: self.qty,
+            unit_price_cents: self.unit_price_cents,
+        }
+    }
+
+    /// The order that journaled it owns the units now: do not release.
+    pub(crate) fn taken(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            // Must reach the actor even when its mailbox is full: these units
+            // are already held, and only this message gives them back.
+            self.handle.addr.do_send(ReleaseReservation {
+                reservation: self.id,
+                user: self.user,
+                qty: self.qty,
+                attempt: 0,
+            });
+        }
+    }
+}
+
+/// The actor owning one SKU.
+pub(crate) struct SkuActor {
+    state: SkuState,
+    hint: Arc<SkuHint>,
+    journal: Arc<dyn Journal>,
+    idem: Arc<IdemBook>,
+    clock: Arc<dyn Clock>,
+    mailbox: usize,
+}
+
+impl SkuActor {
+    pub(crate) fn new(
+        state: SkuState,
+        hint: Arc<SkuHint>,
+        journal: Arc<dyn Journal>,
+        idem: Arc<IdemBook>,
+        clock: Arc<dyn Clock>,
+        mailbox: usize,
+    ) -> SkuActor {
+        SkuActor {
+            state,
+            hint,
+            journal,
+            idem,
+            clock,
+            mailbox,
+        }
+    }
+
+    /// Journals a decided event, then applies it.
+    fn commit(&mut self, event: &Event) -> Result<Seq, EngineError> {
+        let seq = self.journal.append(event)?;
+        self.apply(event, seq);
+        Ok(seq)
+    }
+
+    /// Applies an event that is already journaled.
+    fn apply(&mut self, event: &Event, seq: Seq) {
+        if let Err(error) = apply_to_sku(&mut self.state, &self.idem, event) {
+            // The decision ruled this out; a journaled event that does not
+            // apply is a bug, and limping on would serve wrong stock.
+            panic!(
+                "SKU {} cannot apply journaled event {seq}: {error}",
+                self.state.id()
+            );
+        }
+        self.hint.publish(self.state.levels().available, seq);
+    }
+
+    fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
+        let _ = reply.send(Answer {
+            result,
+            seen: self.hint.last_seq(),
+        });
+    }
+}
+
+impl Actor for SkuActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.mailbox);
+    }
+}
+
+/// Hold `qty` units for `user` under a new reservation id.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Reserve {
+    pub(crate) handle: Arc<SkuHandle>,
+    pub(crate) reservation: OrderId,
+    pub(crate) user: UserId,
+    pub(crate) qty: u32,
+    pub(crate) reply: Reply<Reservation>,
+}
+
+impl Handler<Reserve> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reserve, _: &mut Context<Self>) {
+        let now_ms = self.clock.now_ms();
+        let result = self
+            .state
+            .decide_reserve(msg.reservation, msg.user, msg.qty, now_ms)
+            .map_err(EngineError::from)
+            .and_then(|event| self.commit(&event))
+            .map(|_| Reservation {
+                handle: msg.handle,
+                id: msg.reservation,
+                user: msg.user,
+                qty: msg.qty,
+                name: self.state.name().to_owned(),
+                unit_price_cents: self.state.price_cents(),
+                armed: true,
+            });
+        // If the caller is gone, the answer is dropped here and a granted
+        // reservation releases itself.
+        self.answer(msg.reply, result);
+    }
+}
+
+/// Give back a reservation no order took.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReleaseReservation {
+    reservation: OrderId,
+    user: UserId,
+    qty: u32,
+    attempt: u32,
+}
+
+impl Handler<ReleaseReservation> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReleaseReservation, ctx: &mut Context<Self>) {
+        let event = Event::ReservationReleased {
+            sku: self.state.id(),
+            reservation: msg.reservation,
+            user: msg.user,
+            qty: msg.qty,
+            at_ms: self.clock.now_ms(),
+        };
+        match self.commit(&event) {
+            Ok(_) => {}
+            Err(EngineError::Overloaded) if msg.attempt < RELEASE_ATTEMPTS_MAX => {
+                let retry = ReleaseReservation {
+                    attempt: msg.attempt + 1,
+                    ..msg
+                };
+                ctx.notify_later(retry, Duration::from_millis(RELEASE_RETRY_MS));
+            }
+            Err(error) => {
+                // Recovery releases every reservation no order took, so the
+                // units come back at the latest on the next start.
+                tracing::error!(
+                    sku = %self.state.id(), reservation = %msg.reservation, qty = msg.qty, %error,
+                    "could not release a reservation; it is released on the next start"
+                );
+            }
+        }
+    }
+}
+
+/// Apply an order event an order shard has journaled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ApplyEvent {
+    pub(crate) event: Arc<Event>,
+    pub(crate) seq: Seq,
+    /// Dropped once applied, which tells the caller its change is visible.
+    pub(crate) done: Option<Arc<Completion>>,
+}
+
+impl Handler<ApplyEvent> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplyEvent, _: &mut Context<Self>) {
+        self.apply(&msg.event, msg.seq);
+        drop(msg.done);
+    }
+}
+
+/// Read the SKU.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct View {
+    pub(crate) reply: Reply<SkuView>,
+}
+
+impl Handler<View> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: View, _: &mut Context<Self>) {
+        let view = self.state.view();
+        self.answer(msg.reply, Ok(view));
+    }
+}
+
+/// Change name, price or limit.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Update {
+    pub(crate) name: Option<String>,
+    pub(crate) price_cents: Option<u64>,
+    pub(crate) per_user_limit: Option<Option<u32>>,
+    pub(crate) reply: Reply<SkuView>,
+}
+
+impl Handler<Update> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Update, _: &mut Context<Self>) {
+        let now_ms = self.clock.now_ms();
+        let result = self
+            .state
+            .decide_update(msg.name, msg.price_cents, msg.per_user_limit, now_ms)
+            .map_err(EngineError::from)
+            .and_then(|event| self.commit(&event))
+            .map(|_| self.state.view());
+        self.answer(msg.reply, result);
+    }
+}
+
+/// Add units.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Restock {
+    pub(crate) qty: u64,
+    pub(crate) idem: Option<IdemStamp>,
+    pub(crate) reply: Reply<SkuView>,
+}
+
+impl Handler<Restock> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Restock, _: &mut Context<Self>) {
+        let now_ms = self.clock.now_ms();
+        let result = self
+            .state
+            .decide_restock(msg.qty, msg.idem, now_ms)
+            .map_err(EngineError::from)
+            .and_then(|event| self.commit(&event))
+            .map(|_| self.state.view());
+        self.answer(msg.reply, result);
+    }
+}
+
+/// A fresh reply channel.
+pub(crate) fn reply_channel<T>() -> (Reply<T>, oneshot::Receiver<Answer<T>>) {
+    oneshot::channel()
+}

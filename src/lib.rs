@@ -1,0 +1,29 @@
+//! flashcore: a trading core for e-commerce flash sales.
+//!
+//! The data flow of a change:
+//!
+//! ```text
+//! request -> tower layers -> extractors -> thin handler -> Engine
+//!   -> SKU actor: pure decide, journal the Event, apply, answer with a ticket
+//!   -> order shard: decide, journal, apply, forward the SKU moves
+//!   -> journal thread: batch, write, fdatasync, release the batch's tickets
+//!   -> Engine waits for the ticket -> 2xx (strict mode)
+//! ```
+//!
+//! State changes only through the `apply` functions of [`domain`], which
+//! recovery replays too. One FIFO journal means the durable part is always a
+//! prefix of what was applied.
+//!
+//! - [`limits`]: every bound, with its reason.
+//! - [`domain`]: pure types, decisions and `apply`; no I/O, no clock.
+//! - [`engine`]: the actors and the [`engine::Engine`] handle, the only entry
+//!   point for the HTTP front, tests and benches.
+//! - [`journal`]: where events go to become durable.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod domain;
+pub mod engine;
+pub mod journal;
+pub mod limits;

@@ -1,0 +1,114 @@
+//! Every bound and default in flashcore, each with its reason.
+//!
+//! A limit that is not written here does not exist. The contract's limits
+//! (`../shared/API.md`) come first; the engine's own capacities follow. The
+//! relations between them are checked at compile time at the bottom, so that a
+//! change to one bound that would let arithmetic overflow does not build.
+
+/// Longest id (`sku_id`, `user_id`, promotion `code`, `payment_ref`), in bytes.
+/// The contract: `[A-Za-z0-9_.-]{1,64}`.
+pub const ID_BYTES_MAX: usize = 64;
+
+/// Longest SKU name, in characters (contract: 1..=200).
+pub const NAME_CHARS_MAX: usize = 200;
+
+/// Largest quantity on one order line or cart line (contract: 1..=10000).
+pub const QTY_MAX: u32 = 10_000;
+
+/// Most lines on one order or in one cart (contract).
+pub const LINES_MAX: usize = 100;
+
+/// Highest unit price (contract: 0..=10^12 cents).
+pub const PRICE_CENTS_MAX: u64 = 1_000_000_000_000;
+
+/// Most units a SKU may be created with (contract: 0..=10^9).
+pub const STOCK_MAX: u64 = 1_000_000_000;
+
+/// Largest single restock (contract: 1..=10^9).
+pub const RESTOCK_QTY_MAX: u64 = 1_000_000_000;
+
+/// Highest `per_user_limit` (contract: 1..=10000 or null).
+pub const PER_USER_LIMIT_MAX: u32 = 10_000;
+
+/// Highest `on_hand` a SKU may ever reach through restocks and returns. Far
+/// below `u64::MAX`, so that the sum of every counter of a SKU cannot wrap.
+pub const ON_HAND_MAX: u64 = 1_000_000_000_000_000;
+
+/// Longest `Idempotency-Key`, in bytes (contract: 1..=255 visible ASCII).
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+
+/// Largest order subtotal: every line at the top quantity and price.
+pub const ORDER_CENTS_MAX: u64 = QTY_MAX as u64 * LINES_MAX as u64 * PRICE_CENTS_MAX;
+
+/// Highest promotion threshold and discount: no order can be worth more.
+pub const PROMO_CENTS_MAX: u64 = ORDER_CENTS_MAX;
+
+/// Most SKUs in the catalog. `GET /v1/skus` answers with all of them, so the
+/// catalog must stay small enough for one answer.
+pub const SKUS_MAX: usize = 10_000;
+
+/// Most promotions; they are all kept in memory.
+pub const PROMOTIONS_MAX: usize = 10_000;
+
+/// Default and highest `?limit=` of `GET /v1/orders` (contract).
+pub const ORDERS_LIST_DEFAULT: usize = 50;
+/// See [`ORDERS_LIST_DEFAULT`].
+pub const ORDERS_LIST_MAX: usize = 500;
+
+/// How long an unpaid order holds its units (contract default: 15 minutes).
+pub const RESERVATION_TTL_DEFAULT_MS: u64 = 15 * 60 * 1000;
+/// Longest reservation TTL an operator may configure: a week. Longer holds
+/// would keep units away from buyers for no business reason.
+pub const RESERVATION_TTL_MAX_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// How often each order shard looks for unpaid orders past their deadline.
+/// The contract wants an expired order to read as expired within one second;
+/// reads also expire an overdue order on the spot, so this only bounds how
+/// long units stay away from `available`.
+pub const EXPIRY_TICK_MS: u64 = 100;
+
+/// Most orders one shard expires in one tick, so a burst of deadlines cannot
+/// stall the shard's mailbox; the rest wait for the next tick.
+pub const EXPIRY_BATCH_MAX: usize = 2_000;
+
+/// How long an idempotency record is kept (contract: at least 24 hours).
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Most idempotency records in memory. When full of records younger than
+/// [`IDEMPOTENCY_TTL_MS`], a request with a new key is shed (`503`) rather
+/// than breaking the promise made to an older key.
+pub const IDEMPOTENCY_RECORDS_MAX: usize = 1_000_000;
+
+/// Mailbox of one SKU actor. Sized above the number of requests the HTTP
+/// front lets in at once, so it only fills when callers bypass the front;
+/// when it is full, callers get `Overloaded` at once instead of queueing.
+pub const SKU_MAILBOX: usize = 4_096;
+
+/// Mailbox of one order shard; see [`SKU_MAILBOX`].
+pub const ORDER_SHARD_MAILBOX: usize = 4_096;
+
+/// Default number of order shards. Orders are spread by user, so a shard
+/// holds one user's orders and cart together. More shards than actor threads
+/// lets the threads share the work evenly.
+pub const ORDER_SHARDS_DEFAULT: usize = 8;
+/// Most order shards.
+pub const ORDER_SHARDS_MAX: usize = 256;
+
+/// Default number of actor threads (actix arbiters).
+pub const ACTOR_THREADS_DEFAULT: usize = 2;
+/// Most actor threads.
+pub const ACTOR_THREADS_MAX: usize = 64;
+
+/// Most attempts of a checkout whose cart changed while its lines were being
+/// reserved: the cart is read again each time.
+pub const CHECKOUT_ATTEMPTS_MAX: u32 = 3;
+
+// No order total can overflow, with room left for sums across orders.
+const _: () = assert!(ORDER_CENTS_MAX <= u64::MAX / 2);
+// A refund computes `discount * units` in u128, but its inputs fit u64.
+const _: () = assert!((QTY_MAX as u64) * PRICE_CENTS_MAX <= u64::MAX / 2);
+// Restocks and returns can always be added to a full SKU without wrapping.
+const _: () = assert!(ON_HAND_MAX + RESTOCK_QTY_MAX <= u64::MAX / 4);
+// A per-user limit can never exceed what a single line may take in total.
+const _: () = assert!(PER_USER_LIMIT_MAX <= QTY_MAX * LINES_MAX as u32);
+const _: () = assert!(EXPIRY_TICK_MS < 1_000);

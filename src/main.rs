@@ -1,0 +1,2 @@
+//! The `flashcore` command line (the server is being built).
+fn main() {}
