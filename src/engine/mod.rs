@@ -27,7 +27,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use actix::{Actor, Addr};
+use actix::Addr;
 use futures_util::future::try_join_all;
 use tokio::sync::oneshot;
 
@@ -162,7 +162,7 @@ impl Drop for Completion {
 /// Sends without waiting: a full mailbox is `Overloaded` at once.
 fn send<A, M>(addr: &Addr<A>, msg: M) -> Result<(), EngineError>
 where
-    A: Actor<Context = actix::Context<A>> + actix::Handler<M>,
+    A: actix::Actor<Context = actix::Context<A>> + actix::Handler<M>,
     M: actix::Message<Result = ()> + Send + 'static,
 {
     addr.try_send(msg).map_err(|error| match error {
@@ -249,7 +249,6 @@ impl Engine {
             skus: inner_skus,
             routes: Arc::new(OrderRoutes::new()),
             ttl_ms: config.reservation_ttl_ms,
-            mailbox: config.shard_mailbox,
         });
         let shard_count = config.order_shards.clamp(1, ORDER_SHARDS_MAX);
         let books = orders.split(shard_count, |user| shard_index(user, shard_count));
@@ -259,11 +258,8 @@ impl Engine {
             for order in book.orders() {
                 shared.routes.insert(order.id, index16);
             }
-            let ctx = Arc::clone(&shared);
-            let addr = OrderShard::start_in_arbiter(threads.arbiter(index), move |_| {
-                OrderShard::new(index16, book, ctx, seq)
-            });
-            shards.push(addr);
+            let shard = OrderShard::new(index16, book, Arc::clone(&shared), seq);
+            shards.push(threads.spawn(index, config.shard_mailbox, shard));
         }
 
         let inner = Inner {
@@ -303,9 +299,8 @@ impl Engine {
             Arc::clone(&inner.journal),
             Arc::clone(&inner.idem),
             Arc::clone(&inner.shared.clock),
-            inner.config.sku_mailbox,
         );
-        let addr = SkuActor::start_in_arbiter(threads.arbiter(slot), move |_| actor);
+        let addr = threads.spawn(slot, inner.config.sku_mailbox, actor);
         drop(threads);
         inner
             .skus

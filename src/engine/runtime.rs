@@ -7,7 +7,8 @@
 
 use std::thread::JoinHandle;
 
-use actix::{Arbiter, ArbiterHandle, System};
+use actix::dev::channel;
+use actix::{Actor, Addr, Arbiter, ArbiterHandle, Context, System};
 
 use crate::engine::EngineError;
 use crate::limits::ACTOR_THREADS_MAX;
@@ -55,8 +56,23 @@ impl ActorThreads {
     }
 
     /// The arbiter for slot `index` (wrapping around).
-    pub(crate) fn arbiter(&self, index: usize) -> &ArbiterHandle {
+    fn arbiter(&self, index: usize) -> &ArbiterHandle {
         &self.arbiters[index % self.arbiters.len()]
+    }
+
+    /// Starts `actor` on the arbiter for slot `index`, with a mailbox of
+    /// `capacity` messages that is bounded from the first message on (a
+    /// capacity set in `started` would only apply once the actor runs, and
+    /// the first callers would meet actix's default of 16).
+    pub(crate) fn spawn<A>(&self, index: usize, capacity: usize, actor: A) -> Addr<A>
+    where
+        A: Actor<Context = Context<A>> + Send,
+    {
+        let (tx, rx) = channel::channel(capacity);
+        self.arbiter(index).spawn_fn(move || {
+            Context::with_receiver(rx).run(actor);
+        });
+        Addr::new(tx)
     }
 
     /// How many actor threads run.

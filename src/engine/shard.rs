@@ -47,7 +47,6 @@ pub(crate) struct ShardContext {
     pub(crate) skus: Arc<SkuRegistry>,
     pub(crate) routes: Arc<OrderRoutes>,
     pub(crate) ttl_ms: u64,
-    pub(crate) mailbox: usize,
 }
 
 /// An actor owning a partition of orders and carts.
@@ -207,7 +206,6 @@ impl Actor for OrderShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.shared.mailbox);
         ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, _| {
             let now_ms = shard.shared.clock.now_ms();
             shard.expire_due(now_ms, None);

@@ -155,7 +155,6 @@ pub(crate) struct SkuActor {
     journal: Arc<dyn Journal>,
     idem: Arc<IdemBook>,
     clock: Arc<dyn Clock>,
-    mailbox: usize,
 }
 
 impl SkuActor {
@@ -165,7 +164,6 @@ impl SkuActor {
         journal: Arc<dyn Journal>,
         idem: Arc<IdemBook>,
         clock: Arc<dyn Clock>,
-        mailbox: usize,
     ) -> SkuActor {
         SkuActor {
             state,
@@ -173,7 +171,6 @@ impl SkuActor {
             journal,
             idem,
             clock,
-            mailbox,
         }
     }
 
@@ -207,10 +204,6 @@ impl SkuActor {
 
 impl Actor for SkuActor {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox);
-    }
 }
 
 /// Hold `qty` units for `user` under a new reservation id.

@@ -1,0 +1,486 @@
+//! The engine's order life cycle, in process: every state move, carts,
+//! promotions, refunds, expiry, idempotency records and restarts from a
+//! replayed journal.
+
+mod support;
+
+use flashcore::domain::idem::{Lookup, Outcome};
+use flashcore::domain::order::OrderStatus;
+use flashcore::domain::promo::Promotion;
+use flashcore::domain::{DomainError, IdemStamp, IdempotencyKey, PaymentRef, PromoCode, State};
+use flashcore::engine::{Engine, EngineConfig, EngineError, OrderScope};
+use flashcore::limits::RESERVATION_TTL_DEFAULT_MS;
+use support::*;
+
+fn pref(s: &str) -> PaymentRef {
+    PaymentRef::parse(s).expect("valid payment ref")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_goes_from_reserved_to_delivered_and_moves_stock() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "tee", 2_500, 10, None).await;
+    let order = e
+        .place_order(user("ann"), &[line("tee", 3)], None, None)
+        .await
+        .expect("placed");
+    assert_eq!(order.status, OrderStatus::Reserved);
+    assert_eq!(
+        (order.total_cents, order.lines[0].name.as_str()),
+        (7_500, "Item tee")
+    );
+    let s = e.sku(sku("tee")).await.expect("sku");
+    assert_eq!((s.levels.available, s.levels.reserved), (7, 3));
+
+    let paid = e
+        .pay(admin(), order.id, pref("p-1"), 7_500, None)
+        .await
+        .expect("paid");
+    assert_eq!((paid.status, paid.paid_cents), (OrderStatus::Paid, 7_500));
+    let s = e.sku(sku("tee")).await.expect("sku");
+    assert_eq!((s.levels.reserved, s.levels.allocated), (0, 3));
+
+    let shipped = e.ship(admin(), order.id).await.expect("shipped");
+    assert_eq!(shipped.status, OrderStatus::Shipped);
+    let s = e.sku(sku("tee")).await.expect("sku");
+    assert_eq!(
+        (s.levels.on_hand, s.levels.allocated, s.levels.shipped),
+        (7, 0, 3)
+    );
+
+    let delivered = e.deliver(admin(), order.id).await.expect("delivered");
+    let states: Vec<_> = delivered.history.iter().map(|h| h.status).collect();
+    assert_eq!(
+        states,
+        [
+            OrderStatus::Reserved,
+            OrderStatus::Paid,
+            OrderStatus::Shipped,
+            OrderStatus::Delivered
+        ]
+    );
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn illegal_moves_and_strangers_change_nothing() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "mug", 900, 5, None).await;
+    let order = e
+        .place_order(user("ann"), &[line("mug", 1)], None, None)
+        .await
+        .expect("placed");
+    let is_invalid = |r: Result<_, EngineError>| {
+        matches!(
+            r,
+            Err(EngineError::Domain(DomainError::InvalidTransition { .. }))
+        )
+    };
+    assert!(is_invalid(e.ship(admin(), order.id).await));
+    assert!(is_invalid(e.deliver(admin(), order.id).await));
+    assert!(matches!(
+        e.cancel(customer("bob"), order.id).await,
+        Err(EngineError::Forbidden(_))
+    ));
+    assert!(matches!(
+        e.order(customer("bob"), order.id).await,
+        Err(EngineError::Forbidden(_))
+    ));
+    assert!(matches!(
+        e.pay(customer("ann"), order.id, pref("x"), 900, None).await,
+        Err(EngineError::Forbidden(_))
+    ));
+    assert!(matches!(
+        e.pay(admin(), order.id, pref("x"), 901, None).await,
+        Err(EngineError::Domain(DomainError::PaymentMismatch { .. }))
+    ));
+    let unchanged = e.order(customer("ann"), order.id).await.expect("own order");
+    assert_eq!(unchanged, order);
+    let cancelled = e
+        .cancel(customer("ann"), order.id)
+        .await
+        .expect("cancelled");
+    assert_eq!(cancelled.status, OrderStatus::Cancelled);
+    assert!(is_invalid(
+        e.pay(admin(), order.id, pref("x"), 900, None).await
+    ));
+    assert!(is_invalid(e.cancel(admin(), order.id).await));
+    let s = e.sku(sku("mug")).await.expect("sku");
+    assert_eq!((s.levels.available, s.levels.reserved), (5, 0));
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_payment_callback_is_answered_with_the_order_unchanged() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "cap", 1_000, 5, None).await;
+    let order = e
+        .place_order(user("ann"), &[line("cap", 1)], None, None)
+        .await
+        .expect("placed");
+    let first = e
+        .pay(admin(), order.id, pref("pay-9"), 1_000, None)
+        .await
+        .expect("paid");
+    let again = e
+        .pay(admin(), order.id, pref("pay-9"), 1_000, None)
+        .await
+        .expect("repeat accepted");
+    assert_eq!(first, again);
+    assert!(matches!(
+        e.pay(admin(), order.id, pref("pay-other"), 1_000, None)
+            .await,
+        Err(EngineError::Domain(DomainError::InvalidTransition { .. }))
+    ));
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_line_order_takes_every_line_or_none() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 5, None).await;
+    create(e, "b", 200, 1, None).await;
+    let refused = e
+        .place_order(user("ann"), &[line("a", 2), line("b", 2)], None, None)
+        .await;
+    assert!(matches!(
+        refused,
+        Err(EngineError::Domain(DomainError::OutOfStock { sku })) if sku.as_str() == "b"
+    ));
+    let a = e.sku(sku("a")).await.expect("sku");
+    assert_eq!(
+        (a.levels.available, a.levels.reserved),
+        (5, 0),
+        "line a was let go"
+    );
+    // Same SKU twice is merged into one line.
+    let order = e
+        .place_order(
+            user("ann"),
+            &[line("a", 1), line("b", 1), line("a", 2)],
+            None,
+            None,
+        )
+        .await
+        .expect("placed");
+    assert_eq!(order.lines.len(), 2);
+    assert_eq!((order.lines[0].qty, order.lines[1].qty), (3, 1));
+    assert!(matches!(
+        e.place_order(user("ann"), &[line("nope", 1)], None, None)
+            .await,
+        Err(EngineError::NotFound { .. })
+    ));
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_is_spread_and_a_one_item_refund_returns_its_share() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 10_000, 5, None).await;
+    create(e, "b", 10_000, 5, None).await;
+    let code = PromoCode::parse("TEN-OFF").expect("valid");
+    e.create_promotion(Promotion::new(code, 20_000, 1_000).expect("valid"))
+        .await
+        .expect("created");
+    assert!(matches!(
+        e.create_promotion(Promotion::new(code, 1, 1).expect("valid"))
+            .await,
+        Err(EngineError::AlreadyExists { .. })
+    ));
+    let order = e
+        .place_order(user("ann"), &[line("a", 1), line("b", 1)], Some(code), None)
+        .await
+        .expect("placed");
+    assert_eq!((order.discount_cents, order.total_cents), (1_000, 19_000));
+    assert_eq!(
+        (order.lines[0].discount_cents, order.lines[1].discount_cents),
+        (500, 500)
+    );
+    e.pay(admin(), order.id, pref("p"), 19_000, None)
+        .await
+        .expect("paid");
+    let refunded = e
+        .refund(admin(), order.id, vec![line("a", 1)], false, None)
+        .await
+        .expect("refunded");
+    assert_eq!(
+        (refunded.refunded_cents, refunded.status),
+        (9_500, OrderStatus::Paid)
+    );
+    assert!(matches!(
+        e.refund(admin(), order.id, vec![line("a", 1)], false, None)
+            .await,
+        Err(EngineError::Domain(DomainError::Invalid(_)))
+    ));
+    let a = e.sku(sku("a")).await.expect("sku");
+    assert_eq!(
+        (a.levels.available, a.levels.allocated),
+        (5, 0),
+        "refunded before shipping"
+    );
+    let all = e
+        .refund(admin(), order.id, vec![line("b", 1)], false, None)
+        .await
+        .expect("refunded");
+    assert_eq!(
+        (all.refunded_cents, all.status),
+        (19_000, OrderStatus::Refunded)
+    );
+    assert!(matches!(
+        e.place_order(
+            user("ann"),
+            &[line("a", 1)],
+            Some(PromoCode::parse("NONE").expect("valid")),
+            None
+        )
+        .await,
+        Err(EngineError::NotFound { .. })
+    ));
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_after_shipment_come_back_only_with_restock() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 4, None).await;
+    let order = e
+        .place_order(user("ann"), &[line("a", 4)], None, None)
+        .await
+        .expect("placed");
+    e.pay(admin(), order.id, pref("p"), 400, None)
+        .await
+        .expect("paid");
+    e.ship(admin(), order.id).await.expect("shipped");
+    e.refund(admin(), order.id, vec![line("a", 1)], false, None)
+        .await
+        .expect("refunded, kept");
+    let s = e.sku(sku("a")).await.expect("sku");
+    assert_eq!(
+        (s.levels.on_hand, s.levels.available, s.levels.shipped),
+        (0, 0, 4)
+    );
+    e.refund(admin(), order.id, vec![line("a", 2)], true, None)
+        .await
+        .expect("refunded, restocked");
+    let s = e.sku(sku("a")).await.expect("sku");
+    assert_eq!(
+        (s.levels.on_hand, s.levels.available, s.levels.shipped),
+        (2, 2, 4)
+    );
+    assert_eq!(s.levels.stock_in, 6);
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaid_orders_expire_at_their_deadline_and_release_units() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 3, None).await;
+    let order = e
+        .place_order(user("ann"), &[line("a", 3)], None, None)
+        .await
+        .expect("placed");
+    assert_eq!(order.expires_at_ms, T0_MS + RESERVATION_TTL_DEFAULT_MS);
+    h.clock.advance_ms(RESERVATION_TTL_DEFAULT_MS - 1);
+    assert_eq!(e.expire_due().await.expect("tick"), 0);
+    h.clock.advance_ms(1);
+    // A read of an overdue order expires it on the spot.
+    let read = e.order(customer("ann"), order.id).await.expect("read");
+    assert_eq!(read.status, OrderStatus::Expired);
+    let s = e.sku(sku("a")).await.expect("sku");
+    assert_eq!((s.levels.available, s.levels.reserved), (3, 0));
+    let late = e.pay(admin(), order.id, pref("late"), 300, None).await;
+    assert!(matches!(
+        late,
+        Err(EngineError::Domain(DomainError::InvalidTransition { .. }))
+    ));
+    // The timer path: many overdue orders expire in one sweep.
+    for i in 0..3 {
+        e.place_order(user(&format!("u{i}")), &[line("a", 1)], None, None)
+            .await
+            .expect("placed");
+    }
+    h.clock.advance_ms(RESERVATION_TTL_DEFAULT_MS);
+    assert_eq!(e.expire_due().await.expect("sweep"), 3);
+    let s = e.sku(sku("a")).await.expect("sku");
+    assert_eq!(s.levels.available, 3);
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_places_the_cart_and_empties_it() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 5, None).await;
+    create(e, "b", 50, 5, None).await;
+    let ann = user("ann");
+    assert!(matches!(
+        e.checkout(ann, None, None).await,
+        Err(EngineError::Domain(DomainError::Invalid(_)))
+    ));
+    e.set_cart_item(ann, sku("a"), 2).await.expect("set");
+    e.set_cart_item(ann, sku("b"), 1).await.expect("set");
+    e.set_cart_item(ann, sku("a"), 3).await.expect("replace");
+    assert!(matches!(
+        e.set_cart_item(ann, sku("zzz"), 1).await,
+        Err(EngineError::NotFound { .. })
+    ));
+    let cart = e.cart(ann).await.expect("cart");
+    assert_eq!(cart.items(), &[line("a", 3), line("b", 1)]);
+    let order = e.checkout(ann, None, None).await.expect("checked out");
+    assert_eq!(order.subtotal_cents, 350);
+    assert!(e.cart(ann).await.expect("cart").is_empty());
+    e.set_cart_item(ann, sku("b"), 9).await.expect("set");
+    assert!(matches!(
+        e.checkout(ann, None, None).await,
+        Err(EngineError::Domain(DomainError::OutOfStock { .. }))
+    ));
+    assert_eq!(
+        e.cart(ann).await.expect("cart").items(),
+        &[line("b", 9)],
+        "kept on failure"
+    );
+    e.clear_cart(ann).await.expect("cleared");
+    assert!(e.cart(ann).await.expect("cart").is_empty());
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stamped_change_records_its_first_answer() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 5, None).await;
+    let stamp = IdemStamp {
+        user: user("ann"),
+        key: IdempotencyKey::parse("k-1").expect("valid"),
+        fingerprint: [7; 16],
+    };
+    assert_eq!(
+        e.idempotency(stamp.user, &stamp.key, stamp.fingerprint),
+        Lookup::Fresh
+    );
+    let order = e
+        .place_order(user("ann"), &[line("a", 1)], None, Some(stamp.clone()))
+        .await
+        .expect("placed");
+    match e.idempotency(stamp.user, &stamp.key, stamp.fingerprint) {
+        Lookup::Replay(outcome) => assert_eq!(*outcome, Outcome::Order(order.clone())),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    assert_eq!(
+        e.idempotency(stamp.user, &stamp.key, [8; 16]),
+        Lookup::Conflict
+    );
+    // A refused change leaves no record.
+    let refused = IdemStamp {
+        key: IdempotencyKey::parse("k-2").expect("valid"),
+        ..stamp.clone()
+    };
+    let _ = e
+        .place_order(user("ann"), &[line("a", 99)], None, Some(refused.clone()))
+        .await
+        .expect_err("out of stock");
+    assert_eq!(
+        e.idempotency(refused.user, &refused.key, refused.fingerprint),
+        Lookup::Fresh
+    );
+    let state = assert_replay_matches(&h).await;
+    assert_eq!(
+        state.idem.lookup(stamp.user, &stamp.key, stamp.fingerprint),
+        Lookup::Replay(Box::new(Outcome::Order(order)))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_the_journal_resumes_everything_and_settles_what_a_crash_left() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 10, Some(5)).await;
+    let kept = e
+        .place_order(user("ann"), &[line("a", 2)], None, None)
+        .await
+        .expect("placed");
+    let overdue = e
+        .place_order(user("bob"), &[line("a", 1)], None, None)
+        .await
+        .expect("placed");
+    e.pay(admin(), kept.id, pref("p"), 200, None)
+        .await
+        .expect("paid");
+    // A crash between the two steps of a placement leaves a reservation that
+    // no order took: hold one and never place it.
+    let orphan = e.reserve(user("cyd"), sku("a"), 3).await.expect("held");
+    std::mem::forget(orphan);
+    let _ = e.sku(sku("a")).await.expect("sku");
+    e.shutdown();
+
+    let mut state = State::default();
+    for event in h.journal.events() {
+        state.apply(&event).expect("replays");
+    }
+    assert_eq!(state.open_reservations.len(), 1);
+    h.clock.advance_ms(RESERVATION_TTL_DEFAULT_MS);
+    let restarted = Engine::start(
+        EngineConfig::default(),
+        h.journal.clone(),
+        h.clock.clone(),
+        state,
+    )
+    .expect("restarts");
+    let s = restarted.sku(sku("a")).await.expect("sku");
+    assert_eq!(
+        (s.levels.available, s.levels.reserved, s.levels.allocated),
+        (8, 0, 2),
+        "the orphan was released and the overdue order expired"
+    );
+    let again = restarted.order(admin(), overdue.id).await.expect("order");
+    assert_eq!(again.status, OrderStatus::Expired);
+    let paid = restarted.order(admin(), kept.id).await.expect("order");
+    assert_eq!(paid.status, OrderStatus::Paid);
+    // New ids continue after the old ones.
+    let next = restarted
+        .place_order(user("ann"), &[line("a", 1)], None, None)
+        .await
+        .expect("placed");
+    assert!(next.id > overdue.id);
+    let listed = restarted
+        .orders(OrderScope::User(user("ann")), 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        listed.iter().map(|o| o.id).collect::<Vec<_>>(),
+        vec![next.id, kept.id]
+    );
+    let h2 = Harness {
+        engine: restarted,
+        journal: h.journal.clone(),
+        clock: h.clock.clone(),
+    };
+    assert_replay_matches(&h2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_journal_refuses_changes_and_changes_nothing() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "a", 100, 10, None).await;
+    h.journal.set_failing(true);
+    assert!(matches!(
+        e.place_order(user("ann"), &[line("a", 1)], None, None)
+            .await,
+        Err(EngineError::StorageUnavailable(_))
+    ));
+    let s = e.sku(sku("a")).await.expect("reads go on");
+    assert_eq!(s.levels.available, 10);
+    h.journal.set_failing(false);
+    e.place_order(user("ann"), &[line("a", 1)], None, None)
+        .await
+        .expect("works again");
+    assert_replay_matches(&h).await;
+}
