@@ -95,7 +95,7 @@ pub const ORDER_SHARDS_DEFAULT: usize = 8;
 pub const ORDER_SHARDS_MAX: usize = 256;
 
 /// Default number of actor threads (actix arbiters).
-pub const ACTOR_THREADS_DEFAULT: usize = 2;
+pub const ACTOR_THREADS_DEFAULT: usize = 1;
 /// Most actor threads.
 pub const ACTOR_THREADS_MAX: usize = 64;
 

@@ -54,19 +54,25 @@ impl Ident {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         // Only ASCII bytes are ever stored (checked in `parse`).
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    /// The id's bytes (ASCII). Comparing and hashing use these: the same
+    /// order as the text, without re-checking UTF-8 on every lookup.
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
     }
 }
 
 impl PartialEq for Ident {
     fn eq(&self, other: &Ident) -> bool {
-        self.as_str() == other.as_str()
+        self.as_bytes() == other.as_bytes()
     }
 }
 impl Eq for Ident {}
 impl std::hash::Hash for Ident {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
+        self.as_bytes().hash(state);
     }
 }
 impl PartialOrd for Ident {
@@ -76,7 +82,7 @@ impl PartialOrd for Ident {
 }
 impl Ord for Ident {
     fn cmp(&self, other: &Ident) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
+        self.as_bytes().cmp(other.as_bytes())
     }
 }
 impl fmt::Debug for Ident {

@@ -216,7 +216,7 @@ impl Order {
     pub fn place(
         id: OrderId,
         user: UserId,
-        lines: &[ReservedLine],
+        lines: Vec<ReservedLine>,
         promo: Option<&Promotion>,
         now_ms: u64,
         ttl_ms: u64,
@@ -253,11 +253,11 @@ impl Order {
             user,
             status: OrderStatus::Reserved,
             lines: lines
-                .iter()
+                .into_iter()
                 .zip(shares)
                 .map(|(line, discount_cents)| OrderLine {
                     sku: line.sku,
-                    name: line.name.clone(),
+                    name: line.name,
                     qty: line.qty,
                     unit_price_cents: line.unit_price_cents,
                     discount_cents,
@@ -610,7 +610,7 @@ mod tests {
         Order::place(
             OrderId(7),
             UserId::parse("alice").expect("valid"),
-            lines,
+            lines.to_vec(),
             promo,
             1_000,
             60_000,
@@ -684,7 +684,8 @@ mod tests {
     #[test]
     fn placing_refuses_bad_lines() {
         let user = UserId::parse("u").expect("valid");
-        let place = |lines: &[ReservedLine]| Order::place(OrderId(1), user, lines, None, 0, 1);
+        let place =
+            |lines: &[ReservedLine]| Order::place(OrderId(1), user, lines.to_vec(), None, 0, 1);
         assert!(place(&[]).is_err());
         assert!(place(&[line("a", 0, 1)]).is_err());
         assert!(place(&[line("a", 1, 1), line("a", 2, 1)]).is_err());
@@ -693,7 +694,7 @@ mod tests {
             .collect();
         assert!(place(&too_many).is_err());
         assert_eq!(
-            Order::place(OrderId(1), user, &[line("a", 1, 1)], None, u64::MAX, 1),
+            Order::place(OrderId(1), user, vec![line("a", 1, 1)], None, u64::MAX, 1),
             Err(DomainError::Overflow { what: "expires_at" })
         );
     }

@@ -227,21 +227,19 @@ impl SkuState {
         })
     }
 
-    fn add_user_units(&mut self, user: UserId, units: u32) -> Result<(), DomainError> {
-        let count = self.user_units.entry(user).or_insert(0);
-        *count = add(*count, u64::from(units), "user units")?;
-        Ok(())
-    }
-
-    fn remove_user_units(&mut self, user: UserId, units: u32) -> Result<(), DomainError> {
-        let count = self.user_units(&user);
-        let left = sub(count, u64::from(units), "user units")?;
-        if left == 0 {
-            self.user_units.remove(&user);
+    /// `user`'s count after adding (`add`) or removing `units`.
+    fn user_units_after(
+        &self,
+        user: &UserId,
+        units: u32,
+        add_units: bool,
+    ) -> Result<u64, DomainError> {
+        let count = self.user_units(user);
+        if add_units {
+            add(count, u64::from(units), "user units")
         } else {
-            self.user_units.insert(user, left);
+            sub(count, u64::from(units), "user units")
         }
-        Ok(())
     }
 
     /// This SKU's units in a list of order moves (0 when absent).
@@ -254,20 +252,16 @@ impl SkuState {
     }
 
     /// Applies an event to this SKU; events about other SKUs, and events
-    /// that do not touch SKUs, change nothing. On `Err` nothing changed.
+    /// that do not touch SKUs, change nothing. On `Err` nothing changed: the
+    /// new counters and count are computed first and stored only when every
+    /// check passed (without copying the per-user map, which can be large).
     ///
     /// # Errors
     /// `Inconsistent` when a move does not fit the counters (a bug or a
     /// damaged journal), `Overflow` when a restock passes the cap.
     pub fn apply(&mut self, event: &Event) -> Result<(), DomainError> {
-        let mut next = self.clone();
-        next.apply_in_place(event)?;
-        next.levels.check()?;
-        *self = next;
-        Ok(())
-    }
-
-    fn apply_in_place(&mut self, event: &Event) -> Result<(), DomainError> {
+        let mut levels = self.levels;
+        let mut user_count: Option<(UserId, u64)> = None;
         match event {
             Event::SkuUpdated {
                 sku,
@@ -276,6 +270,7 @@ impl SkuState {
                 per_user_limit,
                 ..
             } if *sku == self.id => {
+                // Settings cannot fail: store them at once.
                 if let Some(name) = name {
                     self.name = name.clone();
                 }
@@ -286,26 +281,22 @@ impl SkuState {
                     self.per_user_limit = *limit;
                 }
             }
-            Event::Restocked { sku, qty, .. } if *sku == self.id => self.levels.stock_in(*qty)?,
+            Event::Restocked { sku, qty, .. } if *sku == self.id => levels.stock_in(*qty)?,
             Event::StockReserved { sku, user, qty, .. } if *sku == self.id => {
-                self.levels.reserve(u64::from(*qty))?;
-                self.add_user_units(*user, *qty)?;
+                levels.reserve(u64::from(*qty))?;
+                user_count = Some((*user, self.user_units_after(user, *qty, true)?));
             }
             Event::ReservationReleased { sku, user, qty, .. } if *sku == self.id => {
-                self.levels.release(u64::from(*qty))?;
-                self.remove_user_units(*user, *qty)?;
+                levels.release(u64::from(*qty))?;
+                user_count = Some((*user, self.user_units_after(user, *qty, false)?));
             }
-            Event::OrderPaid { lines, .. } => {
-                self.levels.allocate(u64::from(self.units_in(lines)))?;
-            }
+            Event::OrderPaid { lines, .. } => levels.allocate(u64::from(self.units_in(lines)))?,
             Event::OrderReleased { user, lines, .. } => {
                 let units = self.units_in(lines);
-                self.levels.release(u64::from(units))?;
-                self.remove_user_units(*user, units)?;
+                levels.release(u64::from(units))?;
+                user_count = Some((*user, self.user_units_after(user, units, false)?));
             }
-            Event::OrderShipped { lines, .. } => {
-                self.levels.ship(u64::from(self.units_in(lines)))?;
-            }
+            Event::OrderShipped { lines, .. } => levels.ship(u64::from(self.units_in(lines)))?,
             Event::OrderRefunded {
                 user, lines, stock, ..
             } => {
@@ -315,13 +306,25 @@ impl SkuState {
                     .map(|l| l.qty)
                     .sum();
                 match stock {
-                    RefundStock::Unallocate => self.levels.unallocate(u64::from(units))?,
-                    RefundStock::Restock => self.levels.stock_in(u64::from(units))?,
+                    RefundStock::Unallocate => levels.unallocate(u64::from(units))?,
+                    RefundStock::Restock => levels.stock_in(u64::from(units))?,
                     RefundStock::Keep => {}
                 }
-                self.remove_user_units(*user, units)?;
+                user_count = Some((*user, self.user_units_after(user, units, false)?));
             }
             _ => {}
+        }
+        levels.check()?;
+        // Every check passed; nothing below can fail.
+        self.levels = levels;
+        match user_count {
+            Some((user, 0)) => {
+                self.user_units.remove(&user);
+            }
+            Some((user, count)) => {
+                self.user_units.insert(user, count);
+            }
+            None => {}
         }
         Ok(())
     }

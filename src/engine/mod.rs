@@ -52,10 +52,10 @@ use crate::limits::{
 };
 use runtime::ActorThreads;
 use shard::{
-    Act, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard, Place,
-    ShardContext, SkuRegistry,
+    Act, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard, ShardContext,
+    SkuRegistry,
 };
-use sku::{Reserve, Restock, SkuActor, SkuHandle, SkuHint, Update, View, reply_channel};
+use sku::{Placement, Reserve, Restock, SkuActor, SkuHandle, SkuHint, Update, View, reply_channel};
 
 /// When a change counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,7 +176,7 @@ struct Inner {
     journal: Arc<dyn Journal>,
     skus: Arc<SkuRegistry>,
     routes: Arc<OrderRoutes>,
-    shards: Vec<Addr<OrderShard>>,
+    shards: Vec<Arc<Addr<OrderShard>>>,
     shared: Arc<ShardContext>,
     promotions: RwLock<Promotions>,
     idem: Arc<IdemBook>,
@@ -259,7 +259,7 @@ impl Engine {
                 shared.routes.insert(order.id, index16);
             }
             let shard = OrderShard::new(index16, book, Arc::clone(&shared), seq);
-            shards.push(threads.spawn(index, config.shard_mailbox, shard));
+            shards.push(Arc::new(threads.spawn(index, config.shard_mailbox, shard)));
         }
 
         let inner = Inner {
@@ -348,11 +348,11 @@ impl Engine {
         OrderId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    fn shard_of_user(&self, user: &UserId) -> &Addr<OrderShard> {
+    fn shard_of_user(&self, user: &UserId) -> &Arc<Addr<OrderShard>> {
         &self.inner.shards[shard_index(user, self.inner.shards.len())]
     }
 
-    fn shard_of_order(&self, id: OrderId) -> Result<&Addr<OrderShard>, EngineError> {
+    fn shard_of_order(&self, id: OrderId) -> Result<&Arc<Addr<OrderShard>>, EngineError> {
         let index = self
             .inner
             .routes
@@ -642,40 +642,34 @@ impl Engine {
         from_cart: Option<Vec<SkuQty>>,
         idem: Option<IdemStamp>,
     ) -> Result<Option<Order>, EngineError> {
-        let handles = lines
-            .iter()
-            .map(|line| self.sku_handle(&line.sku))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Refuse a sold-out line before holding anything.
-        for (handle, line) in handles.iter().zip(lines) {
+        let mut pending = Vec::with_capacity(lines.len());
+        // Reversed: the placement pops its next line off the end.
+        for line in lines.iter().rev() {
+            let handle = self.sku_handle(&line.sku)?;
+            // Refuse a sold-out line before holding anything.
             if let Some(seen) = handle.hint.sold_out_for(line.qty) {
                 self.settle(seen).await?;
                 return Err(DomainError::OutOfStock { sku: handle.id }.into());
             }
+            pending.push((handle, line.qty, self.next_order_id()));
         }
-        let reservations = match (handles.as_slice(), lines) {
-            ([handle], [line]) => vec![self.reserve_at(Arc::clone(handle), user, line.qty).await?],
-            _ => {
-                try_join_all(
-                    handles
-                        .into_iter()
-                        .zip(lines)
-                        .map(|(handle, line)| self.reserve_at(handle, user, line.qty)),
-                )
-                .await?
-            }
-        };
+        let first = pending
+            .last()
+            .map(|(handle, ..)| Arc::clone(handle))
+            .ok_or_else(|| DomainError::invalid("an order needs at least one line"))?;
         let (reply, rx) = reply_channel();
-        let place = Place {
+        let placement = Placement {
             order_id: self.next_order_id(),
             user,
-            reservations,
+            pending,
+            held: Vec::with_capacity(lines.len()),
+            shard: Arc::clone(self.shard_of_user(&user)),
             promo,
             from_cart,
             idem,
             reply,
         };
-        send(self.shard_of_user(&user), place)?;
+        send(&first.addr, placement)?;
         self.answer(rx).await
     }
 
@@ -713,7 +707,7 @@ impl Engine {
     /// `Overloaded`, journal errors.
     pub async fn orders(&self, scope: OrderScope, limit: usize) -> Result<Vec<Order>, EngineError> {
         let limit = limit.min(ORDERS_LIST_MAX);
-        let shards: Vec<&Addr<OrderShard>> = match scope {
+        let shards: Vec<&Arc<Addr<OrderShard>>> = match scope {
             OrderScope::User(user) => vec![self.shard_of_user(&user)],
             OrderScope::All => self.inner.shards.iter().collect(),
         };

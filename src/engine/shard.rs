@@ -95,8 +95,13 @@ impl OrderShard {
         });
     }
 
-    /// Journals a decided event, applies it, and sends its SKU moves.
-    fn commit(&mut self, event: Event, done: Option<&Arc<Completion>>) -> Result<Seq, EngineError> {
+    /// Journals a decided event, applies it, and sends its SKU moves. Gives
+    /// the event back (shared with the SKU actors it went to, if any).
+    fn commit(
+        &mut self,
+        event: Event,
+        done: Option<&Arc<Completion>>,
+    ) -> Result<(Seq, Arc<Event>), EngineError> {
         let seq = self.shared.journal.append(&event)?;
         let before = event
             .order_id()
@@ -124,9 +129,9 @@ impl OrderShard {
             self.deadlines
                 .push(Reverse((order.expires_at_ms, order.id)));
         }
+        let event = Arc::new(event);
         let skus = event.touched_skus();
         if !skus.is_empty() {
-            let event = Arc::new(event);
             for sku in skus {
                 match self.shared.skus.get(&sku) {
                     Some(handle) => handle.addr.do_send(ApplyEvent {
@@ -140,7 +145,7 @@ impl OrderShard {
                 }
             }
         }
-        Ok(seq)
+        Ok((seq, event))
     }
 
     /// Expires the order if it is unpaid past its deadline.
@@ -231,7 +236,7 @@ pub(crate) struct Place {
 impl Handler<Place> for OrderShard {
     type Result = ();
 
-    fn handle(&mut self, msg: Place, _: &mut Context<Self>) {
+    fn handle(&mut self, mut msg: Place, _: &mut Context<Self>) {
         let now_ms = self.shared.clock.now_ms();
         let result = (|| {
             if let Some(expected) = &msg.from_cart {
@@ -239,23 +244,36 @@ impl Handler<Place> for OrderShard {
                     return Ok(None);
                 }
             }
-            let lines: Vec<_> = msg.reservations.iter().map(Reservation::line).collect();
+            let lines: Vec<_> = msg
+                .reservations
+                .iter_mut()
+                .map(Reservation::take_line)
+                .collect();
             let order = Order::place(
                 msg.order_id,
                 msg.user,
-                &lines,
+                lines,
                 msg.promo.as_ref(),
                 now_ms,
                 self.shared.ttl_ms,
             )?;
             let event = Event::OrderPlaced {
-                order: Box::new(order.clone()),
+                order: Box::new(order),
                 reservations: msg.reservations.iter().map(Reservation::id).collect(),
                 from_cart: msg.from_cart.is_some(),
-                idem: msg.idem,
+                idem: msg.idem.take(),
             };
-            self.commit(event, None)?;
-            Ok(Some(order))
+            let (_, event) = self.commit(event, None)?;
+            // No SKU holds this event (placing moves no units): take it back.
+            match Arc::try_unwrap(event) {
+                Ok(Event::OrderPlaced { order, .. }) => Ok(Some(*order)),
+                _ => self
+                    .book
+                    .get(msg.order_id)
+                    .cloned()
+                    .map(Some)
+                    .ok_or_else(|| EngineError::order_not_found(msg.order_id)),
+            }
         })();
         if matches!(result, Ok(Some(_))) {
             // Journaled: the order owns the units now.

@@ -17,14 +17,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use actix::prelude::SendError;
 use actix::{Actor, AsyncContext, Context, Handler, Message};
 use tokio::sync::oneshot;
 
+use crate::domain::event::SkuQty;
 use crate::domain::idem::IdemBook;
-use crate::domain::order::ReservedLine;
+use crate::domain::order::{Order, ReservedLine};
+use crate::domain::promo::Promotion;
 use crate::domain::sku::{SkuState, SkuView};
 use crate::domain::state::apply_to_sku;
 use crate::domain::{Event, IdemStamp, OrderId, SkuId, UserId};
+use crate::engine::shard::{OrderShard, Place};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
 use crate::journal::{Journal, Seq};
 
@@ -117,11 +121,12 @@ impl Reservation {
         self.qty
     }
 
-    /// The line an order makes of it: name and price as reserved.
-    pub(crate) fn line(&self) -> ReservedLine {
+    /// The line an order makes of it: name and price as reserved. The name
+    /// moves out (the reservation only needs its id, user and units).
+    pub(crate) fn take_line(&mut self) -> ReservedLine {
         ReservedLine {
             sku: self.handle.id,
-            name: self.name.clone(),
+            name: std::mem::take(&mut self.name),
             qty: self.qty,
             unit_price_cents: self.unit_price_cents,
         }
@@ -239,6 +244,107 @@ impl Handler<Reserve> for SkuActor {
         // If the caller is gone, the answer is dropped here and a granted
         // reservation releases itself.
         self.answer(msg.reply, result);
+    }
+}
+
+/// One order on its way through the SKU actors of its lines and then to
+/// its order shard: each SKU reserves its line and passes the placement on,
+/// so a placement costs one hop per line and none of them waits. A refusal
+/// (or a full mailbox ahead) answers the caller and drops the placement,
+/// whose reservations give their units back.
+pub(crate) struct Placement {
+    pub(crate) order_id: OrderId,
+    pub(crate) user: UserId,
+    /// Lines still to reserve, last one next: the SKU, units, reservation id.
+    pub(crate) pending: Vec<(Arc<SkuHandle>, u32, OrderId)>,
+    /// Lines reserved so far.
+    pub(crate) held: Vec<Reservation>,
+    pub(crate) shard: Arc<actix::Addr<OrderShard>>,
+    pub(crate) promo: Option<Promotion>,
+    pub(crate) from_cart: Option<Vec<SkuQty>>,
+    pub(crate) idem: Option<IdemStamp>,
+    pub(crate) reply: Reply<Option<Order>>,
+}
+
+impl Message for Placement {
+    type Result = ();
+}
+
+impl Placement {
+    /// Passes the placement to the next SKU, or to the order shard once every
+    /// line is held. A full mailbox answers `Overloaded`.
+    fn forward(self, seen: Seq) {
+        let refused = match self.pending.last() {
+            Some((next, ..)) => {
+                let next = Arc::clone(next);
+                match next.addr.try_send(self) {
+                    Ok(()) => return,
+                    Err(SendError::Full(back) | SendError::Closed(back)) => back.reply,
+                }
+            }
+            None => {
+                let shard = Arc::clone(&self.shard);
+                let place = Place {
+                    order_id: self.order_id,
+                    user: self.user,
+                    reservations: self.held,
+                    promo: self.promo,
+                    from_cart: self.from_cart,
+                    idem: self.idem,
+                    reply: self.reply,
+                };
+                match shard.try_send(place) {
+                    Ok(()) => return,
+                    Err(SendError::Full(back) | SendError::Closed(back)) => back.reply,
+                }
+            }
+        };
+        // Everything held so far was dropped with the refused message.
+        let _ = refused.send(Answer {
+            result: Err(EngineError::Overloaded),
+            seen,
+        });
+    }
+}
+
+impl Handler<Placement> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, mut msg: Placement, _: &mut Context<Self>) {
+        let Some((handle, qty, reservation)) = msg.pending.pop() else {
+            msg.forward(self.hint.last_seq());
+            return;
+        };
+        debug_assert_eq!(
+            handle.id,
+            self.state.id(),
+            "a placement reached the wrong SKU"
+        );
+        let now_ms = self.clock.now_ms();
+        let held = self
+            .state
+            .decide_reserve(reservation, msg.user, qty, now_ms)
+            .map_err(EngineError::from)
+            .and_then(|event| self.commit(&event));
+        match held {
+            Ok(_) => {
+                msg.held.push(Reservation {
+                    handle,
+                    id: reservation,
+                    user: msg.user,
+                    qty,
+                    name: self.state.name().to_owned(),
+                    unit_price_cents: self.state.price_cents(),
+                    armed: true,
+                });
+                msg.forward(self.hint.last_seq());
+            }
+            Err(error) => {
+                let Placement { reply, held, .. } = msg;
+                drop(held);
+                self.answer(reply, Err(error));
+            }
+        }
     }
 }
 
