@@ -7,14 +7,22 @@
 //! releases a whole batch at once). An append that fails leaves nothing
 //! behind: the caller has not applied the event yet and must not.
 //!
+//! [`SledJournal`] is the durable journal (group commit on `sled`, see
+//! `writer.rs`); `recovery.rs` rebuilds the state from a snapshot and the
+//! journal tail and keeps snapshots fresh; `codec.rs` is the on-disk format.
 //! [`MemJournal`] keeps events in memory; tests use it to replay what the
 //! engine did and compare.
 
+pub mod codec;
 mod memory;
+pub mod recovery;
 mod watermark;
+pub mod writer;
 
 pub use memory::MemJournal;
+pub use recovery::{Recovered, RecoveryError, SnapshotPolicy, Snapshotter, recover};
 pub use watermark::Watermark;
+pub use writer::{FlushPolicy, SledJournal};
 
 use crate::domain::Event;
 
@@ -49,4 +57,46 @@ pub trait Journal: Send + Sync + 'static {
 
     /// The highest sequence number handed out so far, durable or not.
     fn last_seq(&self) -> Seq;
+}
+
+/// A journal opened on a data dir, with the state rebuilt from it.
+#[derive(Debug)]
+pub struct Opened {
+    /// The journal, ready for appends after the last good record.
+    pub journal: std::sync::Arc<SledJournal>,
+    /// The rebuilt state.
+    pub recovered: Recovered,
+}
+
+/// The journal's directory inside a data dir.
+pub fn journal_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("journal")
+}
+
+/// The snapshots' directory inside a data dir.
+pub fn snapshot_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("snapshots")
+}
+
+/// Opens the journal in `data_dir` (creating it if needed), rebuilds the
+/// state (cutting a torn tail; with `repair`, any damage) and starts the
+/// writer after the last good record.
+///
+/// # Errors
+/// `RecoveryError::Storage` when the data dir cannot be used,
+/// `RecoveryError::Corrupt` for damage before the tail without `repair`.
+pub fn open(
+    data_dir: &std::path::Path,
+    policy: FlushPolicy,
+    repair: bool,
+) -> Result<Opened, RecoveryError> {
+    let dir = journal_dir(data_dir);
+    let db = writer::open_db(&dir).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    let recovered = recover(&db, &dir, &snapshot_dir(data_dir), repair)?;
+    let journal = SledJournal::start(db, &dir, recovered.last_seq, policy)
+        .map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    Ok(Opened {
+        journal: std::sync::Arc::new(journal),
+        recovered,
+    })
 }

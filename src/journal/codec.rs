@@ -1,0 +1,533 @@
+//! The one place that knows how records and snapshots look on disk.
+//!
+//! Only this module touches `bincode` (pinned at 2.0.1, whose maintainers
+//! have stopped; keeping it behind this module means a replacement changes
+//! one file). Every record and snapshot carries a format version.
+//!
+//! A journal record is stored in `sled` under the big-endian sequence number
+//! (so key order is sequence order) and its value is framed as:
+//!
+//! ```text
+//! version: u8 | payload length: u32 LE | crc32c(payload): u32 LE | payload
+//! ```
+//!
+//! where the payload is the bincode encoding of `{seq, event}`. Decoding
+//! checks, in order: the version is known, the frame is whole, the length
+//! matches, the CRC matches, the payload decodes within the size limit, and
+//! the sequence number inside equals the key. A record that fails any check
+//! is never applied.
+//!
+//! A snapshot file is framed the same way behind an 8-byte magic.
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Event;
+use crate::journal::Seq;
+
+/// The current record and snapshot format.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Largest encoded event. The largest legal event (an order of 100 lines
+/// with 200-character names and a 255-byte idempotency key) is far smaller.
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+
+/// Largest snapshot payload: 16 GiB, far above any state that fits in memory
+/// on the machines we target; a larger length field is corruption.
+pub const SNAPSHOT_BYTES_MAX: u64 = 16 << 30;
+
+const HEADER_BYTES: usize = 1 + 4 + 4;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"FCSNAP\0\x01";
+
+/// Why bytes did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// A format version this build does not know.
+    #[error("unknown format version {0}")]
+    UnknownVersion(u8),
+    /// Fewer bytes than the frame says.
+    #[error("truncated: {0}")]
+    Truncated(&'static str),
+    /// The checksum does not match: the bytes are damaged.
+    #[error("checksum mismatch")]
+    BadChecksum,
+    /// The payload does not decode.
+    #[error("undecodable payload: {0}")]
+    Undecodable(String),
+    /// The record's own sequence number is not its key.
+    #[error("record claims sequence {found}, stored under {expected}")]
+    WrongSeq {
+        /// The key it is stored under.
+        expected: Seq,
+        /// The number inside.
+        found: Seq,
+    },
+    /// More bytes than the format allows.
+    #[error("{0} bytes is over the size limit")]
+    TooLarge(u64),
+}
+
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    seq: Seq,
+    event: &'a Event,
+}
+
+#[derive(Deserialize)]
+struct Record {
+    seq: Seq,
+    event: Event,
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding()
+        .with_limit::<RECORD_BYTES_MAX>()
+}
+
+fn snapshot_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding()
+}
+
+/// The `sled` key of a sequence number: big-endian, so keys sort by number.
+pub fn key(seq: Seq) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// The sequence number of a `sled` key.
+///
+/// # Errors
+/// `Truncated` when the key is not 8 bytes.
+pub fn seq_of(key: &[u8]) -> Result<Seq, CodecError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| CodecError::Truncated("a key is 8 bytes"))?;
+    Ok(Seq::from_be_bytes(bytes))
+}
+
+fn frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    let len =
+        u32::try_from(payload.len()).map_err(|_| CodecError::TooLarge(payload.len() as u64))?;
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Checks a frame and returns its payload.
+fn unframe(bytes: &[u8], limit: u64) -> Result<&[u8], CodecError> {
+    let (&version, rest) = bytes
+        .split_first()
+        .ok_or(CodecError::Truncated("empty record"))?;
+    if version != FORMAT_VERSION {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    if bytes.len() < HEADER_BYTES {
+        return Err(CodecError::Truncated("short header"));
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+    if u64::from(len) > limit {
+        return Err(CodecError::TooLarge(u64::from(len)));
+    }
+    let payload = &bytes[HEADER_BYTES..];
+    if payload.len() != len as usize {
+        return Err(CodecError::Truncated("payload length differs from header"));
+    }
+    if crc32c::crc32c(payload) != crc {
+        return Err(CodecError::BadChecksum);
+    }
+    Ok(payload)
+}
+
+/// Encodes an event as the record stored under `seq`.
+///
+/// # Errors
+/// `TooLarge` when the event does not fit [`RECORD_BYTES_MAX`] (the domain's
+/// limits make that impossible), `Undecodable` if serde refuses it.
+pub fn encode(seq: Seq, event: &Event) -> Result<Vec<u8>, CodecError> {
+    let payload = bincode::serde::encode_to_vec(RecordRef { seq, event }, config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if payload.len() > RECORD_BYTES_MAX {
+        return Err(CodecError::TooLarge(payload.len() as u64));
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    frame(&payload, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes the record stored under `seq`.
+///
+/// # Errors
+/// Any [`CodecError`]: the record must not be applied.
+pub fn decode(seq: Seq, bytes: &[u8]) -> Result<Event, CodecError> {
+    let payload = unframe(bytes, RECORD_BYTES_MAX as u64)?;
+    let (record, used): (Record, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Undecodable(
+            "trailing bytes after the record".into(),
+        ));
+    }
+    if record.seq != seq {
+        return Err(CodecError::WrongSeq {
+            expected: seq,
+            found: record.seq,
+        });
+    }
+    Ok(record.event)
+}
+
+/// Encodes a snapshot body (any serde value) behind the snapshot magic.
+///
+/// # Errors
+/// `Undecodable` if serde refuses the value, `TooLarge` past the limit.
+pub fn encode_snapshot<T: Serialize>(body: &T) -> Result<Vec<u8>, CodecError> {
+    let payload = bincode::serde::encode_to_vec(body, snapshot_config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if payload.len() as u64 > SNAPSHOT_BYTES_MAX || payload.len() > u32::MAX as usize {
+        return Err(CodecError::TooLarge(payload.len() as u64));
+    }
+    let mut out = Vec::with_capacity(SNAPSHOT_MAGIC.len() + HEADER_BYTES + payload.len());
+    out.extend_from_slice(SNAPSHOT_MAGIC);
+    frame(&payload, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes a snapshot written by [`encode_snapshot`].
+///
+/// # Errors
+/// Any [`CodecError`]: the snapshot must not be used.
+pub fn decode_snapshot<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
+    let framed = bytes
+        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+        .ok_or(CodecError::Truncated("not a snapshot (magic)"))?;
+    let payload = unframe(framed, SNAPSHOT_BYTES_MAX)?;
+    let (body, used): (T, usize) = bincode::serde::decode_from_slice(payload, snapshot_config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Undecodable(
+            "trailing bytes after the snapshot".into(),
+        ));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{RefundStock, RefundedLine, ReleaseReason, SkuQty};
+    use crate::domain::order::{Order, OrderLine, OrderStatus, StatusChange};
+    use crate::domain::promo::Promotion;
+    use crate::domain::{IdemStamp, IdempotencyKey, OrderId, PaymentRef, PromoCode, SkuId, UserId};
+    use proptest::prelude::*;
+
+    fn id() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_.-]{1,64}"
+    }
+
+    fn sku() -> impl Strategy<Value = SkuId> {
+        id().prop_map(|s| SkuId::parse(&s).expect("valid by construction"))
+    }
+
+    fn user() -> impl Strategy<Value = UserId> {
+        id().prop_map(|s| UserId::parse(&s).expect("valid by construction"))
+    }
+
+    fn stamp() -> impl Strategy<Value = Option<IdemStamp>> {
+        proptest::option::of((user(), "[!-~]{1,255}", any::<[u8; 16]>()).prop_map(
+            |(user, key, fingerprint)| IdemStamp {
+                user,
+                key: IdempotencyKey::parse(&key).expect("valid by construction"),
+                fingerprint,
+            },
+        ))
+    }
+
+    fn lines() -> impl Strategy<Value = Vec<SkuQty>> {
+        prop::collection::vec(
+            (sku(), 1u32..=10_000).prop_map(|(sku, qty)| SkuQty { sku, qty }),
+            0..5,
+        )
+    }
+
+    fn order() -> impl Strategy<Value = Order> {
+        (
+            any::<u64>(),
+            user(),
+            prop::collection::vec((sku(), ".{1,20}", 1u32..=10_000, any::<u64>()), 1..4),
+            any::<u64>(),
+        )
+            .prop_map(|(id, user, lines, at)| Order {
+                id: OrderId(id),
+                user,
+                status: OrderStatus::Reserved,
+                lines: lines
+                    .into_iter()
+                    .map(|(sku, name, qty, price)| OrderLine {
+                        sku,
+                        name,
+                        qty,
+                        unit_price_cents: price,
+                        discount_cents: 0,
+                        refunded_qty: 0,
+                    })
+                    .collect(),
+                subtotal_cents: at / 3,
+                discount_cents: 0,
+                total_cents: at / 3,
+                paid_cents: 0,
+                refunded_cents: 0,
+                promo_code: PromoCode::parse("P").ok(),
+                payment_ref: None,
+                created_at_ms: at,
+                expires_at_ms: at / 2,
+                history: vec![StatusChange {
+                    status: OrderStatus::Reserved,
+                    at_ms: at,
+                }],
+            })
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (
+                sku(),
+                ".{1,200}",
+                any::<u64>(),
+                proptest::option::of(any::<u32>()),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(sku, name, price_cents, per_user_limit, stock, at_ms)| {
+                    Event::SkuCreated {
+                        sku,
+                        name,
+                        price_cents,
+                        per_user_limit,
+                        stock,
+                        at_ms,
+                    }
+                }),
+            (
+                sku(),
+                proptest::option::of(".{1,10}"),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(proptest::option::of(any::<u32>())),
+                any::<u64>()
+            )
+                .prop_map(|(sku, name, price_cents, per_user_limit, at_ms)| {
+                    Event::SkuUpdated {
+                        sku,
+                        name,
+                        price_cents,
+                        per_user_limit,
+                        at_ms,
+                    }
+                }),
+            (sku(), any::<u64>(), stamp(), any::<u64>()).prop_map(|(sku, qty, idem, at_ms)| {
+                Event::Restocked {
+                    sku,
+                    qty,
+                    idem,
+                    at_ms,
+                }
+            }),
+            (sku(), any::<u64>(), user(), any::<u32>(), any::<u64>()).prop_map(
+                |(sku, r, user, qty, at_ms)| Event::StockReserved {
+                    sku,
+                    reservation: OrderId(r),
+                    user,
+                    qty,
+                    at_ms
+                }
+            ),
+            (sku(), any::<u64>(), user(), any::<u32>(), any::<u64>()).prop_map(
+                |(sku, r, user, qty, at_ms)| Event::ReservationReleased {
+                    sku,
+                    reservation: OrderId(r),
+                    user,
+                    qty,
+                    at_ms
+                }
+            ),
+            (id(), 1u64..1_000, any::<u64>()).prop_map(|(code, off, at_ms)| {
+                Event::PromotionCreated {
+                    promo: Promotion::new(PromoCode::parse(&code).expect("valid"), off, off)
+                        .expect("valid"),
+                    at_ms,
+                }
+            }),
+            (
+                order(),
+                prop::collection::vec(any::<u64>().prop_map(OrderId), 0..4),
+                any::<bool>(),
+                stamp()
+            )
+                .prop_map(|(order, reservations, from_cart, idem)| {
+                    Event::OrderPlaced {
+                        order: Box::new(order),
+                        reservations,
+                        from_cart,
+                        idem,
+                    }
+                }),
+            (
+                any::<u64>(),
+                id(),
+                any::<u64>(),
+                lines(),
+                stamp(),
+                any::<u64>()
+            )
+                .prop_map(|(order, r, amount_cents, lines, idem, at_ms)| {
+                    Event::OrderPaid {
+                        order: OrderId(order),
+                        payment_ref: PaymentRef::parse(&r).expect("valid"),
+                        amount_cents,
+                        lines,
+                        idem,
+                        at_ms,
+                    }
+                }),
+            (any::<u64>(), user(), any::<bool>(), lines(), any::<u64>()).prop_map(
+                |(order, user, cancel, lines, at_ms)| Event::OrderReleased {
+                    order: OrderId(order),
+                    user,
+                    reason: if cancel {
+                        ReleaseReason::Cancelled
+                    } else {
+                        ReleaseReason::Expired
+                    },
+                    lines,
+                    at_ms
+                }
+            ),
+            (any::<u64>(), lines(), any::<u64>()).prop_map(|(order, lines, at_ms)| {
+                Event::OrderShipped {
+                    order: OrderId(order),
+                    lines,
+                    at_ms,
+                }
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(order, at_ms)| Event::OrderDelivered {
+                order: OrderId(order),
+                at_ms
+            }),
+            (any::<u64>(), user(), lines(), 0u8..3, stamp(), any::<u64>()).prop_map(
+                |(order, user, lines, stock, idem, at_ms)| Event::OrderRefunded {
+                    order: OrderId(order),
+                    user,
+                    lines: lines
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, l)| RefundedLine {
+                            line: i as u32,
+                            sku: l.sku,
+                            qty: l.qty,
+                            cents: u64::from(l.qty) * 3
+                        })
+                        .collect(),
+                    stock: [
+                        RefundStock::Unallocate,
+                        RefundStock::Restock,
+                        RefundStock::Keep
+                    ][stock as usize],
+                    idem,
+                    at_ms
+                }
+            ),
+            (user(), sku(), any::<u32>(), any::<u64>()).prop_map(|(user, sku, qty, at_ms)| {
+                Event::CartItemSet {
+                    user,
+                    sku,
+                    qty,
+                    at_ms,
+                }
+            }),
+            (user(), any::<u64>()).prop_map(|(user, at_ms)| Event::CartCleared { user, at_ms }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_event_round_trips(seq in any::<u64>(), event in event()) {
+            let bytes = encode(seq, &event).expect("encodes");
+            prop_assert_eq!(decode(seq, &bytes), Ok(event));
+        }
+
+        #[test]
+        fn any_single_byte_flip_is_caught(seq in any::<u64>(), event in event(), at in any::<usize>(), bit in 0u8..8) {
+            let mut bytes = encode(seq, &event).expect("encodes");
+            let at = at % bytes.len();
+            bytes[at] ^= 1 << bit;
+            prop_assert!(decode(seq, &bytes).is_err());
+        }
+
+        #[test]
+        fn any_truncation_is_caught(seq in any::<u64>(), event in event(), cut in any::<usize>()) {
+            let bytes = encode(seq, &event).expect("encodes");
+            let cut = cut % bytes.len();
+            prop_assert!(decode(seq, &bytes[..cut]).is_err());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(seq in any::<u64>(), bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(seq, &bytes);
+            let _ = decode_snapshot::<Vec<u64>>(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_record_under_the_wrong_key_is_refused() {
+        let event = Event::CartCleared {
+            user: UserId::parse("u").expect("valid"),
+            at_ms: 1,
+        };
+        let bytes = encode(7, &event).expect("encodes");
+        assert_eq!(
+            decode(8, &bytes),
+            Err(CodecError::WrongSeq {
+                expected: 8,
+                found: 7
+            })
+        );
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused() {
+        let event = Event::CartCleared {
+            user: UserId::parse("u").expect("valid"),
+            at_ms: 1,
+        };
+        let mut bytes = encode(1, &event).expect("encodes");
+        bytes[0] = FORMAT_VERSION + 1;
+        assert_eq!(
+            decode(1, &bytes),
+            Err(CodecError::UnknownVersion(FORMAT_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn keys_sort_like_sequence_numbers() {
+        assert!(key(255) < key(256));
+        assert_eq!(seq_of(&key(42)), Ok(42));
+        assert!(seq_of(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn snapshots_round_trip_and_catch_damage() {
+        let body = vec![1u64, 2, 3, u64::MAX];
+        let mut bytes = encode_snapshot(&body).expect("encodes");
+        assert_eq!(decode_snapshot::<Vec<u64>>(&bytes), Ok(body));
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        assert_eq!(
+            decode_snapshot::<Vec<u64>>(&bytes),
+            Err(CodecError::BadChecksum)
+        );
+    }
+}

@@ -1,0 +1,543 @@
+//! Recovery and snapshots: rebuilding the state from the newest valid
+//! snapshot plus the journal tail, and keeping snapshots fresh so that the
+//! tail (and the data dir) stays short.
+//!
+//! The tail rule (mini-redis's clean-EOF versus torn-frame split): records
+//! are read in sequence order. A record that does not decode, or a missing
+//! sequence number, is *damage at* that number. If no good record follows
+//! the damage, it is a torn tail from a crash mid-write: it is cut, with a
+//! warning, and the journal goes on from the last good record. If a good
+//! record follows, the damage is in the middle of history: recovery refuses
+//! to start and names the sequence number, unless the operator passes the
+//! repair flag, which cuts there and loses everything after it.
+//!
+//! Snapshots are written by a background thread that keeps its own copy of
+//! the state, applying durable records with the same `apply` as everything
+//! else, so a snapshot is exactly what recovery would rebuild at its
+//! sequence number and the hot path never pauses for it. After writing
+//! snapshot N, the thread drops the journal records covered by snapshot
+//! N-1, so a damaged newest snapshot can always fall back to the one before.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::book::OrderBook;
+use crate::domain::idem::{IdemBook, IdemRecord};
+use crate::domain::promo::Promotions;
+use crate::domain::sku::SkuState;
+use crate::domain::state::OpenReservation;
+use crate::domain::{OrderId, SkuId, State};
+use crate::journal::writer::sync_dir;
+use crate::journal::{Journal, Seq, SledJournal, codec};
+
+/// Take a snapshot after this many new durable events...
+pub const SNAPSHOT_EVERY_EVENTS: u64 = 250_000;
+/// ...or after this long, if anything changed.
+pub const SNAPSHOT_EVERY_MS: u64 = 60_000;
+/// How often the snapshotter catches up with the journal.
+const SNAPSHOT_POLL_MS: u64 = 250;
+/// Records deleted per sled batch when truncating the journal.
+const TRUNCATE_BATCH: usize = 10_000;
+
+/// Why the state could not be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    /// Damage before the tail: history is broken at `seq`.
+    #[error(
+        "the journal is damaged at sequence {seq} ({why}) and good records follow; \
+         refusing to start. Restore a backup, or start with --repair to cut the journal \
+         at {seq} and lose every change from there on"
+    )]
+    Corrupt {
+        /// The first damaged sequence number.
+        seq: Seq,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The storage itself failed (unreadable data dir, I/O error).
+    #[error("storage error during recovery: {0}")]
+    Storage(String),
+}
+
+/// The snapshot format, owned (for reading).
+#[derive(Deserialize)]
+struct SnapshotBody {
+    seq: Seq,
+    skus: BTreeMap<SkuId, SkuState>,
+    orders: OrderBook,
+    promotions: Promotions,
+    idem: Vec<IdemRecord>,
+    open_reservations: BTreeMap<OrderId, OpenReservation>,
+    next_id: u64,
+}
+
+/// The snapshot format, borrowed (for writing); the same shape as
+/// [`SnapshotBody`].
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    seq: Seq,
+    skus: &'a BTreeMap<SkuId, SkuState>,
+    orders: &'a OrderBook,
+    promotions: &'a Promotions,
+    idem: Vec<IdemRecord>,
+    open_reservations: &'a BTreeMap<OrderId, OpenReservation>,
+    next_id: u64,
+}
+
+/// A rebuilt state.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The state at `last_seq`.
+    pub state: State,
+    /// The last good sequence number.
+    pub last_seq: Seq,
+    /// The snapshot it started from (0: none).
+    pub snapshot_seq: Seq,
+    /// Records replayed after the snapshot.
+    pub replayed: u64,
+    /// Where the journal was cut, if it was.
+    pub cut_at: Option<Seq>,
+}
+
+fn snapshot_path(dir: &Path, seq: Seq) -> PathBuf {
+    dir.join(format!("snapshot-{seq:020}.bin"))
+}
+
+/// Snapshot files in `dir`, newest first.
+fn list_snapshots(dir: &Path) -> Result<Vec<(Seq, PathBuf)>, RecoveryError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(RecoveryError::Storage(format!(
+                "cannot read {}: {e}",
+                dir.display()
+            )));
+        }
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| RecoveryError::Storage(e.to_string()))?;
+        let name = entry.file_name();
+        let Some(seq) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("snapshot-"))
+            .and_then(|n| n.strip_suffix(".bin"))
+            .and_then(|n| n.parse::<Seq>().ok())
+        else {
+            continue;
+        };
+        found.push((seq, entry.path()));
+    }
+    found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+    Ok(found)
+}
+
+/// Loads the newest snapshot that decodes; a damaged one is skipped with a
+/// warning (the journal still holds what the one before it does not cover).
+fn load_snapshot(dir: &Path) -> Result<(State, Seq), RecoveryError> {
+    for (seq, path) in list_snapshots(dir)? {
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read snapshot; trying an older one");
+                continue;
+            }
+        };
+        match codec::decode_snapshot::<SnapshotBody>(&bytes) {
+            Ok(body) if body.seq == seq => {
+                let state = State {
+                    skus: body.skus,
+                    orders: body.orders,
+                    promotions: body.promotions,
+                    idem: Arc::new(IdemBook::from_records(body.idem)),
+                    open_reservations: body.open_reservations,
+                    next_id: body.next_id,
+                };
+                return Ok((state, seq));
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "snapshot names another sequence; trying an older one");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "damaged snapshot; trying an older one");
+            }
+        }
+    }
+    Ok((State::default(), 0))
+}
+
+/// Applies the durable records after `from` (up to `until`, inclusive) to
+/// `state`. Returns the last applied sequence number and the first damage
+/// found, if any (the caller decides what damage means).
+fn replay(
+    db: &sled::Db,
+    state: &mut State,
+    from: Seq,
+    until: Seq,
+) -> Result<(Seq, Option<(Seq, String)>), RecoveryError> {
+    let mut last = from;
+    let start = codec::key(from.saturating_add(1));
+    for entry in db.range(start..) {
+        let (key, value) =
+            entry.map_err(|e| RecoveryError::Storage(format!("reading the journal: {e}")))?;
+        let seq = match codec::seq_of(&key) {
+            Ok(seq) => seq,
+            Err(e) => return Ok((last, Some((last + 1, format!("bad key: {e}"))))),
+        };
+        if seq > until {
+            break;
+        }
+        if seq != last + 1 {
+            return Ok((
+                last,
+                Some((last + 1, format!("missing; the next record is {seq}"))),
+            ));
+        }
+        let event = match codec::decode(seq, &value) {
+            Ok(event) => event,
+            Err(e) => return Ok((last, Some((seq, e.to_string())))),
+        };
+        if let Err(e) = state.apply(&event) {
+            return Ok((last, Some((seq, format!("does not apply: {e}")))));
+        }
+        last = seq;
+    }
+    Ok((last, None))
+}
+
+/// Whether any record after `damaged` decodes: then the damage is not a tail.
+fn good_record_after(db: &sled::Db, damaged: Seq) -> Result<Option<Seq>, RecoveryError> {
+    for entry in db.range(codec::key(damaged.saturating_add(1))..) {
+        let (key, value) =
+            entry.map_err(|e| RecoveryError::Storage(format!("reading the journal: {e}")))?;
+        if let Ok(seq) = codec::seq_of(&key) {
+            if codec::decode(seq, &value).is_ok() {
+                return Ok(Some(seq));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Deletes every record from `seq` on, durably.
+fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<u64, RecoveryError> {
+    let storage = |e: sled::Error| RecoveryError::Storage(format!("cutting the journal: {e}"));
+    let mut removed = 0u64;
+    loop {
+        let keys: Vec<sled::IVec> = db
+            .range(codec::key(seq)..)
+            .keys()
+            .take(TRUNCATE_BATCH)
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        if keys.is_empty() {
+            break;
+        }
+        let mut batch = sled::Batch::default();
+        for key in &keys {
+            batch.remove(key);
+        }
+        db.apply_batch(batch).map_err(storage)?;
+        removed += keys.len() as u64;
+    }
+    db.flush().map_err(storage)?;
+    std::fs::File::open(dir.join("db"))
+        .and_then(|f| f.sync_data())
+        .map_err(|e| RecoveryError::Storage(format!("syncing the cut: {e}")))?;
+    Ok(removed)
+}
+
+/// Rebuilds the state from `snapshots` and the journal in `db` (stored in
+/// `journal_dir`), cutting a torn tail. With `repair`, damage before the
+/// tail is cut too instead of refusing.
+///
+/// # Errors
+/// `Corrupt` for damage before the tail without `repair`; `Storage` when the
+/// data cannot be read or the cut cannot be made durable.
+pub fn recover(
+    db: &sled::Db,
+    journal_dir: &Path,
+    snapshots: &Path,
+    repair: bool,
+) -> Result<Recovered, RecoveryError> {
+    let (mut state, snapshot_seq) = load_snapshot(snapshots)?;
+    let (last_seq, damage) = replay(db, &mut state, snapshot_seq, Seq::MAX)?;
+    let mut cut_at = None;
+    if let Some((seq, why)) = damage {
+        match good_record_after(db, seq)? {
+            Some(good) if !repair => {
+                let why = format!("{why}; record {good} after it is good");
+                return Err(RecoveryError::Corrupt { seq, why });
+            }
+            Some(good) => {
+                let removed = cut(db, journal_dir, seq)?;
+                tracing::error!(seq, good_after = good, removed, %why,
+                    "REPAIR: cut the journal at damage before its tail; every change from here on is lost");
+            }
+            None => {
+                let removed = cut(db, journal_dir, seq)?;
+                tracing::warn!(seq, removed, %why, "cut a torn journal tail");
+            }
+        }
+        cut_at = Some(seq);
+    }
+    state.check().map_err(|e| RecoveryError::Corrupt {
+        seq: last_seq,
+        why: format!("the rebuilt state breaks an invariant: {e}"),
+    })?;
+    Ok(Recovered {
+        replayed: last_seq - snapshot_seq,
+        state,
+        last_seq,
+        snapshot_seq,
+        cut_at,
+    })
+}
+
+/// Writes a snapshot of `state` at `seq` atomically: a temporary file,
+/// fsync, rename, fsync of the directory.
+///
+/// # Errors
+/// `Storage` on any I/O failure (the previous snapshots stay).
+pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, RecoveryError> {
+    let body = SnapshotRef {
+        seq,
+        skus: &state.skus,
+        orders: &state.orders,
+        promotions: &state.promotions,
+        idem: state.idem.to_sorted_vec(),
+        open_reservations: &state.open_reservations,
+        next_id: state.next_id,
+    };
+    let bytes = codec::encode_snapshot(&body)
+        .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
+    let io = |what: &str, e: std::io::Error| RecoveryError::Storage(format!("{what}: {e}"));
+    std::fs::create_dir_all(dir).map_err(|e| io("creating the snapshot dir", e))?;
+    let path = snapshot_path(dir, seq);
+    let tmp = dir.join(format!(".snapshot-{seq:020}.tmp"));
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp).map_err(|e| io("creating a snapshot", e))?;
+        file.write_all(&bytes)
+            .map_err(|e| io("writing a snapshot", e))?;
+        file.sync_all().map_err(|e| io("syncing a snapshot", e))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(|e| io("renaming a snapshot", e))?;
+    sync_dir(dir).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    Ok(path)
+}
+
+/// Removes journal records up to and including `seq` (covered by a
+/// snapshot). Not synced: if the removal is lost in a crash, recovery simply
+/// skips records the snapshot covers.
+fn truncate_through(db: &sled::Db, seq: Seq) -> Result<u64, sled::Error> {
+    let mut removed = 0;
+    if seq == 0 {
+        return Ok(0);
+    }
+    loop {
+        let keys: Vec<sled::IVec> = db
+            .range(..=codec::key(seq))
+            .keys()
+            .take(TRUNCATE_BATCH)
+            .collect::<Result<_, _>>()?;
+        if keys.is_empty() {
+            return Ok(removed);
+        }
+        let mut batch = sled::Batch::default();
+        for key in &keys {
+            batch.remove(key);
+        }
+        db.apply_batch(batch)?;
+        removed += keys.len() as u64;
+    }
+}
+
+/// The background snapshotter.
+pub struct Snapshotter {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshotter").finish()
+    }
+}
+
+/// How often snapshots are taken.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotPolicy {
+    /// After this many new durable events.
+    pub every_events: u64,
+    /// After this long, if anything changed.
+    pub every_ms: u64,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> SnapshotPolicy {
+        SnapshotPolicy {
+            every_events: SNAPSHOT_EVERY_EVENTS,
+            every_ms: SNAPSHOT_EVERY_MS,
+        }
+    }
+}
+
+struct Shadow {
+    state: State,
+    seq: Seq,
+    snapshot_seq: Seq,
+    last_snapshot_at: Instant,
+}
+
+impl Shadow {
+    /// Applies the durable records it has not seen yet.
+    fn catch_up(&mut self, journal: &SledJournal) -> Result<(), RecoveryError> {
+        let durable = journal.watermark().durable();
+        if durable <= self.seq {
+            return Ok(());
+        }
+        let (last, damage) = replay(journal.db(), &mut self.state, self.seq, durable)?;
+        self.seq = last;
+        match damage {
+            Some((seq, why)) => Err(RecoveryError::Corrupt { seq, why }),
+            None => Ok(()),
+        }
+    }
+
+    fn snapshot(&mut self, journal: &SledJournal, dir: &Path) -> Result<(), RecoveryError> {
+        let started = Instant::now();
+        write_snapshot(dir, &self.state, self.seq)?;
+        // The snapshot before this one stays as a fallback, with the
+        // records after it; what it covers can go.
+        let removed = truncate_through(journal.db(), self.snapshot_seq)
+            .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?;
+        // Keep the newest two snapshots.
+        for (seq, path) in list_snapshots(dir)?.into_iter().skip(2) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(seq, error = %e, "cannot remove an old snapshot");
+            }
+        }
+        tracing::info!(
+            seq = self.seq,
+            removed_records = removed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
+        self.snapshot_seq = self.seq;
+        self.last_snapshot_at = Instant::now();
+        Ok(())
+    }
+
+    fn due(&self, policy: SnapshotPolicy) -> bool {
+        let new = self.seq.saturating_sub(self.snapshot_seq);
+        new >= policy.every_events
+            || (new > 0
+                && self.last_snapshot_at.elapsed() >= Duration::from_millis(policy.every_ms))
+    }
+}
+
+impl Snapshotter {
+    /// Starts the snapshotter. It rebuilds its own copy of the state from
+    /// the newest snapshot and the durable journal in the background, then
+    /// follows the journal. On `stop` it takes a last snapshot if anything
+    /// changed, so the next start replays little.
+    pub fn start(journal: Arc<SledJournal>, dir: PathBuf, policy: SnapshotPolicy) -> Snapshotter {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let thread = {
+            let (stop, healthy) = (Arc::clone(&stop), Arc::clone(&healthy));
+            std::thread::Builder::new()
+                .name("flashcore-snapshot".into())
+                .spawn(move || {
+                    if let Err(e) = snapshot_loop(&journal, &dir, policy, &stop) {
+                        healthy.store(false, Ordering::SeqCst);
+                        tracing::error!(error = %e, "the snapshotter stopped; the journal will grow until restart");
+                    }
+                })
+        };
+        let thread = match thread {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                healthy.store(false, Ordering::SeqCst);
+                tracing::error!(error = %e, "cannot start the snapshotter");
+                None
+            }
+        };
+        Snapshotter {
+            stop,
+            thread,
+            healthy,
+        }
+    }
+
+    /// Whether the snapshotter still runs.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Stops it (after a final snapshot) and waits.
+    pub fn stop(&mut self) {
+        {
+            let (flag, wake) = &*self.stop;
+            *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            wake.notify_all();
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the snapshotter panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn snapshot_loop(
+    journal: &SledJournal,
+    dir: &Path,
+    policy: SnapshotPolicy,
+    stop: &(Mutex<bool>, Condvar),
+) -> Result<(), RecoveryError> {
+    let (state, snapshot_seq) = load_snapshot(dir)?;
+    let mut shadow = Shadow {
+        state,
+        seq: snapshot_seq,
+        snapshot_seq,
+        last_snapshot_at: Instant::now(),
+    };
+    let (flag, wake) = stop;
+    loop {
+        let stopping = {
+            let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+            let (guard, _) = wake
+                .wait_timeout_while(guard, Duration::from_millis(SNAPSHOT_POLL_MS), |stop| {
+                    !*stop
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            *guard
+        };
+        shadow.catch_up(journal)?;
+        if stopping {
+            if shadow.seq > shadow.snapshot_seq {
+                shadow.snapshot(journal, dir)?;
+            }
+            return Ok(());
+        }
+        if shadow.due(policy) {
+            shadow.snapshot(journal, dir)?;
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The durable journal in process: what was acknowledged comes back after a
+//! reopen, a torn tail is cut, damage in the middle stops the start (unless
+//! repaired), snapshots plus the tail rebuild the same state, and the
+//! snapshotter keeps the journal short.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use flashcore::domain::PaymentRef;
+use flashcore::domain::order::OrderStatus;
+use flashcore::engine::{Engine, EngineConfig, ManualClock, OrderScope};
+use flashcore::journal::{
+    self, FlushPolicy, Journal, RecoveryError, SnapshotPolicy, Snapshotter, codec, recovery,
+};
+use support::*;
+
+struct Node {
+    engine: Engine,
+    journal: Arc<journal::SledJournal>,
+}
+
+fn stop(node: Node) {
+    node.engine.shutdown();
+    node.journal.close();
+}
+
+/// Opens a data dir, rebuilds, starts an engine on it.
+fn boot(dir: &Path, repair: bool) -> Result<(Node, u64, Option<u64>), RecoveryError> {
+    let opened = journal::open(dir, FlushPolicy::Strict, repair)?;
+    let recovered = opened.recovered;
+    let (last, cut) = (recovered.last_seq, recovered.cut_at);
+    let engine = Engine::start(
+        EngineConfig::default(),
+        opened.journal.clone(),
+        Arc::new(ManualClock::new(T0_MS)),
+        recovered.state,
+    )
+    .expect("engine starts");
+    Ok((
+        Node {
+            engine,
+            journal: opened.journal,
+        },
+        last,
+        cut,
+    ))
+}
+
+async fn some_history(e: &Engine, orders: usize) {
+    create(e, "a", 300, 1_000, None).await;
+    create(e, "b", 50, 1_000, Some(100)).await;
+    for i in 0..orders {
+        let o = e
+            .place_order(
+                user(&format!("u{}", i % 7)),
+                &[line("a", 1), line("b", 2)],
+                None,
+                None,
+            )
+            .await
+            .expect("placed");
+        if i % 3 == 0 {
+            e.pay(
+                admin(),
+                o.id,
+                PaymentRef::parse(&format!("p{i}")).expect("valid"),
+                400,
+                None,
+            )
+            .await
+            .expect("paid");
+        }
+        if i % 5 == 0 {
+            let _ = e.cancel(admin(), o.id).await;
+        }
+    }
+}
+
+async fn books(
+    e: &Engine,
+) -> (
+    Vec<flashcore::domain::sku::SkuView>,
+    Vec<flashcore::domain::order::Order>,
+) {
+    (
+        e.skus().await.expect("skus"),
+        e.orders(OrderScope::All, 500).await.expect("orders"),
+    )
+}
+
+/// Overwrites the value stored under `seq` (the server must be stopped).
+fn damage(dir: &Path, seq: u64, value: Option<&[u8]>) {
+    let db = journal::writer::open_db(&journal::journal_dir(dir)).expect("open");
+    match value {
+        Some(bytes) => {
+            db.insert(codec::key(seq), bytes).expect("insert");
+        }
+        None => {
+            db.remove(codec::key(seq)).expect("remove");
+        }
+    }
+    db.flush().expect("flush");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_acknowledged_comes_back_after_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, last, cut) = boot(dir.path(), false).expect("boot");
+    assert_eq!((last, cut), (0, None));
+    some_history(&node.engine, 40).await;
+    let before = books(&node.engine).await;
+    let appended = node.journal.last_seq();
+    assert_eq!(
+        node.journal.watermark().durable(),
+        appended,
+        "strict: all durable"
+    );
+    stop(node);
+
+    let (node, last, cut) = boot(dir.path(), false).expect("reboot");
+    assert_eq!((last, cut), (appended, None));
+    assert_eq!(books(&node.engine).await, before);
+    // New ids and sequence numbers continue.
+    let o = node
+        .engine
+        .place_order(user("late"), &[line("a", 1)], None, None)
+        .await
+        .expect("placed");
+    assert!(before.1.iter().all(|old| old.id < o.id));
+    assert!(node.journal.last_seq() > appended);
+    stop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_cut_and_the_journal_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    some_history(&node.engine, 10).await;
+    let last = node.journal.last_seq();
+    stop(node);
+    // Tear the last record: keep a prefix of its bytes.
+    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
+    let whole = db.get(codec::key(last)).expect("get").expect("present");
+    drop(db);
+    damage(dir.path(), last, Some(&whole[..whole.len() / 2]));
+
+    let (node, recovered_last, cut) = boot(dir.path(), false).expect("a torn tail is not fatal");
+    assert_eq!((recovered_last, cut), (last - 1, Some(last)));
+    // Appends reuse the cut number, and the result survives another reopen.
+    node.engine
+        .place_order(user("after"), &[line("a", 1)], None, None)
+        .await
+        .expect("placed");
+    assert!(node.journal.last_seq() >= last);
+    let before = books(&node.engine).await;
+    stop(node);
+    let (node, _, cut) = boot(dir.path(), false).expect("reboot");
+    assert_eq!(cut, None);
+    assert_eq!(books(&node.engine).await, before);
+    stop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_before_the_tail_refuses_to_start_unless_repaired() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    some_history(&node.engine, 10).await;
+    let last = node.journal.last_seq();
+    stop(node);
+    let victim = last / 2;
+    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
+    let mut bytes = db
+        .get(codec::key(victim))
+        .expect("get")
+        .expect("present")
+        .to_vec();
+    drop(db);
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    damage(dir.path(), victim, Some(&bytes));
+
+    match boot(dir.path(), false) {
+        Err(RecoveryError::Corrupt { seq, .. }) => assert_eq!(seq, victim),
+        Err(other) => panic!("expected corruption at {victim}, got {other}"),
+        Ok(_) => panic!("started on a damaged journal"),
+    }
+    let message = boot(dir.path(), false)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&victim.to_string()) && message.contains("--repair"),
+        "{message}"
+    );
+
+    let (node, recovered_last, cut) = boot(dir.path(), true).expect("repair starts");
+    assert_eq!((recovered_last, cut), (victim - 1, Some(victim)));
+    node.engine.skus().await.expect("usable");
+    stop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_record_in_the_middle_is_damage_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    some_history(&node.engine, 5).await;
+    let last = node.journal.last_seq();
+    stop(node);
+    damage(dir.path(), 3, None);
+    assert!(matches!(
+        boot(dir.path(), false),
+        Err(RecoveryError::Corrupt { seq: 3, .. })
+    ));
+    assert!(last > 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_plus_the_tail_rebuilds_the_same_state_and_falls_back_when_damaged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    some_history(&node.engine, 20).await;
+    stop(node);
+    // A snapshot at the current end, written from a replay.
+    let (first_snapshot, full) = {
+        let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
+        let r = recovery::recover(
+            &db,
+            &journal::journal_dir(dir.path()),
+            &journal::snapshot_dir(dir.path()),
+            false,
+        )
+        .expect("recover");
+        recovery::write_snapshot(&journal::snapshot_dir(dir.path()), &r.state, r.last_seq)
+            .expect("snapshot");
+        (r.last_seq, r.last_seq)
+    };
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    some_history_more(&node.engine).await;
+    let before = books(&node.engine).await;
+    let last = node.journal.last_seq();
+    stop(node);
+
+    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
+    let r = recovery::recover(
+        &db,
+        &journal::journal_dir(dir.path()),
+        &journal::snapshot_dir(dir.path()),
+        false,
+    )
+    .expect("recover");
+    assert_eq!(
+        (r.snapshot_seq, r.last_seq, r.replayed),
+        (first_snapshot, last, last - full)
+    );
+    drop(db);
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    assert_eq!(books(&node.engine).await, before);
+    stop(node);
+
+    // Damage the snapshot: recovery falls back to the full journal.
+    let path = std::fs::read_dir(journal::snapshot_dir(dir.path()))
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "bin"))
+        .expect("a snapshot");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let at = bytes.len() - 3;
+    bytes[at] ^= 1;
+    std::fs::write(&path, bytes).expect("write");
+    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
+    let r = recovery::recover(
+        &db,
+        &journal::journal_dir(dir.path()),
+        &journal::snapshot_dir(dir.path()),
+        false,
+    )
+    .expect("recover");
+    assert_eq!((r.snapshot_seq, r.last_seq), (0, last));
+}
+
+async fn some_history_more(e: &Engine) {
+    for i in 0..15 {
+        let o = e
+            .place_order(user(&format!("v{i}")), &[line("b", 1)], None, None)
+            .await
+            .expect("placed");
+        e.pay(
+            admin(),
+            o.id,
+            PaymentRef::parse(&format!("q{i}")).expect("valid"),
+            50,
+            None,
+        )
+        .await
+        .expect("paid");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, ..) = boot(dir.path(), false).expect("boot");
+    let policy = SnapshotPolicy {
+        every_events: 20,
+        every_ms: 60_000,
+    };
+    let mut snapshotter = Snapshotter::start(
+        node.journal.clone(),
+        journal::snapshot_dir(dir.path()),
+        policy,
+    );
+    let snapshots = |dir: &Path| {
+        std::fs::read_dir(journal::snapshot_dir(dir))
+            .map(|d| d.filter_map(Result::ok).count())
+            .unwrap_or(0)
+    };
+    let first_key = |node: &Node| {
+        node.journal
+            .db()
+            .first()
+            .ok()
+            .flatten()
+            .and_then(|(k, _)| codec::seq_of(&k).ok())
+            .unwrap_or(0)
+    };
+    some_history(&node.engine, 30).await;
+    for _ in 0..50 {
+        if snapshots(dir.path()) >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A second snapshot lets the records the first covers go.
+    some_history_more(&node.engine).await;
+    for _ in 0..50 {
+        if first_key(&node) > 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let before = books(&node.engine).await;
+    let last = node.journal.last_seq();
+    let first_kept = node
+        .journal
+        .db()
+        .first()
+        .expect("first")
+        .map(|(k, _)| codec::seq_of(&k).expect("key"))
+        .expect("some records");
+    let files: Vec<_> = std::fs::read_dir(journal::snapshot_dir(dir.path()))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        snapshotter.healthy(),
+        "the snapshotter runs; files {files:?}"
+    );
+    assert!(
+        first_kept > 1,
+        "records covered by an older snapshot were dropped: first {first_kept}, last {last}, files {files:?}"
+    );
+    node.engine.shutdown();
+    node.journal.close();
+    snapshotter.stop();
+    drop(node);
+
+    let (node, recovered_last, _) = boot(dir.path(), false).expect("reboot");
+    assert_eq!(recovered_last, last);
+    assert_eq!(books(&node.engine).await, before);
+    let (_, orders) = books(&node.engine).await;
+    assert!(orders.iter().any(|o| o.status == OrderStatus::Paid));
+    stop(node);
+}
