@@ -90,16 +90,43 @@ async fn books(
     )
 }
 
-/// Overwrites the value stored under `seq` (the server must be stopped).
-fn damage(dir: &Path, seq: u64, value: Option<&[u8]>) {
+/// How to damage a record.
+enum Damage {
+    /// Keep only the first half of the record's frame (and nothing after it
+    /// in its block): a write torn by a crash.
+    Tear,
+    /// Flip a bit in the middle of the record's frame.
+    Flip,
+    /// Remove the whole block holding the record.
+    DropBlock,
+}
+
+/// Damages the record `seq` in its block (the server must be stopped).
+fn damage(dir: &Path, seq: u64, how: Damage) {
     let db = journal::writer::open_db(&journal::journal_dir(dir)).expect("open");
-    match value {
-        Some(bytes) => {
-            db.insert(codec::key(seq), bytes).expect("insert");
-        }
-        None => {
-            db.remove(codec::key(seq)).expect("remove");
-        }
+    let (key, block) = db
+        .range(..=codec::key(seq))
+        .next_back()
+        .expect("a block")
+        .expect("readable");
+    let first = codec::seq_of(&key).expect("key");
+    let records: Vec<_> = codec::block_records(first, &block).collect();
+    let index = records
+        .iter()
+        .position(|r| r.seq == seq)
+        .expect("record in block");
+    let start = records[index].offset;
+    let end = records.get(index + 1).map_or(block.len(), |r| r.offset);
+    let mut bytes = block.to_vec();
+    match how {
+        Damage::Tear => bytes.truncate(start + (end - start) / 2),
+        Damage::Flip => bytes[start + (end - start) / 2] ^= 0x40,
+        Damage::DropBlock => bytes.clear(),
+    }
+    if bytes.is_empty() {
+        db.remove(&key).expect("remove");
+    } else {
+        db.insert(&key, bytes).expect("insert");
     }
     db.flush().expect("flush");
 }
@@ -141,10 +168,7 @@ async fn a_torn_tail_is_cut_and_the_journal_goes_on() {
     let last = node.journal.last_seq();
     stop(node);
     // Tear the last record: keep a prefix of its bytes.
-    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
-    let whole = db.get(codec::key(last)).expect("get").expect("present");
-    drop(db);
-    damage(dir.path(), last, Some(&whole[..whole.len() / 2]));
+    damage(dir.path(), last, Damage::Tear);
 
     let (node, recovered_last, cut) = boot(dir.path(), false).expect("a torn tail is not fatal");
     assert_eq!((recovered_last, cut), (last - 1, Some(last)));
@@ -170,16 +194,7 @@ async fn damage_before_the_tail_refuses_to_start_unless_repaired() {
     let last = node.journal.last_seq();
     stop(node);
     let victim = last / 2;
-    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
-    let mut bytes = db
-        .get(codec::key(victim))
-        .expect("get")
-        .expect("present")
-        .to_vec();
-    drop(db);
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x40;
-    damage(dir.path(), victim, Some(&bytes));
+    damage(dir.path(), victim, Damage::Flip);
 
     match boot(dir.path(), false) {
         Err(RecoveryError::Corrupt { seq, .. }) => assert_eq!(seq, victim),
@@ -208,11 +223,21 @@ async fn a_missing_record_in_the_middle_is_damage_too() {
     some_history(&node.engine, 5).await;
     let last = node.journal.last_seq();
     stop(node);
-    damage(dir.path(), 3, None);
-    assert!(matches!(
-        boot(dir.path(), false),
-        Err(RecoveryError::Corrupt { seq: 3, .. })
-    ));
+    // The block holding record 3 goes; blocks after it remain.
+    let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
+    let first_of_block = db
+        .range(..=codec::key(3))
+        .next_back()
+        .and_then(Result::ok)
+        .and_then(|(k, _)| codec::seq_of(&k).ok())
+        .expect("block");
+    drop(db);
+    damage(dir.path(), 3, Damage::DropBlock);
+    match boot(dir.path(), false) {
+        Err(RecoveryError::Corrupt { seq, .. }) => assert_eq!(seq, first_of_block),
+        Err(other) => panic!("expected corruption, got {other}"),
+        Ok(_) => panic!("started with a hole in the journal"),
+    }
     assert!(last > 3);
 }
 

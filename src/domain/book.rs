@@ -5,6 +5,7 @@
 //! are kept by id (ids grow with time, so id order is age order) with a
 //! per-user index for listings.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
@@ -109,50 +110,21 @@ impl OrderBook {
     /// `Inconsistent` when the event does not fit (a bug or a damaged
     /// journal).
     pub fn apply(&mut self, idem: &IdemBook, event: &Event) -> Result<(), DomainError> {
-        match event {
-            Event::OrderPlaced {
-                order,
-                reservations,
-                from_cart,
-                idem: stamp,
-            } => {
-                if self.orders.contains_key(&order.id) {
-                    return Err(DomainError::inconsistent(format!(
-                        "order {} placed twice",
-                        order.id
-                    )));
-                }
-                if order.status != OrderStatus::Reserved
-                    || order.history.len() != 1
-                    || reservations.len() != order.lines.len()
-                    || order.paid_cents != 0
-                    || order.refunded_cents != 0
-                {
-                    return Err(DomainError::inconsistent(format!(
-                        "order {} placed in an impossible shape",
-                        order.id
-                    )));
-                }
-                let ids = self.by_user.entry(order.user).or_default();
-                if ids.last().is_some_and(|last| *last > order.id) {
-                    // Out-of-order ids (a restored snapshot): keep the index sorted.
-                    ids.push(order.id);
-                    ids.sort_unstable();
-                } else {
-                    ids.push(order.id);
-                }
-                self.orders.insert(order.id, Order::clone(order));
-                if *from_cart {
-                    self.carts.remove(&order.user);
-                }
-                if let Some(stamp) = stamp {
-                    idem.record(
-                        stamp,
-                        order.created_at_ms,
-                        Outcome::Order(Order::clone(order)),
-                    );
-                }
-            }
+        self.apply_cow(idem, Cow::Borrowed(event))
+    }
+
+    /// [`OrderBook::apply`] for an event the caller no longer needs: a
+    /// placed order moves into the book instead of being copied (replay).
+    ///
+    /// # Errors
+    /// As [`OrderBook::apply`].
+    pub fn apply_owned(&mut self, idem: &IdemBook, event: Event) -> Result<(), DomainError> {
+        self.apply_cow(idem, Cow::Owned(event))
+    }
+
+    fn apply_cow(&mut self, idem: &IdemBook, event: Cow<'_, Event>) -> Result<(), DomainError> {
+        match &*event {
+            Event::OrderPlaced { .. } => self.place(idem, event),
             Event::OrderPaid { order: id, .. }
             | Event::OrderReleased { order: id, .. }
             | Event::OrderShipped { order: id, .. }
@@ -161,10 +133,11 @@ impl OrderBook {
                 let order = self.orders.get_mut(id).ok_or_else(|| {
                     DomainError::inconsistent(format!("event for unknown order {id}"))
                 })?;
-                order.apply(event)?;
+                order.apply(&event)?;
                 if let Some(stamp) = event.idem() {
                     idem.record(stamp, event.at_ms(), Outcome::Order(order.clone()));
                 }
+                Ok(())
             }
             Event::CartItemSet { user, sku, qty, .. } => {
                 let cart = self.carts.entry(*user).or_default();
@@ -172,12 +145,73 @@ impl OrderBook {
                 if cart.is_empty() {
                     self.carts.remove(user);
                 }
+                Ok(())
             }
             Event::CartCleared { user, .. } => {
                 self.carts.remove(user);
+                Ok(())
             }
-            _ => {}
+            _ => Ok(()),
         }
+    }
+
+    /// Applies an `OrderPlaced`.
+    fn place(&mut self, idem: &IdemBook, event: Cow<'_, Event>) -> Result<(), DomainError> {
+        let Event::OrderPlaced {
+            order,
+            reservations,
+            ..
+        } = &*event
+        else {
+            return Err(DomainError::inconsistent("not a placement"));
+        };
+        if self.orders.contains_key(&order.id) {
+            return Err(DomainError::inconsistent(format!(
+                "order {} placed twice",
+                order.id
+            )));
+        }
+        if order.status != OrderStatus::Reserved
+            || order.history.len() != 1
+            || reservations.len() != order.lines.len()
+            || order.paid_cents != 0
+            || order.refunded_cents != 0
+        {
+            return Err(DomainError::inconsistent(format!(
+                "order {} placed in an impossible shape",
+                order.id
+            )));
+        }
+        let (order, from_cart, stamp) = match event {
+            Cow::Owned(Event::OrderPlaced {
+                order,
+                from_cart,
+                idem,
+                ..
+            }) => (*order, from_cart, idem),
+            Cow::Borrowed(Event::OrderPlaced {
+                order,
+                from_cart,
+                idem,
+                ..
+            }) => (Order::clone(order), *from_cart, idem.clone()),
+            _ => return Err(DomainError::inconsistent("not a placement")),
+        };
+        let ids = self.by_user.entry(order.user).or_default();
+        if ids.last().is_some_and(|last| *last > order.id) {
+            // Out-of-order ids (a restored snapshot): keep the index sorted.
+            ids.push(order.id);
+            ids.sort_unstable();
+        } else {
+            ids.push(order.id);
+        }
+        if from_cart {
+            self.carts.remove(&order.user);
+        }
+        if let Some(stamp) = stamp {
+            idem.record(&stamp, order.created_at_ms, Outcome::Order(order.clone()));
+        }
+        self.orders.insert(order.id, order);
         Ok(())
     }
 }

@@ -241,22 +241,22 @@ pub enum Event {
 impl Event {
     /// The SKUs whose counters or settings this event changes. Every SKU
     /// actor named here must apply the event; no other needs to.
-    pub fn touched_skus(&self) -> Vec<SkuId> {
+    pub fn touched_skus(&self) -> TouchedSkus<'_> {
         match self {
             Event::SkuCreated { sku, .. }
             | Event::SkuUpdated { sku, .. }
             | Event::Restocked { sku, .. }
             | Event::StockReserved { sku, .. }
-            | Event::ReservationReleased { sku, .. } => vec![*sku],
+            | Event::ReservationReleased { sku, .. } => TouchedSkus::One(Some(*sku)),
             Event::OrderPaid { lines, .. }
             | Event::OrderReleased { lines, .. }
-            | Event::OrderShipped { lines, .. } => lines.iter().map(|l| l.sku).collect(),
-            Event::OrderRefunded { lines, .. } => lines.iter().map(|l| l.sku).collect(),
+            | Event::OrderShipped { lines, .. } => TouchedSkus::Moves(lines.iter()),
+            Event::OrderRefunded { lines, .. } => TouchedSkus::Refunds(lines.iter()),
             Event::PromotionCreated { .. }
             | Event::OrderPlaced { .. }
             | Event::OrderDelivered { .. }
             | Event::CartItemSet { .. }
-            | Event::CartCleared { .. } => Vec::new(),
+            | Event::CartCleared { .. } => TouchedSkus::One(None),
         }
     }
 
@@ -310,6 +310,30 @@ impl Event {
             | Event::OrderRefunded { at_ms, .. }
             | Event::CartItemSet { at_ms, .. }
             | Event::CartCleared { at_ms, .. } => *at_ms,
+        }
+    }
+}
+
+/// The SKUs an event touches (see [`Event::touched_skus`]), without
+/// allocating: this runs for every event, live and on replay.
+#[derive(Debug, Clone)]
+pub enum TouchedSkus<'a> {
+    /// At most one SKU.
+    One(Option<SkuId>),
+    /// The SKUs of order moves.
+    Moves(std::slice::Iter<'a, SkuQty>),
+    /// The SKUs of refund lines.
+    Refunds(std::slice::Iter<'a, RefundedLine>),
+}
+
+impl Iterator for TouchedSkus<'_> {
+    type Item = SkuId;
+
+    fn next(&mut self) -> Option<SkuId> {
+        match self {
+            TouchedSkus::One(sku) => sku.take(),
+            TouchedSkus::Moves(lines) => lines.next().map(|l| l.sku),
+            TouchedSkus::Refunds(lines) => lines.next().map(|l| l.sku),
         }
     }
 }

@@ -472,30 +472,41 @@ impl Order {
         })
     }
 
-    /// Enters `status` at `at_ms`, checking the move with [`transition`].
-    fn enter(&mut self, action: Action, at_ms: u64) -> Result<(), DomainError> {
-        let status = transition(self.status, action).map_err(|e| {
+    /// The state `action` leads to, for an event being applied: an illegal
+    /// move there means the journal or the code is broken.
+    fn next_status(&self, action: Action) -> Result<OrderStatus, DomainError> {
+        transition(self.status, action).map_err(|e| {
             DomainError::inconsistent(format!("order {} replayed an illegal move: {e}", self.id))
-        })?;
+        })
+    }
+
+    /// Enters `status` at `at_ms` (a partial refund keeps the state and adds
+    /// no history).
+    fn enter(&mut self, status: OrderStatus, at_ms: u64) {
         if status != self.status {
             self.status = status;
             self.history.push(StatusChange { status, at_ms });
         }
-        Ok(())
     }
 
-    /// Checks that an event's SKU moves are the ones this order makes.
-    fn check_moves(&self, moves: &[SkuQty], expected: &[SkuQty]) -> Result<(), DomainError> {
-        if moves != expected {
+    /// Checks that an event's SKU moves are this order's lines: every unit,
+    /// or (`left_only`) the units not refunded.
+    fn check_moves(&self, moves: &[SkuQty], left_only: bool) -> Result<(), DomainError> {
+        let expected = self.lines.iter().filter_map(|l| {
+            let qty = if left_only { l.units_left() } else { l.qty };
+            (qty > 0).then_some(SkuQty { sku: l.sku, qty })
+        });
+        if !moves.iter().copied().eq(expected) {
             return Err(DomainError::inconsistent(format!(
-                "order {}: event moves {moves:?}, the order holds {expected:?}",
+                "order {}: event moves {moves:?}, not the units the order holds",
                 self.id
             )));
         }
         Ok(())
     }
 
-    /// Applies an event about this order. On `Err` the order is unchanged.
+    /// Applies an event about this order. Every check runs before anything
+    /// changes, so on `Err` the order is unchanged.
     ///
     /// # Errors
     /// `Inconsistent` when the event does not fit the order (a bug or a
@@ -508,7 +519,6 @@ impl Order {
                 self.id
             )));
         }
-        let mut next = self.clone();
         match event {
             Event::OrderPaid {
                 payment_ref,
@@ -517,13 +527,14 @@ impl Order {
                 at_ms,
                 ..
             } => {
-                next.check_moves(lines, &self.all_units())?;
+                self.check_moves(lines, false)?;
                 if *amount_cents != self.total_cents {
                     return Err(DomainError::inconsistent("a payment that is not the total"));
                 }
-                next.enter(Action::Pay, *at_ms)?;
-                next.paid_cents = *amount_cents;
-                next.payment_ref = Some(*payment_ref);
+                let status = self.next_status(Action::Pay)?;
+                self.paid_cents = *amount_cents;
+                self.payment_ref = Some(*payment_ref);
+                self.enter(status, *at_ms);
             }
             Event::OrderReleased {
                 reason,
@@ -531,47 +542,66 @@ impl Order {
                 at_ms,
                 ..
             } => {
-                next.check_moves(lines, &self.all_units())?;
-                let action = match reason {
+                self.check_moves(lines, false)?;
+                let status = self.next_status(match reason {
                     ReleaseReason::Cancelled => Action::Cancel,
                     ReleaseReason::Expired => Action::Expire,
-                };
-                next.enter(action, *at_ms)?;
+                })?;
+                self.enter(status, *at_ms);
             }
             Event::OrderShipped { lines, at_ms, .. } => {
-                next.check_moves(lines, &self.units_left())?;
-                next.enter(Action::Ship, *at_ms)?;
+                self.check_moves(lines, true)?;
+                let status = self.next_status(Action::Ship)?;
+                self.enter(status, *at_ms);
             }
-            Event::OrderDelivered { at_ms, .. } => next.enter(Action::Deliver, *at_ms)?,
+            Event::OrderDelivered { at_ms, .. } => {
+                let status = self.next_status(Action::Deliver)?;
+                self.enter(status, *at_ms);
+            }
             Event::OrderRefunded { lines, at_ms, .. } => {
-                for part in lines {
+                // Check every part (adding up repeats of a line) first.
+                let mut refunded_cents = self.refunded_cents;
+                let mut units_left_after: u64 =
+                    self.lines.iter().map(|l| u64::from(l.units_left())).sum();
+                for (i, part) in lines.iter().enumerate() {
                     let line = usize::try_from(part.line)
                         .ok()
-                        .and_then(|i| next.lines.get_mut(i))
+                        .and_then(|index| self.lines.get(index))
                         .filter(|l| l.sku == part.sku)
                         .ok_or_else(|| DomainError::inconsistent("refund of an unknown line"))?;
-                    if part.qty == 0 || part.qty > line.units_left() {
+                    let asked: u64 = lines[..=i]
+                        .iter()
+                        .filter(|p| p.line == part.line)
+                        .map(|p| u64::from(p.qty))
+                        .sum();
+                    if part.qty == 0 || asked > u64::from(line.units_left()) {
                         return Err(DomainError::inconsistent("refund of units not left"));
                     }
-                    line.refunded_qty += part.qty;
-                    next.refunded_cents = add(next.refunded_cents, part.cents, "refunded")?;
+                    refunded_cents = add(refunded_cents, part.cents, "refunded")?;
+                    units_left_after -= u64::from(part.qty);
                 }
-                if next.refunded_cents > next.paid_cents {
+                if refunded_cents > self.paid_cents {
                     return Err(DomainError::inconsistent("refunded more than was paid"));
                 }
-                let all = next.lines.iter().all(|l| l.units_left() == 0);
-                next.enter(
-                    if all {
-                        Action::RefundAll
-                    } else {
-                        Action::Refund
-                    },
-                    *at_ms,
-                )?;
+                let status = self.next_status(if units_left_after == 0 {
+                    Action::RefundAll
+                } else {
+                    Action::Refund
+                })?;
+                // Every check passed: change.
+                for part in lines {
+                    if let Some(line) = usize::try_from(part.line)
+                        .ok()
+                        .and_then(|i| self.lines.get_mut(i))
+                    {
+                        line.refunded_qty += part.qty;
+                    }
+                }
+                self.refunded_cents = refunded_cents;
+                self.enter(status, *at_ms);
             }
             _ => return Err(DomainError::inconsistent("not an order event")),
         }
-        *self = next;
         Ok(())
     }
 

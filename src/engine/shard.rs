@@ -130,19 +130,16 @@ impl OrderShard {
                 .push(Reverse((order.expires_at_ms, order.id)));
         }
         let event = Arc::new(event);
-        let skus = event.touched_skus();
-        if !skus.is_empty() {
-            for sku in skus {
-                match self.shared.skus.get(&sku) {
-                    Some(handle) => handle.addr.do_send(ApplyEvent {
-                        event: Arc::clone(&event),
-                        seq,
-                        done: done.cloned(),
-                    }),
-                    // SKUs are never removed, and an order only names SKUs
-                    // that existed when it was placed.
-                    None => panic!("event {seq} moves units of unregistered SKU {sku}"),
-                }
+        for sku in event.touched_skus() {
+            match self.shared.skus.get(&sku) {
+                Some(handle) => handle.addr.do_send(ApplyEvent {
+                    event: Arc::clone(&event),
+                    seq,
+                    done: done.cloned(),
+                }),
+                // SKUs are never removed, and an order only names SKUs
+                // that existed when it was placed.
+                None => panic!("event {seq} moves units of unregistered SKU {sku}"),
             }
         }
         Ok((seq, event))

@@ -4,18 +4,21 @@
 //! have stopped; keeping it behind this module means a replacement changes
 //! one file). Every record and snapshot carries a format version.
 //!
-//! A journal record is stored in `sled` under the big-endian sequence number
-//! (so key order is sequence order) and its value is framed as:
+//! A journal record is framed as:
 //!
 //! ```text
 //! version: u8 | payload length: u32 LE | crc32c(payload): u32 LE | payload
 //! ```
 //!
-//! where the payload is the bincode encoding of `{seq, event}`. Decoding
-//! checks, in order: the version is known, the frame is whole, the length
-//! matches, the CRC matches, the payload decodes within the size limit, and
-//! the sequence number inside equals the key. A record that fails any check
-//! is never applied.
+//! where the payload is the bincode encoding of `{seq, event}`. Records are
+//! stored in `sled` in *blocks*: one value holds the consecutive records of
+//! one group commit, under the big-endian sequence number of its first
+//! record (so key order is sequence order). One sled insert per flush
+//! instead of one per event is what lets sled keep up with group commit.
+//! Decoding checks, in order: the version is known, the frame is whole, the
+//! length is within the limit, the CRC matches, the payload decodes, and the
+//! sequence number inside is the one expected at that place. A record that
+//! fails any check is never applied.
 //!
 //! A snapshot file is framed the same way behind an 8-byte magic.
 
@@ -28,8 +31,10 @@ use crate::journal::Seq;
 pub const FORMAT_VERSION: u8 = 1;
 
 /// Largest encoded event. The largest legal event (an order of 100 lines
-/// with 200-character names and a 255-byte idempotency key) is far smaller.
-pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// with 200-character, 4-byte-per-character names, 64-byte ids and a
+/// 255-byte idempotency key) is under 100 KiB. The bound also keeps sled's
+/// tree nodes below its blob threshold (see `writer.rs`).
+pub const RECORD_BYTES_MAX: usize = 112 << 10;
 
 /// Largest snapshot payload: 16 GiB, far above any state that fits in memory
 /// on the machines we target; a larger length field is corruption.
@@ -117,30 +122,124 @@ fn frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// Checks a frame and returns its payload.
-fn unframe(bytes: &[u8], limit: u64) -> Result<&[u8], CodecError> {
-    let (&version, rest) = bytes
-        .split_first()
-        .ok_or(CodecError::Truncated("empty record"))?;
+/// A frame's payload and where the next frame starts, or why the frame is
+/// unreadable. `Err((error, Some(next)))` means the frame's length was
+/// readable (only its content is bad), so later frames can still be found.
+type Framed<'a> = Result<(&'a [u8], usize), (CodecError, Option<usize>)>;
+
+/// Reads the frame at the start of `bytes` (more frames may follow).
+fn unframe_prefix(bytes: &[u8], limit: u64) -> Framed<'_> {
+    let Some((&version, rest)) = bytes.split_first() else {
+        return Err((CodecError::Truncated("empty record"), None));
+    };
     if version != FORMAT_VERSION {
-        return Err(CodecError::UnknownVersion(version));
+        return Err((CodecError::UnknownVersion(version), None));
     }
     if bytes.len() < HEADER_BYTES {
-        return Err(CodecError::Truncated("short header"));
+        return Err((CodecError::Truncated("short header"), None));
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
     let crc = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
     if u64::from(len) > limit {
-        return Err(CodecError::TooLarge(u64::from(len)));
+        return Err((CodecError::TooLarge(u64::from(len)), None));
     }
-    let payload = &bytes[HEADER_BYTES..];
-    if payload.len() != len as usize {
+    let end = HEADER_BYTES + len as usize;
+    let Some(payload) = bytes.get(HEADER_BYTES..end) else {
+        return Err((
+            CodecError::Truncated("payload shorter than its header says"),
+            None,
+        ));
+    };
+    if crc32c::crc32c(payload) != crc {
+        return Err((CodecError::BadChecksum, Some(end)));
+    }
+    Ok((payload, end))
+}
+
+/// Checks a frame that must fill `bytes` exactly and returns its payload.
+fn unframe(bytes: &[u8], limit: u64) -> Result<&[u8], CodecError> {
+    let (payload, end) = unframe_prefix(bytes, limit).map_err(|(e, _)| e)?;
+    if end != bytes.len() {
         return Err(CodecError::Truncated("payload length differs from header"));
     }
-    if crc32c::crc32c(payload) != crc {
-        return Err(CodecError::BadChecksum);
-    }
     Ok(payload)
+}
+
+fn decode_payload(seq: Seq, payload: &[u8]) -> Result<Event, CodecError> {
+    let (record, used): (Record, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Undecodable(
+            "trailing bytes after the record".into(),
+        ));
+    }
+    if record.seq != seq {
+        return Err(CodecError::WrongSeq {
+            expected: seq,
+            found: record.seq,
+        });
+    }
+    Ok(record.event)
+}
+
+/// One record read from a block.
+#[derive(Debug)]
+pub struct BlockRecord {
+    /// Its sequence number.
+    pub seq: Seq,
+    /// Where its frame starts in the block.
+    pub offset: usize,
+    /// The event, or why it cannot be used.
+    pub event: Result<Event, CodecError>,
+}
+
+/// The records of a block, in order. After a damaged record whose frame
+/// length is unreadable nothing more can be found, so iteration stops there.
+#[derive(Debug)]
+pub struct BlockRecords<'a> {
+    bytes: &'a [u8],
+    offset: usize,
+    next_seq: Seq,
+    stopped: bool,
+}
+
+impl Iterator for BlockRecords<'_> {
+    type Item = BlockRecord;
+
+    fn next(&mut self) -> Option<BlockRecord> {
+        if self.stopped || self.offset >= self.bytes.len() {
+            return None;
+        }
+        let seq = self.next_seq;
+        let offset = self.offset;
+        let rest = &self.bytes[offset..];
+        let event = match unframe_prefix(rest, RECORD_BYTES_MAX as u64) {
+            Ok((payload, end)) => {
+                self.offset += end;
+                decode_payload(seq, payload)
+            }
+            Err((error, Some(end))) => {
+                self.offset += end;
+                Err(error)
+            }
+            Err((error, None)) => {
+                self.stopped = true;
+                Err(error)
+            }
+        };
+        self.next_seq = seq.saturating_add(1);
+        Some(BlockRecord { seq, offset, event })
+    }
+}
+
+/// Reads the records of the block stored under `first`.
+pub fn block_records(first: Seq, bytes: &[u8]) -> BlockRecords<'_> {
+    BlockRecords {
+        bytes,
+        offset: 0,
+        next_seq: first,
+        stopped: false,
+    }
 }
 
 /// Encodes an event as the record stored under `seq`.
@@ -165,20 +264,7 @@ pub fn encode(seq: Seq, event: &Event) -> Result<Vec<u8>, CodecError> {
 /// Any [`CodecError`]: the record must not be applied.
 pub fn decode(seq: Seq, bytes: &[u8]) -> Result<Event, CodecError> {
     let payload = unframe(bytes, RECORD_BYTES_MAX as u64)?;
-    let (record, used): (Record, usize) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
-    if used != payload.len() {
-        return Err(CodecError::Undecodable(
-            "trailing bytes after the record".into(),
-        ));
-    }
-    if record.seq != seq {
-        return Err(CodecError::WrongSeq {
-            expected: seq,
-            found: record.seq,
-        });
-    }
-    Ok(record.event)
+    decode_payload(seq, payload)
 }
 
 /// Encodes a snapshot body (any serde value) behind the snapshot magic.
@@ -509,6 +595,38 @@ mod tests {
             decode(1, &bytes),
             Err(CodecError::UnknownVersion(FORMAT_VERSION + 1))
         );
+    }
+
+    #[test]
+    fn a_block_reads_back_record_by_record_and_stops_at_damage() {
+        let user = UserId::parse("u").expect("valid");
+        let events: Vec<Event> = (0..5)
+            .map(|i| Event::CartCleared { user, at_ms: i })
+            .collect();
+        let mut block = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            block.extend(encode(10 + i as u64, event).expect("encodes"));
+        }
+        let read: Vec<_> = block_records(10, &block).collect();
+        assert_eq!(read.len(), 5);
+        for (i, record) in read.iter().enumerate() {
+            assert_eq!(record.seq, 10 + i as u64);
+            assert_eq!(record.event.as_ref().ok(), Some(&events[i]));
+        }
+        // A bad checksum in the third record: the fourth is still found.
+        let mut damaged = block.clone();
+        let third = read[2].offset;
+        damaged[third + HEADER_BYTES + 1] ^= 0x10;
+        let outcome: Vec<bool> = block_records(10, &damaged)
+            .map(|r| r.event.is_ok())
+            .collect();
+        assert_eq!(outcome, vec![true, true, false, true, true]);
+        // A torn block: everything before the tear reads.
+        let torn = &block[..read[3].offset + 4];
+        let outcome: Vec<bool> = block_records(10, torn).map(|r| r.event.is_ok()).collect();
+        assert_eq!(outcome, vec![true, true, true, false]);
+        // Stored under the wrong first sequence number, every record is refused.
+        assert!(block_records(11, &block).all(|r| r.event.is_err()));
     }
 
     #[test]

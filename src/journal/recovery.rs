@@ -173,6 +173,22 @@ fn load_snapshot(dir: &Path) -> Result<(State, Seq), RecoveryError> {
     Ok((State::default(), 0))
 }
 
+/// Reads the journal's blocks from the one holding `from + 1` on.
+fn blocks_from(db: &sled::Db, from: Seq) -> Result<sled::Iter, RecoveryError> {
+    let want = codec::key(from.saturating_add(1));
+    // The block holding `from + 1` starts at or before it.
+    let start = match db.range(..=want).next_back() {
+        Some(Ok((key, _))) => key.to_vec(),
+        Some(Err(e)) => return Err(RecoveryError::Storage(format!("reading the journal: {e}"))),
+        None => want.to_vec(),
+    };
+    Ok(db.range(start..))
+}
+
+fn read_error(e: sled::Error) -> RecoveryError {
+    RecoveryError::Storage(format!("reading the journal: {e}"))
+}
+
 /// Applies the durable records after `from` (up to `until`, inclusive) to
 /// `state`. Returns the last applied sequence number and the first damage
 /// found, if any (the caller decides what damage means).
@@ -183,56 +199,94 @@ fn replay(
     until: Seq,
 ) -> Result<(Seq, Option<(Seq, String)>), RecoveryError> {
     let mut last = from;
-    let start = codec::key(from.saturating_add(1));
-    for entry in db.range(start..) {
-        let (key, value) =
-            entry.map_err(|e| RecoveryError::Storage(format!("reading the journal: {e}")))?;
-        let seq = match codec::seq_of(&key) {
+    for entry in blocks_from(db, from)? {
+        let (key, block) = entry.map_err(read_error)?;
+        let first = match codec::seq_of(&key) {
             Ok(seq) => seq,
             Err(e) => return Ok((last, Some((last + 1, format!("bad key: {e}"))))),
         };
-        if seq > until {
+        if first > until {
             break;
         }
-        if seq != last + 1 {
+        if first > last + 1 {
             return Ok((
                 last,
-                Some((last + 1, format!("missing; the next record is {seq}"))),
+                Some((
+                    last + 1,
+                    format!("missing; the next block starts at {first}"),
+                )),
             ));
         }
-        let event = match codec::decode(seq, &value) {
-            Ok(event) => event,
-            Err(e) => return Ok((last, Some((seq, e.to_string())))),
-        };
-        if let Err(e) = state.apply(&event) {
-            return Ok((last, Some((seq, format!("does not apply: {e}")))));
+        for record in codec::block_records(first, &block) {
+            if record.seq <= last {
+                if record.event.is_err() {
+                    // Damage in a part a snapshot covers: what follows it in
+                    // the block cannot be trusted to be found.
+                    return Ok((last, Some((last + 1, "unreadable block".into()))));
+                }
+                continue;
+            }
+            if record.seq > until {
+                return Ok((last, None));
+            }
+            let event = match record.event {
+                Ok(event) => event,
+                Err(e) => return Ok((last, Some((record.seq, e.to_string())))),
+            };
+            if let Err(e) = state.apply_owned(event) {
+                return Ok((last, Some((record.seq, format!("does not apply: {e}")))));
+            }
+            last = record.seq;
         }
-        last = seq;
     }
     Ok((last, None))
 }
 
-/// Whether any record after `damaged` decodes: then the damage is not a tail.
+/// The first good record after `damaged`, if any: then the damage is not a
+/// tail.
 fn good_record_after(db: &sled::Db, damaged: Seq) -> Result<Option<Seq>, RecoveryError> {
-    for entry in db.range(codec::key(damaged.saturating_add(1))..) {
-        let (key, value) =
-            entry.map_err(|e| RecoveryError::Storage(format!("reading the journal: {e}")))?;
-        if let Ok(seq) = codec::seq_of(&key) {
-            if codec::decode(seq, &value).is_ok() {
-                return Ok(Some(seq));
-            }
+    for entry in blocks_from(db, damaged)? {
+        let (key, block) = entry.map_err(read_error)?;
+        let Ok(first) = codec::seq_of(&key) else {
+            continue;
+        };
+        let good = codec::block_records(first, &block)
+            .find(|r| r.seq > damaged && r.event.is_ok())
+            .map(|r| r.seq);
+        if good.is_some() {
+            return Ok(good);
         }
     }
     Ok(None)
 }
 
-/// Deletes every record from `seq` on, durably.
+/// Deletes every record from `seq` on, durably: the blocks after it go, and
+/// the block holding it keeps only the records before it.
 fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<u64, RecoveryError> {
     let storage = |e: sled::Error| RecoveryError::Storage(format!("cutting the journal: {e}"));
     let mut removed = 0u64;
+    let holder = match db.range(..=codec::key(seq)).next_back() {
+        Some(entry) => Some(entry.map_err(storage)?),
+        None => None,
+    };
+    if let Some((key, block)) = holder {
+        let first = codec::seq_of(&key).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+        let keep = codec::block_records(first, &block)
+            .find(|r| r.seq == seq)
+            .map(|r| r.offset);
+        match keep {
+            Some(0) => {
+                db.remove(&key).map_err(storage)?;
+            }
+            Some(offset) => {
+                db.insert(&key, &block[..offset]).map_err(storage)?;
+            }
+            None => {} // the cut starts after this block
+        }
+    }
     loop {
         let keys: Vec<sled::IVec> = db
-            .range(codec::key(seq)..)
+            .range(codec::key(seq.saturating_add(1))..)
             .keys()
             .take(TRUNCATE_BATCH)
             .collect::<Result<_, _>>()
@@ -288,7 +342,7 @@ pub fn recover(
         }
         cut_at = Some(seq);
     }
-    state.check().map_err(|e| RecoveryError::Corrupt {
+    state.check_stock().map_err(|e| RecoveryError::Corrupt {
         seq: last_seq,
         why: format!("the rebuilt state breaks an invariant: {e}"),
     })?;
@@ -334,29 +388,39 @@ pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, Re
     Ok(path)
 }
 
-/// Removes journal records up to and including `seq` (covered by a
-/// snapshot). Not synced: if the removal is lost in a crash, recovery simply
-/// skips records the snapshot covers.
+/// Removes the journal blocks whose records all lie at or below `seq`
+/// (covered by a snapshot); returns how many blocks went. Not synced: if the
+/// removal is lost in a crash, recovery simply skips what the snapshot
+/// covers.
 fn truncate_through(db: &sled::Db, seq: Seq) -> Result<u64, sled::Error> {
-    let mut removed = 0;
     if seq == 0 {
         return Ok(0);
     }
+    let mut removed = 0;
     loop {
+        // A block ends where the next one starts; the block holding `seq`
+        // itself may hold later records too, so it stays.
         let keys: Vec<sled::IVec> = db
-            .range(..=codec::key(seq))
+            .range(..=codec::key(seq.saturating_add(1)))
             .keys()
-            .take(TRUNCATE_BATCH)
+            .take(TRUNCATE_BATCH + 1)
             .collect::<Result<_, _>>()?;
-        if keys.is_empty() {
+        let mut doomed = Vec::new();
+        for pair in keys.windows(2) {
+            let next_first = codec::seq_of(&pair[1]).unwrap_or(0);
+            if next_first.saturating_sub(1) <= seq {
+                doomed.push(pair[0].clone());
+            }
+        }
+        if doomed.is_empty() {
             return Ok(removed);
         }
         let mut batch = sled::Batch::default();
-        for key in &keys {
+        for key in &doomed {
             batch.remove(key);
         }
         db.apply_batch(batch)?;
-        removed += keys.len() as u64;
+        removed += doomed.len() as u64;
     }
 }
 
