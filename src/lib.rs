@@ -19,11 +19,15 @@
 //! - [`engine`]: the actors and the [`engine::Engine`] handle, the only entry
 //!   point for the HTTP front, tests and benches.
 //! - [`journal`]: where events go to become durable.
+//! - [`http`]: the axum front, exactly as `../shared/API.md` says.
+//! - [`server`]: start-up, the storage supervisor, the accept loop, shutdown.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod domain;
 pub mod engine;
+pub mod http;
 pub mod journal;
 pub mod limits;
+pub mod server;

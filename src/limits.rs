@@ -112,3 +112,52 @@ const _: () = assert!(ON_HAND_MAX + RESTOCK_QTY_MAX <= u64::MAX / 4);
 // A per-user limit can never exceed what a single line may take in total.
 const _: () = assert!(PER_USER_LIMIT_MAX <= QTY_MAX * LINES_MAX as u32);
 const _: () = assert!(EXPIRY_TICK_MS < 1_000);
+
+// ----- The HTTP front -----
+
+/// Largest request body (contract: over 64 KiB is `413`).
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Largest request head (contract: headers over 16 KiB are refused).
+pub const HEADER_BYTES_MAX: usize = 16 * 1024;
+
+/// How long a connection may take to send a whole request head, from its
+/// opening or from its previous request (contract: 10 s).
+pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// Default bound on open connections (contract: `--max-connections`).
+pub const CONNECTIONS_DEFAULT: usize = 10_000;
+/// Highest `--max-connections`: each connection holds a file descriptor and
+/// buffers, and the open-file limit is raised to fit this many.
+pub const CONNECTIONS_MAX: usize = 1_000_000;
+
+/// Requests being handled at once. Beyond this the front answers `503
+/// overloaded` at once instead of queueing: on 2 cores, 1,024 requests in
+/// flight is already far more than the cores can serve within a client's
+/// patience, and memory stays flat however many more arrive.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 1_024;
+
+/// What a shed request is told to wait before retrying, in seconds.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
+/// Shortest JWT secret (contract: at least 32 bytes).
+pub const JWT_SECRET_BYTES_MIN: usize = 32;
+
+/// Longest `Authorization` token accepted before any parsing.
+pub const TOKEN_BYTES_MAX: usize = 4 * 1024;
+
+/// Longest `--ttl` of a token printed by `flashcore token`: a year.
+pub const TOKEN_TTL_MAX_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+
+/// How long shutdown waits for requests in flight before closing anyway.
+pub const SHUTDOWN_GRACE_MS: u64 = 30_000;
+
+/// How often a server whose disk failed probes it with a small write.
+pub const STORAGE_PROBE_MS: u64 = 1_000;
+
+/// Largest catalog file seeded at start.
+pub const CATALOG_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+const _: () = assert!(HEADER_BYTES_MAX >= 8 * 1024, "hyper's minimum read buffer");
+const _: () =
+    assert!(REQUESTS_IN_FLIGHT_MAX < SKU_MAILBOX && REQUESTS_IN_FLIGHT_MAX < ORDER_SHARD_MAILBOX);

@@ -1,2 +1,205 @@
-//! The `flashcore` command line (the server is being built).
-fn main() {}
+//! The `flashcore` command line: `serve` runs the server, `token` prints a
+//! JWT for a user. Flags read environment variables too (contract: "The
+//! command line").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use flashcore::domain::UserId;
+use flashcore::engine::{DurabilityMode, EngineConfig};
+use flashcore::http::auth::{JwtKeys, SECRET_ENV, load_secret};
+use flashcore::limits::{
+    ACTOR_THREADS_MAX, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ORDER_SHARDS_DEFAULT,
+    ORDER_SHARDS_MAX, RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_MS,
+};
+use flashcore::server::{ServeConfig, run};
+
+/// A trading core for e-commerce flash sales.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Print a token for a user, signed with the server's secret.
+    Token(TokenArgs),
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum Durability {
+    /// Answer a change only once it is on disk.
+    Strict,
+    /// Answer at once; flush at least every 5 ms.
+    Relaxed,
+}
+
+#[derive(Parser, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FLASHCORE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Data directory (journal, snapshots, secret).
+    #[arg(long, env = "FLASHCORE_DATA_DIR", default_value = "./var")]
+    data_dir: PathBuf,
+    /// Catalog seeded into a fresh data dir; ignored once there is history.
+    #[arg(long, env = "FLASHCORE_CATALOG", default_value = "data/catalog.json")]
+    catalog: PathBuf,
+    /// How long an unpaid order holds its units.
+    #[arg(long, env = "FLASHCORE_RESERVATION_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
+    reservation_ttl: Duration,
+    /// When a change counts as done.
+    #[arg(
+        long,
+        env = "FLASHCORE_DURABILITY",
+        value_enum,
+        default_value = "strict"
+    )]
+    durability: Durability,
+    /// Most open connections.
+    #[arg(long, env = "FLASHCORE_MAX_CONNECTIONS", default_value_t = CONNECTIONS_DEFAULT)]
+    max_connections: usize,
+    /// Cut a journal damaged before its tail instead of refusing to start
+    /// (every change from the damage on is lost).
+    #[arg(long)]
+    repair: bool,
+    /// Threads for the HTTP front (tokio workers).
+    #[arg(long, env = "FLASHCORE_HTTP_THREADS", default_value_t = 2)]
+    http_threads: usize,
+    /// Threads for the actors (actix arbiters).
+    #[arg(long, env = "FLASHCORE_ACTOR_THREADS", default_value_t = 1)]
+    actor_threads: usize,
+    /// Order shards.
+    #[arg(long, env = "FLASHCORE_ORDER_SHARDS", default_value_t = ORDER_SHARDS_DEFAULT)]
+    order_shards: usize,
+}
+
+#[derive(Parser, Debug)]
+struct TokenArgs {
+    /// The user id (the token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// Make it an admin token.
+    #[arg(long)]
+    admin: bool,
+    /// How long it is valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Data directory holding the secret (when FLASHCORE_JWT_SECRET is unset).
+    #[arg(long, env = "FLASHCORE_DATA_DIR", default_value = "./var")]
+    data_dir: PathBuf,
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ttl_ms = u64::try_from(args.reservation_ttl.as_millis()).unwrap_or(u64::MAX);
+    if ttl_ms == 0 || ttl_ms > RESERVATION_TTL_MAX_MS {
+        bail!("--reservation-ttl must be between 1ms and 7 days");
+    }
+    if args.max_connections == 0 || args.max_connections > CONNECTIONS_MAX {
+        bail!("--max-connections must be 1 to {CONNECTIONS_MAX}");
+    }
+    if !(1..=64).contains(&args.http_threads)
+        || !(1..=ACTOR_THREADS_MAX).contains(&args.actor_threads)
+    {
+        bail!("--http-threads must be 1 to 64 and --actor-threads 1 to {ACTOR_THREADS_MAX}");
+    }
+    if !(1..=ORDER_SHARDS_MAX).contains(&args.order_shards) {
+        bail!("--order-shards must be 1 to {ORDER_SHARDS_MAX}");
+    }
+    let config = ServeConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        catalog: Some(args.catalog),
+        engine: EngineConfig {
+            actor_threads: args.actor_threads,
+            order_shards: args.order_shards,
+            reservation_ttl_ms: ttl_ms,
+            durability: match args.durability {
+                Durability::Strict => DurabilityMode::Strict,
+                Durability::Relaxed => DurabilityMode::Relaxed,
+            },
+            ..EngineConfig::default()
+        },
+        max_connections: args.max_connections,
+        repair: args.repair,
+        jwt_secret: std::env::var(SECRET_ENV).ok(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.http_threads)
+        .thread_name("flashcore-http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    runtime.block_on(run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let user = UserId::parse(&args.user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
+    let ttl_ms = u64::try_from(args.ttl.as_millis()).unwrap_or(u64::MAX);
+    if ttl_ms == 0 || ttl_ms > TOKEN_TTL_MAX_MS {
+        bail!("--ttl must be between 1s and a year");
+    }
+    let secret = load_secret(std::env::var(SECRET_ENV).ok(), &args.data_dir)?;
+    let keys = JwtKeys::new(&secret);
+    let now = jsonwebtoken_now();
+    let token = keys.issue(user, args.admin, now, args.ttl.as_secs().max(1))?;
+    println!("{token}");
+    Ok(())
+}
+
+fn jsonwebtoken_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Token(args) => token(args),
+    }
+}

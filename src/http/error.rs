@@ -1,0 +1,189 @@
+//! `ApiError`: every error the HTTP front answers, and the one place that
+//! picks its status and code (contract: "Errors").
+//!
+//! Every non-2xx answer has the body `{"error": {"code", "message"}}`; a
+//! `503` also carries `Retry-After`. Engine and domain errors convert here,
+//! nowhere else.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::domain::DomainError;
+use crate::engine::EngineError;
+use crate::limits::{BODY_BYTES_MAX, RETRY_AFTER_SECONDS};
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// `400 invalid_request`.
+    #[error("{0}")]
+    Invalid(String),
+    /// `401 unauthorized`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// `403 forbidden`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// `404 not_found`.
+    #[error("{0}")]
+    NotFound(String),
+    /// `409 out_of_stock`.
+    #[error("{0}")]
+    OutOfStock(String),
+    /// `409 limit_exceeded`.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// `409 invalid_transition`.
+    #[error("{0}")]
+    InvalidTransition(String),
+    /// `409 already_exists`.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// `409 payment_mismatch`.
+    #[error("{0}")]
+    PaymentMismatch(String),
+    /// `413 payload_too_large`.
+    #[error("the body is over {BODY_BYTES_MAX} bytes")]
+    PayloadTooLarge,
+    /// `422 idempotency_conflict`.
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyConflict,
+    /// `503 overloaded`.
+    #[error("{0}")]
+    Overloaded(String),
+    /// `503 storage_unavailable`.
+    #[error("{0}")]
+    StorageUnavailable(String),
+}
+
+impl ApiError {
+    /// The status and the contract's code: one match, every variant.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::OutOfStock(_) => (StatusCode::CONFLICT, "out_of_stock"),
+            ApiError::LimitExceeded(_) => (StatusCode::CONFLICT, "limit_exceeded"),
+            ApiError::InvalidTransition(_) => (StatusCode::CONFLICT, "invalid_transition"),
+            ApiError::AlreadyExists(_) => (StatusCode::CONFLICT, "already_exists"),
+            ApiError::PaymentMismatch(_) => (StatusCode::CONFLICT, "payment_mismatch"),
+            ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::IdempotencyConflict => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
+            }
+            ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::StorageUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
+        }
+    }
+
+    /// A `400` with a message.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::Invalid(message.into())
+    }
+
+    /// The standard `503 overloaded`.
+    pub fn overloaded() -> ApiError {
+        ApiError::Overloaded("the server is overloaded; retry shortly".into())
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(error: DomainError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            DomainError::Invalid(_) | DomainError::Overflow { .. } => ApiError::Invalid(message),
+            DomainError::OutOfStock { .. } => ApiError::OutOfStock(message),
+            DomainError::LimitExceeded { .. } => ApiError::LimitExceeded(message),
+            DomainError::InvalidTransition { .. } => ApiError::InvalidTransition(message),
+            DomainError::PaymentMismatch { .. } => ApiError::PaymentMismatch(message),
+            DomainError::Inconsistent(_) => {
+                // Never caused by a request; logged where it happens.
+                ApiError::StorageUnavailable("the server hit an internal inconsistency".into())
+            }
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> ApiError {
+        let message = error.to_string();
+        match error {
+            EngineError::Domain(domain) => domain.into(),
+            EngineError::NotFound { .. } => ApiError::NotFound(message),
+            EngineError::AlreadyExists { .. } => ApiError::AlreadyExists(message),
+            EngineError::Forbidden(_) => ApiError::Forbidden(message),
+            EngineError::Overloaded => ApiError::overloaded(),
+            EngineError::StorageUnavailable(_) => ApiError::StorageUnavailable(message),
+            EngineError::Stopped => {
+                ApiError::Overloaded("the server is restarting its engine; retry shortly".into())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::SkuId;
+
+    #[test]
+    fn each_error_has_the_contract_status_and_code() {
+        let sku = SkuId::parse("tee").expect("valid");
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (DomainError::invalid("x").into(), 400, "invalid_request"),
+            (
+                DomainError::Overflow { what: "x" }.into(),
+                400,
+                "invalid_request",
+            ),
+            (DomainError::OutOfStock { sku }.into(), 409, "out_of_stock"),
+            (
+                DomainError::LimitExceeded { sku, limit: 2 }.into(),
+                409,
+                "limit_exceeded",
+            ),
+            (EngineError::Overloaded.into(), 503, "overloaded"),
+            (
+                EngineError::StorageUnavailable("disk".into()).into(),
+                503,
+                "storage_unavailable",
+            ),
+            (EngineError::sku_not_found(sku).into(), 404, "not_found"),
+            (ApiError::PayloadTooLarge, 413, "payload_too_large"),
+            (ApiError::IdempotencyConflict, 422, "idempotency_conflict"),
+        ];
+        for (error, status, code) in cases {
+            let (s, c) = error.status_and_code();
+            assert_eq!((s.as_u16(), c), (status, code), "{error:?}");
+        }
+        let out_of_stock: ApiError = DomainError::OutOfStock { sku }.into();
+        assert!(
+            out_of_stock.to_string().contains("tee"),
+            "the message names the SKU"
+        );
+        let shed = ApiError::overloaded().into_response();
+        assert_eq!(
+            shed.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from(1u64))
+        );
+    }
+}

@@ -1,0 +1,368 @@
+//! The endpoints of `../shared/API.md`, one thin handler each: extract,
+//! call the engine, render. Authorization that depends on the order (owner
+//! or admin) is the engine's; role checks are the extractors'.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+
+use crate::domain::idem::Outcome;
+use crate::domain::promo::Promotion;
+use crate::domain::{OrderId, SkuId, UserId, validate};
+use crate::engine::{NewSku, OrderScope};
+use crate::http::AppState;
+use crate::http::error::ApiError;
+use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth, IdemKey, OptionalJson};
+use crate::http::idempotency::fingerprint;
+use crate::http::views::{
+    CartItemBody, CartJson, CheckoutBody, ListQuery, NewSkuBody, OrderJson, OrderListJson,
+    PatchSkuBody, PayBody, PlaceOrderBody, PromotionBody, PromotionJson, RefundBody, RestockBody,
+    SkuJson, SkuListJson,
+};
+use crate::limits::{ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX};
+
+type Answer = Result<Response, ApiError>;
+
+fn sku_id(text: &str) -> Result<SkuId, ApiError> {
+    SkuId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn order_id(text: &str) -> Result<OrderId, ApiError> {
+    OrderId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// Renders a first answer (fresh or replayed) with the route's status.
+fn outcome(status: StatusCode, outcome: Outcome) -> Response {
+    match outcome {
+        Outcome::Order(order) => (status, Json(OrderJson::from(&order))).into_response(),
+        Outcome::Sku(sku) => (status, Json(SkuJson::from(&sku))).into_response(),
+    }
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Response {
+    Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /readyz`: recovery has finished and the journal takes changes.
+pub async fn readyz(State(state): State<AppState>) -> Answer {
+    match state.backend.not_ready_reason() {
+        None => Ok(Json(serde_json::json!({ "status": "ready" })).into_response()),
+        Some(why) => Err(ApiError::StorageUnavailable(why)),
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let engine = state.backend.engine().ok();
+    let journal = state.backend.journal();
+    let journal_view = journal.as_ref().map(|j| {
+        use crate::journal::Journal;
+        (
+            j.stats(),
+            j.last_seq(),
+            j.watermark().durable(),
+            j.failure().is_some(),
+        )
+    });
+    let text = state.metrics.render(engine.as_ref(), journal_view).await;
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// Unknown route or method.
+pub async fn not_found(request: axum::extract::Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+// ----- SKUs -----
+
+/// `POST /v1/skus` (admin).
+pub async fn create_sku(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    ApiJson(body): ApiJson<NewSkuBody>,
+) -> Answer {
+    let engine = state.backend.engine()?;
+    let view = engine
+        .create_sku(NewSku {
+            sku: body.sku_id,
+            name: body.name,
+            price_cents: body.price_cents,
+            stock: body.stock,
+            per_user_limit: body.per_user_limit,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(SkuJson::from(&view))).into_response())
+}
+
+/// `GET /v1/skus/{sku_id}`.
+pub async fn get_sku(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Answer {
+    let sku = sku_id(&id)?;
+    let view = state.backend.engine()?.sku(sku).await?;
+    Ok(Json(SkuJson::from(&view)).into_response())
+}
+
+/// `GET /v1/skus`.
+pub async fn list_skus(State(state): State<AppState>) -> Answer {
+    let views = state.backend.engine()?.skus().await?;
+    Ok(Json(SkuListJson::new(&views)).into_response())
+}
+
+/// `PATCH /v1/skus/{sku_id}` (admin).
+pub async fn patch_sku(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PatchSkuBody>,
+) -> Answer {
+    let sku = sku_id(&id)?;
+    let view = state
+        .backend
+        .engine()?
+        .update_sku(sku, body.name, body.price_cents, body.per_user_limit)
+        .await?;
+    Ok(Json(SkuJson::from(&view)).into_response())
+}
+
+/// `POST /v1/skus/{sku_id}/restock` (admin, idempotent).
+pub async fn restock(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    IdemKey(key): IdemKey,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<RestockBody>,
+) -> Answer {
+    let sku = sku_id(&id)?;
+    validate::restock_qty(body.qty)?;
+    let engine = state.backend.engine()?;
+    let print = fingerprint("restock", sku.as_str(), &body);
+    let answer = state
+        .inflight
+        .run(&engine, caller.user, key, print, |stamp| async {
+            Ok(Outcome::Sku(engine.restock(sku, body.qty, stamp).await?))
+        })
+        .await?;
+    Ok(outcome(StatusCode::OK, answer))
+}
+
+/// `POST /v1/promotions` (admin).
+pub async fn create_promotion(
+    State(state): State<AppState>,
+    Admin(_): Admin,
+    ApiJson(body): ApiJson<PromotionBody>,
+) -> Answer {
+    let promo = Promotion::new(body.code, body.threshold_cents, body.off_cents)?;
+    let created = state.backend.engine()?.create_promotion(promo).await?;
+    Ok((StatusCode::CREATED, Json(PromotionJson::from(&created))).into_response())
+}
+
+// ----- orders -----
+
+/// `POST /v1/orders` (idempotent).
+pub async fn place_order(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    IdemKey(key): IdemKey,
+    ApiJson(body): ApiJson<PlaceOrderBody>,
+) -> Answer {
+    let items: Vec<_> = body.items.iter().copied().map(Into::into).collect();
+    // Bad lines are a 400 before any key is taken.
+    validate::merge_lines(&items)?;
+    let engine = state.backend.engine()?;
+    let print = fingerprint("place", "", &body);
+    let answer = state
+        .inflight
+        .run(&engine, caller.user, key, print, |stamp| async {
+            let order = engine
+                .place_order(caller.user, &items, body.promo_code, stamp)
+                .await?;
+            Ok(Outcome::Order(order))
+        })
+        .await?;
+    Ok(outcome(StatusCode::CREATED, answer))
+}
+
+/// `GET /v1/orders/{order_id}` (owner or admin).
+pub async fn get_order(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Answer {
+    let id = order_id(&id)?;
+    let order = state.backend.engine()?.order(caller, id).await?;
+    Ok(Json(OrderJson::from(&order)).into_response())
+}
+
+/// `GET /v1/orders`: a customer's own; an admin's everyone's or `?user_id=`.
+pub async fn list_orders(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Answer {
+    let limit = match query.limit.as_deref() {
+        None => ORDERS_LIST_DEFAULT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=ORDERS_LIST_MAX).contains(n))
+            .ok_or_else(|| ApiError::invalid(format!("limit must be 1 to {ORDERS_LIST_MAX}")))?,
+    };
+    let wanted = query
+        .user_id
+        .as_deref()
+        .map(UserId::parse)
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let scope = match (caller.admin, wanted) {
+        (true, Some(user)) => OrderScope::User(user),
+        (true, None) => OrderScope::All,
+        (false, Some(user)) if user != caller.user => {
+            return Err(ApiError::Forbidden(
+                "customers only see their own orders".into(),
+            ));
+        }
+        (false, _) => OrderScope::User(caller.user),
+    };
+    let orders = state.backend.engine()?.orders(scope, limit).await?;
+    Ok(Json(OrderListJson::new(&orders)).into_response())
+}
+
+/// `POST /v1/orders/{order_id}/pay` (admin: the payment provider's callback;
+/// idempotent).
+pub async fn pay(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    IdemKey(key): IdemKey,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<PayBody>,
+) -> Answer {
+    let id = order_id(&id)?;
+    let engine = state.backend.engine()?;
+    let print = fingerprint("pay", &id.to_string(), &body);
+    let answer = state
+        .inflight
+        .run(&engine, caller.user, key, print, |stamp| async {
+            let order = engine
+                .pay(caller, id, body.payment_ref, body.amount_cents, stamp)
+                .await?;
+            Ok(Outcome::Order(order))
+        })
+        .await?;
+    Ok(outcome(StatusCode::OK, answer))
+}
+
+/// `POST /v1/orders/{order_id}/cancel` (owner or admin).
+pub async fn cancel(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    ApiPath(id): ApiPath<String>,
+) -> Answer {
+    let id = order_id(&id)?;
+    let order = state.backend.engine()?.cancel(caller, id).await?;
+    Ok(Json(OrderJson::from(&order)).into_response())
+}
+
+/// `POST /v1/orders/{order_id}/ship` (admin).
+pub async fn ship(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    ApiPath(id): ApiPath<String>,
+) -> Answer {
+    let id = order_id(&id)?;
+    let order = state.backend.engine()?.ship(caller, id).await?;
+    Ok(Json(OrderJson::from(&order)).into_response())
+}
+
+/// `POST /v1/orders/{order_id}/deliver` (admin).
+pub async fn deliver(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    ApiPath(id): ApiPath<String>,
+) -> Answer {
+    let id = order_id(&id)?;
+    let order = state.backend.engine()?.deliver(caller, id).await?;
+    Ok(Json(OrderJson::from(&order)).into_response())
+}
+
+/// `POST /v1/orders/{order_id}/refund` (admin, idempotent).
+pub async fn refund(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    IdemKey(key): IdemKey,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<RefundBody>,
+) -> Answer {
+    let id = order_id(&id)?;
+    let lines: Vec<_> = body.lines.iter().copied().map(Into::into).collect();
+    let engine = state.backend.engine()?;
+    let print = fingerprint("refund", &id.to_string(), &body);
+    let answer = state
+        .inflight
+        .run(&engine, caller.user, key, print, |stamp| async {
+            let order = engine
+                .refund(caller, id, lines, body.restock, stamp)
+                .await?;
+            Ok(Outcome::Order(order))
+        })
+        .await?;
+    Ok(outcome(StatusCode::OK, answer))
+}
+
+// ----- carts -----
+
+/// `GET /v1/cart`.
+pub async fn get_cart(State(state): State<AppState>, Auth(caller): Auth) -> Answer {
+    let cart = state.backend.engine()?.cart(caller.user).await?;
+    Ok(Json(CartJson::from(&cart)).into_response())
+}
+
+/// `PUT /v1/cart/items/{sku_id}`.
+pub async fn put_cart_item(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<CartItemBody>,
+) -> Answer {
+    let sku = sku_id(&id)?;
+    let cart = state
+        .backend
+        .engine()?
+        .set_cart_item(caller.user, sku, body.qty)
+        .await?;
+    Ok(Json(CartJson::from(&cart)).into_response())
+}
+
+/// `DELETE /v1/cart`.
+pub async fn clear_cart(State(state): State<AppState>, Auth(caller): Auth) -> Answer {
+    state.backend.engine()?.clear_cart(caller.user).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /v1/cart/checkout` (idempotent): places the cart, empties it.
+pub async fn checkout(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    IdemKey(key): IdemKey,
+    OptionalJson(body): OptionalJson<CheckoutBody>,
+) -> Answer {
+    let engine = state.backend.engine()?;
+    let print = fingerprint("checkout", "", &body);
+    let answer = state
+        .inflight
+        .run(&engine, caller.user, key, print, |stamp| async {
+            let order = engine.checkout(caller.user, body.promo_code, stamp).await?;
+            Ok(Outcome::Order(order))
+        })
+        .await?;
+    Ok(outcome(StatusCode::CREATED, answer))
+}

@@ -1,0 +1,264 @@
+//! Prometheus metrics (`GET /metrics`, text format).
+//!
+//! Request counts by route, method and status and latency histograms by
+//! route are kept by the `prometheus` crate as requests finish. The rest is
+//! read when scraped: orders by state and per-SKU stock from the engine, and
+//! the journal's batch sizes, flush latency and durable lag from its
+//! writer's statistics.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::engine::Engine;
+use crate::journal::writer::JournalStats;
+
+/// Bucket bounds of the request latency histogram, in seconds.
+const LATENCY_BUCKETS_S: [f64; 16] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+/// Bucket bounds for the journal's batch sizes (events) ...
+const BATCH_BUCKETS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 512, 8_192];
+/// ... and its flush latency (microseconds).
+const FLUSH_BUCKETS_US: [u64; 10] = [
+    100, 200, 300, 500, 750, 1_000, 2_000, 5_000, 20_000, 100_000,
+];
+
+/// The front's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    /// Requests being handled.
+    pub in_flight: IntGauge,
+    /// Requests shed with `503 overloaded` before any work.
+    pub shed: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Builds and registers the metrics.
+    ///
+    /// # Errors
+    /// A `prometheus` error for an invalid definition (they are constant).
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "flashcore_http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "flashcore_http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(LATENCY_BUCKETS_S.to_vec()),
+            &["route"],
+        )?;
+        let in_flight = IntGauge::new(
+            "flashcore_http_requests_in_flight",
+            "requests being handled",
+        )?;
+        let shed = IntCounter::new(
+            "flashcore_http_shed_total",
+            "requests answered 503 overloaded at the door",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            latency,
+            in_flight,
+            shed,
+        })
+    }
+
+    /// Records a finished request.
+    pub fn observe(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let mut code = itoa_status(status);
+        self.requests
+            .with_label_values(&[route, method, code.as_str()])
+            .inc();
+        self.latency
+            .with_label_values(&[route])
+            .observe(took.as_secs_f64());
+        code.clear();
+    }
+
+    /// The text exposition: the registry, then what is read at scrape time.
+    pub async fn render(
+        &self,
+        engine: Option<&Engine>,
+        journal: Option<(&JournalStats, u64, u64, bool)>,
+    ) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        let mut text = String::from_utf8(out).unwrap_or_default();
+        if let Some(engine) = engine {
+            if let Ok(counts) = engine.order_counts().await {
+                let _ = writeln!(text, "# HELP flashcore_orders orders by state");
+                let _ = writeln!(text, "# TYPE flashcore_orders gauge");
+                for (status, count) in counts {
+                    let _ = writeln!(text, "flashcore_orders{{status=\"{status}\"}} {count}");
+                }
+            }
+            if let Ok(skus) = engine.skus().await {
+                for (name, help) in [
+                    ("on_hand", "units in the warehouse"),
+                    ("available", "units a new order can take"),
+                    ("reserved", "units held for unpaid orders"),
+                    ("allocated", "units paid for, waiting to ship"),
+                    ("shipped", "units shipped, cumulative"),
+                ] {
+                    let _ = writeln!(text, "# HELP flashcore_sku_{name} {help}");
+                    let _ = writeln!(text, "# TYPE flashcore_sku_{name} gauge");
+                    for sku in &skus {
+                        let l = sku.levels;
+                        let value = match name {
+                            "on_hand" => l.on_hand,
+                            "available" => l.available,
+                            "reserved" => l.reserved,
+                            "allocated" => l.allocated,
+                            _ => l.shipped,
+                        };
+                        let _ =
+                            writeln!(text, "flashcore_sku_{name}{{sku=\"{}\"}} {value}", sku.sku);
+                    }
+                }
+            }
+        }
+        if let Some((stats, last_seq, durable, failed)) = journal {
+            write_counter(
+                &mut text,
+                "flashcore_journal_batches_total",
+                "group commits written",
+                stats.batches.load(Ordering::Relaxed),
+            );
+            write_counter(
+                &mut text,
+                "flashcore_journal_events_total",
+                "events made durable",
+                stats.events.load(Ordering::Relaxed),
+            );
+            write_counter(
+                &mut text,
+                "flashcore_journal_bytes_total",
+                "record bytes written",
+                stats.bytes.load(Ordering::Relaxed),
+            );
+            write_gauge(
+                &mut text,
+                "flashcore_journal_durable_lag_events",
+                "events appended but not yet durable",
+                last_seq.saturating_sub(durable),
+            );
+            write_gauge(
+                &mut text,
+                "flashcore_journal_failed",
+                "1 after a storage failure until the journal is reopened",
+                u64::from(failed),
+            );
+            if let Ok(hist) = stats.batch_events.lock() {
+                write_histogram(
+                    &mut text,
+                    "flashcore_journal_batch_events",
+                    "events per group commit",
+                    &hist,
+                    &BATCH_BUCKETS,
+                    1.0,
+                );
+            }
+            if let Ok(hist) = stats.flush_us.lock() {
+                write_histogram(
+                    &mut text,
+                    "flashcore_journal_flush_seconds",
+                    "sled flush plus fdatasync per group commit",
+                    &hist,
+                    &FLUSH_BUCKETS_US,
+                    1e-6,
+                );
+            }
+        }
+        if let Some(rss) = resident_bytes() {
+            write_gauge(
+                &mut text,
+                "process_resident_memory_bytes",
+                "resident memory of this process",
+                rss,
+            );
+        }
+        text
+    }
+}
+
+fn itoa_status(status: u16) -> String {
+    status.to_string()
+}
+
+fn write_counter(text: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        text,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn write_gauge(text: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        text,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// A Prometheus histogram from an hdrhistogram: cumulative counts at fixed
+/// bounds (`scale` converts the recorded unit to the exported one).
+fn write_histogram(
+    text: &mut String,
+    name: &str,
+    help: &str,
+    hist: &hdrhistogram::Histogram<u64>,
+    bounds: &[u64],
+    scale: f64,
+) {
+    let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for bound in bounds {
+        let count = hist.count_between(0, *bound);
+        let _ = writeln!(
+            text,
+            "{name}_bucket{{le=\"{}\"}} {count}",
+            *bound as f64 * scale
+        );
+    }
+    let total = hist.len();
+    let sum = hist.mean() * total as f64 * scale;
+    let _ = writeln!(
+        text,
+        "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {sum}\n{name}_count {total}"
+    );
+}
+
+/// Resident memory from `/proc/self/statm` (Linux), in bytes.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,234 @@
+//! The HTTP front: exactly the contract of `../shared/API.md`, thin over the
+//! [`Engine`].
+//!
+//! Layers, outside in: metrics (per matched route), load shedding (a bound
+//! on requests in flight; beyond it a `503 overloaded` with `Retry-After`
+//! at once), the body limit (a declared `Content-Length` over 64 KiB is a
+//! `413` before any byte is read; a chunked body is cut at 64 KiB by the
+//! extractors), then the routes. Unknown routes and methods, bad JSON,
+//! wrong content types and bad parameters all answer with the JSON error
+//! body (`error.rs`). Nothing here blocks a worker thread.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+mod handlers;
+pub mod idempotency;
+pub mod metrics;
+pub mod views;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header::CONTENT_LENGTH;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use tokio::sync::Semaphore;
+
+use crate::engine::Engine;
+use crate::http::auth::JwtKeys;
+use crate::http::error::ApiError;
+use crate::http::idempotency::InFlight;
+use crate::http::metrics::Metrics;
+use crate::journal::SledJournal;
+use crate::limits::{BODY_BYTES_MAX, REQUESTS_IN_FLIGHT_MAX};
+
+/// What the front talks to. The server swaps the engine and journal when it
+/// goes back to its last durable state after a storage failure; until
+/// recovery has finished there is none, and changes answer `503`.
+#[derive(Default)]
+pub struct Backend {
+    engine: RwLock<Option<Engine>>,
+    journal: RwLock<Option<Arc<SledJournal>>>,
+    recovering: AtomicBool,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("ready", &self.not_ready_reason().is_none())
+            .finish()
+    }
+}
+
+impl Backend {
+    /// A backend that is still recovering.
+    pub fn recovering() -> Backend {
+        Backend {
+            recovering: AtomicBool::new(true),
+            ..Backend::default()
+        }
+    }
+
+    /// The engine serving requests.
+    ///
+    /// # Errors
+    /// `StorageUnavailable` while recovering.
+    pub fn engine(&self) -> Result<Engine, ApiError> {
+        self.engine
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                ApiError::StorageUnavailable("the server is recovering; retry shortly".into())
+            })
+    }
+
+    /// The journal, if open.
+    pub fn journal(&self) -> Option<Arc<SledJournal>> {
+        self.journal
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs a freshly started engine and journal (recovery finished).
+    pub fn install(&self, engine: Engine, journal: Arc<SledJournal>) {
+        *self.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(engine);
+        *self.journal.write().unwrap_or_else(|p| p.into_inner()) = Some(journal);
+        self.recovering.store(false, Ordering::SeqCst);
+    }
+
+    /// Takes the engine and journal out (to stop them or to reload).
+    pub fn take(&self) -> (Option<Engine>, Option<Arc<SledJournal>>) {
+        self.recovering.store(true, Ordering::SeqCst);
+        let engine = self
+            .engine
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let journal = self
+            .journal
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        (engine, journal)
+    }
+
+    /// Why the server is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.recovering.load(Ordering::SeqCst) {
+            return Some("recovering".into());
+        }
+        self.journal()
+            .and_then(|j| j.failure())
+            .map(|why| format!("storage failed: {why}"))
+    }
+}
+
+/// Everything a handler needs.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The engine and journal.
+    pub backend: Arc<Backend>,
+    /// Token keys.
+    pub keys: Arc<JwtKeys>,
+    /// Idempotency keys being executed.
+    pub inflight: Arc<InFlight>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Requests in flight (load shedding).
+    pub slots: Arc<Semaphore>,
+}
+
+impl AppState {
+    /// State for a backend and keys.
+    ///
+    /// # Errors
+    /// When the metrics cannot be registered.
+    pub fn new(backend: Arc<Backend>, keys: JwtKeys) -> Result<AppState, prometheus::Error> {
+        Ok(AppState {
+            backend,
+            keys: Arc::new(keys),
+            inflight: Arc::new(InFlight::default()),
+            metrics: Arc::new(Metrics::new()?),
+            slots: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+        })
+    }
+}
+
+/// Records each request's route, status and latency.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    state.metrics.observe(
+        &route,
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// Sheds load: a request that finds every slot taken is answered `503` at
+/// once, and a declared body over the limit `413`, before any work.
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > BODY_BYTES_MAX as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    let Ok(_slot) = Arc::clone(&state.slots).try_acquire_owned() else {
+        state.metrics.shed.inc();
+        return ApiError::overloaded().into_response();
+    };
+    state.metrics.in_flight.inc();
+    let response = next.run(request).await;
+    state.metrics.in_flight.dec();
+    response
+}
+
+/// The router with every route and layer.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route(
+            "/v1/skus",
+            post(handlers::create_sku).get(handlers::list_skus),
+        )
+        .route(
+            "/v1/skus/{sku_id}",
+            get(handlers::get_sku).patch(handlers::patch_sku),
+        )
+        .route("/v1/skus/{sku_id}/restock", post(handlers::restock))
+        .route("/v1/promotions", post(handlers::create_promotion))
+        .route(
+            "/v1/orders",
+            post(handlers::place_order).get(handlers::list_orders),
+        )
+        .route("/v1/orders/{order_id}", get(handlers::get_order))
+        .route("/v1/orders/{order_id}/pay", post(handlers::pay))
+        .route("/v1/orders/{order_id}/cancel", post(handlers::cancel))
+        .route("/v1/orders/{order_id}/ship", post(handlers::ship))
+        .route("/v1/orders/{order_id}/deliver", post(handlers::deliver))
+        .route("/v1/orders/{order_id}/refund", post(handlers::refund))
+        .route(
+            "/v1/cart",
+            get(handlers::get_cart).delete(handlers::clear_cart),
+        )
+        .route("/v1/cart/items/{sku_id}", put(handlers::put_cart_item))
+        .route("/v1/cart/checkout", post(handlers::checkout))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .merge(api)
+        .route_layer(middleware::from_fn_with_state(state.clone(), observe))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::not_found)
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}

@@ -1,0 +1,379 @@
+//! `flashcore serve`: start-up, the storage supervisor, and shutdown.
+//!
+//! Start-up order: raise the open-file limit, check the data dir, load the
+//! JWT secret, bind the listener (so `/healthz` answers and `/readyz` says
+//! 503 while recovering), recover the state (newest snapshot + journal tail,
+//! then release what a crash left held and expire what passed its deadline,
+//! all journaled), seed the catalog into a fresh data dir, start the
+//! snapshotter, and only then become ready.
+//!
+//! The supervisor watches the journal. After a storage failure (disk full,
+//! I/O error) the journal refuses changes (`503 storage_unavailable`),
+//! `/readyz` says 503, and reads go on; every second the supervisor probes
+//! the disk with a small synced write, and once that succeeds it reloads the
+//! last durable state from disk (dropping exactly the changes that never
+//! became durable) and takes changes again.
+//!
+//! Shutdown order (SIGTERM or Ctrl-C): stop accepting, finish the requests
+//! in flight, stop the engine, close the journal (everything taken becomes
+//! durable), take a last snapshot, exit 0.
+
+mod listener;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::domain::promo::Promotion;
+use crate::engine::{DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock};
+use crate::http::auth::{JwtKeys, SecretError, load_secret};
+use crate::http::views::{NewSkuBody, PromotionBody};
+use crate::http::{AppState, Backend, router};
+use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
+use crate::limits::{CATALOG_BYTES_MAX, STORAGE_PROBE_MS};
+
+/// How `serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The data dir (journal, snapshots, secret).
+    pub data_dir: PathBuf,
+    /// The catalog seeded into a fresh data dir.
+    pub catalog: Option<PathBuf>,
+    /// How the engine runs (durability, TTL, threads).
+    pub engine: EngineConfig,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// Cut a damaged journal instead of refusing to start.
+    pub repair: bool,
+    /// The JWT secret from the environment, if set.
+    pub jwt_secret: Option<String>,
+}
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The data dir or listener cannot be used.
+    #[error("{0}")]
+    Io(String),
+    /// The state cannot be rebuilt.
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
+    /// The JWT secret cannot be had.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The engine refused to start or to seed the catalog.
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    /// The catalog file is unusable.
+    #[error("catalog {path}: {why}")]
+    Catalog {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// The storage side that the supervisor owns: what the backend serves,
+/// plus the snapshotter.
+struct Storage {
+    config: ServeConfig,
+    backend: Arc<Backend>,
+    snapshotter: Mutex<Option<Snapshotter>>,
+}
+
+fn policy(mode: DurabilityMode) -> FlushPolicy {
+    match mode {
+        DurabilityMode::Strict => FlushPolicy::Strict,
+        DurabilityMode::Relaxed => FlushPolicy::Relaxed,
+    }
+}
+
+/// Writes and fsyncs a small file in the data dir: does the disk take writes?
+fn probe(data_dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = data_dir.join(".probe");
+    let mut file = std::fs::File::create(&path)?;
+    file.write_all(&[0u8; 4096])?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::remove_file(&path)
+}
+
+/// The catalog file's shape.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Catalog {
+    #[serde(default)]
+    skus: Vec<NewSkuBody>,
+    #[serde(default)]
+    promotions: Vec<PromotionBody>,
+}
+
+fn read_catalog(path: &Path) -> Result<Option<Catalog>, ServerError> {
+    let bad = |why: String| ServerError::Catalog {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    if meta.len() > CATALOG_BYTES_MAX {
+        return Err(bad(format!("over {CATALOG_BYTES_MAX} bytes")));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| bad(format!("invalid: {e}")))
+}
+
+impl Storage {
+    /// Opens the journal, rebuilds the state and starts the engine and the
+    /// snapshotter (blocking: run it off the async workers).
+    fn open(&self) -> Result<(Engine, Arc<SledJournal>, bool), ServerError> {
+        let data_dir = &self.config.data_dir;
+        let opened = open_with_retry(
+            data_dir,
+            policy(self.config.engine.durability),
+            self.config.repair,
+        )?;
+        let recovered = opened.recovered;
+        let fresh = recovered.last_seq == 0 && recovered.snapshot_seq == 0;
+        tracing::info!(
+            snapshot = recovered.snapshot_seq,
+            replayed = recovered.replayed,
+            last_seq = recovered.last_seq,
+            cut_at = ?recovered.cut_at,
+            orders = recovered.state.orders.len(),
+            skus = recovered.state.skus.len(),
+            "state rebuilt"
+        );
+        let engine = Engine::start(
+            self.config.engine.clone(),
+            opened.journal.clone(),
+            Arc::new(SystemClock),
+            recovered.state,
+        )?;
+        let snapshotter = Snapshotter::start(
+            opened.journal.clone(),
+            journal::snapshot_dir(data_dir),
+            SnapshotPolicy::default(),
+        );
+        *self.snapshotter.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshotter);
+        Ok((engine, opened.journal, fresh))
+    }
+
+    /// Stops the engine, the snapshotter (after a last snapshot) and the
+    /// journal (after everything taken is durable).
+    fn close(&self) {
+        let (engine, journal) = self.backend.take();
+        if let Some(engine) = engine {
+            engine.shutdown();
+        }
+        if let Some(journal) = &journal {
+            journal.close();
+        }
+        if let Some(mut snapshotter) = self
+            .snapshotter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            snapshotter.stop();
+        }
+    }
+}
+
+/// Opens the journal, retrying for a few seconds while the previous handle
+/// of the same data dir is still being released (sled locks its file).
+fn open_with_retry(
+    data_dir: &Path,
+    flush: FlushPolicy,
+    repair: bool,
+) -> Result<journal::Opened, RecoveryError> {
+    let mut attempts = 0;
+    loop {
+        match journal::open(data_dir, flush, repair) {
+            Err(RecoveryError::Storage(why)) if attempts < 50 && why.contains("lock") => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Seeds the catalog into a fresh data dir.
+async fn seed(engine: &Engine, path: &Path) -> Result<(), ServerError> {
+    let Some(catalog) = read_catalog(path)? else {
+        tracing::warn!(path = %path.display(), "no catalog file; starting with an empty catalog");
+        return Ok(());
+    };
+    let bad = |why: String| ServerError::Catalog {
+        path: path.to_path_buf(),
+        why,
+    };
+    for sku in catalog.skus {
+        engine
+            .create_sku(NewSku {
+                sku: sku.sku_id,
+                name: sku.name,
+                price_cents: sku.price_cents,
+                stock: sku.stock,
+                per_user_limit: sku.per_user_limit,
+            })
+            .await
+            .map_err(|e| bad(format!("SKU {}: {e}", sku.sku_id)))?;
+    }
+    for promo in catalog.promotions {
+        let promotion = Promotion::new(promo.code, promo.threshold_cents, promo.off_cents)
+            .map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
+        engine
+            .create_promotion(promotion)
+            .await
+            .map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
+    }
+    tracing::info!(path = %path.display(), "catalog seeded");
+    Ok(())
+}
+
+async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
+    let opener = Arc::clone(storage);
+    let (engine, journal, fresh) = tokio::task::spawn_blocking(move || opener.open())
+        .await
+        .map_err(|e| ServerError::Io(format!("recovery task: {e}")))??;
+    if fresh {
+        if let Some(catalog) = &storage.config.catalog {
+            seed(&engine, catalog).await?;
+        }
+    }
+    storage.backend.install(engine, journal);
+    tracing::info!("ready");
+    Ok(())
+}
+
+/// Watches the journal; after a failure, probes the disk and reloads the
+/// last durable state once it takes writes again.
+async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(STORAGE_PROBE_MS)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let failed = storage.backend.journal().and_then(|j| j.failure());
+        let Some(why) = failed else { continue };
+        let dir = storage.config.data_dir.clone();
+        match tokio::task::spawn_blocking(move || probe(&dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, failure = %why, "the disk still refuses writes");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "probe task failed");
+                continue;
+            }
+        }
+        tracing::warn!(failure = %why, "the disk takes writes again; reloading the last durable state");
+        let closer = Arc::clone(&storage);
+        if let Err(e) = tokio::task::spawn_blocking(move || closer.close()).await {
+            tracing::error!(error = %e, "closing the failed storage");
+        }
+        if let Err(e) = start_storage(&storage).await {
+            tracing::error!(error = %e, "reloading failed; retrying");
+        }
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then shuts down in order.
+///
+/// # Errors
+/// Any [`ServerError`] that prevents starting; a failure after start-up is
+/// logged and handled by the supervisor instead.
+pub async fn run(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let wanted = u64::try_from(config.max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1_024);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => {
+            tracing::warn!(
+                limit,
+                wanted,
+                "the open-file limit is below --max-connections"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        ServerError::Io(format!(
+            "cannot create the data dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    probe(&config.data_dir).map_err(|e| {
+        ServerError::Io(format!(
+            "the data dir {} does not take writes: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    let secret = load_secret(config.jwt_secret.clone(), &config.data_dir)?;
+    let backend = Arc::new(Backend::recovering());
+    let state = AppState::new(Arc::clone(&backend), JwtKeys::new(&secret))
+        .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| ServerError::Io(e.to_string()))?;
+    tracing::info!(%address, data_dir = %config.data_dir.display(), "listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(listener::serve(
+        listener,
+        router(state),
+        config.max_connections,
+        stop_rx.clone(),
+    ));
+    let storage = Arc::new(Storage {
+        config,
+        backend,
+        snapshotter: Mutex::new(None),
+    });
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = start_storage(&storage) => started,
+        () = &mut shutdown => Ok(()),
+    };
+    let supervisor = tokio::spawn(supervise(Arc::clone(&storage), stop_rx));
+    if started.is_ok() {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing requests in flight");
+    }
+    let _ = stop_tx.send(true);
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "the listener task failed");
+    }
+    if let Err(e) = supervisor.await {
+        tracing::error!(error = %e, "the supervisor task failed");
+    }
+    let closer = Arc::clone(&storage);
+    tokio::task::spawn_blocking(move || closer.close())
+        .await
+        .map_err(|e| ServerError::Io(format!("closing: {e}")))?;
+    tracing::info!("stopped");
+    started
+}
