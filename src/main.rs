@@ -13,7 +13,7 @@ use flashcore::engine::{DurabilityMode, EngineConfig};
 use flashcore::http::auth::{JwtKeys, SECRET_ENV, load_secret};
 use flashcore::limits::{
     ACTOR_THREADS_MAX, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ORDER_SHARDS_DEFAULT,
-    ORDER_SHARDS_MAX, RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_MS,
+    ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_MAX, RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_MS,
 };
 use flashcore::server::{ServeConfig, run};
 
@@ -66,6 +66,9 @@ struct ServeArgs {
     /// Most open connections.
     #[arg(long, env = "FLASHCORE_MAX_CONNECTIONS", default_value_t = CONNECTIONS_DEFAULT)]
     max_connections: usize,
+    /// Most requests handled at once; beyond it, `503 overloaded` at once.
+    #[arg(long, env = "FLASHCORE_MAX_IN_FLIGHT", default_value_t = REQUESTS_IN_FLIGHT_MAX)]
+    max_in_flight: usize,
     /// Cut a journal damaged before its tail instead of refusing to start
     /// (every change from the damage on is lost).
     #[arg(long)]
@@ -102,6 +105,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if ttl_ms == 0 || ttl_ms > RESERVATION_TTL_MAX_MS {
         bail!("--reservation-ttl must be between 1ms and 7 days");
     }
+    if !(1..=REQUESTS_IN_FLIGHT_MAX).contains(&args.max_in_flight) {
+        bail!("--max-in-flight must be 1 to {REQUESTS_IN_FLIGHT_MAX}");
+    }
     if args.max_connections == 0 || args.max_connections > CONNECTIONS_MAX {
         bail!("--max-connections must be 1 to {CONNECTIONS_MAX}");
     }
@@ -128,6 +134,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
         max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
         repair: args.repair,
         jwt_secret: std::env::var(SECRET_ENV).ok(),
     };

@@ -140,13 +140,19 @@ impl AppState {
     ///
     /// # Errors
     /// When the metrics cannot be registered.
-    pub fn new(backend: Arc<Backend>, keys: JwtKeys) -> Result<AppState, prometheus::Error> {
+    pub fn new(
+        backend: Arc<Backend>,
+        keys: JwtKeys,
+        max_in_flight: usize,
+    ) -> Result<AppState, prometheus::Error> {
         Ok(AppState {
             backend,
             keys: Arc::new(keys),
             inflight: Arc::new(InFlight::default()),
             metrics: Arc::new(Metrics::new()?),
-            slots: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            slots: Arc::new(Semaphore::new(
+                max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX),
+            )),
         })
     }
 }

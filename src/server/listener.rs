@@ -46,7 +46,7 @@ pub async fn serve(
         // Room for a full head and a pipelined body or two, no more.
         .max_buf_size(HEADER_BYTES_MAX + BODY_BYTES_MAX)
         .keep_alive(true)
-        .pipeline_flush(true);
+        .pipeline_flush(false);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => match permit {

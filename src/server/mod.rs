@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// Most open connections.
     pub max_connections: usize,
+    /// Most requests handled at once; beyond, `503 overloaded`.
+    pub max_in_flight: usize,
     /// Cut a damaged journal instead of refusing to start.
     pub repair: bool,
     /// The JWT secret from the environment, if set.
@@ -331,8 +333,12 @@ pub async fn run(
     })?;
     let secret = load_secret(config.jwt_secret.clone(), &config.data_dir)?;
     let backend = Arc::new(Backend::recovering());
-    let state = AppState::new(Arc::clone(&backend), JwtKeys::new(&secret))
-        .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
+    let state = AppState::new(
+        Arc::clone(&backend),
+        JwtKeys::new(&secret),
+        config.max_in_flight,
+    )
+    .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", config.listen)))?;

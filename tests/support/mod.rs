@@ -1,5 +1,8 @@
-//! Shared helpers for the in-process engine tests.
+//! Shared helpers: the in-process engine harness, and (in `server`) the real
+//! binary as a child process with a small HTTP client.
 #![allow(dead_code)]
+
+pub mod server;
 
 use std::sync::Arc;
 

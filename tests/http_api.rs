@@ -1,0 +1,964 @@
+//! The HTTP contract end to end, against the real binary on a free loopback
+//! port with a temp data dir: every endpoint, the auth matrix, bad input,
+//! idempotency (also across a SIGKILL), a flash sale, hostile clients, load
+//! shedding and a clean SIGTERM.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::server::{Api, Client, Server};
+
+fn body_str(r: &support::server::Response) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
+#[test]
+fn every_endpoint_works_as_the_contract_says() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    let admin = server.admin();
+    let ann = server.customer("ann");
+
+    assert_eq!(api.call("GET", "/healthz", None, None, None).status, 200);
+    assert_eq!(api.call("GET", "/readyz", None, None, None).status, 200);
+
+    // SKUs.
+    let r = api.create_sku("tee", 2_500, 10, Some(5));
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    let sku = r.json();
+    for (field, value) in [
+        ("on_hand", 10),
+        ("available", 10),
+        ("reserved", 0),
+        ("allocated", 0),
+        ("shipped", 0),
+    ] {
+        assert_eq!(sku[field], value, "{field}");
+    }
+    assert_eq!(sku["per_user_limit"], 5);
+    assert_eq!(api.create_sku("tee", 1, 1, None).code(), "already_exists");
+    api.create_sku("mug", 1_000, 4, None);
+    let list = api.call("GET", "/v1/skus", None, None, None).json();
+    let ids: Vec<&str> = list["skus"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["sku_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["mug", "tee"]);
+    let r = api.call(
+        "PATCH",
+        "/v1/skus/tee",
+        Some(&admin),
+        None,
+        Some(r#"{"price_cents": 2000, "per_user_limit": null}"#),
+    );
+    assert_eq!(
+        (
+            r.status,
+            r.json()["price_cents"].clone(),
+            r.json()["per_user_limit"].clone()
+        ),
+        (200, Value::from(2000), Value::Null)
+    );
+    let r = api.call(
+        "POST",
+        "/v1/skus/tee/restock",
+        Some(&admin),
+        Some("rs-1"),
+        Some(r#"{"qty": 5}"#),
+    );
+    assert_eq!(
+        (r.status, r.json()["on_hand"].clone()),
+        (200, Value::from(15))
+    );
+
+    // Promotions, orders with a discount spread over the lines.
+    let r = api.call(
+        "POST",
+        "/v1/promotions",
+        Some(&admin),
+        None,
+        Some(r#"{"code":"TEN","threshold_cents":3000,"off_cents":1000}"#),
+    );
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    assert_eq!(r.json()["code"], "TEN");
+    let r = api.call(
+        "POST",
+        "/v1/orders",
+        Some(&ann),
+        None,
+        Some(r#"{"items":[{"sku_id":"tee","qty":1},{"sku_id":"mug","qty":2}],"promo_code":"TEN"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    let order = r.json();
+    let id = order["order_id"].as_str().expect("id").to_string();
+    assert_eq!(order["status"], "reserved");
+    assert_eq!(
+        (
+            order["subtotal_cents"].clone(),
+            order["discount_cents"].clone(),
+            order["total_cents"].clone()
+        ),
+        (4_000.into(), 1_000.into(), 3_000.into())
+    );
+    assert_eq!(
+        (
+            order["lines"][0]["discount_cents"].clone(),
+            order["lines"][1]["discount_cents"].clone()
+        ),
+        (500.into(), 500.into())
+    );
+    assert_eq!(order["lines"][0]["name"], "Item tee");
+    assert_eq!(
+        order["lines"][0]["unit_price_cents"], 2_000,
+        "the price at placement"
+    );
+    assert!(
+        order["created_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    assert!(order["expires_at"].as_str().is_some());
+    assert_eq!(order["history"][0]["status"], "reserved");
+    // The snapshot: a later price change does not touch it.
+    api.call(
+        "PATCH",
+        "/v1/skus/tee",
+        Some(&admin),
+        None,
+        Some(r#"{"price_cents": 9999}"#),
+    );
+    let read = api
+        .call("GET", &format!("/v1/orders/{id}"), Some(&ann), None, None)
+        .json();
+    assert_eq!(read["lines"][0]["unit_price_cents"], 2_000);
+
+    // Payment: mismatch, then the right amount, then a harmless repeat.
+    let pay = |amount: u64| format!(r#"{{"payment_ref":"psp-1","amount_cents":{amount}}}"#);
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/pay"),
+        Some(&admin),
+        None,
+        Some(&pay(2_999)),
+    );
+    assert_eq!((r.status, r.code()), (409, "payment_mismatch".into()));
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/pay"),
+        Some(&admin),
+        None,
+        Some(&pay(3_000)),
+    );
+    assert_eq!(
+        (
+            r.status,
+            r.json()["status"].clone(),
+            r.json()["paid_cents"].clone()
+        ),
+        (200, "paid".into(), 3_000.into())
+    );
+    let again = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/pay"),
+        Some(&admin),
+        None,
+        Some(&pay(3_000)),
+    );
+    assert_eq!((again.status, again.json()), (200, r.json()));
+    assert_eq!(api.sku("mug")["allocated"], 2);
+
+    // Refund one mug before shipping: its share of the discount stays.
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/refund"),
+        Some(&admin),
+        Some("rf-1"),
+        Some(r#"{"lines":[{"sku_id":"mug","qty":1}]}"#),
+    );
+    assert_eq!(
+        (r.status, r.json()["refunded_cents"].clone()),
+        (200, 750.into()),
+        "{}",
+        body_str(&r)
+    );
+    assert_eq!(api.sku("mug")["available"], 3);
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/refund"),
+        Some(&admin),
+        None,
+        Some(r#"{"lines":[{"sku_id":"mug","qty":2}]}"#),
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_request".into()));
+
+    // Ship, deliver, refund the rest after shipment with restock.
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/ship"),
+        Some(&admin),
+        None,
+        None,
+    );
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, "shipped".into())
+    );
+    assert_eq!(api.sku("mug")["shipped"], 1);
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/deliver"),
+        Some(&admin),
+        None,
+        None,
+    );
+    assert_eq!(r.json()["status"], "delivered");
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/refund"),
+        Some(&admin),
+        None,
+        Some(r#"{"lines":[{"sku_id":"mug","qty":1},{"sku_id":"tee","qty":1}],"restock":true}"#),
+    );
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, "refunded".into())
+    );
+    assert_eq!(
+        r.json()["refunded_cents"],
+        r.json()["paid_cents"],
+        "every unit refunded returns exactly what was paid"
+    );
+    let refunded = r.json();
+    let history: Vec<&str> = refunded["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|h| h["status"].as_str())
+        .collect();
+    assert_eq!(
+        history,
+        ["reserved", "paid", "shipped", "delivered", "refunded"]
+    );
+    assert_eq!(
+        api.sku("mug")["on_hand"],
+        4,
+        "the returned mug came back to stock"
+    );
+
+    // Cancel, and a customer cannot ship.
+    let r = api.order(&ann, &[("tee", 1)], None);
+    let id2 = r.json()["order_id"].as_str().expect("id").to_string();
+    assert_eq!(
+        api.call(
+            "POST",
+            &format!("/v1/orders/{id2}/ship"),
+            Some(&ann),
+            None,
+            None
+        )
+        .code(),
+        "forbidden"
+    );
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id2}/cancel"),
+        Some(&ann),
+        None,
+        None,
+    );
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, "cancelled".into())
+    );
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id2}/cancel"),
+        Some(&ann),
+        None,
+        None,
+    );
+    assert_eq!((r.status, r.code()), (409, "invalid_transition".into()));
+
+    // Listing: own orders newest first, limits, admin filter.
+    let bob = server.customer("bob");
+    api.order(&bob, &[("tee", 1)], None);
+    let own = api
+        .call("GET", "/v1/orders?limit=1", Some(&ann), None, None)
+        .json();
+    assert_eq!(own["orders"].as_array().map(Vec::len), Some(1));
+    assert_eq!(own["orders"][0]["order_id"].as_str(), Some(id2.as_str()));
+    let all = api
+        .call("GET", "/v1/orders", Some(&admin), None, None)
+        .json();
+    assert_eq!(all["orders"].as_array().map(Vec::len), Some(3));
+    let bobs = api
+        .call("GET", "/v1/orders?user_id=bob", Some(&admin), None, None)
+        .json();
+    assert!(
+        bobs["orders"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|o| o["user_id"] == "bob")
+    );
+    assert_eq!(
+        api.call("GET", "/v1/orders?user_id=bob", Some(&ann), None, None)
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        api.call("GET", "/v1/orders?limit=501", Some(&ann), None, None)
+            .code(),
+        "invalid_request"
+    );
+
+    // The cart and checkout.
+    let r = api.call(
+        "PUT",
+        "/v1/cart/items/tee",
+        Some(&ann),
+        None,
+        Some(r#"{"qty":2}"#),
+    );
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"items":[{"sku_id":"tee","qty":2}]})
+    );
+    api.call(
+        "PUT",
+        "/v1/cart/items/mug",
+        Some(&ann),
+        None,
+        Some(r#"{"qty":1}"#),
+    );
+    api.call(
+        "PUT",
+        "/v1/cart/items/mug",
+        Some(&ann),
+        None,
+        Some(r#"{"qty":0}"#),
+    );
+    assert_eq!(
+        api.call("GET", "/v1/cart", Some(&ann), None, None).json()["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let r = api.call("POST", "/v1/cart/checkout", Some(&ann), Some("co-1"), None);
+    assert_eq!(
+        (r.status, r.json()["lines"][0]["qty"].clone()),
+        (201, 2.into()),
+        "{}",
+        body_str(&r)
+    );
+    assert_eq!(
+        api.call("GET", "/v1/cart", Some(&ann), None, None).json(),
+        serde_json::json!({"items": []})
+    );
+    api.call(
+        "PUT",
+        "/v1/cart/items/mug",
+        Some(&ann),
+        None,
+        Some(r#"{"qty":1}"#),
+    );
+    assert_eq!(
+        api.call("DELETE", "/v1/cart", Some(&ann), None, None)
+            .status,
+        204
+    );
+    assert_eq!(
+        api.call("POST", "/v1/cart/checkout", Some(&ann), None, Some("{}"))
+            .code(),
+        "invalid_request"
+    );
+
+    // Metrics.
+    let m = api.call("GET", "/metrics", None, None, None);
+    let text = body_str(&m);
+    for name in [
+        "flashcore_http_requests_total",
+        "flashcore_http_request_duration_seconds_bucket",
+        "flashcore_orders{status=\"refunded\"} 1",
+        "flashcore_sku_available{sku=\"tee\"}",
+        "flashcore_journal_batch_events_bucket",
+        "flashcore_journal_flush_seconds_bucket",
+        "flashcore_journal_durable_lag_events",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+}
+
+#[test]
+fn the_auth_matrix_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    api.create_sku("a", 100, 10, None);
+    let ann = server.customer("ann");
+    let order = api.order(&ann, &[("a", 1)], None).json();
+    let path = format!("/v1/orders/{}", order["order_id"].as_str().expect("id"));
+    let expired = server.token("ann", false, -60);
+    let forged = {
+        let keys = flashcore::http::auth::JwtKeys::new(b"another-secret-another-secret-xx!");
+        keys.issue(
+            flashcore::domain::UserId::parse("ann").expect("valid"),
+            true,
+            2_000_000_000 - 10,
+            1_000_000,
+        )
+        .expect("signs")
+    };
+    let cases: Vec<(&str, Option<String>, u16, &str)> = vec![
+        ("no token", None, 401, "unauthorized"),
+        ("garbage", Some("x.y.z".into()), 401, "unauthorized"),
+        ("bad signature", Some(forged), 401, "unauthorized"),
+        ("expired", Some(expired), 401, "unauthorized"),
+        (
+            "another user's order",
+            Some(server.customer("bob")),
+            403,
+            "forbidden",
+        ),
+        ("the owner", Some(server.customer("ann")), 200, ""),
+        ("an admin", Some(server.admin()), 200, ""),
+    ];
+    for (what, token, status, code) in cases {
+        let r = api.call("GET", &path, token.as_deref(), None, None);
+        assert_eq!(r.status, status, "{what}: {}", body_str(&r));
+        if !code.is_empty() {
+            assert_eq!(r.code(), code, "{what}");
+        }
+    }
+    // A customer on admin routes.
+    let customer = server.customer("ann");
+    for (method, path, body) in [
+        (
+            "POST",
+            "/v1/skus",
+            Some(r#"{"sku_id":"z","name":"Z","price_cents":1,"stock":1}"#),
+        ),
+        ("PATCH", "/v1/skus/a", Some(r#"{"price_cents":1}"#)),
+        ("POST", "/v1/skus/a/restock", Some(r#"{"qty":1}"#)),
+        (
+            "POST",
+            "/v1/promotions",
+            Some(r#"{"code":"P","threshold_cents":10,"off_cents":1}"#),
+        ),
+        (
+            "POST",
+            &format!("{path}/pay"),
+            Some(r#"{"payment_ref":"x","amount_cents":100}"#),
+        ),
+        ("POST", &format!("{path}/ship"), None),
+        ("POST", &format!("{path}/deliver"), None),
+        (
+            "POST",
+            &format!("{path}/refund"),
+            Some(r#"{"lines":[{"sku_id":"a","qty":1}]}"#),
+        ),
+    ] {
+        let r = api.call(method, path, Some(&customer), None, body);
+        assert_eq!(
+            (r.status, r.code()),
+            (403, "forbidden".into()),
+            "{method} {path}"
+        );
+    }
+    // Malformed Authorization headers.
+    for header in ["Basic abc", "Bearer", "Bearer ", "token"] {
+        let r = api
+            .client
+            .send("GET", "/v1/cart", &[("Authorization", header)], None);
+        assert_eq!(
+            (r.status, r.code()),
+            (401, "unauthorized".into()),
+            "{header:?}"
+        );
+    }
+    // Public routes need no token.
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/skus", "/v1/skus/a"] {
+        assert_eq!(
+            api.call("GET", path, None, None, None).status,
+            200,
+            "{path}"
+        );
+    }
+}
+
+#[test]
+fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    api.create_sku("a", 100, 10, Some(2));
+    api.create_sku("b", 100, 1, None);
+    let admin = server.admin();
+    let ann = server.customer("ann");
+    let bob = server.customer("bob");
+    let order = api.order(&ann, &[("a", 1)], None).json();
+    let oid = order["order_id"].as_str().expect("id").to_string();
+    let before = api.books();
+    let long_id = "x".repeat(65);
+    let big_name = "n".repeat(201);
+    let huge = format!(
+        r#"{{"items":[{}]}}"#,
+        vec![r#"{"sku_id":"a","qty":1}"#; 3_000].join(",")
+    );
+    let lines_101 = format!(
+        r#"{{"items":[{}]}}"#,
+        (0..101)
+            .map(|i| format!(r#"{{"sku_id":"s{i}","qty":1}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let order_path = format!("/v1/orders/{oid}");
+    #[rustfmt::skip]
+    let cases: Vec<(&str, &str, String, Option<&str>, Option<String>, u16, &str)> = vec![
+        ("bad JSON", "POST", "/v1/orders".into(), Some(&ann), Some("{not json".into()), 400, "invalid_request"),
+        ("empty body", "POST", "/v1/orders".into(), Some(&ann), Some("".into()), 400, "invalid_request"),
+        ("JSON array", "POST", "/v1/orders".into(), Some(&ann), Some("[]".into()), 400, "invalid_request"),
+        ("missing items", "POST", "/v1/orders".into(), Some(&ann), Some("{}".into()), 400, "invalid_request"),
+        ("no lines", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[]}"#.into()), 400, "invalid_request"),
+        ("qty 0", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":0}]}"#.into()), 400, "invalid_request"),
+        ("qty 10001", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":10001}]}"#.into()), 400, "invalid_request"),
+        ("qty negative", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":-1}]}"#.into()), 400, "invalid_request"),
+        ("qty overflow", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":99999999999999999999}]}"#.into()), 400, "invalid_request"),
+        ("qty a string", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":"1"}]}"#.into()), 400, "invalid_request"),
+        ("merged qty over the max", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":6000},{"sku_id":"a","qty":5000}]}"#.into()), 400, "invalid_request"),
+        ("101 lines", "POST", "/v1/orders".into(), Some(&ann), Some(lines_101), 400, "invalid_request"),
+        ("bad sku id", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a b","qty":1}]}"#.into()), 400, "invalid_request"),
+        ("sku id too long", "POST", "/v1/orders".into(), Some(&ann), Some(format!(r#"{{"items":[{{"sku_id":"{long_id}","qty":1}}]}}"#)), 400, "invalid_request"),
+        ("unknown sku", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"nope","qty":1}]}"#.into()), 404, "not_found"),
+        ("unknown promo", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":1}],"promo_code":"NOPE"}"#.into()), 404, "not_found"),
+        ("unknown field", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":1}],"coupon":"x"}"#.into()), 400, "invalid_request"),
+        ("over the per-user limit", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":2}]}"#.into()), 409, "limit_exceeded"),
+        ("over the limit, another user", "POST", "/v1/orders".into(), Some(&bob), Some(r#"{"items":[{"sku_id":"a","qty":3}]}"#.into()), 409, "limit_exceeded"),
+        ("out of stock", "POST", "/v1/orders".into(), Some(&bob), Some(r#"{"items":[{"sku_id":"b","qty":2}]}"#.into()), 409, "out_of_stock"),
+        ("one line out of stock", "POST", "/v1/orders".into(), Some(&bob), Some(r#"{"items":[{"sku_id":"a","qty":1},{"sku_id":"b","qty":2}]}"#.into()), 409, "out_of_stock"),
+        ("body over 64 KiB", "POST", "/v1/orders".into(), Some(&ann), Some(huge), 413, "payload_too_large"),
+        ("bad order id", "GET", "/v1/orders/abc".into(), Some(&ann), None, 400, "invalid_request"),
+        ("order id zero", "GET", "/v1/orders/0".into(), Some(&ann), None, 400, "invalid_request"),
+        ("unknown order", "GET", "/v1/orders/999999".into(), Some(&ann), None, 404, "not_found"),
+        ("unknown route", "GET", "/v1/nothing".into(), None, None, 404, "not_found"),
+        ("wrong method", "DELETE", "/v1/skus".into(), Some(&admin), None, 404, "not_found"),
+        ("name too long", "POST", "/v1/skus".into(), Some(&admin), Some(format!(r#"{{"sku_id":"n","name":"{big_name}","price_cents":1,"stock":1}}"#)), 400, "invalid_request"),
+        ("empty name", "POST", "/v1/skus".into(), Some(&admin), Some(r#"{"sku_id":"n","name":"","price_cents":1,"stock":1}"#.into()), 400, "invalid_request"),
+        ("price over 10^12", "POST", "/v1/skus".into(), Some(&admin), Some(r#"{"sku_id":"n","name":"N","price_cents":1000000000001,"stock":1}"#.into()), 400, "invalid_request"),
+        ("stock over 10^9", "POST", "/v1/skus".into(), Some(&admin), Some(r#"{"sku_id":"n","name":"N","price_cents":1,"stock":1000000001}"#.into()), 400, "invalid_request"),
+        ("limit 0", "POST", "/v1/skus".into(), Some(&admin), Some(r#"{"sku_id":"n","name":"N","price_cents":1,"stock":1,"per_user_limit":0}"#.into()), 400, "invalid_request"),
+        ("restock 0", "POST", "/v1/skus/a/restock".into(), Some(&admin), Some(r#"{"qty":0}"#.into()), 400, "invalid_request"),
+        ("restock over 10^9", "POST", "/v1/skus/a/restock".into(), Some(&admin), Some(r#"{"qty":1000000001}"#.into()), 400, "invalid_request"),
+        ("restock unknown sku", "POST", "/v1/skus/nope/restock".into(), Some(&admin), Some(r#"{"qty":1}"#.into()), 404, "not_found"),
+        ("empty patch", "PATCH", "/v1/skus/a".into(), Some(&admin), Some("{}".into()), 400, "invalid_request"),
+        ("promotion off above threshold", "POST", "/v1/promotions".into(), Some(&admin), Some(r#"{"code":"P","threshold_cents":10,"off_cents":11}"#.into()), 400, "invalid_request"),
+        ("bad payment ref", "POST", format!("{order_path}/pay"), Some(&admin), Some(r#"{"payment_ref":"a b","amount_cents":100}"#.into()), 400, "invalid_request"),
+        ("refund of a reserved order", "POST", format!("{order_path}/refund"), Some(&admin), Some(r#"{"lines":[{"sku_id":"a","qty":1}]}"#.into()), 409, "invalid_transition"),
+        ("ship a reserved order", "POST", format!("{order_path}/ship"), Some(&admin), None, 409, "invalid_transition"),
+        ("cart qty over the max", "PUT", "/v1/cart/items/a".into(), Some(&ann), Some(r#"{"qty":10001}"#.into()), 400, "invalid_request"),
+        ("cart unknown sku", "PUT", "/v1/cart/items/nope".into(), Some(&ann), Some(r#"{"qty":1}"#.into()), 404, "not_found"),
+        ("list limit 0", "GET", "/v1/orders?limit=0".into(), Some(&ann), None, 400, "invalid_request"),
+        ("unknown query field", "GET", "/v1/orders?sort=asc".into(), Some(&ann), None, 400, "invalid_request"),
+        ("bad idempotency key", "POST", "/v1/orders".into(), Some(&ann), Some(r#"{"items":[{"sku_id":"a","qty":1}]}"#.into()), 400, "invalid_request"),
+    ];
+    assert!(cases.len() >= 30);
+    for (what, method, path, token, body, status, code) in &cases {
+        let mut headers: Vec<(&str, String)> = Vec::new();
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json".into()));
+        }
+        if let Some(t) = token {
+            headers.push(("Authorization", format!("Bearer {t}")));
+        }
+        if *what == "bad idempotency key" {
+            headers.push(("Idempotency-Key", "has space".into()));
+        }
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = api.client.send(method, path, &pairs, body.as_deref());
+        assert_eq!(r.status, *status, "{what}: {}", body_str(&r));
+        assert_eq!(r.code(), *code, "{what}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what} has a message"
+        );
+    }
+    // A wrong content type.
+    let r = api.client.send(
+        "POST",
+        "/v1/orders",
+        &[
+            ("Authorization", &format!("Bearer {ann}")),
+            ("Content-Type", "text/plain"),
+        ],
+        Some(r#"{"items":[{"sku_id":"a","qty":1}]}"#),
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_request".into()));
+    assert_eq!(api.books(), before, "no bad input changed anything");
+    assert_eq!(
+        api.call("GET", "/healthz", None, None, None).status,
+        200,
+        "still up"
+    );
+}
+
+#[test]
+fn idempotency_keys_replay_conflict_wait_and_survive_a_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    api.create_sku("a", 100, 1_000, None);
+    let ann = server.customer("ann");
+    let first = api.order(&ann, &[("a", 2)], Some("key-1"));
+    assert_eq!(first.status, 201);
+    let replay = api.order(&ann, &[("a", 2)], Some("key-1"));
+    assert_eq!(
+        (replay.status, replay.body.clone()),
+        (201, first.body.clone()),
+        "the first answer again"
+    );
+    let conflict = api.order(&ann, &[("a", 3)], Some("key-1"));
+    assert_eq!(
+        (conflict.status, conflict.code()),
+        (422, "idempotency_conflict".into())
+    );
+    // The same key of another user is another key.
+    let bob = server.customer("bob");
+    assert_eq!(api.order(&bob, &[("a", 3)], Some("key-1")).status, 201);
+    // Whitespace and key order do not make another request.
+    let respaced = api.call(
+        "POST",
+        "/v1/orders",
+        Some(&ann),
+        Some("key-1"),
+        Some(r#"{ "items" : [ { "qty" : 2 , "sku_id" : "a" } ] }"#),
+    );
+    assert_eq!(
+        (respaced.status, respaced.body.clone()),
+        (201, first.body.clone())
+    );
+    assert_eq!(api.sku("a")["reserved"], 5, "only two orders were placed");
+
+    // Concurrent duplicates: one order, the same answer for all.
+    let addr = server.addr;
+    let token = Arc::new(server.customer("cyd"));
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let token = Arc::clone(&token);
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let h = [
+                    ("Content-Type", "application/json"),
+                    ("Authorization", &format!("Bearer {token}")),
+                    ("Idempotency-Key", "same"),
+                ];
+                let r = c.send(
+                    "POST",
+                    "/v1/orders",
+                    &h,
+                    Some(r#"{"items":[{"sku_id":"a","qty":1}]}"#),
+                );
+                (r.status, r.body)
+            })
+        })
+        .collect();
+    let answers: HashSet<(u16, Vec<u8>)> = threads
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    assert_eq!(answers.len(), 1, "every duplicate got the same answer");
+    assert_eq!(answers.iter().next().map(|a| a.0), Some(201));
+    assert_eq!(api.sku("a")["reserved"], 6);
+
+    // Keyed pay and restock replay too; after SIGKILL and restart as well.
+    let admin = server.admin();
+    let oid = first.json()["order_id"].as_str().expect("id").to_string();
+    let pay = api.call(
+        "POST",
+        &format!("/v1/orders/{oid}/pay"),
+        Some(&admin),
+        Some("pay-key"),
+        Some(r#"{"payment_ref":"p1","amount_cents":200}"#),
+    );
+    assert_eq!(pay.status, 200);
+    let restock = api.call(
+        "POST",
+        "/v1/skus/a/restock",
+        Some(&admin),
+        Some("rs-key"),
+        Some(r#"{"qty":10}"#),
+    );
+    assert_eq!(restock.status, 200);
+    server.kill();
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    let after = api.order(&ann, &[("a", 2)], Some("key-1"));
+    assert_eq!(
+        (after.status, after.body),
+        (201, first.body),
+        "replayed after a kill"
+    );
+    let pay_again = api.call(
+        "POST",
+        &format!("/v1/orders/{oid}/pay"),
+        Some(&admin),
+        Some("pay-key"),
+        Some(r#"{"payment_ref":"p1","amount_cents":200}"#),
+    );
+    assert_eq!((pay_again.status, pay_again.body), (200, pay.body));
+    let restock_again = api.call(
+        "POST",
+        "/v1/skus/a/restock",
+        Some(&admin),
+        Some("rs-key"),
+        Some(r#"{"qty":10}"#),
+    );
+    assert_eq!(
+        (restock_again.status, restock_again.body),
+        (200, restock.body),
+        "the first answer, not a second restock"
+    );
+    assert_eq!(api.sku("a")["on_hand"], 1_010);
+    assert_eq!(
+        api.order(&ann, &[("a", 9)], Some("key-1")).code(),
+        "idempotency_conflict"
+    );
+}
+
+#[test]
+fn a_flash_sale_of_a_thousand_buyers_sells_exactly_the_hundred_units() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    api.create_sku("drop", 9_900, 100, Some(1));
+    let addr = server.addr;
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..1_000)
+            .map(|i| server.customer(&format!("buyer-{i}")))
+            .collect(),
+    );
+    let barrier = Arc::new(std::sync::Barrier::new(50));
+    let threads: Vec<_> = (0..50)
+        .map(|t| {
+            let (tokens, barrier) = (Arc::clone(&tokens), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                barrier.wait();
+                let mut outcomes = Vec::new();
+                for i in (t..1_000).step_by(50) {
+                    let h = [
+                        ("Content-Type", "application/json"),
+                        ("Authorization", &format!("Bearer {}", tokens[i])),
+                    ];
+                    let r = client.send(
+                        "POST",
+                        "/v1/orders",
+                        &h,
+                        Some(r#"{"items":[{"sku_id":"drop","qty":1}]}"#),
+                    );
+                    let id = if r.status == 201 {
+                        r.json()["order_id"].as_str().map(str::to_string)
+                    } else {
+                        None
+                    };
+                    outcomes.push((
+                        r.status,
+                        if r.status == 201 {
+                            String::new()
+                        } else {
+                            r.code()
+                        },
+                        id,
+                    ));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("thread"))
+        .collect();
+    let granted: Vec<String> = outcomes.iter().filter_map(|o| o.2.clone()).collect();
+    assert_eq!(granted.len(), 100, "exactly the stock was sold");
+    assert!(
+        outcomes
+            .iter()
+            .all(|(status, code, _)| *status == 201 || (*status == 409 && code == "out_of_stock"))
+    );
+    let sku = api.sku("drop");
+    assert_eq!(
+        (
+            sku["available"].clone(),
+            sku["reserved"].clone(),
+            sku["on_hand"].clone()
+        ),
+        (0.into(), 100.into(), 100.into())
+    );
+    let admin = server.admin();
+    for id in &granted {
+        let r = api.call("GET", &format!("/v1/orders/{id}"), Some(&admin), None, None);
+        assert_eq!(
+            (r.status, r.json()["status"].clone()),
+            (200, "reserved".into())
+        );
+    }
+}
+
+#[test]
+fn hostile_clients_are_cut_off_and_others_still_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    // A request head over 16 KiB: 431 (or a closed connection).
+    let mut c = server.client();
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    c.write_raw(big.as_bytes()).expect("write");
+    match c.read_response() {
+        Ok(r) => assert_eq!(r.status, 431),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ),
+            "{e}"
+        ),
+    }
+    // Pipelining: two requests in one write, two answers in order.
+    let mut c = server.client();
+    c.write_raw(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .expect("write");
+    assert_eq!(c.read_response().expect("first").status, 200);
+    assert_eq!(c.read_response().expect("second").status, 404);
+    // Keep-alive: many requests on one connection.
+    for _ in 0..20 {
+        assert_eq!(c.send("GET", "/healthz", &[], None).status, 200);
+    }
+    // Slow clients: many connections that never finish their head are
+    // closed after about 10 s, while a normal client is served meanwhile.
+    let started = Instant::now();
+    let mut slow: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(server.addr).expect("connect");
+            std::io::Write::write_all(&mut s, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .expect("partial head");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s
+        })
+        .collect();
+    let mut fresh = server.client();
+    assert_eq!(
+        fresh.send("GET", "/healthz", &[], None).status,
+        200,
+        "served despite 200 stalled clients"
+    );
+    let mut buf = [0u8; 64];
+    let read = slow[0].read(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        matches!(read, Ok(0) | Err(_)) || buf.starts_with(b"HTTP/1.1 408"),
+        "the stalled connection was closed"
+    );
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(15),
+        "closed after about 10 s, took {waited:?}"
+    );
+    slow.clear();
+    // An idle keep-alive connection is closed too.
+    let idle_started = Instant::now();
+    let mut idle = server.client();
+    assert_eq!(idle.send("GET", "/healthz", &[], None).status, 200);
+    assert!(idle.read_response().is_err(), "closed while idle");
+    assert!(idle_started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn load_is_shed_with_a_fast_503_and_accepted_orders_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &["--max-in-flight", "2"]);
+    let mut api = Api::new(&server);
+    api.create_sku("hot", 100, 1_000_000, None);
+    let addr = server.addr;
+    let tokens: Arc<Vec<String>> =
+        Arc::new((0..64).map(|i| server.customer(&format!("u{i}"))).collect());
+    let threads: Vec<_> = (0..64)
+        .map(|t| {
+            let tokens = Arc::clone(&tokens);
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                let (mut placed, mut shed) = (0u64, 0u64);
+                for _ in 0..50 {
+                    let h = [
+                        ("Content-Type", "application/json"),
+                        ("Authorization", &format!("Bearer {}", tokens[t])),
+                    ];
+                    let r = client.send(
+                        "POST",
+                        "/v1/orders",
+                        &h,
+                        Some(r#"{"items":[{"sku_id":"hot","qty":1}]}"#),
+                    );
+                    match r.status {
+                        201 => placed += 1,
+                        503 => {
+                            assert_eq!(r.code(), "overloaded");
+                            assert_eq!(r.header("retry-after"), Some("1"));
+                            shed += 1;
+                        }
+                        other => panic!("unexpected {other}: {}", String::from_utf8_lossy(&r.body)),
+                    }
+                }
+                (placed, shed)
+            })
+        })
+        .collect();
+    let (mut placed, mut shed) = (0, 0);
+    for t in threads {
+        let (p, s) = t.join().expect("thread");
+        placed += p;
+        shed += s;
+    }
+    assert!(shed > 0, "64 clients against 2 slots: some are shed");
+    assert!(placed > 0);
+    assert_eq!(
+        api.sku("hot")["reserved"],
+        placed,
+        "every accepted order holds its unit"
+    );
+}
+
+#[test]
+fn sigterm_finishes_in_flight_work_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    api.create_sku("a", 100, 10, None);
+    let ann = server.customer("ann");
+    let placed = api.order(&ann, &[("a", 3)], None);
+    assert_eq!(placed.status, 201);
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}:\n{}", server.log());
+    assert!(server.log().contains("stopped"));
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    assert_eq!(
+        api.sku("a")["reserved"],
+        3,
+        "what was acknowledged is there after the restart"
+    );
+}
