@@ -495,6 +495,9 @@ fn the_auth_matrix_holds() {
     }
 }
 
+/// What, method, path, token, body, expected status and code.
+type BadInput<'a> = (&'a str, &'a str, String, Option<&'a str>, Option<String>, u16, &'a str);
+
 #[test]
 fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -523,7 +526,7 @@ fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
     );
     let order_path = format!("/v1/orders/{oid}");
     #[rustfmt::skip]
-    let cases: Vec<(&str, &str, String, Option<&str>, Option<String>, u16, &str)> = vec![
+    let cases: Vec<BadInput> = vec![
         ("bad JSON", "POST", "/v1/orders".into(), Some(&ann), Some("{not json".into()), 400, "invalid_request"),
         ("empty body", "POST", "/v1/orders".into(), Some(&ann), Some("".into()), 400, "invalid_request"),
         ("JSON array", "POST", "/v1/orders".into(), Some(&ann), Some("[]".into()), 400, "invalid_request"),
