@@ -496,7 +496,15 @@ fn the_auth_matrix_holds() {
 }
 
 /// What, method, path, token, body, expected status and code.
-type BadInput<'a> = (&'a str, &'a str, String, Option<&'a str>, Option<String>, u16, &'a str);
+type BadInput<'a> = (
+    &'a str,
+    &'a str,
+    String,
+    Option<&'a str>,
+    Option<String>,
+    u16,
+    &'a str,
+);
 
 #[test]
 fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
