@@ -146,6 +146,11 @@ pub const JWT_SECRET_BYTES_MIN: usize = 32;
 /// Longest `Authorization` token accepted before any parsing.
 pub const TOKEN_BYTES_MAX: usize = 4 * 1024;
 
+/// Tokens remembered as verified (about 300 bytes each). A flash sale of a
+/// hundred thousand buyers fits; beyond, the memory is cleared and filled
+/// again.
+pub const VERIFIED_TOKENS_MAX: usize = 100_000;
+
 /// Longest `--ttl` of a token printed by `flashcore token`: a year.
 pub const TOKEN_TTL_MAX_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 

@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::UserId;
 use crate::engine::Caller;
 use crate::http::error::ApiError;
-use crate::limits::{JWT_SECRET_BYTES_MIN, TOKEN_BYTES_MAX};
+use crate::limits::{JWT_SECRET_BYTES_MIN, TOKEN_BYTES_MAX, VERIFIED_TOKENS_MAX};
 
 /// The environment variable holding the secret.
 pub const SECRET_ENV: &str = "FLASHCORE_JWT_SECRET";
@@ -95,11 +96,16 @@ pub struct Claims {
     pub exp: u64,
 }
 
-/// The keys for signing and checking tokens.
+/// The keys for signing and checking tokens, and the tokens already
+/// checked: a flash-sale buyer sends the same token with every request, and
+/// an HMAC, two base64 decodes and two JSON parses per request are most of
+/// what authentication costs. A remembered token is still refused once its
+/// `exp` passes; the memory is bounded and simply cleared when full.
 pub struct JwtKeys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    verified: DashMap<Box<str>, (Caller, u64)>,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -121,6 +127,7 @@ impl JwtKeys {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
+            verified: DashMap::new(),
         }
     }
 
@@ -153,6 +160,17 @@ impl JwtKeys {
         if token.len() > TOKEN_BYTES_MAX {
             return Err(unauthorized("the token is too long"));
         }
+        let now = jsonwebtoken::get_current_timestamp();
+        if let Some(known) = self.verified.get(token) {
+            let (caller, exp) = *known;
+            // The same rule as the full check: expired once `exp` is past.
+            if exp >= now {
+                return Ok(caller);
+            }
+            drop(known);
+            self.verified.remove(token);
+            return Err(unauthorized("the token has expired"));
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind;
@@ -174,7 +192,13 @@ impl JwtKeys {
                 ));
             }
         };
-        Ok(Caller { user, admin })
+        let caller = Caller { user, admin };
+        if self.verified.len() >= VERIFIED_TOKENS_MAX {
+            self.verified.clear();
+        }
+        self.verified
+            .insert(token.into(), (caller, data.claims.exp));
+        Ok(caller)
     }
 }
 
@@ -205,6 +229,16 @@ mod tests {
             other.verify(&token),
             Err(ApiError::Unauthorized(_))
         ));
+        assert_eq!(
+            keys.verify(&token),
+            Ok(Caller {
+                user: alice,
+                admin: false
+            }),
+            "remembered"
+        );
+        let short = keys.issue(alice, false, now(), 0).expect("signs");
+        assert!(keys.verify(&short).is_ok(), "valid through its exp second");
         let expired = keys.issue(alice, false, now() - 120, 60).expect("signs");
         assert!(
             matches!(keys.verify(&expired), Err(ApiError::Unauthorized(m)) if m.contains("expired"))

@@ -120,9 +120,21 @@ impl Backend {
     }
 }
 
-/// Everything a handler needs.
+/// Everything a handler needs, behind one `Arc` (cloned per request).
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+#[derive(Debug)]
+pub struct Shared {
     /// The engine and journal.
     pub backend: Arc<Backend>,
     /// Token keys.
@@ -145,7 +157,7 @@ impl AppState {
         keys: JwtKeys,
         max_in_flight: usize,
     ) -> Result<AppState, prometheus::Error> {
-        Ok(AppState {
+        Ok(AppState(Arc::new(Shared {
             backend,
             keys: Arc::new(keys),
             inflight: Arc::new(InFlight::default()),
@@ -153,12 +165,15 @@ impl AppState {
             slots: Arc::new(Semaphore::new(
                 max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX),
             )),
-        })
+        })))
     }
 }
 
-/// Records each request's route, status and latency.
-async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The one middleware: sheds load on the API routes (a request that finds
+/// every slot taken is answered `503` at once, and a declared body over the
+/// limit `413`, before any work), then records the route, status and
+/// latency of every request.
+async fn front(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()
@@ -166,7 +181,11 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
     let method = request.method().clone();
-    let response = next.run(request).await;
+    let response = if route.starts_with("/v1/") {
+        admit(&state, request, next).await
+    } else {
+        next.run(request).await
+    };
     state.metrics.observe(
         &route,
         method.as_str(),
@@ -176,9 +195,7 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     response
 }
 
-/// Sheds load: a request that finds every slot taken is answered `503` at
-/// once, and a declared body over the limit `413`, before any work.
-async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn admit(state: &AppState, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -225,14 +242,13 @@ pub fn router(state: AppState) -> Router {
             get(handlers::get_cart).delete(handlers::clear_cart),
         )
         .route("/v1/cart/items/{sku_id}", put(handlers::put_cart_item))
-        .route("/v1/cart/checkout", post(handlers::checkout))
-        .route_layer(middleware::from_fn_with_state(state.clone(), admit));
+        .route("/v1/cart/checkout", post(handlers::checkout));
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
         .merge(api)
-        .route_layer(middleware::from_fn_with_state(state.clone(), observe))
+        .route_layer(middleware::from_fn_with_state(state.clone(), front))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
