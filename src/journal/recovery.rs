@@ -32,7 +32,7 @@ use crate::domain::idem::{IdemBook, IdemRecord};
 use crate::domain::promo::Promotions;
 use crate::domain::sku::SkuState;
 use crate::domain::state::OpenReservation;
-use crate::domain::{OrderId, SkuId, State};
+use crate::domain::{Event, OrderId, SkuId, State};
 use crate::journal::writer::sync_dir;
 use crate::journal::{Journal, Seq, SledJournal, codec};
 
@@ -189,57 +189,137 @@ fn read_error(e: sled::Error) -> RecoveryError {
     RecoveryError::Storage(format!("reading the journal: {e}"))
 }
 
+/// What the decoding stage of a replay hands to the applying stage.
+enum Decoded {
+    /// A block starts at this sequence number.
+    Block(Seq),
+    /// A record of the current block.
+    Record(Seq, Result<Event, String>),
+    /// A key that is not a sequence number (nothing after it is read).
+    BadKey(String),
+    /// Reading sled failed (nothing after it is read).
+    Storage(String),
+}
+
+/// Records decoded ahead of the apply stage, per message, and messages in
+/// flight: enough to keep both cores busy, little memory.
+const DECODE_CHUNK: usize = 1_024;
+const DECODE_CHUNKS_AHEAD: usize = 8;
+
+/// The decoding stage: reads blocks after `from` (up to `until`) and
+/// decodes their records, until done or the apply stage hangs up.
+fn decode_stage(
+    db: &sled::Db,
+    from: Seq,
+    until: Seq,
+    out: &crossbeam_channel::Sender<Vec<Decoded>>,
+) {
+    let mut chunk = Vec::with_capacity(DECODE_CHUNK);
+    let push = |item: Decoded, chunk: &mut Vec<Decoded>| -> bool {
+        chunk.push(item);
+        if chunk.len() >= DECODE_CHUNK {
+            return out.send(std::mem::take(chunk)).is_ok();
+        }
+        true
+    };
+    let blocks = match blocks_from(db, from) {
+        Ok(blocks) => blocks,
+        Err(e) => {
+            let _ = out.send(vec![Decoded::Storage(e.to_string())]);
+            return;
+        }
+    };
+    'blocks: for entry in blocks {
+        let (key, block) = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                push(Decoded::Storage(read_error(e).to_string()), &mut chunk);
+                break;
+            }
+        };
+        let first = match codec::seq_of(&key) {
+            Ok(seq) => seq,
+            Err(e) => {
+                push(Decoded::BadKey(e.to_string()), &mut chunk);
+                break;
+            }
+        };
+        if first > until {
+            break;
+        }
+        if !push(Decoded::Block(first), &mut chunk) {
+            return;
+        }
+        for record in codec::block_records(first, &block) {
+            if record.seq > until {
+                break 'blocks;
+            }
+            let item = Decoded::Record(record.seq, record.event.map_err(|e| e.to_string()));
+            if !push(item, &mut chunk) {
+                return;
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = out.send(chunk);
+    }
+}
+
 /// Applies the durable records after `from` (up to `until`, inclusive) to
 /// `state`. Returns the last applied sequence number and the first damage
-/// found, if any (the caller decides what damage means).
+/// found, if any (the caller decides what damage means). Decoding runs on a
+/// thread of its own, a stage ahead of applying, so a replay keeps two
+/// cores busy.
 fn replay(
     db: &sled::Db,
     state: &mut State,
     from: Seq,
     until: Seq,
 ) -> Result<(Seq, Option<(Seq, String)>), RecoveryError> {
-    let mut last = from;
-    for entry in blocks_from(db, from)? {
-        let (key, block) = entry.map_err(read_error)?;
-        let first = match codec::seq_of(&key) {
-            Ok(seq) => seq,
-            Err(e) => return Ok((last, Some((last + 1, format!("bad key: {e}"))))),
-        };
-        if first > until {
-            break;
-        }
-        if first > last + 1 {
-            return Ok((
-                last,
-                Some((
-                    last + 1,
-                    format!("missing; the next block starts at {first}"),
-                )),
-            ));
-        }
-        for record in codec::block_records(first, &block) {
-            if record.seq <= last {
-                if record.event.is_err() {
-                    // Damage in a part a snapshot covers: what follows it in
-                    // the block cannot be trusted to be found.
-                    return Ok((last, Some((last + 1, "unreadable block".into()))));
+    let (tx, rx) = crossbeam_channel::bounded(DECODE_CHUNKS_AHEAD);
+    std::thread::scope(|scope| {
+        scope.spawn(move || decode_stage(db, from, until, &tx));
+        // Returning drops `rx`, which stops the decoder at its next send.
+        let mut last = from;
+        for item in rx.iter().flatten() {
+            match item {
+                Decoded::Storage(why) => return Err(RecoveryError::Storage(why)),
+                Decoded::BadKey(why) => {
+                    return Ok((last, Some((last + 1, format!("bad key: {why}")))));
                 }
-                continue;
+                Decoded::Block(first) => {
+                    if first > last + 1 {
+                        return Ok((
+                            last,
+                            Some((
+                                last + 1,
+                                format!("missing; the next block starts at {first}"),
+                            )),
+                        ));
+                    }
+                }
+                Decoded::Record(seq, event) => {
+                    if seq <= last {
+                        if event.is_err() {
+                            // Damage in a part a snapshot covers: what follows
+                            // it in the block cannot be trusted to be found.
+                            return Ok((last, Some((last + 1, "unreadable block".into()))));
+                        }
+                        continue;
+                    }
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(why) => return Ok((last, Some((seq, why)))),
+                    };
+                    if let Err(e) = state.apply_owned(event) {
+                        return Ok((last, Some((seq, format!("does not apply: {e}")))));
+                    }
+                    last = seq;
+                }
             }
-            if record.seq > until {
-                return Ok((last, None));
-            }
-            let event = match record.event {
-                Ok(event) => event,
-                Err(e) => return Ok((last, Some((record.seq, e.to_string())))),
-            };
-            if let Err(e) = state.apply_owned(event) {
-                return Ok((last, Some((record.seq, format!("does not apply: {e}")))));
-            }
-            last = record.seq;
         }
-    }
-    Ok((last, None))
+        Ok((last, None))
+    })
 }
 
 /// The first good record after `damaged`, if any: then the damage is not a

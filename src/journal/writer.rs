@@ -46,6 +46,11 @@ pub const BATCH_EVENTS_MAX: usize = 8_192;
 /// In relaxed mode, the longest an appended event waits for its flush.
 pub const RELAXED_FLUSH_MS: u64 = 5;
 
+/// How long a reopen waits for sled's lock: 50 attempts 100 ms apart. A
+/// lock still held after that belongs to another process.
+const LOCK_ATTEMPTS_MAX: u32 = 50;
+const LOCK_RETRY_MS: u64 = 100;
+
 /// sled's page cache: the journal is written, and read only on start and by
 /// the snapshotter, so a small cache is enough.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
@@ -162,16 +167,31 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
             dir.display()
         ))
     })?;
-    let db = sled::Config::new()
+    let config = sled::Config::new()
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES)
         .flush_every_ms(None)
         .segment_size(SLED_SEGMENT_BYTES)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .map_err(|e| {
-            JournalError::Unavailable(format!("cannot open journal in {}: {e}", dir.display()))
-        })?;
+        .mode(sled::Mode::HighThroughput);
+    // sled releases its file lock when the last of its threads lets go of a
+    // closed database, a moment after the close: a reopen (a restart after a
+    // storage failure, a tool right after the server) waits for it, briefly.
+    let mut attempts = 0;
+    let db = loop {
+        match config.open() {
+            Ok(db) => break db,
+            Err(e) if attempts < LOCK_ATTEMPTS_MAX && e.to_string().contains("acquire lock") => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(LOCK_RETRY_MS));
+            }
+            Err(e) => {
+                return Err(JournalError::Unavailable(format!(
+                    "cannot open journal in {}: {e}",
+                    dir.display()
+                )));
+            }
+        }
+    };
     // The data file's directory entry must be durable too.
     sync_dir(dir)?;
     Ok(db)

@@ -143,7 +143,7 @@ impl Storage {
     /// snapshotter (blocking: run it off the async workers).
     fn open(&self) -> Result<(Engine, Arc<SledJournal>, bool), ServerError> {
         let data_dir = &self.config.data_dir;
-        let opened = open_with_retry(
+        let opened = journal::open(
             data_dir,
             policy(self.config.engine.durability),
             self.config.repair,
@@ -191,25 +191,6 @@ impl Storage {
             .take()
         {
             snapshotter.stop();
-        }
-    }
-}
-
-/// Opens the journal, retrying for a few seconds while the previous handle
-/// of the same data dir is still being released (sled locks its file).
-fn open_with_retry(
-    data_dir: &Path,
-    flush: FlushPolicy,
-    repair: bool,
-) -> Result<journal::Opened, RecoveryError> {
-    let mut attempts = 0;
-    loop {
-        match journal::open(data_dir, flush, repair) {
-            Err(RecoveryError::Storage(why)) if attempts < 50 && why.contains("lock") => {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            other => return other,
         }
     }
 }
