@@ -334,6 +334,17 @@ fn size_after_orders(orders: u64) {
     }
     journal.close();
     snapshotter.stop();
+    let first = journal
+        .db()
+        .first()
+        .ok()
+        .flatten()
+        .and_then(|(k, _)| journal::codec::seq_of(&k).ok())
+        .unwrap_or(0);
+    println!(
+        "size       journal keeps blocks from seq {first} of {poured}; sled reports {:.1} MB on disk",
+        journal.db().size_on_disk().unwrap_or(0) as f64 / 1e6
+    );
     println!(
         "size       {orders} orders ({poured} events) in {:.1} s with the snapshotter: data dir {:.1} MB (journal {:.1} MB, snapshots {:.1} MB)",
         started.elapsed().as_secs_f64(),

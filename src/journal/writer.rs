@@ -172,7 +172,7 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
         .cache_capacity(SLED_CACHE_BYTES)
         .flush_every_ms(None)
         .segment_size(SLED_SEGMENT_BYTES)
-        .mode(sled::Mode::HighThroughput);
+        .mode(sled::Mode::LowSpace);
     // sled releases its file lock when the last of its threads lets go of a
     // closed database, a moment after the close: a reopen (a restart after a
     // storage failure, a tool right after the server) waits for it, briefly.
