@@ -13,7 +13,8 @@ use flashcore::engine::{DurabilityMode, EngineConfig};
 use flashcore::http::auth::{JwtKeys, SECRET_ENV, load_secret};
 use flashcore::limits::{
     ACTOR_THREADS_MAX, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ORDER_SHARDS_DEFAULT,
-    ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_MAX, RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_MS,
+    ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX, RESERVATION_TTL_MAX_MS,
+    TOKEN_TTL_MAX_MS,
 };
 use flashcore::server::{ServeConfig, run};
 
@@ -67,7 +68,7 @@ struct ServeArgs {
     #[arg(long, env = "FLASHCORE_MAX_CONNECTIONS", default_value_t = CONNECTIONS_DEFAULT)]
     max_connections: usize,
     /// Most requests handled at once; beyond it, `503 overloaded` at once.
-    #[arg(long, env = "FLASHCORE_MAX_IN_FLIGHT", default_value_t = REQUESTS_IN_FLIGHT_MAX)]
+    #[arg(long, env = "FLASHCORE_MAX_IN_FLIGHT", default_value_t = REQUESTS_IN_FLIGHT_DEFAULT)]
     max_in_flight: usize,
     /// Cut a journal damaged before its tail instead of refusing to start
     /// (every change from the damage on is lost).
