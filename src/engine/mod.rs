@@ -601,6 +601,25 @@ impl Engine {
         promo: Option<PromoCode>,
         idem: Option<IdemStamp>,
     ) -> Result<Order, EngineError> {
+        // The flash-sale fast path: a single line of a sold-out SKU is
+        // refused from the hint, before any allocation.
+        if let [line] = items {
+            validate::qty(line.qty)?;
+            let sold_out = self
+                .inner
+                .skus
+                .get(&line.sku)
+                .ok_or_else(|| EngineError::sku_not_found(line.sku))?
+                .hint
+                .sold_out_for(line.qty);
+            if let Some(seen) = sold_out {
+                if let Some(code) = promo {
+                    self.promotion(code)?;
+                }
+                self.settle(seen).await?;
+                return Err(DomainError::OutOfStock { sku: line.sku }.into());
+            }
+        }
         let lines = validate::merge_lines(items)?;
         let promo = promo.map(|code| self.promotion(code)).transpose()?;
         let placed = self.place_lines(user, &lines, promo, None, idem).await?;
