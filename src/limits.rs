@@ -74,6 +74,9 @@ pub const EXPIRY_BATCH_MAX: usize = 2_000;
 /// How long an idempotency record is kept (contract: at least 24 hours).
 pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// How often records past [`IDEMPOTENCY_TTL_MS`] are dropped.
+pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;
+
 /// Most idempotency records in memory. When full of records younger than
 /// [`IDEMPOTENCY_TTL_MS`], a request with a new key is shed (`503`) rather
 /// than breaking the promise made to an older key.

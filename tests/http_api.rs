@@ -691,8 +691,40 @@ fn idempotency_keys_replay_conflict_wait_and_survive_a_kill() {
     assert_eq!(answers.iter().next().map(|a| a.0), Some(201));
     assert_eq!(api.sku("a")["reserved"], 6);
 
-    // Keyed pay and restock replay too; after SIGKILL and restart as well.
+    // A refusal of the business rules is kept too: the same key gets the
+    // first answer even after the stock came back.
     let admin = server.admin();
+    api.create_sku("scarce", 100, 1, None);
+    let refused = api.order(&ann, &[("scarce", 2)], Some("key-2"));
+    assert_eq!(
+        (refused.status, refused.code()),
+        (409, "out_of_stock".into())
+    );
+    api.call(
+        "POST",
+        "/v1/skus/scarce/restock",
+        Some(&admin),
+        None,
+        Some(r#"{"qty":5}"#),
+    );
+    let again = api.order(&ann, &[("scarce", 2)], Some("key-2"));
+    assert_eq!(
+        (again.status, again.body.clone()),
+        (409, refused.body.clone()),
+        "the first answer again"
+    );
+    // Bad input is not kept: fixed, the same key runs.
+    let bad = api.call(
+        "POST",
+        "/v1/orders",
+        Some(&ann),
+        Some("key-3"),
+        Some(r#"{"items":[]}"#),
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(api.order(&ann, &[("scarce", 1)], Some("key-3")).status, 201);
+
+    // Keyed pay and restock replay too; after SIGKILL and restart as well.
     let oid = first.json()["order_id"].as_str().expect("id").to_string();
     let pay = api.call(
         "POST",
@@ -743,6 +775,12 @@ fn idempotency_keys_replay_conflict_wait_and_survive_a_kill() {
     assert_eq!(
         api.order(&ann, &[("a", 9)], Some("key-1")).code(),
         "idempotency_conflict"
+    );
+    let refused_again = api.order(&ann, &[("scarce", 2)], Some("key-2"));
+    assert_eq!(
+        (refused_again.status, refused_again.body),
+        (409, refused.body),
+        "kept across a kill"
     );
 }
 
@@ -971,5 +1009,48 @@ fn sigterm_finishes_in_flight_work_and_exits_zero() {
         api.sku("a")["reserved"],
         3,
         "what was acknowledged is there after the restart"
+    );
+}
+
+#[test]
+fn a_catalog_seed_cut_short_is_completed_on_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let catalog = dir.path().join("catalog.json");
+    let write = |skus: &[&str]| {
+        let skus: Vec<String> = skus
+            .iter()
+            .map(|s| format!(r#"{{"sku_id":"{s}","name":"{s}","price_cents":100,"stock":5}}"#))
+            .collect();
+        let promos = r#"[{"code":"P","threshold_cents":10,"off_cents":1}]"#;
+        let text = format!(r#"{{"skus":[{}],"promotions":{promos}}}"#, skus.join(","));
+        std::fs::write(&catalog, text).expect("write");
+    };
+    write(&["one", "two"]);
+    let cat = catalog.display().to_string();
+    let mut server = Server::start(&data, &["--catalog", &cat]);
+    assert!(server.terminate().success());
+    // As if the process died during a seed: the marker is still there.
+    std::fs::write(data.join(".catalog-seeding"), b"").expect("marker");
+    write(&["one", "two", "three"]);
+    let server = Server::start(&data, &["--catalog", &cat]);
+    let mut api = Api::new(&server);
+    let list = api.call("GET", "/v1/skus", None, None, None).json();
+    let ids: Vec<&str> = list["skus"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["sku_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["one", "three", "two"]);
+    assert!(!data.join(".catalog-seeding").exists());
+    // Without the marker, a data dir with history ignores the catalog.
+    drop(server);
+    write(&["four"]);
+    let server = Server::start(&data, &["--catalog", &cat]);
+    let mut api = Api::new(&server);
+    assert_eq!(
+        api.call("GET", "/v1/skus/four", None, None, None).status,
+        404
     );
 }

@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::idem::Refusal;
 use crate::domain::order::Order;
 use crate::domain::promo::Promotion;
 use crate::domain::{IdempotencyKey, OrderId, PaymentRef, SkuId, UserId};
@@ -236,6 +237,16 @@ pub enum Event {
         /// When.
         at_ms: u64,
     },
+    /// A keyed request was refused by the business rules; the key keeps the
+    /// answer (see `idem.rs`).
+    IdempotentRefusal {
+        /// The key.
+        idem: IdemStamp,
+        /// The answer.
+        refusal: Refusal,
+        /// When.
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -256,7 +267,8 @@ impl Event {
             | Event::OrderPlaced { .. }
             | Event::OrderDelivered { .. }
             | Event::CartItemSet { .. }
-            | Event::CartCleared { .. } => TouchedSkus::One(None),
+            | Event::CartCleared { .. }
+            | Event::IdempotentRefusal { .. } => TouchedSkus::One(None),
         }
     }
 
@@ -309,7 +321,8 @@ impl Event {
             | Event::OrderDelivered { at_ms, .. }
             | Event::OrderRefunded { at_ms, .. }
             | Event::CartItemSet { at_ms, .. }
-            | Event::CartCleared { at_ms, .. } => *at_ms,
+            | Event::CartCleared { at_ms, .. }
+            | Event::IdempotentRefusal { at_ms, .. } => *at_ms,
         }
     }
 }

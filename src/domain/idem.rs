@@ -3,9 +3,13 @@
 //!
 //! A record is written by applying the very event that made the change (the
 //! event carries an [`IdemStamp`]), so after a crash a key has a record if and
-//! only if its change survived. Only changes are recorded: a refused request
-//! changes nothing (contract, guarantee 4), so it leaves no record and a
-//! retry runs again. The book is shared by every actor that applies stamped
+//! only if its change survived. A request the business rules refused (a
+//! `409`: out of stock, over a limit, a move the order's state forbids, a
+//! payment mismatch) is recorded too, by an event of its own
+//! ([`Event::IdempotentRefusal`]), so a repeat gets the first answer again
+//! even if stock has come back since. Bad input (`400`, `404`) and shed or
+//! failed requests (`503`) leave no record: they changed nothing, so a retry
+//! runs again. The book is shared by every actor that applies stamped
 //! events, hence the concurrent map; it is bounded by
 //! [`IDEMPOTENCY_RECORDS_MAX`] and records older than
 //! [`IDEMPOTENCY_TTL_MS`] are dropped.
@@ -15,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::order::Order;
 use crate::domain::sku::SkuView;
-use crate::domain::{IdemStamp, IdempotencyKey, UserId};
+use crate::domain::{Event, IdemStamp, IdempotencyKey, UserId};
 use crate::limits::{IDEMPOTENCY_RECORDS_MAX, IDEMPOTENCY_TTL_MS};
 
 /// The first answer to a keyed request.
@@ -25,6 +29,20 @@ pub enum Outcome {
     Order(Order),
     /// A SKU, as it was right after the change.
     Sku(SkuView),
+    /// A refusal of the business rules (out of stock, a limit, a state
+    /// that does not allow the move, a payment mismatch), as answered.
+    Refused(Refusal),
+}
+
+/// The answer a refused keyed request got, kept so a repeat gets it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// The contract's error code.
+    pub code: String,
+    /// The message.
+    pub message: String,
 }
 
 /// One key's record.
@@ -98,6 +116,19 @@ impl IdemBook {
                 at_ms,
                 outcome,
             });
+    }
+
+    /// Applies an [`Event::IdempotentRefusal`] (other events carry their
+    /// records with the change they made).
+    pub fn apply_refusal(&self, event: &Event) {
+        if let Event::IdempotentRefusal {
+            idem,
+            refusal,
+            at_ms,
+        } = event
+        {
+            self.record(idem, *at_ms, Outcome::Refused(refusal.clone()));
+        }
     }
 
     /// Drops records older than the TTL; returns how many went.

@@ -97,6 +97,7 @@ impl State {
                 self.skus.insert(*sku, SkuState::from_created(event)?);
             }
             Event::PromotionCreated { .. } => self.promotions.apply(event)?,
+            Event::IdempotentRefusal { .. } => self.idem.apply_refusal(event),
             _ => {
                 for sku in event.touched_skus() {
                     let state = self.skus.get_mut(&sku).ok_or_else(|| {

@@ -37,7 +37,7 @@ pub use sku::Reservation;
 
 use crate::domain::cart::Cart;
 use crate::domain::event::{ReleaseReason, SkuQty};
-use crate::domain::idem::{IdemBook, Lookup};
+use crate::domain::idem::{IdemBook, Lookup, Refusal};
 use crate::domain::order::Order;
 use crate::domain::promo::{CreateRefusal, Promotion, Promotions};
 use crate::domain::sku::{SkuState, SkuView};
@@ -910,6 +910,37 @@ impl Engine {
     }
 
     // ----- idempotency -----
+
+    /// Records that a keyed request was refused by the business rules, so a
+    /// repeat gets the same answer (see `domain/idem.rs`), and waits until
+    /// the record is durable (strict).
+    ///
+    /// # Errors
+    /// Journal errors: then nothing was recorded.
+    pub async fn record_refusal(
+        &self,
+        idem: IdemStamp,
+        refusal: Refusal,
+    ) -> Result<(), EngineError> {
+        let event = Event::IdempotentRefusal {
+            idem,
+            refusal,
+            at_ms: self.now_ms(),
+        };
+        let seq = self.inner.journal.append(&event)?;
+        self.inner.idem.apply_refusal(&event);
+        self.settle(seq).await
+    }
+
+    /// Waits (strict) until everything journaled so far is durable: a
+    /// replayed answer may come from a record whose change is still in the
+    /// batch being written.
+    ///
+    /// # Errors
+    /// `StorageUnavailable` when that batch failed.
+    pub async fn settle_everything(&self) -> Result<(), EngineError> {
+        self.settle(self.inner.journal.last_seq()).await
+    }
 
     /// What a request with this key and fingerprint should do.
     pub fn idempotency(&self, user: UserId, key: &IdempotencyKey, fingerprint: [u8; 16]) -> Lookup {

@@ -32,10 +32,12 @@ use crate::engine::shard::{OrderShard, Place};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
 use crate::journal::{Journal, Seq};
 
-/// How often a release is retried while the journal queue is full, and for
-/// how long at most (in attempts): 10 ms apart, up to 10 s.
-const RELEASE_RETRY_MS: u64 = 10;
-const RELEASE_ATTEMPTS_MAX: u32 = 1_000;
+/// A release the journal could not take is retried, 10 ms after the first
+/// refusal, doubling to at most a second apart, for as long as the actor
+/// lives: those units are held until it succeeds. (After a storage failure
+/// the server reloads its durable state and this actor with it.)
+const RELEASE_RETRY_FIRST_MS: u64 = 10;
+const RELEASE_RETRY_MAX_MS: u64 = 1_000;
 
 /// What a SKU actor publishes for callers that must not wait for it.
 #[derive(Debug, Default)]
@@ -369,23 +371,21 @@ impl Handler<ReleaseReservation> for SkuActor {
             qty: msg.qty,
             at_ms: self.clock.now_ms(),
         };
-        match self.commit(&event) {
-            Ok(_) => {}
-            Err(EngineError::Overloaded) if msg.attempt < RELEASE_ATTEMPTS_MAX => {
-                let retry = ReleaseReservation {
-                    attempt: msg.attempt + 1,
-                    ..msg
-                };
-                ctx.notify_later(retry, Duration::from_millis(RELEASE_RETRY_MS));
-            }
-            Err(error) => {
-                // Recovery releases every reservation no order took, so the
-                // units come back at the latest on the next start.
-                tracing::error!(
+        if let Err(error) = self.commit(&event) {
+            if msg.attempt == 10 {
+                tracing::warn!(
                     sku = %self.state.id(), reservation = %msg.reservation, qty = msg.qty, %error,
-                    "could not release a reservation; it is released on the next start"
+                    "a reservation cannot be released yet; retrying"
                 );
             }
+            let delay_ms = RELEASE_RETRY_FIRST_MS
+                .saturating_mul(1 << msg.attempt.min(10))
+                .min(RELEASE_RETRY_MAX_MS);
+            let retry = ReleaseReservation {
+                attempt: msg.attempt.saturating_add(1),
+                ..msg
+            };
+            ctx.notify_later(retry, Duration::from_millis(delay_ms));
         }
     }
 }

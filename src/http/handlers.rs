@@ -38,6 +38,7 @@ fn outcome(status: StatusCode, outcome: Outcome) -> Response {
     match outcome {
         Outcome::Order(order) => (status, Json(OrderJson::from(&order))).into_response(),
         Outcome::Sku(sku) => (status, Json(SkuJson::from(&sku))).into_response(),
+        Outcome::Refused(refusal) => ApiError::from_refusal(&refusal).into_response(),
     }
 }
 
@@ -148,8 +149,9 @@ pub async fn restock(
     let print = fingerprint("restock", sku.as_str(), &body);
     let answer = state
         .inflight
-        .run(&engine, caller.user, key, print, |stamp| async {
-            Ok(Outcome::Sku(engine.restock(sku, body.qty, stamp).await?))
+        .run(&engine, caller.user, key, print, {
+            let (engine, qty) = (engine.clone(), body.qty);
+            move |stamp| async move { Ok(Outcome::Sku(engine.restock(sku, qty, stamp).await?)) }
         })
         .await?;
     Ok(outcome(StatusCode::OK, answer))
@@ -182,11 +184,14 @@ pub async fn place_order(
     let print = fingerprint("place", "", &body);
     let answer = state
         .inflight
-        .run(&engine, caller.user, key, print, |stamp| async {
-            let order = engine
-                .place_order(caller.user, &items, body.promo_code, stamp)
-                .await?;
-            Ok(Outcome::Order(order))
+        .run(&engine, caller.user, key, print, {
+            let (engine, promo) = (engine.clone(), body.promo_code);
+            move |stamp| async move {
+                let order = engine
+                    .place_order(caller.user, &items, promo, stamp)
+                    .await?;
+                Ok(Outcome::Order(order))
+            }
         })
         .await?;
     Ok(outcome(StatusCode::CREATED, answer))
@@ -251,11 +256,13 @@ pub async fn pay(
     let print = fingerprint("pay", &id.to_string(), &body);
     let answer = state
         .inflight
-        .run(&engine, caller.user, key, print, |stamp| async {
-            let order = engine
-                .pay(caller, id, body.payment_ref, body.amount_cents, stamp)
-                .await?;
-            Ok(Outcome::Order(order))
+        .run(&engine, caller.user, key, print, {
+            let (engine, payment_ref, amount) =
+                (engine.clone(), body.payment_ref, body.amount_cents);
+            move |stamp| async move {
+                let order = engine.pay(caller, id, payment_ref, amount, stamp).await?;
+                Ok(Outcome::Order(order))
+            }
         })
         .await?;
     Ok(outcome(StatusCode::OK, answer))
@@ -308,11 +315,12 @@ pub async fn refund(
     let print = fingerprint("refund", &id.to_string(), &body);
     let answer = state
         .inflight
-        .run(&engine, caller.user, key, print, |stamp| async {
-            let order = engine
-                .refund(caller, id, lines, body.restock, stamp)
-                .await?;
-            Ok(Outcome::Order(order))
+        .run(&engine, caller.user, key, print, {
+            let (engine, restock) = (engine.clone(), body.restock);
+            move |stamp| async move {
+                let order = engine.refund(caller, id, lines, restock, stamp).await?;
+                Ok(Outcome::Order(order))
+            }
         })
         .await?;
     Ok(outcome(StatusCode::OK, answer))
@@ -359,9 +367,12 @@ pub async fn checkout(
     let print = fingerprint("checkout", "", &body);
     let answer = state
         .inflight
-        .run(&engine, caller.user, key, print, |stamp| async {
-            let order = engine.checkout(caller.user, body.promo_code, stamp).await?;
-            Ok(Outcome::Order(order))
+        .run(&engine, caller.user, key, print, {
+            let (engine, promo) = (engine.clone(), body.promo_code);
+            move |stamp| async move {
+                let order = engine.checkout(caller.user, promo, stamp).await?;
+                Ok(Outcome::Order(order))
+            }
         })
         .await?;
     Ok(outcome(StatusCode::CREATED, answer))

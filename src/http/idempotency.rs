@@ -6,12 +6,15 @@
 //! A fresh key runs once: the first request becomes the leader and journals
 //! its change together with the key's record (one event, so a crash keeps
 //! both or neither); a concurrent duplicate waits for the leader and gets
-//! the same answer, errors included. Only changes are recorded: a refused
-//! request changes nothing (guarantee 4), so a retry of it runs again.
+//! the same answer, errors included. A refusal of the business rules (a
+//! `409`) is recorded with an event of its own; bad input and shed requests
+//! are not (they changed nothing, so a retry runs again).
 //!
 //! The in-flight map holds one entry per key being executed, so it is
-//! bounded by the requests in flight; a leader that is cancelled (its client
-//! went away) leaves, and a waiter then starts over.
+//! bounded by the requests in flight. A leader's change runs in a task of
+//! its own and the key stays taken until the engine has answered, even if
+//! the client went away: a retry can never run the change a second time. A
+//! replayed answer is given once everything journaled before it is durable.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -65,13 +68,13 @@ pub fn fingerprint(route: &str, path: &str, body: &impl Serialize) -> [u8; 16] {
     out
 }
 
-/// Removes the leader's entry however its future ends.
-struct Leave<'a> {
-    map: &'a InFlight,
+/// Removes the leader's entry however its task ends.
+struct Leave {
+    map: Arc<InFlight>,
     key: (UserId, IdempotencyKey),
 }
 
-impl Drop for Leave<'_> {
+impl Drop for Leave {
     fn drop(&mut self) {
         self.map.running.remove(&self.key);
     }
@@ -81,12 +84,17 @@ impl InFlight {
     /// Runs `change` at most once per (user, key): see the module doc.
     /// Without a key, simply runs it.
     ///
+    /// A leader's change runs in a task of its own: if its client goes
+    /// away, the change (already on its way through the actors) still
+    /// finishes, and the key stays taken until it has, so a retry cannot
+    /// run it a second time.
+    ///
     /// # Errors
     /// `IdempotencyConflict` for a reused key with another request,
     /// `Overloaded` when no more keys can be kept, and whatever `change`
     /// answers.
     pub async fn run<F, Fut>(
-        &self,
+        self: &Arc<Self>,
         engine: &Engine,
         user: UserId,
         key: Option<IdempotencyKey>,
@@ -94,29 +102,27 @@ impl InFlight {
         change: F,
     ) -> Answer
     where
-        F: FnOnce(Option<IdemStamp>) -> Fut,
-        Fut: Future<Output = Answer>,
+        F: FnOnce(Option<IdemStamp>) -> Fut + Send + 'static,
+        Fut: Future<Output = Answer> + Send + 'static,
     {
         let Some(key) = key else {
             return change(None).await;
         };
         let mut change = Some(change);
-        // Each round either answers or finds that a leader left without an
-        // answer (cancelled); a new round then looks again. A leader only
-        // leaves that way when its client went away, so rounds are few.
+        // Each round either answers or finds that the leader it waited for
+        // left without an answer (it panicked, or the server is stopping); a
+        // new round then looks again. Rounds are few.
         loop {
-            match engine.idempotency(user, &key, fingerprint) {
-                Lookup::Replay(outcome) => return Ok(*outcome),
-                Lookup::Conflict => return Err(ApiError::IdempotencyConflict),
-                Lookup::Fresh => {}
+            if let Some(answer) = self.recorded(engine, user, &key, fingerprint).await {
+                return answer;
             }
             let slot = (user, key.clone());
-            let (tx, mut waiting) = match self.running.entry(slot.clone()) {
+            let mut waiting = match self.running.entry(slot.clone()) {
                 Entry::Occupied(running) => {
                     if running.get().fingerprint != fingerprint {
                         return Err(ApiError::IdempotencyConflict);
                     }
-                    (None, running.get().answer.clone())
+                    running.get().answer.clone()
                 }
                 Entry::Vacant(vacant) => {
                     if !engine.idempotency_has_room() {
@@ -127,38 +133,79 @@ impl InFlight {
                     let (tx, rx) = watch::channel(None);
                     vacant.insert(Running {
                         fingerprint,
-                        answer: rx.clone(),
+                        answer: rx,
                     });
-                    (Some(tx), rx)
+                    let leave = Leave {
+                        map: Arc::clone(self),
+                        key: slot,
+                    };
+                    // A leader that finished between our look and our entry:
+                    // its record is in the book before its entry left.
+                    if let Some(answer) = self.recorded(engine, user, &key, fingerprint).await {
+                        drop(leave);
+                        return answer;
+                    }
+                    let Some(change) = change.take() else {
+                        return Err(ApiError::overloaded());
+                    };
+                    let stamp = IdemStamp {
+                        user,
+                        key: key.clone(),
+                        fingerprint,
+                    };
+                    let engine = engine.clone();
+                    let leader = tokio::spawn(async move {
+                        let answer = match change(Some(stamp.clone())).await {
+                            // A refusal of the business rules is kept too.
+                            Err(error) => match error.to_refusal() {
+                                Some(refusal) => {
+                                    match engine.record_refusal(stamp, refusal).await {
+                                        Ok(()) => Err(error),
+                                        Err(unrecorded) => Err(unrecorded.into()),
+                                    }
+                                }
+                                None => Err(error),
+                            },
+                            ok => ok,
+                        };
+                        // The record (of a change or a refusal) is in the
+                        // book before the entry leaves with `leave`.
+                        let _ = tx.send(Some(answer.clone()));
+                        drop(leave);
+                        answer
+                    });
+                    return leader.await.unwrap_or_else(|_| Err(ApiError::overloaded()));
                 }
             };
-            if let Some(tx) = tx {
-                let _leave = Leave {
-                    map: self,
-                    key: slot,
-                };
-                let Some(change) = change.take() else {
-                    return Err(ApiError::overloaded());
-                };
-                let stamp = IdemStamp {
-                    user,
-                    key: key.clone(),
-                    fingerprint,
-                };
-                let answer = change(Some(stamp)).await;
-                // The key's record (if the change succeeded) is in the
-                // engine's book before the entry leaves: no gap for a late
-                // duplicate to slip through.
-                let _ = tx.send(Some(answer.clone()));
-                return answer;
-            }
             match waiting.wait_for(Option::is_some).await {
                 Ok(answer) => {
                     if let Some(answer) = answer.as_ref() {
                         return answer.clone();
                     }
                 }
-                Err(_) => continue, // the leader was cancelled: look again
+                Err(_) => continue, // the leader left without an answer: look again
+            }
+        }
+    }
+
+    /// The recorded answer for this key, if any: a replay (once what the
+    /// record saw is durable) or a conflict.
+    async fn recorded(
+        &self,
+        engine: &Engine,
+        user: UserId,
+        key: &IdempotencyKey,
+        fingerprint: [u8; 16],
+    ) -> Option<Answer> {
+        match engine.idempotency(user, key, fingerprint) {
+            Lookup::Fresh => None,
+            Lookup::Conflict => Some(Err(ApiError::IdempotencyConflict)),
+            Lookup::Replay(outcome) => {
+                // The record may sit in the batch still being written.
+                if let Err(e) = engine.settle_everything().await {
+                    return Some(Err(e.into()));
+                }
+                Some(Ok(*outcome))
             }
         }
     }

@@ -535,6 +535,20 @@ mod tests {
                 }
             }),
             (user(), any::<u64>()).prop_map(|(user, at_ms)| Event::CartCleared { user, at_ms }),
+            (stamp(), ".{0,40}", any::<u64>()).prop_filter_map(
+                "a key",
+                |(idem, message, at_ms)| {
+                    idem.map(|idem| Event::IdempotentRefusal {
+                        idem,
+                        refusal: crate::domain::idem::Refusal {
+                            status: 409,
+                            code: "out_of_stock".into(),
+                            message,
+                        },
+                        at_ms,
+                    })
+                }
+            ),
         ]
     }
 

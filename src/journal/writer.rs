@@ -488,10 +488,15 @@ fn sync_loop(
         // Everything flushed so far is covered by one fdatasync.
         let mut batches = vec![head];
         batches.extend(rx.try_iter());
+        let first = batches[0].0;
         if shared.failed.load(Ordering::SeqCst) {
+            // A later batch already failed: these were flushed but will not
+            // be synced now. Their waiters must hear so, not wait for ever
+            // (the changes may still appear after a reload, like any change
+            // that got no answer).
+            shared.watermark.fail_from(first);
             continue;
         }
-        let first = batches[0].0;
         let synced = data_file
             .sync_data()
             .map_err(|e| format!("fdatasync of the journal: {e}"))

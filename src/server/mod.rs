@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,7 +35,7 @@ use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, router};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
-use crate::limits::{CATALOG_BYTES_MAX, STORAGE_PROBE_MS};
+use crate::limits::{CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS};
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -195,8 +195,16 @@ impl Storage {
     }
 }
 
-/// Seeds the catalog into a fresh data dir.
-async fn seed(engine: &Engine, path: &Path) -> Result<(), ServerError> {
+/// The marker of a catalog seed under way: created (durably) before the
+/// first SKU of a fresh data dir, removed after the last. A crash in between
+/// leaves it, and the next start completes the seed.
+fn seed_marker(data_dir: &Path) -> PathBuf {
+    data_dir.join(".catalog-seeding")
+}
+
+/// Seeds the catalog into a fresh data dir (or completes a seed a crash
+/// cut short: what exists already is kept).
+async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), ServerError> {
     let Some(catalog) = read_catalog(path)? else {
         tracing::warn!(path = %path.display(), "no catalog file; starting with an empty catalog");
         return Ok(());
@@ -205,8 +213,19 @@ async fn seed(engine: &Engine, path: &Path) -> Result<(), ServerError> {
         path: path.to_path_buf(),
         why,
     };
+    let marker = seed_marker(data_dir);
+    let io = |e: std::io::Error| ServerError::Io(format!("{}: {e}", marker.display()));
+    std::fs::File::create(&marker)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    journal::writer::sync_dir(data_dir).map_err(|e| ServerError::Io(e.to_string()))?;
+    let kept = |result: Result<(), EngineError>| match result {
+        Err(EngineError::AlreadyExists { .. }) => Ok(()),
+        other => other,
+    };
     for sku in catalog.skus {
-        engine
+        let id = sku.sku_id;
+        let created = engine
             .create_sku(NewSku {
                 sku: sku.sku_id,
                 name: sku.name,
@@ -215,16 +234,17 @@ async fn seed(engine: &Engine, path: &Path) -> Result<(), ServerError> {
                 per_user_limit: sku.per_user_limit,
             })
             .await
-            .map_err(|e| bad(format!("SKU {}: {e}", sku.sku_id)))?;
+            .map(|_| ());
+        kept(created).map_err(|e| bad(format!("SKU {id}: {e}")))?;
     }
     for promo in catalog.promotions {
         let promotion = Promotion::new(promo.code, promo.threshold_cents, promo.off_cents)
             .map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
-        engine
-            .create_promotion(promotion)
-            .await
-            .map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
+        let created = engine.create_promotion(promotion).await.map(|_| ());
+        kept(created).map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
     }
+    std::fs::remove_file(&marker).map_err(io)?;
+    journal::writer::sync_dir(data_dir).map_err(|e| ServerError::Io(e.to_string()))?;
     tracing::info!(path = %path.display(), "catalog seeded");
     Ok(())
 }
@@ -234,26 +254,44 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
     let (engine, journal, fresh) = tokio::task::spawn_blocking(move || opener.open())
         .await
         .map_err(|e| ServerError::Io(format!("recovery task: {e}")))??;
-    if fresh {
+    let data_dir = &storage.config.data_dir;
+    if fresh || seed_marker(data_dir).exists() {
         if let Some(catalog) = &storage.config.catalog {
-            seed(&engine, catalog).await?;
+            seed(&engine, catalog, data_dir).await?;
         }
     }
+    engine.evict_idempotency();
     storage.backend.install(engine, journal);
     tracing::info!("ready");
     Ok(())
 }
 
 /// Watches the journal; after a failure, probes the disk and reloads the
-/// last durable state once it takes writes again.
+/// last durable state once it takes writes again, retrying a reload that
+/// fails until one succeeds. Also drops idempotency records past their TTL,
+/// once a minute.
 async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
+    let mut reload_failed: Option<String> = None;
+    let mut last_eviction = Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(STORAGE_PROBE_MS)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let failed = storage.backend.journal().and_then(|j| j.failure());
-        let Some(why) = failed else { continue };
+        if last_eviction.elapsed() >= Duration::from_millis(IDEMPOTENCY_EVICT_EVERY_MS) {
+            last_eviction = Instant::now();
+            if let Ok(engine) = storage.backend.engine() {
+                let evicted = engine.evict_idempotency();
+                if evicted > 0 {
+                    tracing::info!(evicted, "idempotency records past their TTL dropped");
+                }
+            }
+        }
+        let failure = storage.backend.journal().and_then(|j| j.failure());
+        let why = match (reload_failed.clone(), failure) {
+            (Some(why), _) | (None, Some(why)) => why,
+            (None, None) => continue,
+        };
         let dir = storage.config.data_dir.clone();
         match tokio::task::spawn_blocking(move || probe(&dir)).await {
             Ok(Ok(())) => {}
@@ -271,8 +309,12 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
         if let Err(e) = tokio::task::spawn_blocking(move || closer.close()).await {
             tracing::error!(error = %e, "closing the failed storage");
         }
-        if let Err(e) = start_storage(&storage).await {
-            tracing::error!(error = %e, "reloading failed; retrying");
+        match start_storage(&storage).await {
+            Ok(()) => reload_failed = None,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading failed; retrying in a second");
+                reload_failed = Some(e.to_string());
+            }
         }
     }
 }
