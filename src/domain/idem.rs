@@ -14,6 +14,9 @@
 //! [`IDEMPOTENCY_RECORDS_MAX`] and records older than
 //! [`IDEMPOTENCY_TTL_MS`] are dropped.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +75,26 @@ pub enum Lookup {
 }
 
 /// Every idempotency record.
-#[derive(Debug, Default)]
+///
+/// Bounded at [`IDEMPOTENCY_RECORDS_MAX`]. Refusals are the first to go
+/// when the book is full (oldest first): a sold-out storm answers a refusal
+/// to nearly every keyed request, and those must not crowd out the records
+/// of changes, whose loss could let a change run twice; a forgotten refusal
+/// only lets a retry run again, which is safe, since the refusal changed
+/// nothing.
+#[derive(Debug)]
 pub struct IdemBook {
     records: DashMap<(UserId, IdempotencyKey), IdemRecord>,
+    /// Refusals in the order they were recorded (some may be gone already).
+    refusals: Mutex<VecDeque<(UserId, IdempotencyKey)>>,
+    /// The bound ([`IDEMPOTENCY_RECORDS_MAX`]; smaller in tests).
+    max: usize,
+}
+
+impl Default for IdemBook {
+    fn default() -> IdemBook {
+        IdemBook::bounded(IDEMPOTENCY_RECORDS_MAX)
+    }
 }
 
 impl IdemBook {
@@ -89,9 +109,37 @@ impl IdemBook {
         }
     }
 
-    /// Whether a new key can be taken: the book is below its bound.
+    /// An empty book holding at most `max` records.
+    pub fn bounded(max: usize) -> IdemBook {
+        IdemBook {
+            records: DashMap::new(),
+            refusals: Mutex::new(VecDeque::new()),
+            max,
+        }
+    }
+
+    /// Whether a new key can be taken: the book is below its bound, or
+    /// holds refusals that can make room.
     pub fn has_room(&self) -> bool {
-        self.records.len() < IDEMPOTENCY_RECORDS_MAX
+        self.records.len() < self.max || !self.lock_refusals().is_empty()
+    }
+
+    fn lock_refusals(&self) -> std::sync::MutexGuard<'_, VecDeque<(UserId, IdempotencyKey)>> {
+        // A queue of keys stays consistent across a panic.
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops the oldest refusals until the book is below its bound (or none
+    /// are left).
+    fn make_room(&self) {
+        let mut refusals = self.lock_refusals();
+        while self.records.len() >= self.max {
+            let Some(oldest) = refusals.pop_front() else {
+                return;
+            };
+            self.records
+                .remove_if(&oldest, |_, r| matches!(r.outcome, Outcome::Refused(_)));
+        }
     }
 
     /// How many records there are.
@@ -107,8 +155,13 @@ impl IdemBook {
     /// Records the outcome of a stamped change. A record that exists is kept:
     /// the first answer wins.
     pub fn record(&self, stamp: &IdemStamp, at_ms: u64, outcome: Outcome) {
+        if self.records.len() >= self.max {
+            self.make_room();
+        }
+        let refused = matches!(outcome, Outcome::Refused(_));
+        let slot = (stamp.user, stamp.key.clone());
         self.records
-            .entry((stamp.user, stamp.key.clone()))
+            .entry(slot.clone())
             .or_insert_with(|| IdemRecord {
                 user: stamp.user,
                 key: stamp.key.clone(),
@@ -116,6 +169,9 @@ impl IdemBook {
                 at_ms,
                 outcome,
             });
+        if refused {
+            self.lock_refusals().push_back(slot);
+        }
     }
 
     /// Applies an [`Event::IdempotentRefusal`] (other events carry their
@@ -136,6 +192,8 @@ impl IdemBook {
         let cutoff = now_ms.saturating_sub(IDEMPOTENCY_TTL_MS);
         let before = self.records.len();
         self.records.retain(|_, record| record.at_ms >= cutoff);
+        self.lock_refusals()
+            .retain(|key| self.records.contains_key(key));
         before.saturating_sub(self.records.len())
     }
 
@@ -149,9 +207,15 @@ impl IdemBook {
     /// Builds a book from records (a snapshot).
     pub fn from_records(records: impl IntoIterator<Item = IdemRecord>) -> IdemBook {
         let book = IdemBook::default();
+        let mut records: Vec<IdemRecord> = records.into_iter().collect();
+        // Oldest first, so the refusal queue keeps its order.
+        records.sort_by_key(|r| r.at_ms);
         for record in records {
-            book.records
-                .insert((record.user, record.key.clone()), record);
+            let slot = (record.user, record.key.clone());
+            if matches!(record.outcome, Outcome::Refused(_)) {
+                book.lock_refusals().push_back(slot.clone());
+            }
+            book.records.insert(slot, record);
         }
         book
     }
@@ -204,6 +268,35 @@ mod tests {
             book.lookup(other_user, &s.key, s.fingerprint),
             Lookup::Fresh
         );
+    }
+
+    #[test]
+    fn a_full_book_drops_the_oldest_refusals_never_a_change() {
+        let book = IdemBook::bounded(3);
+        let refusal = || {
+            Outcome::Refused(Refusal {
+                status: 409,
+                code: "out_of_stock".into(),
+                message: "gone".into(),
+            })
+        };
+        book.record(&stamp("r1", 1), 1, refusal());
+        book.record(&stamp("c1", 1), 2, outcome(1));
+        book.record(&stamp("r2", 1), 3, refusal());
+        assert!(book.has_room(), "refusals can make room");
+        book.record(&stamp("c2", 1), 4, outcome(1));
+        let keys: Vec<String> = book
+            .to_sorted_vec()
+            .iter()
+            .map(|r| r.key.as_str().to_string())
+            .collect();
+        assert_eq!(keys, ["c1", "c2", "r2"], "the oldest refusal went");
+        book.record(&stamp("c3", 1), 5, outcome(1));
+        assert_eq!(book.len(), 3);
+        assert!(book.lookup(stamp("c1", 1).user, &stamp("c1", 1).key, [1; 16]) != Lookup::Fresh);
+        assert!(!book.has_room(), "full of changes: new keys wait");
+        book.record(&stamp("c4", 1), 6, outcome(1));
+        assert_eq!(book.len(), 4, "a change is never dropped to make room");
     }
 
     #[test]
