@@ -68,25 +68,6 @@ impl OrderBook {
         self.carts.get(user).cloned().unwrap_or_default()
     }
 
-    /// Every cart that has lines, for snapshots and checks.
-    pub fn carts(&self) -> impl Iterator<Item = (&UserId, &Cart)> {
-        self.carts.iter()
-    }
-
-    /// Moves every order and cart of `other` into this book (used to split and
-    /// merge books across shards).
-    pub fn absorb(&mut self, other: OrderBook) {
-        for (id, order) in other.orders {
-            self.by_user.entry(order.user).or_default().push(id);
-            self.orders.insert(id, order);
-        }
-        for ids in self.by_user.values_mut() {
-            ids.sort_unstable();
-            ids.dedup();
-        }
-        self.carts.extend(other.carts);
-    }
-
     /// Splits the book by a function of the user, into `parts` books.
     pub fn split(self, parts: usize, part_of: impl Fn(&UserId) -> usize) -> Vec<OrderBook> {
         let mut books: Vec<OrderBook> = (0..parts.max(1)).map(|_| OrderBook::default()).collect();

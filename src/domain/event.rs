@@ -272,16 +272,6 @@ impl Event {
         }
     }
 
-    /// The user whose orders or cart this event changes, if any. Orders and
-    /// carts are partitioned by this user.
-    pub fn order_owner(&self) -> Option<UserId> {
-        match self {
-            Event::OrderPlaced { order, .. } => Some(order.user),
-            Event::CartItemSet { user, .. } | Event::CartCleared { user, .. } => Some(*user),
-            _ => None,
-        }
-    }
-
     /// The order this event changes, if it changes one that exists already.
     pub fn order_id(&self) -> Option<OrderId> {
         match self {

@@ -604,19 +604,6 @@ impl Order {
         }
         Ok(())
     }
-
-    /// Units of `sku` this order counts against its owner's per-user limit:
-    /// the units not refunded, while the order is live.
-    pub fn units_held(&self, sku: SkuId) -> u64 {
-        if self.status.is_terminal() {
-            return 0;
-        }
-        self.lines
-            .iter()
-            .filter(|l| l.sku == sku)
-            .map(|l| u64::from(l.units_left()))
-            .sum()
-    }
 }
 
 #[cfg(test)]

@@ -312,11 +312,6 @@ impl Engine {
         lock(&self.inner.threads).stop();
     }
 
-    /// How many actor threads run.
-    pub fn actor_threads(&self) -> usize {
-        lock(&self.inner.threads).len()
-    }
-
     fn now_ms(&self) -> u64 {
         self.inner.shared.clock.now_ms()
     }
@@ -479,16 +474,6 @@ impl Engine {
         Ok(views)
     }
 
-    /// Every SKU's id and last published `available`, without asking the
-    /// actors (for metrics; may lag the actors by a moment).
-    pub fn sku_available_hints(&self) -> Vec<(SkuId, u64)> {
-        self.inner
-            .skus
-            .iter()
-            .map(|h| (h.id, h.hint.available()))
-            .collect()
-    }
-
     /// Creates a promotion.
     ///
     /// # Errors
@@ -557,16 +542,31 @@ impl Engine {
         self.reserve_at(handle, user, qty).await
     }
 
+    /// Answers `OutOfStock` when a SKU's hint says it cannot serve the
+    /// units (`sold_out` is [`SkuHint::sold_out_for`]), once the state that
+    /// answer saw is durable.
+    async fn refuse_if_sold_out(
+        &self,
+        sku: SkuId,
+        sold_out: Option<Seq>,
+    ) -> Result<(), EngineError> {
+        match sold_out {
+            None => Ok(()),
+            Some(seen) => {
+                self.settle(seen).await?;
+                Err(DomainError::OutOfStock { sku }.into())
+            }
+        }
+    }
+
     async fn reserve_at(
         &self,
         handle: Arc<SkuHandle>,
         user: UserId,
         qty: u32,
     ) -> Result<Reservation, EngineError> {
-        if let Some(seen) = handle.hint.sold_out_for(qty) {
-            self.settle(seen).await?;
-            return Err(DomainError::OutOfStock { sku: handle.id }.into());
-        }
+        self.refuse_if_sold_out(handle.id, handle.hint.sold_out_for(qty))
+            .await?;
         let (reply, rx) = reply_channel();
         let reserve = Reserve {
             handle: Arc::clone(&handle),
@@ -612,12 +612,11 @@ impl Engine {
                 .ok_or_else(|| EngineError::sku_not_found(line.sku))?
                 .hint
                 .sold_out_for(line.qty);
-            if let Some(seen) = sold_out {
+            if sold_out.is_some() {
                 if let Some(code) = promo {
                     self.promotion(code)?;
                 }
-                self.settle(seen).await?;
-                return Err(DomainError::OutOfStock { sku: line.sku }.into());
+                self.refuse_if_sold_out(line.sku, sold_out).await?;
             }
         }
         let lines = validate::merge_lines(items)?;
@@ -666,10 +665,8 @@ impl Engine {
         for line in lines.iter().rev() {
             let handle = self.sku_handle(&line.sku)?;
             // Refuse a sold-out line before holding anything.
-            if let Some(seen) = handle.hint.sold_out_for(line.qty) {
-                self.settle(seen).await?;
-                return Err(DomainError::OutOfStock { sku: handle.id }.into());
-            }
+            self.refuse_if_sold_out(handle.id, handle.hint.sold_out_for(line.qty))
+                .await?;
             pending.push((handle, line.qty, self.next_order_id()));
         }
         let first = pending

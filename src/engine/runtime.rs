@@ -75,11 +75,6 @@ impl ActorThreads {
         Addr::new(tx)
     }
 
-    /// How many actor threads run.
-    pub(crate) fn len(&self) -> usize {
-        self.arbiters.len()
-    }
-
     /// Stops every actor and joins the threads.
     pub(crate) fn stop(&mut self) {
         self.system.stop();

@@ -68,11 +68,6 @@ impl SkuHint {
     pub(crate) fn last_seq(&self) -> Seq {
         self.last_seq.load(Ordering::Acquire)
     }
-
-    /// `available` as last published.
-    pub(crate) fn available(&self) -> u64 {
-        self.available.load(Ordering::Acquire)
-    }
 }
 
 /// The registry's entry for a SKU: its mailbox and its hint.

@@ -210,6 +210,3 @@ impl InFlight {
         }
     }
 }
-
-/// An owned shared handle to the in-flight map.
-pub type SharedInFlight = Arc<InFlight>;
