@@ -484,3 +484,26 @@ async fn a_failing_journal_refuses_changes_and_changes_nothing() {
         .expect("works again");
     assert_replay_matches(&h).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_shutdown_fail_with_stopped_instead_of_hanging() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "cap", 1_000, 5, None).await;
+    e.shutdown();
+    let within = std::time::Duration::from_secs(10);
+    let reserved = tokio::time::timeout(within, e.reserve(user("ann"), sku("cap"), 1))
+        .await
+        .expect("a reservation after shutdown must not hang");
+    assert!(
+        matches!(reserved, Err(EngineError::Stopped)),
+        "{reserved:?}"
+    );
+    let placed = tokio::time::timeout(
+        within,
+        e.place_order(user("ann"), &[line("cap", 1)], None, None),
+    )
+    .await
+    .expect("a placement after shutdown must not hang");
+    assert!(matches!(placed, Err(EngineError::Stopped)), "{placed:?}");
+}
