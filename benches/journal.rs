@@ -325,6 +325,7 @@ fn size_after_orders(orders: u64) {
         Arc::clone(&journal),
         journal::snapshot_dir(dir.path()),
         SnapshotPolicy::default(),
+        Arc::new(flashcore::engine::SystemClock),
     );
     let mut sale = Sale::new();
     let started = Instant::now();

@@ -8,8 +8,10 @@ mod support;
 use std::path::Path;
 use std::sync::Arc;
 
-use flashcore::domain::PaymentRef;
+use flashcore::domain::idem::Lookup;
 use flashcore::domain::order::OrderStatus;
+use flashcore::domain::{IdemStamp, IdempotencyKey, PaymentRef};
+use flashcore::limits::IDEMPOTENCY_TTL_MS;
 use flashcore::engine::{Engine, EngineConfig, ManualClock, OrderScope};
 use flashcore::journal::{
     self, FlushPolicy, Journal, RecoveryError, SnapshotPolicy, Snapshotter, codec, recovery,
@@ -336,6 +338,7 @@ async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
         node.journal.clone(),
         journal::snapshot_dir(dir.path()),
         policy,
+        Arc::new(ManualClock::new(T0_MS)),
     );
     let snapshots = |dir: &Path| {
         std::fs::read_dir(journal::snapshot_dir(dir))
@@ -396,5 +399,59 @@ async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
     assert_eq!(books(&node.engine).await, before);
     let (_, orders) = books(&node.engine).await;
     assert!(orders.iter().any(|o| o.status == OrderStatus::Paid));
+    stop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_drop_idempotency_records_past_their_ttl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opened = journal::open(dir.path(), FlushPolicy::Strict, false).expect("open");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let engine = Engine::start(
+        EngineConfig::default(),
+        opened.journal.clone(),
+        clock.clone(),
+        opened.recovered.state,
+    )
+    .expect("engine starts");
+    let policy = SnapshotPolicy {
+        every_events: 1_000_000,
+        every_ms: 3_600_000,
+    };
+    let mut snapshotter = Snapshotter::start(
+        opened.journal.clone(),
+        journal::snapshot_dir(dir.path()),
+        policy,
+        clock.clone(),
+    );
+    let key = |k: &str| IdempotencyKey::parse(k).expect("key");
+    let stamp = |k: &str| IdemStamp {
+        user: user("ops"),
+        key: key(k),
+        fingerprint: [7; 16],
+    };
+    create(&engine, "a", 100, 10, None).await;
+    engine
+        .restock(sku("a"), 1, Some(stamp("old")))
+        .await
+        .expect("restock");
+    clock.advance_ms(IDEMPOTENCY_TTL_MS);
+    engine
+        .restock(sku("a"), 1, Some(stamp("new")))
+        .await
+        .expect("restock");
+    // "old" is past its TTL now, "new" is not.
+    clock.advance_ms(1);
+    engine.shutdown();
+    opened.journal.close();
+    // Takes the last snapshot, which must leave "old" out.
+    snapshotter.stop();
+    drop(engine);
+    drop(opened.journal);
+
+    let (node, ..) = boot(dir.path(), false).expect("reboot");
+    let lookup = |k: &str| node.engine.idempotency(user("ops"), &key(k), [7; 16]);
+    assert_eq!(lookup("old"), Lookup::Fresh, "dropped with its TTL");
+    assert!(matches!(lookup("new"), Lookup::Replay(_)), "kept");
     stop(node);
 }

@@ -152,23 +152,34 @@ impl IdemBook {
         self.records.is_empty()
     }
 
-    /// Records the outcome of a stamped change. A record that exists is kept:
-    /// the first answer wins.
+    /// Records the outcome of a stamped change. A record that exists is kept
+    /// (the first answer wins), unless it had passed its TTL when this change
+    /// was made: then the key was dropped and used again, as the live book
+    /// does, and replay must end with the newer answer too.
     pub fn record(&self, stamp: &IdemStamp, at_ms: u64, outcome: Outcome) {
         if self.records.len() >= self.max {
             self.make_room();
         }
         let refused = matches!(outcome, Outcome::Refused(_));
         let slot = (stamp.user, stamp.key.clone());
-        self.records
-            .entry(slot.clone())
-            .or_insert_with(|| IdemRecord {
-                user: stamp.user,
-                key: stamp.key.clone(),
-                fingerprint: stamp.fingerprint,
-                at_ms,
-                outcome,
-            });
+        let record = IdemRecord {
+            user: stamp.user,
+            key: stamp.key.clone(),
+            fingerprint: stamp.fingerprint,
+            at_ms,
+            outcome,
+        };
+        match self.records.entry(slot.clone()) {
+            dashmap::Entry::Vacant(vacant) => {
+                vacant.insert(record);
+            }
+            dashmap::Entry::Occupied(mut held) => {
+                if at_ms.saturating_sub(held.get().at_ms) < IDEMPOTENCY_TTL_MS {
+                    return;
+                }
+                held.insert(record);
+            }
+        }
         if refused {
             self.lock_refusals().push_back(slot);
         }
@@ -307,5 +318,26 @@ mod tests {
         assert_eq!(book.evict_expired(IDEMPOTENCY_TTL_MS), 0);
         assert_eq!(book.evict_expired(IDEMPOTENCY_TTL_MS + 1), 1);
         assert_eq!(book.len(), 1);
+    }
+
+    #[test]
+    fn a_key_used_again_after_its_ttl_keeps_the_newer_answer() {
+        // Replay meets both records of a key the live book dropped after its
+        // TTL and was then given again: the newer one must win, as it did live.
+        let book = IdemBook::default();
+        let s = stamp("k", 1);
+        book.record(&s, 5, outcome(1));
+        book.record(&s, 5 + IDEMPOTENCY_TTL_MS - 1, outcome(2));
+        assert_eq!(
+            book.lookup(s.user, &s.key, s.fingerprint),
+            Lookup::Replay(Box::new(outcome(1))),
+            "within the TTL the first answer stays"
+        );
+        book.record(&s, 5 + IDEMPOTENCY_TTL_MS, outcome(3));
+        assert_eq!(
+            book.lookup(s.user, &s.key, s.fingerprint),
+            Lookup::Replay(Box::new(outcome(3)))
+        );
+        assert_eq!(book.evict_expired(5 + IDEMPOTENCY_TTL_MS + 10), 0);
     }
 }

@@ -33,6 +33,7 @@ use crate::domain::promo::Promotions;
 use crate::domain::sku::SkuState;
 use crate::domain::state::OpenReservation;
 use crate::domain::{Event, OrderId, SkuId, State};
+use crate::engine::Clock;
 use crate::journal::writer::sync_dir;
 use crate::journal::{Journal, Seq, SledJournal, codec};
 
@@ -540,6 +541,8 @@ impl Default for SnapshotPolicy {
 
 struct Shadow {
     state: State,
+    /// The engine's clock, for dropping idempotency records past their TTL.
+    clock: Arc<dyn Clock>,
     seq: Seq,
     snapshot_seq: Seq,
     last_snapshot_at: Instant,
@@ -562,6 +565,11 @@ impl Shadow {
 
     fn snapshot(&mut self, journal: &SledJournal, dir: &Path) -> Result<(), RecoveryError> {
         let started = Instant::now();
+        // The live book drops records past their TTL every minute; the copy
+        // must too, or snapshots would carry every key ever used, and a
+        // restart would replay them into a full book (where refusals make
+        // room for them) and keep them past a key's reuse.
+        self.state.idem.evict_expired(self.clock.now_ms());
         write_snapshot(dir, &self.state, self.seq)?;
         // The snapshot before this one stays as a fallback, with the
         // records after it; what it covers can go.
@@ -597,7 +605,12 @@ impl Snapshotter {
     /// the newest snapshot and the durable journal in the background, then
     /// follows the journal. On `stop` it takes a last snapshot if anything
     /// changed, so the next start replays little.
-    pub fn start(journal: Arc<SledJournal>, dir: PathBuf, policy: SnapshotPolicy) -> Snapshotter {
+    pub fn start(
+        journal: Arc<SledJournal>,
+        dir: PathBuf,
+        policy: SnapshotPolicy,
+        clock: Arc<dyn Clock>,
+    ) -> Snapshotter {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let healthy = Arc::new(AtomicBool::new(true));
         let thread = {
@@ -605,7 +618,7 @@ impl Snapshotter {
             std::thread::Builder::new()
                 .name("flashcore-snapshot".into())
                 .spawn(move || {
-                    if let Err(e) = snapshot_loop(&journal, &dir, policy, &stop) {
+                    if let Err(e) = snapshot_loop(&journal, &dir, policy, clock, &stop) {
                         healthy.store(false, Ordering::SeqCst);
                         tracing::error!(error = %e, "the snapshotter stopped; the journal will grow until restart");
                     }
@@ -656,11 +669,13 @@ fn snapshot_loop(
     journal: &SledJournal,
     dir: &Path,
     policy: SnapshotPolicy,
+    clock: Arc<dyn Clock>,
     stop: &(Mutex<bool>, Condvar),
 ) -> Result<(), RecoveryError> {
     let (state, snapshot_seq) = load_snapshot(dir)?;
     let mut shadow = Shadow {
         state,
+        clock,
         seq: snapshot_seq,
         snapshot_seq,
         last_snapshot_at: Instant::now(),

@@ -30,7 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::domain::promo::Promotion;
-use crate::engine::{DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock};
+use crate::engine::{
+    Clock, DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock,
+};
 use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, router};
@@ -159,16 +161,18 @@ impl Storage {
             skus = recovered.state.skus.len(),
             "state rebuilt"
         );
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let engine = Engine::start(
             self.config.engine.clone(),
             opened.journal.clone(),
-            Arc::new(SystemClock),
+            Arc::clone(&clock),
             recovered.state,
         )?;
         let snapshotter = Snapshotter::start(
             opened.journal.clone(),
             journal::snapshot_dir(data_dir),
             SnapshotPolicy::default(),
+            clock,
         );
         *self.snapshotter.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshotter);
         Ok((engine, opened.journal, fresh))
