@@ -128,6 +128,17 @@ pub const HEADER_BYTES_MAX: usize = 16 * 1024;
 /// opening or from its previous request (contract: 10 s).
 pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 
+/// How long a request may take to send its whole body once its head is in.
+/// Bodies are read before the request takes an in-flight slot, so a client
+/// that trickles its body holds a body-read place for at most this long and
+/// never a slot (`408` and the connection closed after it).
+pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// Most request bodies being read at once: at most this many times
+/// [`BODY_BYTES_MAX`] (64 MiB) is buffered. Beyond it a request with a body
+/// is shed (`503 overloaded`).
+pub const BODY_READS_MAX: usize = 1_024;
+
 /// Default bound on open connections (contract: `--max-connections`).
 pub const CONNECTIONS_DEFAULT: usize = 10_000;
 /// Highest `--max-connections`: each connection holds a file descriptor and

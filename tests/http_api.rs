@@ -910,12 +910,46 @@ fn hostile_clients_are_cut_off_and_others_still_served() {
             s
         })
         .collect();
+    // More than the 128 in-flight slots send a whole order head and then
+    // trickle its body: a body is read before its request takes a slot, so
+    // they hold none, others are served, and each gets a 408 after ~10 s.
+    let mut api = Api::new(&server);
+    api.create_sku("hat", 100, 10, None);
+    let buyer = server.customer("buyer");
+    let mut trickling: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(server.addr).expect("connect");
+            let head = format!(
+                "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {buyer}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+            );
+            std::io::Write::write_all(&mut s, head.as_bytes()).expect("head and a byte");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s
+        })
+        .collect();
     let mut fresh = server.client();
     assert_eq!(
         fresh.send("GET", "/healthz", &[], None).status,
         200,
         "served despite 200 stalled clients"
     );
+    let order = api.order(&buyer, &[("hat", 1)], None);
+    assert_eq!(
+        order.status,
+        201,
+        "an order is served despite 200 trickling bodies: {}",
+        body_str(&order)
+    );
+    let mut buf = [0u8; 64];
+    let read = trickling[0].read(&mut buf);
+    assert!(
+        matches!(read, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 408")),
+        "a trickled body is answered 408: {read:?} {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    trickling.clear();
     let mut buf = [0u8; 64];
     let read = slow[0].read(&mut buf);
     let waited = started.elapsed();

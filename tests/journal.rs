@@ -11,11 +11,11 @@ use std::sync::Arc;
 use flashcore::domain::idem::Lookup;
 use flashcore::domain::order::OrderStatus;
 use flashcore::domain::{IdemStamp, IdempotencyKey, PaymentRef};
-use flashcore::limits::IDEMPOTENCY_TTL_MS;
 use flashcore::engine::{Engine, EngineConfig, ManualClock, OrderScope};
 use flashcore::journal::{
     self, FlushPolicy, Journal, RecoveryError, SnapshotPolicy, Snapshotter, codec, recovery,
 };
+use flashcore::limits::IDEMPOTENCY_TTL_MS;
 use support::*;
 
 struct Node {

@@ -1,11 +1,12 @@
 //! The HTTP front: exactly the contract of `../shared/API.md`, thin over the
 //! [`Engine`].
 //!
-//! Layers, outside in: metrics (per matched route), load shedding (a bound
-//! on requests in flight; beyond it a `503 overloaded` with `Retry-After`
-//! at once), the body limit (a declared `Content-Length` over 64 KiB is a
-//! `413` before any byte is read; a chunked body is cut at 64 KiB by the
-//! extractors), then the routes. Unknown routes and methods, bad JSON,
+//! Layers, outside in: metrics (per matched route), the body limit (a
+//! declared `Content-Length` over 64 KiB is a `413` before any byte is read),
+//! the body read (the whole body, at most 64 KiB, within 10 s, else `413` or
+//! a bare `408`; before the request holds a slot, so a client trickling its
+//! body cannot hold one), load shedding (a bound on requests in flight;
+//! beyond it a `503 overloaded` with `Retry-After` at once), then the routes. Unknown routes and methods, bad JSON,
 //! wrong content types and bad parameters all answer with the JSON error
 //! body (`error.rs`). Nothing here blocks a worker thread.
 
@@ -19,11 +20,13 @@ pub mod views;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::header::CONTENT_LENGTH;
+use axum::http::StatusCode;
+use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -35,7 +38,7 @@ use crate::http::error::ApiError;
 use crate::http::idempotency::InFlight;
 use crate::http::metrics::Metrics;
 use crate::journal::SledJournal;
-use crate::limits::{BODY_BYTES_MAX, REQUESTS_IN_FLIGHT_MAX};
+use crate::limits::{BODY_BYTES_MAX, BODY_READ_TIMEOUT_MS, BODY_READS_MAX, REQUESTS_IN_FLIGHT_MAX};
 
 /// What the front talks to. The server swaps the engine and journal when it
 /// goes back to its last durable state after a storage failure; until
@@ -145,6 +148,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Requests in flight (load shedding).
     pub slots: Arc<Semaphore>,
+    /// Request bodies being read (before a slot is taken).
+    pub body_reads: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -165,6 +170,7 @@ impl AppState {
             slots: Arc::new(Semaphore::new(
                 max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX),
             )),
+            body_reads: Arc::new(Semaphore::new(BODY_READS_MAX)),
         })))
     }
 }
@@ -204,6 +210,10 @@ async fn admit(state: &AppState, request: Request, next: Next) -> Response {
     if declared.is_some_and(|len| len > BODY_BYTES_MAX as u64) {
         return ApiError::PayloadTooLarge.into_response();
     }
+    let request = match read_body(state, request, declared).await {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
     let Ok(_slot) = Arc::clone(&state.slots).try_acquire_owned() else {
         state.metrics.shed.inc();
         return ApiError::overloaded().into_response();
@@ -212,6 +222,48 @@ async fn admit(state: &AppState, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     state.metrics.in_flight.dec();
     response
+}
+
+/// Reads the whole body into memory (at most [`BODY_BYTES_MAX`], within
+/// [`BODY_READ_TIMEOUT_MS`]) and gives the request back with it. A request
+/// without a body passes untouched.
+async fn read_body(
+    state: &AppState,
+    request: Request,
+    declared: Option<u64>,
+) -> Result<Request, Response> {
+    let has_body = match declared {
+        Some(len) => len > 0,
+        None => request.headers().contains_key(TRANSFER_ENCODING),
+    };
+    if !has_body {
+        return Ok(request);
+    }
+    let Ok(_reading) = Arc::clone(&state.body_reads).try_acquire_owned() else {
+        state.metrics.shed.inc();
+        return Err(ApiError::overloaded().into_response());
+    };
+    let (parts, body) = request.into_parts();
+    let limit = Duration::from_millis(BODY_READ_TIMEOUT_MS);
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, BODY_BYTES_MAX)).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+        Ok(Err(error)) => {
+            let too_large = error
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            Err(if too_large {
+                ApiError::PayloadTooLarge.into_response()
+            } else {
+                ApiError::invalid("cannot read the body").into_response()
+            })
+        }
+        // The contract lets the HTTP layer answer 408 bare; what is left of
+        // the body is unread, so the connection cannot carry another request.
+        Err(_elapsed) => {
+            Err((StatusCode::REQUEST_TIMEOUT, [(CONNECTION, "close")]).into_response())
+        }
+    }
 }
 
 /// The router with every route and layer.
