@@ -159,12 +159,16 @@ impl StockLevels {
         })
     }
 
-    /// Whether `stock_in(qty)` would succeed; used by decisions so that the
-    /// error reaches the caller before anything is journaled.
+    /// Whether a restock of `qty` may be taken; used by decisions so that
+    /// the error reaches the caller before anything is journaled. Checked
+    /// against everything ever stocked, not only `on_hand`: every shipped
+    /// unit may still come back as a restocked return, which cannot be
+    /// refused once its refund is decided, so `on_hand` plus every possible
+    /// return must stay within [`ON_HAND_MAX`].
     pub fn can_stock_in(&self, qty: u64) -> bool {
-        self.on_hand
+        self.stock_in
             .checked_add(qty)
-            .is_some_and(|on_hand| on_hand <= ON_HAND_MAX)
+            .is_some_and(|total| total <= ON_HAND_MAX)
     }
 }
 
@@ -205,6 +209,21 @@ mod tests {
         assert!(s.ship(1).is_err());
         assert!(s.unallocate(1).is_err());
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn restocks_leave_room_for_every_shipped_unit_to_come_back() {
+        let mut s = StockLevels::new(ON_HAND_MAX - 10);
+        s.reserve(10).expect("reserve");
+        s.allocate(10).expect("allocate");
+        s.ship(10).expect("ship");
+        assert_eq!(s.on_hand, ON_HAND_MAX - 20);
+        assert!(s.can_stock_in(10), "up to the cap, counting shipped units");
+        assert!(!s.can_stock_in(11), "the shipped units may return");
+        s.stock_in(10).expect("restock");
+        s.stock_in(10).expect("every shipped unit returns");
+        assert_eq!(s.on_hand, ON_HAND_MAX);
+        s.check().expect("balanced");
     }
 
     #[test]

@@ -369,17 +369,23 @@ impl Engine {
     /// range or a full catalog, journal errors.
     pub async fn create_sku(&self, new: NewSku) -> Result<SkuView, EngineError> {
         let (view, seq) = {
-            let _serial = lock(&self.inner.create_lock);
-            if self.inner.skus.contains_key(&new.sku) {
-                return Err(EngineError::AlreadyExists {
+            let serial = lock(&self.inner.create_lock);
+            let refused = if self.inner.skus.contains_key(&new.sku) {
+                Some(EngineError::AlreadyExists {
                     what: "SKU",
                     id: new.sku.to_string(),
-                });
-            }
-            if self.inner.skus.len() >= SKUS_MAX {
-                return Err(
-                    DomainError::invalid(format!("the catalog is full ({SKUS_MAX} SKUs)")).into(),
-                );
+                })
+            } else if self.inner.skus.len() >= SKUS_MAX {
+                Some(DomainError::invalid(format!("the catalog is full ({SKUS_MAX} SKUs)")).into())
+            } else {
+                None
+            };
+            if let Some(error) = refused {
+                // The SKUs this answer saw may still be on their way to disk.
+                let seen = self.inner.journal.last_seq();
+                drop(serial);
+                self.settle(seen).await?;
+                return Err(error);
             }
             let event = SkuState::decide_create(
                 new.sku,
@@ -486,7 +492,7 @@ impl Engine {
                 .promotions
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let event = promotions
+            let decided = promotions
                 .decide_create(promo, self.now_ms())
                 .map_err(|refusal| match refusal {
                     CreateRefusal::AlreadyExists => EngineError::AlreadyExists {
@@ -496,10 +502,23 @@ impl Engine {
                     CreateRefusal::Full => {
                         DomainError::invalid("there are too many promotions").into()
                     }
-                })?;
-            let seq = self.inner.journal.append(&event)?;
-            promotions.apply(&event)?;
-            seq
+                });
+            match decided {
+                Ok(event) => {
+                    let seq = self.inner.journal.append(&event)?;
+                    promotions.apply(&event)?;
+                    Ok(seq)
+                }
+                // The promotions this answer saw may still be on their way to disk.
+                Err(error) => Err((error, self.inner.journal.last_seq())),
+            }
+        };
+        let seq = match seq {
+            Ok(seq) => seq,
+            Err((error, seen)) => {
+                self.settle(seen).await?;
+                return Err(error);
+            }
         };
         self.settle(seq).await?;
         Ok(promo)
