@@ -105,7 +105,7 @@ impl OrderBook {
 
     fn apply_cow(&mut self, idem: &IdemBook, event: Cow<'_, Event>) -> Result<(), DomainError> {
         match &*event {
-            Event::OrderPlaced { .. } => self.place(idem, event),
+            Event::OrderPlaced { .. } | Event::OrderPlacedAtSku { .. } => self.place(idem, event),
             Event::OrderPaid { order: id, .. }
             | Event::OrderReleased { order: id, .. }
             | Event::OrderShipped { order: id, .. }
@@ -136,15 +136,17 @@ impl OrderBook {
         }
     }
 
-    /// Applies an `OrderPlaced`.
+    /// Applies an `OrderPlaced` or an `OrderPlacedAtSku`.
     fn place(&mut self, idem: &IdemBook, event: Cow<'_, Event>) -> Result<(), DomainError> {
-        let Event::OrderPlaced {
-            order,
-            reservations,
-            ..
-        } = &*event
-        else {
-            return Err(DomainError::inconsistent("not a placement"));
+        let (order, lines_expected) = match &*event {
+            Event::OrderPlaced {
+                order,
+                reservations,
+                ..
+            } => (order, reservations.len()),
+            // Placed in one step at the SKU of its only line.
+            Event::OrderPlacedAtSku { order, .. } => (order, 1),
+            _ => return Err(DomainError::inconsistent("not a placement")),
         };
         if self.orders.contains_key(&order.id) {
             return Err(DomainError::inconsistent(format!(
@@ -154,7 +156,7 @@ impl OrderBook {
         }
         if order.status != OrderStatus::Reserved
             || order.history.len() != 1
-            || reservations.len() != order.lines.len()
+            || lines_expected != order.lines.len()
             || order.paid_cents != 0
             || order.refunded_cents != 0
         {
@@ -170,12 +172,16 @@ impl OrderBook {
                 idem,
                 ..
             }) => (*order, from_cart, idem),
+            Cow::Owned(Event::OrderPlacedAtSku { order, idem }) => (*order, false, idem),
             Cow::Borrowed(Event::OrderPlaced {
                 order,
                 from_cart,
                 idem,
                 ..
             }) => (Order::clone(order), *from_cart, idem.clone()),
+            Cow::Borrowed(Event::OrderPlacedAtSku { order, idem }) => {
+                (Order::clone(order), false, idem.clone())
+            }
             _ => return Err(DomainError::inconsistent("not a placement")),
         };
         let ids = self.by_user.entry(order.user).or_default();

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::idem::Refusal;
-use crate::domain::order::Order;
+use crate::domain::order::{Order, OrderLine};
 use crate::domain::promo::Promotion;
 use crate::domain::{IdempotencyKey, OrderId, PaymentRef, SkuId, UserId};
 
@@ -247,6 +247,16 @@ pub enum Event {
         /// When.
         at_ms: u64,
     },
+    /// An order placed in one step at the SKU actor of its only line: the
+    /// SKU held the units for it (`available -> reserved`) and the order owns
+    /// them, with no separate reservation before it. A single-line order is
+    /// the flash-sale case, and this halves what it journals.
+    OrderPlacedAtSku {
+        /// The new order, as placed (`reserved`, one history entry, one line).
+        order: Box<Order>,
+        /// The request's idempotency key, if any.
+        idem: Option<IdemStamp>,
+    },
 }
 
 impl Event {
@@ -263,6 +273,7 @@ impl Event {
             | Event::OrderReleased { lines, .. }
             | Event::OrderShipped { lines, .. } => TouchedSkus::Moves(lines.iter()),
             Event::OrderRefunded { lines, .. } => TouchedSkus::Refunds(lines.iter()),
+            Event::OrderPlacedAtSku { order, .. } => TouchedSkus::Lines(order.lines.iter()),
             Event::PromotionCreated { .. }
             | Event::OrderPlaced { .. }
             | Event::OrderDelivered { .. }
@@ -289,6 +300,7 @@ impl Event {
         match self {
             Event::Restocked { idem, .. }
             | Event::OrderPlaced { idem, .. }
+            | Event::OrderPlacedAtSku { idem, .. }
             | Event::OrderPaid { idem, .. }
             | Event::OrderRefunded { idem, .. } => idem.as_ref(),
             _ => None,
@@ -298,7 +310,9 @@ impl Event {
     /// When the change happened, in unix milliseconds.
     pub fn at_ms(&self) -> u64 {
         match self {
-            Event::OrderPlaced { order, .. } => order.created_at_ms,
+            Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => {
+                order.created_at_ms
+            }
             Event::SkuCreated { at_ms, .. }
             | Event::SkuUpdated { at_ms, .. }
             | Event::Restocked { at_ms, .. }
@@ -327,6 +341,8 @@ pub enum TouchedSkus<'a> {
     Moves(std::slice::Iter<'a, SkuQty>),
     /// The SKUs of refund lines.
     Refunds(std::slice::Iter<'a, RefundedLine>),
+    /// The SKUs of an order's lines.
+    Lines(std::slice::Iter<'a, OrderLine>),
 }
 
 impl Iterator for TouchedSkus<'_> {
@@ -337,6 +353,7 @@ impl Iterator for TouchedSkus<'_> {
             TouchedSkus::One(sku) => sku.take(),
             TouchedSkus::Moves(lines) => lines.next().map(|l| l.sku),
             TouchedSkus::Refunds(lines) => lines.next().map(|l| l.sku),
+            TouchedSkus::Lines(lines) => lines.next().map(|l| l.sku),
         }
     }
 }

@@ -205,19 +205,7 @@ impl SkuState {
         qty: u32,
         at_ms: u64,
     ) -> Result<Event, DomainError> {
-        validate::qty(qty)?;
-        if self.levels.available < u64::from(qty) {
-            return Err(DomainError::OutOfStock { sku: self.id });
-        }
-        if let Some(limit) = self.per_user_limit {
-            let after = self.user_units(&user).saturating_add(u64::from(qty));
-            if after > u64::from(limit) {
-                return Err(DomainError::LimitExceeded {
-                    sku: self.id,
-                    limit,
-                });
-            }
-        }
+        self.check_reserve(&user, qty)?;
         Ok(Event::StockReserved {
             sku: self.id,
             reservation,
@@ -225,6 +213,29 @@ impl SkuState {
             qty,
             at_ms,
         })
+    }
+
+    /// Whether `user` may hold `qty` more units: the checks of
+    /// [`SkuState::decide_reserve`], for an order placed here in one step
+    /// (`OrderPlacedAtSku`).
+    ///
+    /// # Errors
+    /// `Invalid` for a quantity out of range, `OutOfStock`, `LimitExceeded`.
+    pub fn check_reserve(&self, user: &UserId, qty: u32) -> Result<(), DomainError> {
+        validate::qty(qty)?;
+        if self.levels.available < u64::from(qty) {
+            return Err(DomainError::OutOfStock { sku: self.id });
+        }
+        if let Some(limit) = self.per_user_limit {
+            let after = self.user_units(user).saturating_add(u64::from(qty));
+            if after > u64::from(limit) {
+                return Err(DomainError::LimitExceeded {
+                    sku: self.id,
+                    limit,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// `user`'s count after adding (`add`) or removing `units`.
@@ -285,6 +296,18 @@ impl SkuState {
             Event::StockReserved { sku, user, qty, .. } if *sku == self.id => {
                 levels.reserve(u64::from(*qty))?;
                 user_count = Some((*user, self.user_units_after(user, *qty, true)?));
+            }
+            Event::OrderPlacedAtSku { order, .. }
+                if order.lines.iter().any(|l| l.sku == self.id) =>
+            {
+                let units: u32 = order
+                    .lines
+                    .iter()
+                    .filter(|l| l.sku == self.id)
+                    .map(|l| l.qty)
+                    .sum();
+                levels.reserve(u64::from(units))?;
+                user_count = Some((order.user, self.user_units_after(&order.user, units, true)?));
             }
             Event::ReservationReleased { sku, user, qty, .. } if *sku == self.id => {
                 levels.release(u64::from(*qty))?;

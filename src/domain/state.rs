@@ -151,6 +151,7 @@ impl State {
                     )));
                 }
             }
+            Event::OrderPlacedAtSku { order, .. } => self.bump_next_id(order.id),
             Event::OrderPlaced {
                 order,
                 reservations,

@@ -461,6 +461,10 @@ mod tests {
                         idem,
                     }
                 }),
+            (order(), stamp()).prop_map(|(order, idem)| Event::OrderPlacedAtSku {
+                order: Box::new(order),
+                idem,
+            }),
             (
                 any::<u64>(),
                 id(),
