@@ -507,3 +507,57 @@ async fn calls_after_shutdown_fail_with_stopped_instead_of_hanging() {
     .expect("a placement after shutdown must not hang");
     assert!(matches!(placed, Err(EngineError::Stopped)), "{placed:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_line_order_is_one_journal_event_and_a_cart_order_two_steps() {
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "tee", 2_500, 10, Some(2)).await;
+    let before = h.journal.events().len();
+    let order = e
+        .place_order(user("ann"), &[line("tee", 2)], None, None)
+        .await
+        .expect("placed");
+    let events = h.journal.events();
+    assert_eq!(
+        events.len(),
+        before + 1,
+        "one event: {:?}",
+        &events[before..]
+    );
+    assert!(
+        matches!(&events[before], flashcore::domain::Event::OrderPlacedAtSku { order: o, .. } if o.id == order.id),
+        "{:?}",
+        events[before]
+    );
+    let s = e.sku(sku("tee")).await.expect("sku");
+    assert_eq!((s.levels.available, s.levels.reserved), (8, 2));
+    // The per-user limit counts it, and a read finds it at once.
+    assert!(matches!(
+        e.place_order(user("ann"), &[line("tee", 1)], None, None)
+            .await,
+        Err(EngineError::Domain(DomainError::LimitExceeded { .. }))
+    ));
+    assert_eq!(
+        e.order(customer("ann"), order.id)
+            .await
+            .expect("read")
+            .status,
+        OrderStatus::Reserved
+    );
+    // It moves on like any order, and a cart checkout still takes the
+    // reservation path (its cart must be checked by the shard).
+    let cancelled = e.cancel(customer("ann"), order.id).await.expect("cancel");
+    assert_eq!(cancelled.status, OrderStatus::Cancelled);
+    e.set_cart_item(user("bob"), sku("tee"), 1)
+        .await
+        .expect("cart");
+    let before = h.journal.events().len();
+    e.checkout(user("bob"), None, None).await.expect("checkout");
+    let kinds: Vec<_> = h.journal.events()[before..]
+        .iter()
+        .map(|e| matches!(e, flashcore::domain::Event::StockReserved { .. }))
+        .collect();
+    assert_eq!(kinds, [true, false], "a reservation, then the order");
+    assert_replay_matches(&h).await;
+}

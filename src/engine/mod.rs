@@ -15,7 +15,10 @@
 //! then the user's order shard journals one `OrderPlaced` that takes them
 //! all. So an order holds all of its lines or none, no actor ever waits for
 //! another (no deadlock is possible), and a caller cancelled half-way leaves
-//! nothing held.
+//! nothing held. A single-line order (not a cart checkout, whose cart only
+//! its shard can check) is placed in one step instead: its SKU actor builds
+//! and journals one `OrderPlacedAtSku` that holds the units, and hands the
+//! order to its shard, which must take it.
 
 mod clock;
 mod error;
@@ -702,6 +705,7 @@ impl Engine {
             promo,
             from_cart,
             idem,
+            ttl_ms: self.inner.config.reservation_ttl_ms,
             reply,
         };
         send(&first.addr, placement)?;

@@ -103,32 +103,7 @@ impl OrderShard {
         done: Option<&Arc<Completion>>,
     ) -> Result<(Seq, Arc<Event>), EngineError> {
         let seq = self.shared.journal.append(&event)?;
-        let before = event
-            .order_id()
-            .and_then(|id| self.book.get(id))
-            .map(|o| o.status);
-        if let Err(error) = self.book.apply(&self.shared.idem, &event) {
-            panic!(
-                "order shard {} cannot apply journaled event {seq}: {error}",
-                self.index
-            );
-        }
-        self.last_seq = seq;
-        let id = match &event {
-            Event::OrderPlaced { order, .. } => Some(order.id),
-            other => other.order_id(),
-        };
-        if let Some(after) = id.and_then(|id| self.book.get(id)).map(|o| o.status) {
-            if let Some(before) = before {
-                self.counts[status_index(before)] -= 1;
-            }
-            self.counts[status_index(after)] += 1;
-        }
-        if let Event::OrderPlaced { order, .. } = &event {
-            self.shared.routes.insert(order.id, self.index);
-            self.deadlines
-                .push(Reverse((order.expires_at_ms, order.id)));
-        }
+        self.book_keep(&event, seq);
         let event = Arc::new(event);
         for sku in event.touched_skus() {
             match self.shared.skus.get(&sku) {
@@ -143,6 +118,42 @@ impl OrderShard {
             }
         }
         Ok((seq, event))
+    }
+
+    /// Applies a journaled event to the book and keeps the shard's indexes
+    /// (orders by state, routes, deadlines) up to date.
+    fn book_keep(&mut self, event: &Event, seq: Seq) {
+        let before = event
+            .order_id()
+            .and_then(|id| self.book.get(id))
+            .map(|o| o.status);
+        if let Err(error) = self.book.apply(&self.shared.idem, event) {
+            // A journaled event that does not apply is a bug, and limping on
+            // would serve wrong orders.
+            panic!(
+                "order shard {} cannot apply journaled event {seq}: {error}",
+                self.index
+            );
+        }
+        // An order placed at its SKU was journaled there, possibly before
+        // events this shard journaled since.
+        self.last_seq = self.last_seq.max(seq);
+        let placed = match event {
+            Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => Some(order),
+            _ => None,
+        };
+        let id = placed.map(|order| order.id).or_else(|| event.order_id());
+        if let Some(after) = id.and_then(|id| self.book.get(id)).map(|o| o.status) {
+            if let Some(before) = before {
+                self.counts[status_index(before)] -= 1;
+            }
+            self.counts[status_index(after)] += 1;
+        }
+        if let Some(order) = placed {
+            self.shared.routes.insert(order.id, self.index);
+            self.deadlines
+                .push(Reverse((order.expires_at_ms, order.id)));
+        }
     }
 
     /// Expires the order if it is unpaid past its deadline.
@@ -278,6 +289,35 @@ impl Handler<Place> for OrderShard {
         }
         // Otherwise the reservations drop here and release their units.
         self.answer(msg.reply, result);
+    }
+}
+
+/// A single-line order its SKU actor placed and journaled in one step
+/// (`OrderPlacedAtSku`): the shard takes it into its book and answers the
+/// caller. It must arrive (the order is in the journal and holds units), so
+/// it bypasses the mailbox bound, like the SKU moves a shard sends; it only
+/// follows a placement the SKU's own bounded mailbox accepted.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Placed {
+    pub(crate) event: Event,
+    pub(crate) seq: Seq,
+    pub(crate) reply: Reply<Option<Order>>,
+}
+
+impl Handler<Placed> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Placed, _: &mut Context<Self>) {
+        let order = match &msg.event {
+            Event::OrderPlacedAtSku { order, .. } => Order::clone(order),
+            other => panic!(
+                "order shard {} was handed {other:?} as a placed order",
+                self.index
+            ),
+        };
+        self.book_keep(&msg.event, msg.seq);
+        self.answer(msg.reply, Ok(Some(order)));
     }
 }
 

@@ -28,7 +28,7 @@ use crate::domain::promo::Promotion;
 use crate::domain::sku::{SkuState, SkuView};
 use crate::domain::state::apply_to_sku;
 use crate::domain::{Event, IdemStamp, OrderId, SkuId, UserId};
-use crate::engine::shard::{OrderShard, Place};
+use crate::engine::shard::{OrderShard, Place, Placed};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
 use crate::journal::{Journal, Seq};
 
@@ -260,6 +260,8 @@ pub(crate) struct Placement {
     pub(crate) promo: Option<Promotion>,
     pub(crate) from_cart: Option<Vec<SkuQty>>,
     pub(crate) idem: Option<IdemStamp>,
+    /// How long the order holds its units unpaid.
+    pub(crate) ttl_ms: u64,
     pub(crate) reply: Reply<Option<Order>>,
 }
 
@@ -304,10 +306,64 @@ impl Placement {
     }
 }
 
+impl SkuActor {
+    /// Places a single-line order here in one step: the checks of a
+    /// reservation, the order built with this SKU's name and price, one
+    /// journaled `OrderPlacedAtSku` that moves the units, then the order
+    /// handed to its shard. Half the journal events of a reservation plus an
+    /// order, and no reservation to release if the caller goes away.
+    fn place_here(&mut self, mut msg: Placement, qty: u32) {
+        let now_ms = self.clock.now_ms();
+        let line = ReservedLine {
+            sku: self.state.id(),
+            name: self.state.name().to_owned(),
+            qty,
+            unit_price_cents: self.state.price_cents(),
+        };
+        let placed = self
+            .state
+            .check_reserve(&msg.user, qty)
+            .and_then(|()| {
+                Order::place(
+                    msg.order_id,
+                    msg.user,
+                    vec![line],
+                    msg.promo.as_ref(),
+                    now_ms,
+                    msg.ttl_ms,
+                )
+            })
+            .map_err(EngineError::from)
+            .and_then(|order| {
+                let event = Event::OrderPlacedAtSku {
+                    order: Box::new(order),
+                    idem: msg.idem.take(),
+                };
+                self.commit(&event).map(|seq| (event, seq))
+            });
+        match placed {
+            // Must arrive: the order is journaled (see `Placed`).
+            Ok((event, seq)) => msg.shard.do_send(Placed {
+                event,
+                seq,
+                reply: msg.reply,
+            }),
+            Err(error) => self.answer(msg.reply, Err(error)),
+        }
+    }
+}
+
 impl Handler<Placement> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, mut msg: Placement, _: &mut Context<Self>) {
+        if let [(_, qty, _)] = msg.pending.as_slice() {
+            if msg.held.is_empty() && msg.from_cart.is_none() {
+                let qty = *qty;
+                self.place_here(msg, qty);
+                return;
+            }
+        }
         let Some((handle, qty, reservation)) = msg.pending.pop() else {
             msg.forward(self.hint.last_seq());
             return;
