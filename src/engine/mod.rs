@@ -327,6 +327,13 @@ impl Engine {
         }
     }
 
+    /// Answers `error` once the state it was decided on (up to `seen`) is
+    /// durable: no client may see a refusal that a crash could take back.
+    async fn refuse<T>(&self, seen: Seq, error: EngineError) -> Result<T, EngineError> {
+        self.settle(seen).await?;
+        Err(error)
+    }
+
     /// Awaits an actor's answer, then settles it.
     async fn answer<T>(&self, rx: oneshot::Receiver<Answer<T>>) -> Result<T, EngineError> {
         let answer = rx.await.map_err(|_| EngineError::Stopped)?;
@@ -387,8 +394,7 @@ impl Engine {
                 // The SKUs this answer saw may still be on their way to disk.
                 let seen = self.inner.journal.last_seq();
                 drop(serial);
-                self.settle(seen).await?;
-                return Err(error);
+                return self.refuse(seen, error).await;
             }
             let event = SkuState::decide_create(
                 new.sku,
@@ -518,10 +524,7 @@ impl Engine {
         };
         let seq = match seq {
             Ok(seq) => seq,
-            Err((error, seen)) => {
-                self.settle(seen).await?;
-                return Err(error);
-            }
+            Err((error, seen)) => return self.refuse(seen, error).await,
         };
         self.settle(seq).await?;
         Ok(promo)
@@ -575,8 +578,8 @@ impl Engine {
         match sold_out {
             None => Ok(()),
             Some(seen) => {
-                self.settle(seen).await?;
-                Err(DomainError::OutOfStock { sku }.into())
+                self.refuse(seen, DomainError::OutOfStock { sku }.into())
+                    .await
             }
         }
     }
@@ -603,10 +606,7 @@ impl Engine {
             // The order that takes it waits for durability; waiting here too
             // would cost a second flush.
             Ok(reservation) => Ok(reservation),
-            Err(error) => {
-                self.settle(answer.seen).await?;
-                Err(error)
-            }
+            Err(error) => self.refuse(answer.seen, error).await,
         }
     }
 
