@@ -13,6 +13,7 @@
 //! overdue ones on a timer; an overdue order is also expired before any other
 //! move or read of it, so it never reads as reserved past its deadline.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -103,7 +104,7 @@ impl OrderShard {
         done: Option<&Arc<Completion>>,
     ) -> Result<(Seq, Arc<Event>), EngineError> {
         let seq = self.shared.journal.append(&event)?;
-        self.book_keep(&event, seq);
+        self.book_keep(Cow::Borrowed(&event), seq);
         let event = Arc::new(event);
         for sku in event.touched_skus() {
             match self.shared.skus.get(&sku) {
@@ -122,12 +123,26 @@ impl OrderShard {
 
     /// Applies a journaled event to the book and keeps the shard's indexes
     /// (orders by state, routes, deadlines) up to date.
-    fn book_keep(&mut self, event: &Event, seq: Seq) {
+    /// An event the caller still needs is copied into the book where it
+    /// must be (`Cow::Borrowed`); one it hands over moves in (`Cow::Owned`).
+    fn book_keep(&mut self, event: Cow<'_, Event>, seq: Seq) {
         let before = event
             .order_id()
             .and_then(|id| self.book.get(id))
             .map(|o| o.status);
-        if let Err(error) = self.book.apply(&self.shared.idem, event) {
+        // What the indexes need, taken before an owned event moves away.
+        let placed = match &*event {
+            Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => {
+                Some((order.id, order.expires_at_ms))
+            }
+            _ => None,
+        };
+        let id = placed.map(|(id, _)| id).or_else(|| event.order_id());
+        let applied = match event {
+            Cow::Borrowed(event) => self.book.apply(&self.shared.idem, event),
+            Cow::Owned(event) => self.book.apply_owned(&self.shared.idem, event),
+        };
+        if let Err(error) = applied {
             // A journaled event that does not apply is a bug, and limping on
             // would serve wrong orders.
             panic!(
@@ -138,21 +153,15 @@ impl OrderShard {
         // An order placed at its SKU was journaled there, possibly before
         // events this shard journaled since.
         self.last_seq = self.last_seq.max(seq);
-        let placed = match event {
-            Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => Some(order),
-            _ => None,
-        };
-        let id = placed.map(|order| order.id).or_else(|| event.order_id());
         if let Some(after) = id.and_then(|id| self.book.get(id)).map(|o| o.status) {
             if let Some(before) = before {
                 self.counts[status_index(before)] -= 1;
             }
             self.counts[status_index(after)] += 1;
         }
-        if let Some(order) = placed {
-            self.shared.routes.insert(order.id, self.index);
-            self.deadlines
-                .push(Reverse((order.expires_at_ms, order.id)));
+        if let Some((id, expires_at_ms)) = placed {
+            self.shared.routes.insert(id, self.index);
+            self.deadlines.push(Reverse((expires_at_ms, id)));
         }
     }
 
@@ -316,7 +325,7 @@ impl Handler<Placed> for OrderShard {
                 self.index
             ),
         };
-        self.book_keep(&msg.event, msg.seq);
+        self.book_keep(Cow::Owned(msg.event), msg.seq);
         self.answer(msg.reply, Ok(Some(order)));
     }
 }
