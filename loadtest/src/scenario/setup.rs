@@ -14,7 +14,7 @@ use hyper::Method;
 use hyper::body::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::buyer::{BuyerAgent, buyers_for, mint_buyers};
+use super::buyer::{Buyer, BuyerAgent, buyers_for, mint_buyers};
 use super::mixed::{Catalog, MixedAgent, mint_customer};
 use super::{Agent, share_of, user_id};
 use crate::books::SkuExpect;
@@ -163,17 +163,7 @@ pub async fn plan(
             )
             .await?;
             let buyers = mint_buyers(minter, "buyer", args.buyers)?;
-            let sku: Arc<str> = sku_id.clone().into();
-            let agents = (0..connections)
-                .map(|w| {
-                    Ok(Agent::Buyer(BuyerAgent::new(
-                        run_id,
-                        w,
-                        sku.clone(),
-                        buyers_for(&buyers, w, connections),
-                    )?))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let agents = buyer_agents(run_id, &sku_id, &buyers, connections)?;
             detail.insert("sku_id".into(), json!(sku_id));
             detail.insert("stock".into(), json!(args.stock));
             detail.insert("buyers".into(), json!(args.buyers));
@@ -200,17 +190,7 @@ pub async fn plan(
             )
             .await?;
             let buyers = mint_buyers(minter, "buyer", args.buyers)?;
-            let sku: Arc<str> = sku_id.clone().into();
-            let agents = (0..connections)
-                .map(|w| {
-                    Ok(Agent::Buyer(BuyerAgent::new(
-                        run_id,
-                        w,
-                        sku.clone(),
-                        buyers_for(&buyers, w, connections),
-                    )?))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let agents = buyer_agents(run_id, &sku_id, &buyers, connections)?;
             detail.insert("sku_id".into(), json!(sku_id));
             detail.insert("stock".into(), json!(stock));
             detail.insert("buyers".into(), json!(args.buyers));
@@ -328,4 +308,25 @@ async fn mixed_plan(
     detail.insert("customers".into(), json!(customers));
     detail.insert("promo_code".into(), json!(promo));
     Ok((agents, skus))
+}
+
+/// One buyer agent per connection, all racing `sku_id`, the buyers shared
+/// out among them.
+fn buyer_agents(
+    run_id: &str,
+    sku_id: &str,
+    buyers: &[Buyer],
+    connections: u32,
+) -> Result<Vec<Agent>> {
+    let sku: Arc<str> = sku_id.into();
+    (0..connections)
+        .map(|w| {
+            Ok(Agent::Buyer(BuyerAgent::new(
+                run_id,
+                w,
+                Arc::clone(&sku),
+                buyers_for(buyers, w, connections),
+            )?))
+        })
+        .collect()
 }
