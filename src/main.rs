@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use flashcore::domain::UserId;
 use flashcore::engine::{DurabilityMode, EngineConfig};
 use flashcore::http::auth::{JwtKeys, SECRET_ENV, load_secret};
+use flashcore::journal::SnapshotPolicy;
+use flashcore::journal::recovery::SNAPSHOT_EVERY_EVENTS;
 use flashcore::limits::{
     ACTOR_THREADS_MAX, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ORDER_SHARDS_DEFAULT,
     ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX, RESERVATION_TTL_MAX_MS,
@@ -83,6 +85,10 @@ struct ServeArgs {
     /// Order shards.
     #[arg(long, env = "FLASHCORE_ORDER_SHARDS", default_value_t = ORDER_SHARDS_DEFAULT)]
     order_shards: usize,
+    /// Take a snapshot after this many new durable events (tests use a
+    /// small value to cut the power while snapshots are written).
+    #[arg(long, env = "FLASHCORE_SNAPSHOT_EVERY_EVENTS", default_value_t = SNAPSHOT_EVERY_EVENTS, hide = true)]
+    snapshot_every_events: u64,
 }
 
 #[derive(Parser, Debug)]
@@ -120,6 +126,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !(1..=ORDER_SHARDS_MAX).contains(&args.order_shards) {
         bail!("--order-shards must be 1 to {ORDER_SHARDS_MAX}");
     }
+    if args.snapshot_every_events == 0 {
+        bail!("--snapshot-every-events must be at least 1");
+    }
     let config = ServeConfig {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -137,6 +146,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         max_in_flight: args.max_in_flight,
         repair: args.repair,
+        snapshots: SnapshotPolicy {
+            every_events: args.snapshot_every_events,
+            ..SnapshotPolicy::default()
+        },
         jwt_secret: std::env::var(SECRET_ENV).ok(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub max_in_flight: usize,
     /// Cut a damaged journal instead of refusing to start.
     pub repair: bool,
+    /// How often snapshots are taken.
+    pub snapshots: SnapshotPolicy,
     /// The JWT secret from the environment, if set.
     pub jwt_secret: Option<String>,
 }
@@ -171,7 +173,7 @@ impl Storage {
         let snapshotter = Snapshotter::start(
             opened.journal.clone(),
             journal::snapshot_dir(data_dir),
-            SnapshotPolicy::default(),
+            self.config.snapshots,
             clock,
         );
         *self.snapshotter.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshotter);
