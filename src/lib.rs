@@ -21,12 +21,14 @@
 //! - [`journal`]: where events go to become durable.
 //! - [`http`]: the axum front, exactly as `../shared/API.md` says.
 //! - [`server`]: start-up, the storage supervisor, the accept loop, shutdown.
+//! - [`faults`]: test-only fault hooks (empty unless built with `faults`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod domain;
 pub mod engine;
+pub mod faults;
 pub mod http;
 pub mod journal;
 pub mod limits;

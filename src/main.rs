@@ -107,6 +107,10 @@ struct TokenArgs {
     data_dir: PathBuf,
 }
 
+/// How long the exit waits for blocking tasks still running (a recovery
+/// that a signal interrupted).
+const SHUTDOWN_BLOCKING_WAIT_MS: u64 = 1_000;
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ttl_ms = u64::try_from(args.reservation_ttl.as_millis()).unwrap_or(u64::MAX);
     if ttl_ms == 0 || ttl_ms > RESERVATION_TTL_MAX_MS {
@@ -158,7 +162,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the HTTP runtime")?;
-    runtime.block_on(run(config, shutdown_signal()))?;
+    let served = runtime.block_on(run(config, shutdown_signal()));
+    // A stop during recovery leaves the recovery task running on a blocking
+    // thread; dropping the runtime would wait for it. Nothing it does needs
+    // finishing (a restart recovers again), so do not wait long.
+    runtime.shutdown_timeout(Duration::from_millis(SHUTDOWN_BLOCKING_WAIT_MS));
+    served?;
     Ok(())
 }
 

@@ -22,6 +22,7 @@
 
 mod clock;
 mod error;
+mod health;
 mod runtime;
 mod shard;
 mod sku;
@@ -48,11 +49,12 @@ use crate::domain::{
     DomainError, Event, IdemStamp, IdempotencyKey, OrderId, OrderStatus, PaymentRef, PromoCode,
     SkuId, State, UserId, validate,
 };
-use crate::journal::{Journal, Seq};
+use crate::journal::{Journal, RELAXED_AHEAD_MS_MAX, Seq};
 use crate::limits::{
     ACTOR_THREADS_DEFAULT, CHECKOUT_ATTEMPTS_MAX, ORDER_SHARD_MAILBOX, ORDER_SHARDS_DEFAULT,
     ORDER_SHARDS_MAX, ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX,
 };
+use health::Health;
 use runtime::ActorThreads;
 use shard::{
     Act, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard, ShardContext,
@@ -188,6 +190,8 @@ struct Inner {
     create_lock: Mutex<()>,
     next_slot: AtomicUsize,
     threads: Mutex<ActorThreads>,
+    /// Whether every actor is alive.
+    health: Arc<Health>,
 }
 
 /// The handle to a running engine.
@@ -232,6 +236,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         settle_state(&mut state, journal.as_ref(), clock.now_ms())?;
         let threads = ActorThreads::start(config.actor_threads)?;
+        let health = Health::new();
         // Everything the actors start with was appended up to here.
         let seq = journal.last_seq();
         let State {
@@ -261,7 +266,8 @@ impl Engine {
             for order in book.orders() {
                 shared.routes.insert(order.id, index16);
             }
-            let shard = OrderShard::new(index16, book, Arc::clone(&shared), seq);
+            let alive = health.guard(format!("order shard {index}"));
+            let shard = OrderShard::new(index16, book, Arc::clone(&shared), seq, alive);
             shards.push(Arc::new(threads.spawn(index, config.shard_mailbox, shard)));
         }
 
@@ -278,6 +284,7 @@ impl Engine {
             create_lock: Mutex::new(()),
             next_slot: AtomicUsize::new(0),
             threads: Mutex::new(threads),
+            health,
         };
         let engine = Engine {
             inner: Arc::new(inner),
@@ -302,6 +309,7 @@ impl Engine {
             Arc::clone(&inner.journal),
             Arc::clone(&inner.idem),
             Arc::clone(&inner.shared.clock),
+            inner.health.guard(format!("the actor of SKU {id}")),
         );
         let addr = threads.spawn(slot, inner.config.sku_mailbox, actor);
         drop(threads);
@@ -312,19 +320,42 @@ impl Engine {
 
     /// Stops the actors. Calls made afterwards fail with `Stopped`.
     pub fn shutdown(&self) {
+        self.inner.health.stopping();
         lock(&self.inner.threads).stop();
+    }
+
+    /// Why the engine is dead (an actor panicked or stopped unplanned), if
+    /// it is. A dead engine must not be served: its calls to that actor
+    /// fail for ever. Restart the process from the durable state.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.health.failure()
+    }
+
+    /// Resolves with the reason once the engine is dead (see [`failure`]).
+    ///
+    /// [`failure`]: Engine::failure
+    pub fn dead(&self) -> impl Future<Output = String> + Send + 'static {
+        self.inner.health.dead()
     }
 
     fn now_ms(&self) -> u64 {
         self.inner.shared.clock.now_ms()
     }
 
-    /// Waits, in strict mode, until `seen` is durable.
+    /// Waits, in strict mode, until `seen` is durable. In relaxed mode it
+    /// answers at once, unless the disk has fallen more than
+    /// [`RELAXED_AHEAD_MS_MAX`] behind: then it waits like strict mode, so
+    /// what a crash can take back stays bounded by time.
     async fn settle(&self, seen: Seq) -> Result<(), EngineError> {
-        match self.inner.config.durability {
-            DurabilityMode::Strict => Ok(self.inner.journal.watermark().wait(seen).await?),
-            DurabilityMode::Relaxed => Ok(()),
+        let journal = &self.inner.journal;
+        let wait = match self.inner.config.durability {
+            DurabilityMode::Strict => true,
+            DurabilityMode::Relaxed => journal.unflushed_age_ms() > RELAXED_AHEAD_MS_MAX,
+        };
+        if wait {
+            journal.watermark().wait(seen).await?;
         }
+        Ok(())
     }
 
     /// Answers `error` once the state it was decided on (up to `seen`) is

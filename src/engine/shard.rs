@@ -29,8 +29,10 @@ use crate::domain::idem::IdemBook;
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::promo::Promotion;
 use crate::domain::{Event, IdemStamp, OrderId, PaymentRef, SkuId, UserId};
+use crate::engine::health::Alive;
 use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
+use crate::faults;
 use crate::journal::{Journal, Seq};
 use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
 
@@ -59,6 +61,8 @@ pub(crate) struct OrderShard {
     last_seq: Seq,
     /// Orders by state, kept up to date on every commit (for metrics).
     counts: [u64; OrderStatus::ALL.len()],
+    /// Marks the engine dead if this shard is dropped outside a shutdown.
+    _alive: Alive,
 }
 
 fn status_index(status: OrderStatus) -> usize {
@@ -69,7 +73,13 @@ fn status_index(status: OrderStatus) -> usize {
 }
 
 impl OrderShard {
-    pub(crate) fn new(index: u16, book: OrderBook, shared: Arc<ShardContext>, seq: Seq) -> Self {
+    pub(crate) fn new(
+        index: u16,
+        book: OrderBook,
+        shared: Arc<ShardContext>,
+        seq: Seq,
+        alive: Alive,
+    ) -> Self {
         let deadlines = book
             .orders()
             .filter(|o| o.status == OrderStatus::Reserved)
@@ -86,6 +96,7 @@ impl OrderShard {
             shared,
             last_seq: seq,
             counts,
+            _alive: alive,
         }
     }
 
@@ -386,7 +397,10 @@ impl Handler<Act> for OrderShard {
                     payment_ref,
                     amount_cents,
                     idem,
-                } => order.decide_pay(payment_ref, amount_cents, idem, now_ms)?,
+                } => {
+                    faults::panic_if("panic-shard-pay", "1");
+                    order.decide_pay(payment_ref, amount_cents, idem, now_ms)?
+                }
                 OrderOp::Cancel => Some(order.decide_release(ReleaseReason::Cancelled, now_ms)?),
                 OrderOp::Ship => Some(order.decide_ship(now_ms)?),
                 OrderOp::Deliver => Some(order.decide_deliver(now_ms)?),

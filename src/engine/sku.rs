@@ -28,8 +28,10 @@ use crate::domain::promo::Promotion;
 use crate::domain::sku::{SkuState, SkuView};
 use crate::domain::state::apply_to_sku;
 use crate::domain::{Event, IdemStamp, OrderId, SkuId, UserId};
+use crate::engine::health::Alive;
 use crate::engine::shard::{OrderShard, Place, Placed};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
+use crate::faults;
 use crate::journal::{Journal, Seq};
 
 /// A release the journal could not take is retried, 10 ms after the first
@@ -157,6 +159,8 @@ pub(crate) struct SkuActor {
     journal: Arc<dyn Journal>,
     idem: Arc<IdemBook>,
     clock: Arc<dyn Clock>,
+    /// Marks the engine dead if this actor is dropped outside a shutdown.
+    _alive: Alive,
 }
 
 impl SkuActor {
@@ -166,6 +170,7 @@ impl SkuActor {
         journal: Arc<dyn Journal>,
         idem: Arc<IdemBook>,
         clock: Arc<dyn Clock>,
+        alive: Alive,
     ) -> SkuActor {
         SkuActor {
             state,
@@ -173,6 +178,7 @@ impl SkuActor {
             journal,
             idem,
             clock,
+            _alive: alive,
         }
     }
 
@@ -223,6 +229,7 @@ impl Handler<Reserve> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reserve, _: &mut Context<Self>) {
+        faults::panic_if("panic-sku", self.state.id().as_str());
         let now_ms = self.clock.now_ms();
         let result = self
             .state
@@ -357,6 +364,7 @@ impl Handler<Placement> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, mut msg: Placement, _: &mut Context<Self>) {
+        faults::panic_if("panic-sku", self.state.id().as_str());
         if let [(_, qty, _)] = msg.pending.as_slice() {
             if msg.held.is_empty() && msg.from_cart.is_none() {
                 let qty = *qty;

@@ -48,6 +48,8 @@ pub struct Backend {
     engine: RwLock<Option<Engine>>,
     journal: RwLock<Option<Arc<SledJournal>>>,
     recovering: AtomicBool,
+    /// Why the server is stopping after a fatal error, once it is.
+    fatal: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -112,10 +114,21 @@ impl Backend {
         (engine, journal)
     }
 
+    /// The server is stopping after a fatal error: not ready from now on.
+    pub fn mark_fatal(&self, why: String) {
+        *self.fatal.write().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
     /// Why the server is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some(why) = self.fatal.read().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Some(format!("stopping after a fatal error: {why}"));
+        }
         if self.recovering.load(Ordering::SeqCst) {
             return Some("recovering".into());
+        }
+        if let Some(why) = self.engine().ok().and_then(|e| e.failure()) {
+            return Some(format!("the engine is dead, the server is stopping: {why}"));
         }
         self.journal()
             .and_then(|j| j.failure())

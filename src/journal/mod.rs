@@ -14,6 +14,7 @@
 //! engine did and compare.
 
 pub mod codec;
+pub mod files;
 mod memory;
 pub mod recovery;
 mod watermark;
@@ -22,7 +23,7 @@ pub mod writer;
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, SnapshotPolicy, Snapshotter, recover};
 pub use watermark::Watermark;
-pub use writer::{FlushPolicy, SledJournal};
+pub use writer::{FlushPolicy, RELAXED_AHEAD_MS_MAX, SledJournal};
 
 use crate::domain::Event;
 
@@ -57,6 +58,13 @@ pub trait Journal: Send + Sync + 'static {
 
     /// The highest sequence number handed out so far, durable or not.
     fn last_seq(&self) -> Seq;
+
+    /// How long ago (ms) the oldest event that is not durable yet was
+    /// appended; 0 when everything appended is durable. Relaxed durability
+    /// stops answering ahead of the disk once this grows too large.
+    fn unflushed_age_ms(&self) -> u64 {
+        0
+    }
 }
 
 /// A journal opened on a data dir, with the state rebuilt from it.

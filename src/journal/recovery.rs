@@ -3,13 +3,18 @@
 //! tail (and the data dir) stays short.
 //!
 //! The tail rule (mini-redis's clean-EOF versus torn-frame split): records
-//! are read in sequence order. A record that does not decode, or a missing
-//! sequence number, is *damage at* that number. If no good record follows
-//! the damage, it is a torn tail from a crash mid-write: it is cut, with a
-//! warning, and the journal goes on from the last good record. If a good
-//! record follows, the damage is in the middle of history: recovery refuses
-//! to start and names the sequence number, unless the operator passes the
-//! repair flag, which cuts there and loses everything after it.
+//! are read in sequence order, and the first one that cannot be used is
+//! *damage at* its number, of one of three kinds ([`DamageKind`]). Only a
+//! record that fails its length or CRC check with no good record after it
+//! is a torn tail from a crash mid-write: it is cut, with a warning, and
+//! the journal goes on from the last good record (nothing torn was ever
+//! acknowledged: answers wait for the fsync). Anything else — damage with
+//! good records after it, a missing sequence number, a record that passes
+//! its checks but does not decode, or one that decodes but does not apply
+//! to the state before it (which may be an acknowledged change) — stops the
+//! start, naming the sequence number (and the event), unless the operator
+//! passes the repair flag, which cuts there, says what it drops, and loses
+//! everything after it.
 //!
 //! Snapshots are written by a background thread that keeps its own copy of
 //! the state, applying durable records with the same `apply` as everything
@@ -34,7 +39,7 @@ use crate::domain::sku::SkuState;
 use crate::domain::state::OpenReservation;
 use crate::domain::{Event, OrderId, SkuId, State};
 use crate::engine::Clock;
-use crate::journal::writer::sync_dir;
+use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
 use crate::journal::{Journal, Seq, SledJournal, codec};
 
 /// Take a snapshot after this many new durable events...
@@ -49,9 +54,10 @@ const TRUNCATE_BATCH: usize = 10_000;
 /// Why the state could not be rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecoveryError {
-    /// Damage before the tail: history is broken at `seq`.
+    /// Damage that is not a torn tail (damage before the tail, or a record
+    /// that decodes but does not apply): history is broken at `seq`.
     #[error(
-        "the journal is damaged at sequence {seq} ({why}) and good records follow; \
+        "the journal is damaged at sequence {seq} ({why}), and that is not a torn tail; \
          refusing to start. Restore a backup, or start with --repair to cut the journal \
          at {seq} and lose every change from there on"
     )]
@@ -198,7 +204,7 @@ enum Decoded {
     /// A block starts at this sequence number.
     Block(Seq),
     /// A record of the current block.
-    Record(Seq, Result<Event, String>),
+    Record(Seq, Result<Event, codec::CodecError>),
     /// A key that is not a sequence number (nothing after it is read).
     BadKey(String),
     /// Reading sled failed (nothing after it is read).
@@ -258,7 +264,7 @@ fn decode_stage(
             if record.seq > until {
                 break 'blocks;
             }
-            let item = Decoded::Record(record.seq, record.event.map_err(|e| e.to_string()));
+            let item = Decoded::Record(record.seq, record.event);
             if !push(item, &mut chunk) {
                 return;
             }
@@ -268,6 +274,62 @@ fn decode_stage(
         let _ = out.send(chunk);
     }
 }
+
+/// What is wrong at a place in the journal, which decides what it means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DamageKind {
+    /// The record fails its length or CRC check: a write torn by a crash.
+    /// At the tail (nothing good after it) it is cut; nothing torn was
+    /// ever acknowledged, since acknowledgement waits for the fsync.
+    Torn,
+    /// The record passes its checks but is not what belongs there (an
+    /// unknown format version, a payload that does not decode, another
+    /// sequence number), or records are missing. Never a torn write.
+    Invalid,
+    /// The record decodes but does not apply to the state before it: it
+    /// may be an acknowledged change, so it is never cut silently.
+    DoesNotApply {
+        /// The event, as text, for the operator.
+        event: String,
+    },
+}
+
+/// The first damage a replay found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The first damaged sequence number.
+    pub seq: Seq,
+    /// What kind of damage.
+    pub kind: DamageKind,
+    /// What is wrong, for the operator.
+    pub why: String,
+}
+
+impl Damage {
+    fn invalid(seq: Seq, why: String) -> Damage {
+        Damage {
+            seq,
+            kind: DamageKind::Invalid,
+            why,
+        }
+    }
+
+    fn of_record(seq: Seq, error: &codec::CodecError) -> Damage {
+        use codec::CodecError as E;
+        let kind = match error {
+            E::Truncated(_) | E::BadChecksum | E::TooLarge(_) => DamageKind::Torn,
+            E::UnknownVersion(_) | E::Undecodable(_) | E::WrongSeq { .. } => DamageKind::Invalid,
+        };
+        Damage {
+            seq,
+            kind,
+            why: error.to_string(),
+        }
+    }
+}
+
+/// Longest event text a damage report carries.
+const EVENT_TEXT_CHARS_MAX: usize = 600;
 
 /// Applies the durable records after `from` (up to `until`, inclusive) to
 /// `state`. Returns the last applied sequence number and the first damage
@@ -279,51 +341,102 @@ fn replay(
     state: &mut State,
     from: Seq,
     until: Seq,
-) -> Result<(Seq, Option<(Seq, String)>), RecoveryError> {
-    let (tx, rx) = crossbeam_channel::bounded(DECODE_CHUNKS_AHEAD);
+) -> Result<(Seq, Option<Damage>), RecoveryError> {
     std::thread::scope(|scope| {
+        // The channel lives inside the scope: returning early (at damage)
+        // drops `rx` before the scope joins the decoder, so a decoder
+        // blocked on a full channel gets an error and stops instead of
+        // waiting for ever.
+        let (tx, rx) = crossbeam_channel::bounded(DECODE_CHUNKS_AHEAD);
         scope.spawn(move || decode_stage(db, from, until, &tx));
-        // Returning drops `rx`, which stops the decoder at its next send.
-        let mut last = from;
-        for item in rx.iter().flatten() {
-            match item {
-                Decoded::Storage(why) => return Err(RecoveryError::Storage(why)),
-                Decoded::BadKey(why) => {
-                    return Ok((last, Some((last + 1, format!("bad key: {why}")))));
-                }
-                Decoded::Block(first) => {
-                    if first > last + 1 {
-                        return Ok((
-                            last,
-                            Some((
-                                last + 1,
-                                format!("missing; the next block starts at {first}"),
-                            )),
-                        ));
-                    }
-                }
-                Decoded::Record(seq, event) => {
-                    if seq <= last {
-                        if event.is_err() {
-                            // Damage in a part a snapshot covers: what follows
-                            // it in the block cannot be trusted to be found.
-                            return Ok((last, Some((last + 1, "unreadable block".into()))));
-                        }
-                        continue;
-                    }
-                    let event = match event {
-                        Ok(event) => event,
-                        Err(why) => return Ok((last, Some((seq, why)))),
-                    };
-                    if let Err(e) = state.apply_owned(event) {
-                        return Ok((last, Some((seq, format!("does not apply: {e}")))));
-                    }
-                    last = seq;
+        apply_stage(&rx, state, from)
+    })
+    .map(|(last, damage)| (last, damage.map(|d| describe_event(db, d))))
+}
+
+/// Fills in the text of the event a [`DamageKind::DoesNotApply`] names, read
+/// again from the journal: replay moves each event into the state, so the
+/// text is only made on this rare path.
+fn describe_event(db: &sled::Db, mut damage: Damage) -> Damage {
+    let DamageKind::DoesNotApply { event } = &mut damage.kind else {
+        return damage;
+    };
+    let found = blocks_from(db, damage.seq.saturating_sub(1))
+        .ok()
+        .and_then(|mut blocks| blocks.next())
+        .and_then(Result::ok)
+        .and_then(|(key, block)| {
+            let first = codec::seq_of(&key).ok()?;
+            codec::block_records(first, &block)
+                .find(|r| r.seq == damage.seq)
+                .and_then(|r| r.event.ok())
+        });
+    *event = found.map_or_else(|| "(cannot be read again)".to_string(), |e| event_text(&e));
+    damage.why = format!("{}: {event}", damage.why);
+    damage
+}
+
+/// The applying stage of [`replay`].
+fn apply_stage(
+    rx: &crossbeam_channel::Receiver<Vec<Decoded>>,
+    state: &mut State,
+    from: Seq,
+) -> Result<(Seq, Option<Damage>), RecoveryError> {
+    let mut last = from;
+    for item in rx.iter().flatten() {
+        match item {
+            Decoded::Storage(why) => return Err(RecoveryError::Storage(why)),
+            Decoded::BadKey(why) => {
+                return Ok((
+                    last,
+                    Some(Damage::invalid(last + 1, format!("bad key: {why}"))),
+                ));
+            }
+            Decoded::Block(first) => {
+                if first > last + 1 {
+                    let why = format!("missing; the next block starts at {first}");
+                    return Ok((last, Some(Damage::invalid(last + 1, why))));
                 }
             }
+            Decoded::Record(seq, event) => {
+                if seq <= last {
+                    if event.is_err() {
+                        // Damage in a part a snapshot covers: what follows
+                        // it in the block cannot be trusted to be found.
+                        let why = "unreadable block".to_string();
+                        return Ok((last, Some(Damage::invalid(last + 1, why))));
+                    }
+                    continue;
+                }
+                let event = match event {
+                    Ok(event) => event,
+                    Err(error) => return Ok((last, Some(Damage::of_record(seq, &error)))),
+                };
+                if let Err(e) = state.apply_owned(event) {
+                    let damage = Damage {
+                        seq,
+                        why: format!("a record that decodes but does not apply ({e})"),
+                        kind: DamageKind::DoesNotApply {
+                            event: String::new(),
+                        },
+                    };
+                    return Ok((last, Some(damage)));
+                }
+                last = seq;
+            }
         }
-        Ok((last, None))
-    })
+    }
+    Ok((last, None))
+}
+
+/// An event as text for a damage report, bounded.
+fn event_text(event: &Event) -> String {
+    let mut text = format!("{event:?}");
+    if text.chars().count() > EVENT_TEXT_CHARS_MAX {
+        text = text.chars().take(EVENT_TEXT_CHARS_MAX).collect();
+        text.push('…');
+    }
+    text
 }
 
 /// The first good record after `damaged`, if any: then the damage is not a
@@ -344,11 +457,39 @@ fn good_record_after(db: &sled::Db, damaged: Seq) -> Result<Option<Seq>, Recover
     Ok(None)
 }
 
+/// What a cut dropped.
+#[derive(Debug, Clone, Copy)]
+struct Dropped {
+    /// Records dropped (readable or not).
+    records: u64,
+    /// The last sequence number dropped.
+    last: Seq,
+}
+
+/// Counts the records from `seq` on (what a cut there drops).
+fn records_from(db: &sled::Db, seq: Seq) -> Result<Dropped, RecoveryError> {
+    let mut dropped = Dropped {
+        records: 0,
+        last: seq,
+    };
+    for entry in blocks_from(db, seq.saturating_sub(1))? {
+        let (key, block) = entry.map_err(read_error)?;
+        let Ok(first) = codec::seq_of(&key) else {
+            continue;
+        };
+        for record in codec::block_records(first, &block).filter(|r| r.seq >= seq) {
+            dropped.records += 1;
+            dropped.last = dropped.last.max(record.seq);
+        }
+    }
+    Ok(dropped)
+}
+
 /// Deletes every record from `seq` on, durably: the blocks after it go, and
 /// the block holding it keeps only the records before it.
-fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<u64, RecoveryError> {
+fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> {
     let storage = |e: sled::Error| RecoveryError::Storage(format!("cutting the journal: {e}"));
-    let mut removed = 0u64;
+    let dropped = records_from(db, seq)?;
     let holder = match db.range(..=codec::key(seq)).next_back() {
         Some(entry) => Some(entry.map_err(storage)?),
         None => None,
@@ -378,13 +519,13 @@ fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<u64, RecoveryError> {
         if keys.is_empty() {
             break;
         }
-        removed += remove_keys(db, &keys).map_err(storage)?;
+        remove_keys(db, &keys).map_err(storage)?;
     }
     db.flush().map_err(storage)?;
     std::fs::File::open(dir.join("db"))
         .and_then(|f| f.sync_data())
         .map_err(|e| RecoveryError::Storage(format!("syncing the cut: {e}")))?;
-    Ok(removed)
+    Ok(dropped)
 }
 
 /// Rebuilds the state from `snapshots` and the journal in `db` (stored in
@@ -403,21 +544,29 @@ pub fn recover(
     let (mut state, snapshot_seq) = load_snapshot(snapshots)?;
     let (last_seq, damage) = replay(db, &mut state, snapshot_seq, Seq::MAX)?;
     let mut cut_at = None;
-    if let Some((seq, why)) = damage {
-        match good_record_after(db, seq)? {
-            Some(good) if !repair => {
-                let why = format!("{why}; record {good} after it is good");
-                return Err(RecoveryError::Corrupt { seq, why });
-            }
-            Some(good) => {
-                let removed = cut(db, journal_dir, seq)?;
-                tracing::error!(seq, good_after = good, removed, %why,
-                    "REPAIR: cut the journal at damage before its tail; every change from here on is lost");
-            }
-            None => {
-                let removed = cut(db, journal_dir, seq)?;
-                tracing::warn!(seq, removed, %why, "cut a torn journal tail");
-            }
+    if let Some(damage) = damage {
+        let seq = damage.seq;
+        let good_after = good_record_after(db, seq)?;
+        let torn_tail = damage.kind == DamageKind::Torn && good_after.is_none();
+        let why = match good_after {
+            Some(good) => format!("{}; record {good} after it is good", damage.why),
+            None => damage.why.clone(),
+        };
+        if torn_tail {
+            let dropped = cut(db, journal_dir, seq)?;
+            tracing::warn!(seq, records = dropped.records, %why, "cut a torn journal tail");
+        } else if repair {
+            let dropped = cut(db, journal_dir, seq)?;
+            tracing::error!(
+                seq,
+                records = dropped.records,
+                last_dropped = dropped.last,
+                %why,
+                "REPAIR: cut the journal at damage that is not a torn tail; \
+                 every change from here on is lost"
+            );
+        } else {
+            return Err(RecoveryError::Corrupt { seq, why });
         }
         cut_at = Some(seq);
     }
@@ -434,8 +583,8 @@ pub fn recover(
     })
 }
 
-/// Writes a snapshot of `state` at `seq` atomically: a temporary file,
-/// fsync, rename, fsync of the directory.
+/// Writes a snapshot of `state` at `seq` atomically and durably: a
+/// temporary file, fsync, rename, fsync of the directory.
 ///
 /// # Errors
 /// `Storage` on any I/O failure (the previous snapshots stay).
@@ -452,18 +601,12 @@ pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, Re
     let bytes = codec::encode_snapshot(&body)
         .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
     let io = |what: &str, e: std::io::Error| RecoveryError::Storage(format!("{what}: {e}"));
-    std::fs::create_dir_all(dir).map_err(|e| io("creating the snapshot dir", e))?;
+    // The directory's own entry (in the data dir) must be durable before
+    // the journal below the snapshot is dropped.
+    create_dir_durably(dir).map_err(|e| io("creating the snapshot dir", e))?;
     let path = snapshot_path(dir, seq);
-    let tmp = dir.join(format!(".snapshot-{seq:020}.tmp"));
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&tmp).map_err(|e| io("creating a snapshot", e))?;
-        file.write_all(&bytes)
-            .map_err(|e| io("writing a snapshot", e))?;
-        file.sync_all().map_err(|e| io("syncing a snapshot", e))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(|e| io("renaming a snapshot", e))?;
-    sync_dir(dir).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    write_file_durably(&path, &bytes, None, Existing::Replace)
+        .map_err(|e| io("writing a snapshot", e))?;
     Ok(path)
 }
 
@@ -558,7 +701,10 @@ impl Shadow {
         let (last, damage) = replay(journal.db(), &mut self.state, self.seq, durable)?;
         self.seq = last;
         match damage {
-            Some((seq, why)) => Err(RecoveryError::Corrupt { seq, why }),
+            Some(damage) => Err(RecoveryError::Corrupt {
+                seq: damage.seq,
+                why: damage.why,
+            }),
             None => Ok(()),
         }
     }

@@ -32,6 +32,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hdrhistogram::Histogram;
 
 use crate::domain::Event;
+use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::{Journal, JournalError, Seq, Watermark, codec};
 
 /// Most events waiting for the writer. At ~8 us per durable event at the
@@ -45,6 +46,33 @@ pub const BATCH_EVENTS_MAX: usize = 8_192;
 
 /// In relaxed mode, the longest an appended event waits for its flush.
 pub const RELAXED_FLUSH_MS: u64 = 5;
+
+/// In relaxed mode, how far answers may run ahead of the disk: once the
+/// oldest event not yet durable was appended longer ago than this (an
+/// fsync that stalls, a disk that slows), answers wait for the disk like
+/// strict ones. So a power cut loses at most the changes answered in the
+/// last this-many milliseconds before the disk stopped keeping up (plus
+/// the one flush under way), never an unbounded backlog. Four flush
+/// periods: a healthy fdatasync fits, a stalled one does not.
+pub const RELAXED_AHEAD_MS_MAX: u64 = 4 * RELAXED_FLUSH_MS;
+
+/// Sequence numbers per slot of the append-time ring (see [`AppendTimes`]).
+const AGE_SLOT_SEQS: u64 = 64;
+
+/// Slots of the append-time ring: it covers 4 M sequence numbers in
+/// flight, more than the queue, the batches being written and the batches
+/// waiting for their sync can hold together.
+const AGE_SLOTS: usize = 65_536;
+
+const _: () = assert!(
+    (QUEUE_EVENTS_MAX + (SYNC_QUEUE_BATCHES_MAX + 2) * BATCH_EVENTS_MAX) as u64
+        <= AGE_SLOT_SEQS * AGE_SLOTS as u64,
+    "the append-time ring covers every event that can be in flight"
+);
+
+/// Flushed batches waiting for their fdatasync: a handful at most, since
+/// one fdatasync covers all of them.
+const SYNC_QUEUE_BATCHES_MAX: usize = 64;
 
 /// How long a reopen waits for sled's lock: 50 attempts 100 ms apart. A
 /// lock still held after that belongs to another process.
@@ -116,6 +144,69 @@ struct Item {
     bytes: Vec<u8>,
 }
 
+/// When events were appended, coarsely: for each slot of [`AGE_SLOT_SEQS`]
+/// consecutive sequence numbers, the time (ms since the journal started)
+/// its first event was appended. The age of the oldest event not yet
+/// durable is then known to within a slot, erring old (it is the slot's
+/// first append, at or before that event's), at the cost of one clock read
+/// per 64 appends.
+struct AppendTimes {
+    started: Instant,
+    /// The first sequence number this journal appends (its slot's time is
+    /// that append's, since earlier ones were durable before the start).
+    first_seq: Seq,
+    slots: Vec<AtomicU64>,
+    /// The last sequence number appended (mirrors the append side, for
+    /// readers that must not take its lock).
+    last_seq: AtomicU64,
+}
+
+impl AppendTimes {
+    fn new(last_seq: Seq) -> AppendTimes {
+        AppendTimes {
+            started: Instant::now(),
+            first_seq: last_seq.saturating_add(1),
+            slots: (0..AGE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            last_seq: AtomicU64::new(last_seq),
+        }
+    }
+
+    fn slot(seq: Seq) -> usize {
+        // The remainder is below AGE_SLOTS, a usize.
+        ((seq / AGE_SLOT_SEQS) % AGE_SLOTS as u64) as usize
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Notes the append of `seq` (called in sequence order), with the
+    /// durable watermark as it was. An append to a journal that was wholly
+    /// durable restarts its slot's clock: no older event in the slot is
+    /// waiting, and an idle spell must not read as a stalled disk.
+    fn appended(&self, seq: Seq, durable: Seq) {
+        if seq % AGE_SLOT_SEQS == 0 || seq == self.first_seq || durable.saturating_add(1) >= seq {
+            self.slots[Self::slot(seq)].store(self.now_ms(), Ordering::Release);
+        }
+        self.last_seq.store(seq, Ordering::Release);
+    }
+
+    /// How long ago the oldest event after `durable` was appended (at
+    /// most a slot's worth too old); 0 when everything is durable.
+    fn oldest_after(&self, durable: Seq) -> u64 {
+        let last = self.last_seq.load(Ordering::Acquire);
+        if durable >= last {
+            return 0;
+        }
+        if last - durable >= AGE_SLOT_SEQS * AGE_SLOTS as u64 {
+            return u64::MAX;
+        }
+        let oldest = durable + 1;
+        let appended_ms = self.slots[Self::slot(oldest)].load(Ordering::Acquire);
+        self.now_ms().saturating_sub(appended_ms)
+    }
+}
+
 struct AppendSide {
     last_seq: Seq,
     tx: Option<Sender<Item>>,
@@ -124,6 +215,7 @@ struct AppendSide {
 /// Shared between the journal handle and its writer thread.
 struct Shared {
     watermark: Watermark,
+    appended: AppendTimes,
     stats: JournalStats,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -157,16 +249,23 @@ impl std::fmt::Debug for SledJournal {
 
 /// Opens (creating if needed) the sled database in `dir`.
 ///
+/// The directory is created durably (with its parent, the data dir), sled's
+/// `conf` is checked and if need be rewritten first (see
+/// [`ensure_sled_conf`]), and after the open the directory is fsynced
+/// again, so the data file's and the blob directory's entries are durable
+/// before any record is acknowledged.
+///
 /// # Errors
 /// `Unavailable` naming the directory when it cannot be created, opened or
 /// locked (another server may be using it).
 pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
+    create_dir_durably(dir).map_err(|e| {
         JournalError::Unavailable(format!(
             "cannot create journal directory {}: {e}",
             dir.display()
         ))
     })?;
+    ensure_sled_conf(dir)?;
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES)
@@ -192,19 +291,60 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
             }
         }
     };
-    // The data file's directory entry must be durable too.
-    sync_dir(dir)?;
+    // The entries sled created (its data file, `blobs/`) must be durable too.
+    sync_dir(dir).map_err(|e| unavailable_sync(dir, &e))?;
     Ok(db)
 }
 
-/// `fsync`s a directory, making the entries in it durable.
+fn unavailable_sync(path: &Path, e: &std::io::Error) -> JournalError {
+    JournalError::Unavailable(format!("cannot fsync {}: {e}", path.display()))
+}
+
+/// The bytes of sled's `conf` for the configuration [`open_db`] uses:
+/// exactly what sled 0.34.7 writes (a test compares them with sled's own).
+pub fn sled_conf_bytes() -> Vec<u8> {
+    let mut bytes =
+        format!("segment_size: {SLED_SEGMENT_BYTES}\nuse_compression: false\nversion: 0.34\n")
+            .into_bytes();
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// sled writes its `conf` in place on the first open and never fsyncs it;
+/// a power cut can leave a torn one, which sled then refuses to open
+/// ("failed to parse ...") and the server could never start again. So
+/// before every open: a `conf` that is missing, short or fails its CRC is
+/// written again, atomically and durably, from the known values (it can
+/// only have been written from them); a whole one is kept as it is, and
+/// sled checks that it matches the configuration.
 ///
 /// # Errors
-/// `Unavailable` when it cannot be opened or synced.
-pub fn sync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| JournalError::Unavailable(format!("cannot fsync {}: {e}", dir.display())))
+/// `Unavailable` when the file cannot be read or written.
+pub fn ensure_sled_conf(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join("conf");
+    let whole = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() > 4 => {
+            let (body, crc) = bytes.split_at(bytes.len() - 4);
+            crc32fast::hash(body).to_le_bytes() == crc
+        }
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(JournalError::Unavailable(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    if whole {
+        return Ok(());
+    }
+    if path.exists() {
+        tracing::warn!(path = %path.display(), "sled's conf is torn (a power cut while sled wrote it); writing it again");
+    }
+    write_file_durably(&path, &sled_conf_bytes(), None, Existing::Replace)
+        .map_err(|e| JournalError::Unavailable(format!("cannot write {}: {e}", path.display())))
 }
 
 impl SledJournal {
@@ -229,14 +369,13 @@ impl SledJournal {
         })?;
         let shared = Arc::new(Shared {
             watermark: Watermark::new(last_seq),
+            appended: AppendTimes::new(last_seq),
             stats: JournalStats::new(),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
         });
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_EVENTS_MAX);
-        // Flushed batches waiting for their fdatasync: a handful at most,
-        // since one fdatasync covers all of them.
-        let (sync_tx, sync_rx) = crossbeam_channel::bounded(64);
+        let (sync_tx, sync_rx) = crossbeam_channel::bounded(SYNC_QUEUE_BATCHES_MAX);
         let spawn_error = |e: std::io::Error| {
             JournalError::Unavailable(format!("cannot start journal thread: {e}"))
         };
@@ -335,6 +474,8 @@ impl Journal for SledJournal {
         match tx.try_send(Item { seq, bytes }) {
             Ok(()) => {
                 side.last_seq = seq;
+                let durable = self.shared.watermark.durable();
+                self.shared.appended.appended(seq, durable);
                 Ok(seq)
             }
             Err(TrySendError::Full(_)) => Err(JournalError::Full),
@@ -353,6 +494,12 @@ impl Journal for SledJournal {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_seq
+    }
+
+    fn unflushed_age_ms(&self) -> u64 {
+        self.shared
+            .appended
+            .oldest_after(self.shared.watermark.durable())
     }
 }
 
@@ -469,7 +616,7 @@ fn sync_new_blobs(
         any = true;
     }
     if any {
-        sync_dir(blobs).map_err(|e| e.to_string())?;
+        sync_dir(blobs).map_err(|e| format!("fsync of {}: {e}", blobs.display()))?;
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ mod listener;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -77,6 +77,11 @@ pub enum ServerError {
     /// The engine refused to start or to seed the catalog.
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    /// An invariant broke while running (a panic, a dead actor): the
+    /// process stopped so that its supervisor restarts it from the durable
+    /// state.
+    #[error("stopped after a fatal error: {0}")]
+    Fatal(String),
     /// The catalog file is unusable.
     #[error("catalog {path}: {why}")]
     Catalog {
@@ -85,6 +90,64 @@ pub enum ServerError {
         /// What is wrong.
         why: String,
     },
+}
+
+/// How long a fatal stop may take to finish the requests in flight and
+/// close the journal before the process exits regardless.
+const FATAL_EXIT_GRACE_MS: u64 = 10_000;
+
+/// The exit code of a fatal stop that did not finish within its grace.
+const FATAL_EXIT_CODE: i32 = 70;
+
+/// Why the process must stop, once something fatal happened: a panic on any
+/// thread (the hook below), or a dead engine actor (the supervisor).
+fn fatal_channel() -> &'static watch::Sender<Option<String>> {
+    static FATAL: OnceLock<watch::Sender<Option<String>>> = OnceLock::new();
+    FATAL.get_or_init(|| watch::Sender::new(None))
+}
+
+/// Reports a fatal error: the server stops (not ready from now on) and
+/// exits non-zero. The first reason is kept.
+fn fatal(why: String) {
+    tracing::error!(reason = %why, "fatal: stopping the server");
+    fatal_channel().send_if_modified(|fatal| {
+        if fatal.is_some() {
+            return false;
+        }
+        *fatal = Some(why);
+        true
+    });
+}
+
+/// A panic anywhere is an invariant that broke: after the usual report,
+/// the server is told to stop. Installed once per process, by [`run`].
+fn install_panic_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            let thread = std::thread::current();
+            fatal(format!(
+                "panic on thread {}: {info}",
+                thread.name().unwrap_or("unnamed")
+            ));
+        }));
+    });
+}
+
+/// Resolves with the reason once something fatal happened.
+async fn fatal_error() -> String {
+    let mut rx = fatal_channel().subscribe();
+    let why = rx
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|f| f.clone());
+    match why {
+        Some(why) => why,
+        None => std::future::pending().await,
+    }
 }
 
 /// The storage side that the supervisor owns: what the backend serves,
@@ -147,6 +210,7 @@ impl Storage {
     /// snapshotter (blocking: run it off the async workers).
     fn open(&self) -> Result<(Engine, Arc<SledJournal>, bool), ServerError> {
         let data_dir = &self.config.data_dir;
+        crate::faults::stall("stall-recovery-ms");
         let opened = journal::open(
             data_dir,
             policy(self.config.engine.durability),
@@ -224,7 +288,8 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
     std::fs::File::create(&marker)
         .and_then(|f| f.sync_all())
         .map_err(io)?;
-    journal::writer::sync_dir(data_dir).map_err(|e| ServerError::Io(e.to_string()))?;
+    journal::files::sync_dir(data_dir)
+        .map_err(|e| ServerError::Io(format!("{}: {e}", data_dir.display())))?;
     let kept = |result: Result<(), EngineError>| match result {
         Err(EngineError::AlreadyExists { .. }) => Ok(()),
         other => other,
@@ -250,7 +315,8 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
         kept(created).map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
     }
     std::fs::remove_file(&marker).map_err(io)?;
-    journal::writer::sync_dir(data_dir).map_err(|e| ServerError::Io(e.to_string()))?;
+    journal::files::sync_dir(data_dir)
+        .map_err(|e| ServerError::Io(format!("{}: {e}", data_dir.display())))?;
     tracing::info!(path = %path.display(), "catalog seeded");
     Ok(())
 }
@@ -280,9 +346,17 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
     let mut reload_failed: Option<String> = None;
     let mut last_eviction = Instant::now();
     loop {
+        let dead = match storage.backend.engine() {
+            Ok(engine) => futures_util::future::Either::Left(engine.dead()),
+            Err(_) => futures_util::future::Either::Right(std::future::pending()),
+        };
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(STORAGE_PROBE_MS)) => {}
             _ = stop.wait_for(|s| *s) => return,
+            why = dead => {
+                fatal(format!("the engine is dead: {why}"));
+                return;
+            }
         }
         if last_eviction.elapsed() >= Duration::from_millis(IDEMPOTENCY_EVICT_EVERY_MS) {
             last_eviction = Instant::now();
@@ -334,6 +408,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    install_panic_hook();
     let wanted = u64::try_from(config.max_connections)
         .unwrap_or(u64::MAX)
         .saturating_add(1_024);
@@ -348,7 +423,7 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+    journal::files::create_dir_durably(&config.data_dir).map_err(|e| {
         ServerError::Io(format!(
             "cannot create the data dir {}: {e}",
             config.data_dir.display()
@@ -388,15 +463,36 @@ pub async fn run(
         backend,
         snapshotter: Mutex::new(None),
     });
-    tokio::pin!(shutdown);
-    let started = tokio::select! {
-        started = start_storage(&storage) => started,
-        () = &mut shutdown => Ok(()),
-    };
     let supervisor = tokio::spawn(supervise(Arc::clone(&storage), stop_rx));
-    if started.is_ok() {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, finishing requests in flight");
+    tokio::pin!(shutdown);
+    let fatal_stop = fatal_error();
+    tokio::pin!(fatal_stop);
+    // Why the server stops: a signal (during recovery or after), or a fatal
+    // error. Each future is awaited to completion at most once.
+    let stopped: Result<(), ServerError> = tokio::select! {
+        started = start_storage(&storage) => match started {
+            Err(e) => Err(e),
+            Ok(()) => tokio::select! {
+                () = &mut shutdown => Ok(()),
+                why = &mut fatal_stop => Err(ServerError::Fatal(why)),
+            },
+        },
+        () = &mut shutdown => {
+            tracing::info!("stopped while recovering");
+            Ok(())
+        }
+        why = &mut fatal_stop => Err(ServerError::Fatal(why)),
+    };
+    match &stopped {
+        Ok(()) => {
+            tracing::info!("shutting down: no new connections, finishing requests in flight");
+        }
+        Err(ServerError::Fatal(why)) => {
+            tracing::error!(reason = %why, "fatal: not ready; finishing requests in flight, then exiting non-zero");
+            storage.backend.mark_fatal(why.clone());
+            exit_after_grace();
+        }
+        Err(_) => {}
     }
     let _ = stop_tx.send(true);
     if let Err(e) = server.await {
@@ -410,5 +506,21 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Io(format!("closing: {e}")))?;
     tracing::info!("stopped");
-    started
+    stopped
+}
+
+/// After a fatal error, the orderly stop gets [`FATAL_EXIT_GRACE_MS`]; a
+/// stop that hangs (on whatever broke) must not keep a dead server up.
+fn exit_after_grace() {
+    let spawned = std::thread::Builder::new()
+        .name("flashcore-fatal-exit".into())
+        .spawn(|| {
+            std::thread::sleep(Duration::from_millis(FATAL_EXIT_GRACE_MS));
+            tracing::error!("the fatal stop did not finish in time; exiting now");
+            std::process::exit(FATAL_EXIT_CODE);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the exit timer; exiting now");
+        std::process::exit(FATAL_EXIT_CODE);
+    }
 }

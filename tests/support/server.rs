@@ -34,6 +34,19 @@ impl Server {
     /// Like `start`, but returns the log when the server exits or is not
     /// ready in time.
     pub fn try_start(data_dir: &Path, args: &[&str], patience: Duration) -> Result<Server, String> {
+        Server::launch(data_dir, args, &[], true, patience)
+    }
+
+    /// Starts the binary with extra environment variables (such as
+    /// `FLASHCORE_FAULTS`); waits until it listens and, if `wait_ready`,
+    /// until `/readyz` answers 200.
+    pub fn launch(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        wait_ready: bool,
+        patience: Duration,
+    ) -> Result<Server, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_flashcore"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
@@ -51,6 +64,8 @@ impl Server {
             .env("FLASHCORE_JWT_SECRET", SECRET)
             .env("RUST_LOG", "info")
             .env_remove("FLASHCORE_CATALOG")
+            .env_remove("FLASHCORE_FAULTS")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -99,6 +114,9 @@ impl Server {
             log,
             keys: JwtKeys::new(SECRET.as_bytes()),
         };
+        if !wait_ready {
+            return Ok(server);
+        }
         loop {
             if let Ok(r) = server.client().try_send("GET", "/readyz", &[], None) {
                 if r.status == 200 {
@@ -152,6 +170,22 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Waits up to `patience` for the process to exit by itself.
+    pub fn wait_exit(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if started.elapsed() > patience {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -226,15 +260,18 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connects");
-        stream.set_nodelay(true).expect("nodelay");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        Client {
+        Client::try_connect(addr).expect("connects")
+    }
+
+    /// Connects, or says why not (a server that may have exited).
+    pub fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
             reader: BufReader::new(stream),
             addr,
-        }
+        })
     }
 
     /// Sends raw bytes.
