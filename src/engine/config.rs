@@ -1,0 +1,78 @@
+//! How the engine runs, and the plain values its callers hand it: who
+//! calls, which orders to list, a new SKU.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+/// When a change counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DurabilityMode {
+    /// Answer only once everything the answer depends on is durable.
+    #[default]
+    Strict,
+    /// Answer at once; the journal flushes on a short timer.
+    Relaxed,
+}
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Actor threads (actix arbiters).
+    pub actor_threads: usize,
+    /// Order shards.
+    pub order_shards: usize,
+    /// How long an unpaid order holds its units.
+    pub reservation_ttl_ms: u64,
+    /// When a change counts as done.
+    pub durability: DurabilityMode,
+    /// Mailbox of each SKU actor.
+    pub sku_mailbox: usize,
+    /// Mailbox of each order shard.
+    pub shard_mailbox: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig {
+            actor_threads: ACTOR_THREADS_DEFAULT,
+            order_shards: ORDER_SHARDS_DEFAULT,
+            reservation_ttl_ms: RESERVATION_TTL_DEFAULT_MS,
+            durability: DurabilityMode::Strict,
+            sku_mailbox: SKU_MAILBOX,
+            shard_mailbox: ORDER_SHARD_MAILBOX,
+        }
+    }
+}
+
+/// Who is calling: their user id, and whether they are an admin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's user id (their token's `sub`).
+    pub user: UserId,
+    /// Whether their role is `admin`.
+    pub admin: bool,
+}
+
+/// Which orders to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderScope {
+    /// One user's.
+    User(UserId),
+    /// Everyone's.
+    All,
+}
+
+/// A new SKU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSku {
+    /// Its id.
+    pub sku: SkuId,
+    /// Its name.
+    pub name: String,
+    /// Its unit price.
+    pub price_cents: u64,
+    /// Its initial stock.
+    pub stock: u64,
+    /// Most units per user, or none.
+    pub per_user_limit: Option<u32>,
+}
