@@ -92,7 +92,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let server = Server {
+        let mut server = Server {
             child: Some(child),
             addr,
             data_dir: data_dir.to_path_buf(),
@@ -100,10 +100,16 @@ impl Server {
             keys: JwtKeys::new(SECRET.as_bytes()),
         };
         loop {
-            if let Ok(r) = server.client().try_send("GET", "/readyz", &[], None) {
-                if r.status == 200 {
-                    return Ok(server);
-                }
+            let ready = Client::try_connect(server.addr)
+                .and_then(|mut c| c.try_send("GET", "/readyz", &[], None));
+            if ready.is_ok_and(|r| r.status == 200) {
+                return Ok(server);
+            }
+            if let Some(Ok(Some(status))) = server.child.as_mut().map(Child::try_wait) {
+                return Err(format!(
+                    "exited {status} before it was ready:\n{}",
+                    server.log()
+                ));
             }
             if started.elapsed() > patience {
                 return Err(format!("not ready in time:\n{}", server.log()));
@@ -226,15 +232,18 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connects");
-        stream.set_nodelay(true).expect("nodelay");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        Client {
+        Client::try_connect(addr).expect("connects")
+    }
+
+    /// A new connection, or why there is none.
+    pub fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Client {
             reader: BufReader::new(stream),
             addr,
-        }
+        })
     }
 
     /// Sends raw bytes.
