@@ -249,6 +249,12 @@ fn read_books(
     users: &[String],
     label: &str,
 ) -> (Result<Vec<Value>, String>, Vec<Value>) {
+    if let Err(e) = std::net::TcpStream::connect(server.addr) {
+        panic!(
+            "{label}: the server stopped answering ({e}); its log:\n{}",
+            server.log()
+        );
+    }
     let mut api = Api::new(server);
     let admin = server.admin();
     for _ in 0..QUIET_TRIES_MAX {
