@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::load::{self, Book, SKUS};
+use support::load::{self, Book, SKUS, Users};
 use support::server::{Api, Server};
 
 /// Rounds unless `CRASH_ROUNDS` says otherwise.
@@ -31,12 +31,12 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let rounds = load::rounds("CRASH_ROUNDS", ROUNDS_DEFAULT);
     let dir = tempfile::tempdir().expect("tempdir");
     let book: Book = Arc::new(Mutex::new(HashMap::new()));
-    let mut users: Vec<String> = Vec::new();
+    let users: Users = Arc::default();
     load::create_skus(&Server::start(dir.path(), &["--reservation-ttl", "2s"]));
     for round in 0..rounds {
         let mut server = Server::start(dir.path(), &["--reservation-ttl", "2s"]);
         load::verify(&server, &book, &users, &format!("round {round}"));
-        let workers = load::spawn_workers(&server, round, &mut rng, &book, &mut users);
+        let workers = load::spawn_workers(&server, round, &mut rng, &book, &users);
         std::thread::sleep(Duration::from_millis(rng.random_range(30..400)));
         server.kill();
         for w in workers {

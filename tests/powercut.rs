@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use fs::{CutMode, PowerCutFs};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::load::{self, Book};
+use support::load::{self, Book, Users};
 use support::server::Server;
 
 /// Rounds unless `POWERCUT_ROUNDS` says otherwise.
@@ -423,12 +423,12 @@ fn strict_orders_survive_power_cuts() {
             .unwrap_or_else(|e| panic!("{label}: the server does not start on what survived: {e}"))
     };
     let book: Book = Arc::new(Mutex::new(HashMap::new()));
-    let mut users: Vec<String> = Vec::new();
+    let users: Users = Arc::default();
     let mut server = start("first start");
     load::create_skus(&server);
     let mut label = "first start".to_string();
     for round in 0..rounds {
-        let workers = load::spawn_workers(&server, round, &mut rng, &book, &mut users);
+        let workers = load::spawn_workers(&server, round, &mut rng, &book, &users);
         std::thread::sleep(Duration::from_millis(rng.random_range(LOAD_MS)));
         m.fs.freeze();
         server.kill();

@@ -19,13 +19,18 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use super::server::{Api, Client, Server};
+use flashcore::domain::UserId;
+use flashcore::http::auth::JwtKeys;
+
+use super::server::{Api, Client, SECRET, Server};
 
 /// Client threads per round.
 pub const WORKERS: usize = 6;
-/// Orders one worker places at most, so a user's orders fit one listing
-/// (the API lists 500 at most).
-pub const ORDERS_PER_WORKER_MAX: usize = 450;
+/// Orders one user places at most, so a user's orders fit one listing (the
+/// API lists 500 at most); a worker then goes on as a new user.
+pub const ORDERS_PER_USER_MAX: usize = 450;
+/// Orders one worker places at most (far more than a round's load).
+pub const ORDERS_PER_WORKER_MAX: usize = 100_000;
 /// The catalog: id, price in cents, stock.
 pub const SKUS: [(&str, u64, u64); 3] = [
     ("big", 150, 1_000_000),
@@ -58,6 +63,19 @@ pub struct Record {
 /// Every acknowledged order by id.
 pub type Book = Arc<Mutex<HashMap<String, Record>>>;
 
+/// Every user the workers placed orders as.
+pub type Users = Arc<Mutex<Vec<String>>>;
+
+/// A customer token for `user`, signed as the test servers expect.
+fn customer_token(user: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    JwtKeys::new(SECRET.as_bytes())
+        .issue(UserId::parse(user).expect("valid user"), false, now, 3_600)
+        .expect("signs")
+}
+
 /// A round count from the environment variable `var`, else `default`.
 pub fn rounds(var: &str, default: usize) -> usize {
     std::env::var(var)
@@ -80,26 +98,39 @@ pub fn create_skus(server: &Server) {
     }
 }
 
-/// Starts [`WORKERS`] workers on `server`, each as a new user (added to
+/// Starts [`WORKERS`] workers on `server`, each as new users (added to
 /// `users`). They run until the server goes away.
 pub fn spawn_workers(
     server: &Server,
     round: usize,
     rng: &mut StdRng,
     book: &Book,
-    users: &mut Vec<String>,
+    users: &Users,
 ) -> Vec<JoinHandle<()>> {
     let admin = server.admin();
     (0..WORKERS)
         .map(|t| {
-            let user = format!("r{round}w{t}");
-            users.push(user.clone());
-            let customer = server.customer(&user);
-            let (admin, book, addr) = (admin.clone(), Arc::clone(book), server.addr);
+            let worker = Worker {
+                addr: server.addr,
+                name: format!("r{round}w{t}"),
+                admin: admin.clone(),
+                book: Arc::clone(book),
+                users: Arc::clone(users),
+            };
             let seed = rng.random();
-            std::thread::spawn(move || worker(addr, user, customer, admin, seed, book))
+            std::thread::spawn(move || worker.run(seed))
         })
         .collect()
+}
+
+/// One client's part of the load.
+struct Worker {
+    addr: SocketAddr,
+    /// Its users are `{name}u0`, `{name}u1`, ...
+    name: String,
+    admin: String,
+    book: Book,
+    users: Users,
 }
 
 fn parse_lines(order: &Value) -> Vec<(String, u64)> {
@@ -118,97 +149,118 @@ fn parse_lines(order: &Value) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
-/// One client hammering the server until its connection dies (or it placed
-/// [`ORDERS_PER_WORKER_MAX`] orders).
-fn worker(addr: SocketAddr, user: String, customer: String, admin: String, seed: u64, book: Book) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut client = Client::connect(addr);
-    let mut mine: Vec<String> = Vec::new();
-    while mine.len() < ORDERS_PER_WORKER_MAX {
-        let roll: u32 = rng.random_range(0..100);
-        let result = if roll < 55 || mine.is_empty() {
-            let n = rng.random_range(1..=2);
-            let lines: Vec<(String, u64)> = (0..n)
-                .map(|i| {
-                    (
-                        SKUS[(i + rng.random_range(0..3)) % 3].0.to_string(),
-                        rng.random_range(1..=2),
-                    )
-                })
-                .collect();
-            let items: Vec<String> = lines
-                .iter()
-                .map(|(s, q)| format!(r#"{{"sku_id":"{s}","qty":{q}}}"#))
-                .collect();
-            let body = format!(r#"{{"items":[{}]}}"#, items.join(","));
-            let h = [
-                ("Content-Type", "application/json"),
-                ("Authorization", &format!("Bearer {customer}")),
-            ];
-            client
-                .try_send("POST", "/v1/orders", &h, Some(&body))
-                .map(|r| {
-                    if r.status == 201 {
-                        let o = r.json();
-                        let id = o["order_id"].as_str().unwrap_or_default().to_string();
-                        let total = o["total_cents"].as_u64().unwrap_or(0);
-                        book.lock().expect("book").insert(
-                            id.clone(),
-                            Record {
-                                user: user.clone(),
-                                lines: parse_lines(&o),
-                                total,
-                                state: Acked::Placed,
-                            },
-                        );
-                        mine.push(id);
-                    }
-                })
-        } else {
-            let id = mine[rng.random_range(0..mine.len())].clone();
-            let record = book.lock().expect("book").get(&id).cloned();
-            let Some(record) = record else { continue };
-            let (path, body, token, next) = match (roll, record.state) {
-                (55..=79, Acked::Placed) => (
-                    format!("/v1/orders/{id}/pay"),
-                    Some(format!(
-                        r#"{{"payment_ref":"pay-{id}","amount_cents":{}}}"#,
-                        record.total
-                    )),
-                    &admin,
-                    Acked::Paid,
-                ),
-                (80..=89, Acked::Placed) => (
-                    format!("/v1/orders/{id}/cancel"),
-                    None,
-                    &customer,
-                    Acked::Cancelled,
-                ),
-                (90..=99, Acked::Paid) => (
-                    format!("/v1/orders/{id}/ship"),
-                    None,
-                    &admin,
-                    Acked::Shipped,
-                ),
-                _ => continue,
-            };
-            let mut h = vec![("Authorization", format!("Bearer {token}"))];
-            if body.is_some() {
-                h.push(("Content-Type", "application/json".to_string()));
+impl Worker {
+    /// A new user to place orders as.
+    fn new_user(&self, index: usize) -> (String, String) {
+        let user = format!("{}u{index}", self.name);
+        self.users.lock().expect("users").push(user.clone());
+        let token = customer_token(&user);
+        (user, token)
+    }
+
+    /// Hammers the server until the connection dies (or it placed
+    /// [`ORDERS_PER_WORKER_MAX`] orders).
+    fn run(self, seed: u64) {
+        let Worker {
+            addr, admin, book, ..
+        } = &self;
+        let (addr, admin) = (*addr, admin.clone());
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut client = Client::connect(addr);
+        let mut user_index = 0;
+        let (mut user, mut customer) = self.new_user(user_index);
+        let mut mine: Vec<String> = Vec::new();
+        for _ in 0..ORDERS_PER_WORKER_MAX {
+            if mine.len() == ORDERS_PER_USER_MAX {
+                user_index += 1;
+                (user, customer) = self.new_user(user_index);
+                mine.clear();
             }
-            let pairs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            client
-                .try_send("POST", &path, &pairs, body.as_deref())
-                .map(|r| {
-                    if r.status == 200 {
-                        if let Some(rec) = book.lock().expect("book").get_mut(&id) {
-                            rec.state = rec.state.max(next);
+            let roll: u32 = rng.random_range(0..100);
+            let result = if roll < 55 || mine.is_empty() {
+                let n = rng.random_range(1..=2);
+                let lines: Vec<(String, u64)> = (0..n)
+                    .map(|i| {
+                        (
+                            SKUS[(i + rng.random_range(0..3)) % 3].0.to_string(),
+                            rng.random_range(1..=2),
+                        )
+                    })
+                    .collect();
+                let items: Vec<String> = lines
+                    .iter()
+                    .map(|(s, q)| format!(r#"{{"sku_id":"{s}","qty":{q}}}"#))
+                    .collect();
+                let body = format!(r#"{{"items":[{}]}}"#, items.join(","));
+                let h = [
+                    ("Content-Type", "application/json"),
+                    ("Authorization", &format!("Bearer {customer}")),
+                ];
+                client
+                    .try_send("POST", "/v1/orders", &h, Some(&body))
+                    .map(|r| {
+                        if r.status == 201 {
+                            let o = r.json();
+                            let id = o["order_id"].as_str().unwrap_or_default().to_string();
+                            let total = o["total_cents"].as_u64().unwrap_or(0);
+                            book.lock().expect("book").insert(
+                                id.clone(),
+                                Record {
+                                    user: user.clone(),
+                                    lines: parse_lines(&o),
+                                    total,
+                                    state: Acked::Placed,
+                                },
+                            );
+                            mine.push(id);
                         }
-                    }
-                })
-        };
-        if result.is_err() {
-            return; // the server is gone
+                    })
+            } else {
+                let id = mine[rng.random_range(0..mine.len())].clone();
+                let record = book.lock().expect("book").get(&id).cloned();
+                let Some(record) = record else { continue };
+                let (path, body, token, next) = match (roll, record.state) {
+                    (55..=79, Acked::Placed) => (
+                        format!("/v1/orders/{id}/pay"),
+                        Some(format!(
+                            r#"{{"payment_ref":"pay-{id}","amount_cents":{}}}"#,
+                            record.total
+                        )),
+                        &admin,
+                        Acked::Paid,
+                    ),
+                    (80..=89, Acked::Placed) => (
+                        format!("/v1/orders/{id}/cancel"),
+                        None,
+                        &customer,
+                        Acked::Cancelled,
+                    ),
+                    (90..=99, Acked::Paid) => (
+                        format!("/v1/orders/{id}/ship"),
+                        None,
+                        &admin,
+                        Acked::Shipped,
+                    ),
+                    _ => continue,
+                };
+                let mut h = vec![("Authorization", format!("Bearer {token}"))];
+                if body.is_some() {
+                    h.push(("Content-Type", "application/json".to_string()));
+                }
+                let pairs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                client
+                    .try_send("POST", &path, &pairs, body.as_deref())
+                    .map(|r| {
+                        if r.status == 200 {
+                            if let Some(rec) = book.lock().expect("book").get_mut(&id) {
+                                rec.state = rec.state.max(next);
+                            }
+                        }
+                    })
+            };
+            if result.is_err() {
+                return; // the server is gone
+            }
         }
     }
 }
@@ -282,8 +334,9 @@ fn read_books(
 
 /// Checks `server` against every acknowledged change in `book`; panics with
 /// every problem found (`label` says which round and what happened before).
-pub fn verify(server: &Server, book: &Book, users: &[String], label: &str) {
-    let (skus, orders) = read_books(server, users, label);
+pub fn verify(server: &Server, book: &Book, users: &Users, label: &str) {
+    let users = users.lock().expect("users").clone();
+    let (skus, orders) = read_books(server, &users, label);
     let mut problems: Vec<String> = Vec::new();
     let skus = skus.unwrap_or_else(|e| {
         problems.push(format!("the catalog is damaged: {e}"));
