@@ -1,7 +1,9 @@
-//! Shared helpers: the in-process engine harness, and (in `server`) the real
-//! binary as a child process with a small HTTP client.
+//! Shared helpers: the in-process engine harness, (in `server`) the real
+//! binary as a child process with a small HTTP client, and (in `load`) the
+//! crash workload and its checks.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod server;
 
 use std::sync::Arc;

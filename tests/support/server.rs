@@ -107,7 +107,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let server = Server {
+        let mut server = Server {
             child: Some(child),
             addr,
             data_dir: data_dir.to_path_buf(),
@@ -118,10 +118,16 @@ impl Server {
             return Ok(server);
         }
         loop {
-            if let Ok(r) = server.client().try_send("GET", "/readyz", &[], None) {
-                if r.status == 200 {
-                    return Ok(server);
-                }
+            let ready = Client::try_connect(server.addr)
+                .and_then(|mut c| c.try_send("GET", "/readyz", &[], None));
+            if ready.is_ok_and(|r| r.status == 200) {
+                return Ok(server);
+            }
+            if let Some(Ok(Some(status))) = server.child.as_mut().map(Child::try_wait) {
+                return Err(format!(
+                    "exited {status} before it was ready:\n{}",
+                    server.log()
+                ));
             }
             if started.elapsed() > patience {
                 return Err(format!("not ready in time:\n{}", server.log()));
@@ -263,7 +269,7 @@ impl Client {
         Client::try_connect(addr).expect("connects")
     }
 
-    /// Connects, or says why not (a server that may have exited).
+    /// A new connection, or why there is none (a server that may have exited).
     pub fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;

@@ -1,0 +1,454 @@
+//! Power cuts: a FUSE file system (`powercut/fs.rs`) that keeps only what was
+//! fsynced (file data by the file's fsync, directory entries by their
+//! directory's fsync) and forgets the rest on command.
+//!
+//! First the file system's own semantics, each a test that fails when the
+//! model is wrong; then `strict_orders_survive_power_cuts`: the real server
+//! on the mount, under load, loses the power `POWERCUT_ROUNDS` times
+//! (default 20), rotating through the cut modes, and after every restart
+//! must still hold every acknowledged change (checks in `support/load.rs`).
+//!
+//! Needs `/dev/fuse` and the right to mount (root).
+
+mod support;
+
+#[path = "powercut/fs.rs"]
+mod fs;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fs::{CutMode, PowerCutFs};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::load::{self, Book, Users};
+use support::server::Server;
+
+/// Rounds unless `POWERCUT_ROUNDS` says otherwise.
+const ROUNDS_DEFAULT: usize = 20;
+/// How long a (re)started server may take to answer `/readyz`.
+const START_PATIENCE: Duration = Duration::from_secs(30);
+/// Load per round, in milliseconds (a random span in this range).
+const LOAD_MS: std::ops::Range<u64> = 200..1_500;
+/// How long a test waits for something that should happen at once.
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// A file system mounted over a temp dir; unmounted before the dir goes.
+struct Mounted {
+    fs: PowerCutFs,
+    _dir: tempfile::TempDir,
+}
+
+fn mounted() -> Mounted {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = PowerCutFs::mount(dir.path()).expect("mounts (needs /dev/fuse and root)");
+    Mounted { fs, _dir: dir }
+}
+
+impl Mounted {
+    fn at(&self, rel: &str) -> std::path::PathBuf {
+        self.fs.path().join(rel)
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .unwrap_or_else(|e| panic!("fsync dir {}: {e}", dir.display()));
+}
+
+/// Creates (or truncates) `path` with `bytes`, fsyncs it, and fsyncs its dir.
+fn durable_file(path: &Path, bytes: &[u8]) {
+    let mut f = File::create(path).expect("create");
+    f.write_all(bytes).expect("write");
+    f.sync_all().expect("fsync");
+    sync_dir(path.parent().expect("parent"));
+}
+
+/// The content of `path`, or `None` when it does not exist.
+fn read(path: &Path) -> Option<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => panic!("read {}: {e}", path.display()),
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn unsynced_writes_are_gone_after_a_cut() {
+    let m = mounted();
+    let path = m.at("f");
+    durable_file(&path, b"durable");
+    let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+    f.seek(SeekFrom::End(0)).expect("seek");
+    f.write_all(b" and volatile").expect("write");
+    drop(f); // close() makes nothing durable
+    std::fs::write(m.at("never-synced"), b"x").expect("write");
+    assert_eq!(read(&path).as_deref(), Some(&b"durable and volatile"[..]));
+    let report = m.fs.cut(CutMode::DropAll, 1);
+    assert_eq!(read(&path).as_deref(), Some(&b"durable"[..]), "{report}");
+    assert_eq!(read(&m.at("never-synced")), None, "{report}");
+    assert!(report.file_ops_dropped >= 2, "{report}");
+}
+
+#[test]
+fn an_fsynced_file_without_a_dir_fsync_is_gone() {
+    let m = mounted();
+    std::fs::create_dir(m.at("d")).expect("mkdir");
+    sync_dir(m.fs.path());
+    let path = m.at("d/f");
+    let mut f = File::create(&path).expect("create");
+    f.write_all(b"data").expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    // Syncing the wrong dir (the root) does not help either.
+    sync_dir(m.fs.path());
+    let report = m.fs.cut(CutMode::DropAll, 2);
+    assert_eq!(read(&path), None, "{report}");
+    assert_eq!(names(&m.at("d")), Vec::<String>::new());
+    // And a new dir whose parent was never fsynced is gone with its files.
+    std::fs::create_dir(m.at("e")).expect("mkdir");
+    durable_file(&m.at("e/f"), b"data");
+    m.fs.cut(CutMode::DropAll, 3);
+    assert!(
+        !m.at("e").exists(),
+        "e's entry in the root was never fsynced"
+    );
+}
+
+#[test]
+fn a_file_and_its_dirs_fsynced_survive_byte_for_byte() {
+    let m = mounted();
+    std::fs::create_dir_all(m.at("a/b")).expect("mkdir");
+    let path = m.at("a/b/f");
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut expected = vec![0u8; 3 << 20];
+    rng.fill(&mut expected[..]);
+    expected[1 << 20..2 << 20].fill(0); // a hole
+    let mut f = File::create(&path).expect("create");
+    f.write_all(&expected[..1 << 20]).expect("write");
+    f.seek(SeekFrom::Start(2 << 20)).expect("seek");
+    f.write_all(&expected[2 << 20..])
+        .expect("write past a hole");
+    f.sync_data().expect("fdatasync");
+    drop(f);
+    for dir in ["a/b", "a", ""] {
+        sync_dir(&m.at(dir));
+    }
+    let report = m.fs.cut(CutMode::DropAll, 4);
+    assert_eq!(
+        report.file_ops_dropped + report.dir_ops_dropped,
+        0,
+        "{report}"
+    );
+    let got = read(&path).expect("survives");
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "survives byte for byte");
+    // Truncates are writes too: synced, they stay; not synced, they go.
+    let f = OpenOptions::new().write(true).open(&path).expect("open");
+    f.set_len(10).expect("truncate");
+    f.sync_all().expect("fsync");
+    f.set_len(5).expect("truncate");
+    drop(f);
+    m.fs.cut(CutMode::DropAll, 5);
+    assert_eq!(read(&path).as_deref(), Some(&expected[..10]));
+}
+
+#[test]
+fn a_rename_over_a_file_without_a_dir_fsync_is_undone() {
+    let m = mounted();
+    let target = m.at("target");
+    durable_file(&target, b"old");
+    let tmp = m.at("tmp");
+    let mut f = File::create(&tmp).expect("create");
+    f.write_all(b"new").expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    std::fs::rename(&tmp, &target).expect("rename");
+    assert_eq!(read(&target).as_deref(), Some(&b"new"[..]));
+    let report = m.fs.cut(CutMode::DropAll, 6);
+    assert_eq!(read(&target).as_deref(), Some(&b"old"[..]), "{report}");
+    assert_eq!(read(&tmp), None, "tmp's entry was never fsynced");
+    // With the dir fsynced, the rename holds.
+    let mut f = File::create(&tmp).expect("create");
+    f.write_all(b"new").expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    std::fs::rename(&tmp, &target).expect("rename");
+    sync_dir(m.fs.path());
+    m.fs.cut(CutMode::DropAll, 7);
+    assert_eq!(read(&target).as_deref(), Some(&b"new"[..]));
+    assert_eq!(names(m.fs.path()), vec!["target".to_string()]);
+    // Between two dirs, each side needs its own fsync: only the source's
+    // unlink synced, the file is lost.
+    std::fs::create_dir(m.at("d")).expect("mkdir");
+    sync_dir(m.fs.path());
+    std::fs::rename(&target, m.at("d/moved")).expect("rename");
+    sync_dir(m.fs.path());
+    m.fs.cut(CutMode::DropAll, 8);
+    assert_eq!(names(m.fs.path()), vec!["d".to_string()]);
+    assert_eq!(names(&m.at("d")), Vec::<String>::new());
+}
+
+/// Writes `WRITES` distinct blocks in order (block i holds byte i + 1), cuts
+/// with `seed`, and returns how many blocks survived, checking they are a
+/// prefix of the writes.
+fn prefix_round(m: &Mounted, seed: u64) -> usize {
+    const WRITES: usize = 12;
+    const BLOCK: usize = 100;
+    let path = m.at(&format!("f{seed}"));
+    durable_file(&path, b"");
+    let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+    for i in 0..WRITES {
+        f.write_all(&[i as u8 + 1; BLOCK]).expect("write");
+    }
+    drop(f);
+    // Entry changes in a dir: creations in order.
+    std::fs::create_dir(m.at(&format!("d{seed}"))).expect("mkdir");
+    sync_dir(m.fs.path());
+    for i in 0..WRITES {
+        std::fs::write(m.at(&format!("d{seed}/{i:02}")), b"").expect("create");
+    }
+    let report = m.fs.cut(CutMode::KeepRandomPrefix, seed);
+    let got = read(&path).expect("the file's entry was durable");
+    assert_eq!(got.len() % BLOCK, 0, "seed {seed}: {report}");
+    let kept = got.len() / BLOCK;
+    for (i, block) in got.chunks(BLOCK).enumerate() {
+        assert!(
+            block.iter().all(|&b| b == i as u8 + 1),
+            "seed {seed}: block {i} of {kept} is not write {i}: not a prefix ({report})"
+        );
+    }
+    assert_eq!(report.file_ops_kept, kept, "seed {seed}: {report}");
+    let entries = names(&m.at(&format!("d{seed}")));
+    let prefix: Vec<String> = (0..entries.len()).map(|i| format!("{i:02}")).collect();
+    assert_eq!(entries, prefix, "seed {seed}: dir entries are a prefix");
+    kept
+}
+
+#[test]
+fn keep_random_prefix_keeps_a_prefix_of_the_unsynced_ops() {
+    let m = mounted();
+    let kept: Vec<usize> = (0..12).map(|seed| prefix_round(&m, seed)).collect();
+    assert!(
+        kept.iter().any(|&k| k > 0 && k < 12) && kept.iter().any(|&k| k != kept[0]),
+        "the prefix is random, neither all nor nothing every time: {kept:?}"
+    );
+}
+
+#[test]
+fn tear_last_page_leaves_a_torn_write() {
+    const PAGE: usize = 8192;
+    let m = mounted();
+    let mut torn_seen = 0;
+    for seed in 0..16 {
+        let path = m.at("f");
+        durable_file(&path, &[b'a'; PAGE]);
+        let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all(&[b'b'; PAGE]).expect("write");
+        drop(f);
+        let report = m.fs.cut(CutMode::TearLastPage, seed);
+        let got = read(&path).expect("durable");
+        assert_eq!(got.len(), PAGE, "seed {seed}: {report}");
+        let bs = got.iter().take_while(|&&b| b == b'b').count();
+        assert!(
+            got[bs..].iter().all(|&b| b == b'a'),
+            "seed {seed}: a prefix of the write, then the old bytes ({report})"
+        );
+        if report.torn_writes == 1 {
+            assert!(bs > 0 && bs < PAGE, "seed {seed}: torn, {bs} bytes landed");
+            torn_seen += 1;
+        } else {
+            assert!(bs == 0 || bs == PAGE, "seed {seed}: whole or nothing");
+        }
+    }
+    assert!(torn_seen > 0, "some seed tears the write");
+}
+
+fn is_eio(result: std::io::Result<()>) -> bool {
+    matches!(result, Err(e) if e.raw_os_error() == Some(libc::EIO))
+}
+
+#[test]
+fn after_a_freeze_writes_and_fsyncs_fail_with_eio() {
+    let m = mounted();
+    let path = m.at("f");
+    durable_file(&path, b"durable");
+    let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+    f.write_all(b"x").expect("write before the freeze");
+    m.fs.freeze();
+    assert!(is_eio(f.write_all(b"y")), "write after freeze");
+    assert!(is_eio(f.sync_all()), "fsync after freeze");
+    assert!(is_eio(f.sync_data()), "fdatasync after freeze");
+    assert!(
+        is_eio(File::create(m.at("g")).map(drop)),
+        "create after freeze"
+    );
+    m.fs.cut(CutMode::KeepRandomPrefix, 9);
+    // Power is back: new opens work, handles from before the cut are stale.
+    assert!(is_eio(f.write_all(b"z")), "a handle from before the cut");
+    let got = read(&path).expect("durable");
+    assert!(got == b"durable" || got == b"xurable", "{got:?}");
+    durable_file(&m.at("g"), b"after");
+    assert_eq!(read(&m.at("g")).as_deref(), Some(&b"after"[..]));
+}
+
+#[test]
+fn a_stalled_fsync_waits_until_released() {
+    let m = mounted();
+    let path = m.at("f");
+    durable_file(&path, b"");
+    durable_file(&m.at("other"), b"other");
+    let stalled_fsync = |data: &'static [u8]| {
+        let mut f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all(data).expect("write");
+        let (done, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f.sync_all());
+        });
+        finished
+    };
+    m.fs.stall_fsync(true);
+    let finished = stalled_fsync(b"first");
+    assert!(
+        finished.recv_timeout(Duration::from_millis(300)).is_err(),
+        "fsync returned while stalled"
+    );
+    // The rest of the file system goes on meanwhile.
+    assert_eq!(read(&m.at("other")).as_deref(), Some(&b"other"[..]));
+    let released = Instant::now();
+    m.fs.stall_fsync(false);
+    let result = finished
+        .recv_timeout(PROMPT)
+        .expect("fsync returns once released");
+    result.expect("the released fsync succeeds");
+    assert!(released.elapsed() < PROMPT);
+    // A freeze fails a stalled fsync.
+    m.fs.stall_fsync(true);
+    let finished = stalled_fsync(b"second");
+    assert!(finished.recv_timeout(Duration::from_millis(300)).is_err());
+    m.fs.freeze();
+    let result = finished
+        .recv_timeout(PROMPT)
+        .expect("fsync returns at the freeze");
+    assert!(is_eio(result), "a stalled fsync fails when the power goes");
+    m.fs.cut(CutMode::DropAll, 10);
+    assert_eq!(read(&path).as_deref(), Some(&b"first"[..]));
+}
+
+#[test]
+fn sled_works_on_the_mount_and_survives_a_cut_once_synced() {
+    let mut m = mounted();
+    let path = m.at("db");
+    {
+        let db = sled::open(&path).expect("sled opens");
+        for i in 0u32..2_000 {
+            db.insert(i.to_be_bytes(), vec![i as u8; 100])
+                .expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    m.fs.remount().expect("clean unmount and mount");
+    {
+        let db = sled::open(&path).expect("sled reopens");
+        assert_eq!(db.len(), 2_000);
+        for i in [0u32, 999, 1_999] {
+            assert_eq!(
+                db.get(i.to_be_bytes()).expect("get").as_deref(),
+                Some(&vec![i as u8; 100][..])
+            );
+        }
+        db.insert(b"after remount", b"yes").expect("insert");
+        db.flush().expect("flush");
+        // sled's flush ends in sync_file_range, durable nowhere: sync the
+        // files and dirs as the server's journal does.
+        let mut files = vec![path.join("db"), path.join("conf")];
+        for entry in std::fs::read_dir(&path).expect("read_dir") {
+            let entry = entry.expect("entry");
+            if entry.file_type().expect("type").is_file() {
+                files.push(entry.path());
+            }
+        }
+        for file in files {
+            File::open(&file)
+                .and_then(|f| f.sync_all())
+                .unwrap_or_else(|e| panic!("fsync {}: {e}", file.display()));
+        }
+        sync_dir(&path);
+        sync_dir(m.fs.path());
+    }
+    let report = m.fs.cut(CutMode::DropAll, 11);
+    let db = sled::open(&path).unwrap_or_else(|e| panic!("sled opens after a cut ({report}): {e}"));
+    assert_eq!(db.len(), 2_001, "{report}");
+    assert_eq!(
+        db.get(b"after remount").expect("get").as_deref(),
+        Some(&b"yes"[..])
+    );
+    let mut scratch = Vec::new();
+    File::open(path.join("conf"))
+        .and_then(|mut f| f.read_to_end(&mut scratch))
+        .expect("conf survives");
+}
+
+/// The real server on the mount, under strict orders, loses the power again
+/// and again; every restart must find every acknowledged change.
+#[test]
+fn strict_orders_survive_power_cuts() {
+    let seed: u64 = std::env::var("POWERCUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xc07);
+    let rounds = load::rounds("POWERCUT_ROUNDS", ROUNDS_DEFAULT);
+    eprintln!("power-cut test seed {seed}, {rounds} rounds (POWERCUT_SEED, POWERCUT_ROUNDS)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let m = mounted();
+    let data = m.at("data");
+    let args = ["--reservation-ttl", "2s", "--snapshot-every-events", "2000"];
+    let start = |label: &str| {
+        Server::try_start(&data, &args, START_PATIENCE)
+            .unwrap_or_else(|e| panic!("{label}: the server does not start on what survived: {e}"))
+    };
+    let book: Book = Arc::new(Mutex::new(HashMap::new()));
+    let users: Users = Arc::default();
+    let mut server = start("first start");
+    load::create_skus(&server);
+    let mut label = "first start".to_string();
+    for round in 0..rounds {
+        let workers = load::spawn_workers(&server, round, &mut rng, &book, &users);
+        std::thread::sleep(Duration::from_millis(rng.random_range(LOAD_MS)));
+        m.fs.freeze();
+        server.kill();
+        for w in workers {
+            w.join().expect("worker");
+        }
+        let mode = CutMode::ALL[round % CutMode::ALL.len()];
+        let cut_seed: u64 = rng.random();
+        let report = m.fs.cut(mode, cut_seed);
+        let acked = book.lock().expect("book").len();
+        label = format!(
+            "round {round}, after a cut {mode:?} with seed {cut_seed} ({report}), {acked} orders acknowledged so far"
+        );
+        eprintln!("{label}");
+        server = start(&label);
+        load::verify(&server, &book, &users, &label);
+    }
+    let acked = book.lock().expect("book").len();
+    assert!(
+        acked > rounds * 10,
+        "{label}: the load did something: {acked} acknowledged orders"
+    );
+}
