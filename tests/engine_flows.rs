@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::Arc;
+
 use flashcore::domain::idem::{Lookup, Outcome};
 use flashcore::domain::order::OrderStatus;
 use flashcore::domain::promo::Promotion;
@@ -426,6 +428,7 @@ async fn a_restart_from_the_journal_resumes_everything_and_settles_what_a_crash_
     }
     assert_eq!(state.open_reservations.len(), 1);
     h.clock.advance_ms(RESERVATION_TTL_DEFAULT_MS);
+    let idem = Arc::clone(&state.idem);
     let restarted = Engine::start(
         EngineConfig::default(),
         h.journal.clone(),
@@ -461,6 +464,7 @@ async fn a_restart_from_the_journal_resumes_everything_and_settles_what_a_crash_
         engine: restarted,
         journal: h.journal.clone(),
         clock: h.clock.clone(),
+        idem,
     };
     assert_replay_matches(&h2).await;
 }
@@ -559,5 +563,107 @@ async fn a_single_line_order_is_one_journal_event_and_a_cart_order_two_steps() {
         .map(|e| matches!(e, flashcore::domain::Event::StockReserved { .. }))
         .collect();
     assert_eq!(kinds, [true, false], "a reservation, then the order");
+    assert_replay_matches(&h).await;
+}
+
+// ----- the replay check itself can fail -----
+//
+// Each test below journals one event the live engine never saw, where the
+// check must notice it: the oldest of more orders than one listing holds,
+// a promotion, a cart and an idempotency record.
+
+/// A harness with one SKU and `orders` placed orders; returns the oldest.
+async fn many_orders(orders: usize) -> (Harness, flashcore::domain::order::Order) {
+    let h = harness(EngineConfig::default());
+    create(&h.engine, "a", 100, 10_000, None).await;
+    let mut first = None;
+    for i in 0..orders {
+        let o = h
+            .engine
+            .place_order(user(&format!("u{}", i % 9)), &[line("a", 1)], None, None)
+            .await
+            .expect("placed");
+        first.get_or_insert(o);
+    }
+    (h, first.expect("an order"))
+}
+
+fn journal_behind_the_engine(h: &Harness, event: &flashcore::domain::Event) {
+    use flashcore::journal::Journal;
+    h.journal.append(event).expect("appended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "equals its replay")]
+async fn the_replay_check_sees_the_oldest_of_many_orders() {
+    let (h, first) = many_orders(520).await;
+    h.engine
+        .pay(admin(), first.id, pref("p"), first.total_cents, None)
+        .await
+        .expect("paid");
+    h.engine.ship(admin(), first.id).await.expect("shipped");
+    // Delivered in the journal only: it moves no stock, so only the order
+    // (older than the newest 500) differs.
+    journal_behind_the_engine(
+        &h,
+        &flashcore::domain::Event::OrderDelivered {
+            order: first.id,
+            at_ms: T0_MS,
+        },
+    );
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "live promotion")]
+async fn the_replay_check_sees_promotions() {
+    let (h, _) = many_orders(1).await;
+    let promo = Promotion::new(PromoCode::parse("P").expect("valid"), 10, 1).expect("valid");
+    journal_behind_the_engine(
+        &h,
+        &flashcore::domain::Event::PromotionCreated {
+            promo,
+            at_ms: T0_MS,
+        },
+    );
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "live cart")]
+async fn the_replay_check_sees_carts() {
+    let (h, _) = many_orders(1).await;
+    journal_behind_the_engine(
+        &h,
+        &flashcore::domain::Event::CartItemSet {
+            user: user("u0"),
+            sku: sku("a"),
+            qty: 2,
+            at_ms: T0_MS,
+        },
+    );
+    assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "idempotency records")]
+async fn the_replay_check_sees_idempotency_records() {
+    let (h, _) = many_orders(1).await;
+    journal_behind_the_engine(
+        &h,
+        &flashcore::domain::Event::IdempotentRefusal {
+            idem: IdemStamp {
+                user: user("u0"),
+                key: IdempotencyKey::parse("k").expect("valid"),
+                fingerprint: [7; 16],
+            },
+            refusal: flashcore::domain::idem::Refusal {
+                status: 409,
+                code: "out_of_stock".into(),
+                message: "gone".into(),
+            },
+            at_ms: T0_MS,
+        },
+    );
     assert_replay_matches(&h).await;
 }

@@ -557,8 +557,8 @@ fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
         ("out of stock", "POST", "/v1/orders".into(), Some(&bob), Some(r#"{"items":[{"sku_id":"b","qty":2}]}"#.into()), 409, "out_of_stock"),
         ("one line out of stock", "POST", "/v1/orders".into(), Some(&bob), Some(r#"{"items":[{"sku_id":"a","qty":1},{"sku_id":"b","qty":2}]}"#.into()), 409, "out_of_stock"),
         ("body over 64 KiB", "POST", "/v1/orders".into(), Some(&ann), Some(huge), 413, "payload_too_large"),
-        ("bad order id", "GET", "/v1/orders/abc".into(), Some(&ann), None, 400, "invalid_request"),
-        ("order id zero", "GET", "/v1/orders/0".into(), Some(&ann), None, 400, "invalid_request"),
+        ("order id not a number", "GET", "/v1/orders/abc".into(), Some(&ann), None, 404, "not_found"),
+        ("order id zero", "GET", "/v1/orders/0".into(), Some(&ann), None, 404, "not_found"),
         ("unknown order", "GET", "/v1/orders/999999".into(), Some(&ann), None, 404, "not_found"),
         ("unknown route", "GET", "/v1/nothing".into(), None, None, 404, "not_found"),
         ("wrong method", "DELETE", "/v1/skus".into(), Some(&admin), None, 404, "not_found"),
@@ -571,7 +571,8 @@ fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
         ("restock over 10^9", "POST", "/v1/skus/a/restock".into(), Some(&admin), Some(r#"{"qty":1000000001}"#.into()), 400, "invalid_request"),
         ("restock unknown sku", "POST", "/v1/skus/nope/restock".into(), Some(&admin), Some(r#"{"qty":1}"#.into()), 404, "not_found"),
         ("empty patch", "PATCH", "/v1/skus/a".into(), Some(&admin), Some("{}".into()), 400, "invalid_request"),
-        ("promotion off above threshold", "POST", "/v1/promotions".into(), Some(&admin), Some(r#"{"code":"P","threshold_cents":10,"off_cents":11}"#.into()), 400, "invalid_request"),
+        ("promotion off 0", "POST", "/v1/promotions".into(), Some(&admin), Some(r#"{"code":"P","threshold_cents":10,"off_cents":0}"#.into()), 400, "invalid_request"),
+        ("promotion off over any order", "POST", "/v1/promotions".into(), Some(&admin), Some(r#"{"code":"P","threshold_cents":10,"off_cents":1000000000000000001}"#.into()), 400, "invalid_request"),
         ("bad payment ref", "POST", format!("{order_path}/pay"), Some(&admin), Some(r#"{"payment_ref":"a b","amount_cents":100}"#.into()), 400, "invalid_request"),
         ("refund of a reserved order", "POST", format!("{order_path}/refund"), Some(&admin), Some(r#"{"lines":[{"sku_id":"a","qty":1}]}"#.into()), 409, "invalid_transition"),
         ("ship a reserved order", "POST", format!("{order_path}/ship"), Some(&admin), None, 409, "invalid_transition"),
@@ -621,6 +622,200 @@ fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
         200,
         "still up"
     );
+}
+
+#[test]
+fn order_ids_that_are_not_decimal_numbers_are_unknown_orders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    api.create_sku("a", 100, 10, None);
+    let admin = server.admin();
+    let ann = server.customer("ann");
+    assert_eq!(api.order(&ann, &[("a", 1)], None).status, 201);
+    let before = api.books();
+    let pay = r#"{"payment_ref":"p1","amount_cents":100}"#;
+    let refund = r#"{"lines":[{"sku_id":"a","qty":1}]}"#;
+    // Not decimal numbers, zero, and decimal numbers past u64::MAX (or the
+    // largest u64, which no order has): all unknown orders.
+    let ids = [
+        "does-not-exist",
+        "abc",
+        "-1",
+        "+1",
+        "1e3",
+        "0x10",
+        "1.0",
+        "%20",
+        "%FF",
+        "0",
+        "18446744073709551615",
+        "18446744073709551616",
+        "123456789012345678901234567890",
+    ];
+    for id in ids {
+        let base = format!("/v1/orders/{id}");
+        let calls: [(&str, String, &str, Option<&str>); 7] = [
+            ("GET", base.clone(), &ann, None),
+            ("GET", base.clone(), &admin, None),
+            ("POST", format!("{base}/pay"), &admin, Some(pay)),
+            ("POST", format!("{base}/cancel"), &ann, None),
+            ("POST", format!("{base}/ship"), &admin, None),
+            ("POST", format!("{base}/deliver"), &admin, None),
+            ("POST", format!("{base}/refund"), &admin, Some(refund)),
+        ];
+        for (method, path, token, body) in calls {
+            let r = api.call(method, &path, Some(token), None, body);
+            assert_eq!(
+                (r.status, r.code()),
+                (404, "not_found".into()),
+                "{method} {path}: {}",
+                body_str(&r)
+            );
+            assert!(
+                r.json()["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+    }
+    assert_eq!(api.books(), before, "nothing changed");
+}
+
+#[test]
+fn a_promotion_worth_more_than_its_threshold_takes_at_most_the_subtotal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    let admin = server.admin();
+    let ann = server.customer("ann");
+    api.create_sku("tee", 2_500, 10, None);
+    api.create_sku("pin", 1, 10, None);
+    let promo = |body: &str| {
+        let mut api = Api::new(&server);
+        api.call("POST", "/v1/promotions", Some(&admin), None, Some(body))
+    };
+    let r = promo(r#"{"code":"BIG","threshold_cents":1000,"off_cents":1000000}"#);
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    assert_eq!(
+        (
+            r.json()["threshold_cents"].clone(),
+            r.json()["off_cents"].clone()
+        ),
+        (1_000.into(), 1_000_000.into())
+    );
+    let r = promo(r#"{"code":"ANY","threshold_cents":0,"off_cents":5}"#);
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+
+    // The discount is the whole subtotal, spread exactly over the lines.
+    let r = api.call(
+        "POST",
+        "/v1/orders",
+        Some(&ann),
+        None,
+        Some(r#"{"items":[{"sku_id":"tee","qty":1},{"sku_id":"pin","qty":3}],"promo_code":"BIG"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    let order = r.json();
+    assert_eq!(
+        (
+            order["subtotal_cents"].clone(),
+            order["discount_cents"].clone(),
+            order["total_cents"].clone(),
+            order["promo_code"].clone()
+        ),
+        (2_503.into(), 2_503.into(), 0.into(), "BIG".into())
+    );
+    assert_eq!(
+        (
+            order["lines"][0]["discount_cents"].clone(),
+            order["lines"][1]["discount_cents"].clone()
+        ),
+        (2_500.into(), 3.into())
+    );
+    // Below the threshold: nothing off.
+    let small = api
+        .call(
+            "POST",
+            "/v1/orders",
+            Some(&ann),
+            None,
+            Some(r#"{"items":[{"sku_id":"pin","qty":1}],"promo_code":"BIG"}"#),
+        )
+        .json();
+    assert_eq!(
+        (
+            small["discount_cents"].clone(),
+            small["total_cents"].clone()
+        ),
+        (0.into(), 1.into())
+    );
+    // A threshold of 0 and 5 off a 1-cent order: 1 off.
+    let tiny = api
+        .call(
+            "POST",
+            "/v1/orders",
+            Some(&ann),
+            None,
+            Some(r#"{"items":[{"sku_id":"pin","qty":1}],"promo_code":"ANY"}"#),
+        )
+        .json();
+    assert_eq!(
+        (tiny["discount_cents"].clone(), tiny["total_cents"].clone()),
+        (1.into(), 0.into())
+    );
+
+    // A free order is paid with 0, and refunds add up to exactly 0.
+    let id = order["order_id"].as_str().expect("id").to_string();
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/pay"),
+        Some(&admin),
+        None,
+        Some(r#"{"payment_ref":"free","amount_cents":0}"#),
+    );
+    assert_eq!(
+        (
+            r.status,
+            r.json()["status"].clone(),
+            r.json()["paid_cents"].clone()
+        ),
+        (200, "paid".into(), 0.into()),
+        "{}",
+        body_str(&r)
+    );
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/refund"),
+        Some(&admin),
+        None,
+        Some(r#"{"lines":[{"sku_id":"pin","qty":1}]}"#),
+    );
+    assert_eq!(
+        (r.status, r.json()["refunded_cents"].clone()),
+        (200, 0.into()),
+        "{}",
+        body_str(&r)
+    );
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/refund"),
+        Some(&admin),
+        None,
+        Some(r#"{"lines":[{"sku_id":"pin","qty":2},{"sku_id":"tee","qty":1}]}"#),
+    );
+    assert_eq!(
+        (
+            r.status,
+            r.json()["status"].clone(),
+            r.json()["refunded_cents"].clone(),
+            r.json()["paid_cents"].clone()
+        ),
+        (200, "refunded".into(), 0.into(), 0.into()),
+        "{}",
+        body_str(&r)
+    );
+    assert_eq!(api.sku("tee")["available"], 10, "refunded before shipment");
 }
 
 #[test]
@@ -1027,22 +1222,177 @@ fn load_is_shed_with_a_fast_503_and_accepted_orders_are_kept() {
 
 #[test]
 fn sigterm_finishes_in_flight_work_and_exits_zero() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// What a request got.
+    #[derive(Debug)]
+    enum Got {
+        /// A whole answer: status and body.
+        Answer(u16, Vec<u8>),
+        /// Nothing at all: the connection was closed or refused first.
+        Nothing(String),
+        /// Part of an answer, then the connection went: never allowed.
+        Torn(Vec<u8>),
+    }
+
+    /// Sends one order on `stream` and reads the whole answer.
+    fn order(stream: &mut std::net::TcpStream, token: &str) -> Got {
+        let body = r#"{"items":[{"sku_id":"a","qty":1}]}"#;
+        let request = format!(
+            "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if let Err(e) = stream.write_all(request.as_bytes()) {
+            return Got::Nothing(format!("write: {e}"));
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if let Some(length) = length {
+                    if got.len() >= end + 4 + length {
+                        let status = head
+                            .split_whitespace()
+                            .nth(1)
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
+                        return Got::Answer(status, got[end + 4..end + 4 + length].to_vec());
+                    }
+                }
+            }
+            match stream.read(&mut buf) {
+                Ok(0) if got.is_empty() => return Got::Nothing("closed".into()),
+                Ok(0) => return Got::Torn(got),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if got.is_empty() => return Got::Nothing(format!("read: {e}")),
+                Err(_) => return Got::Torn(got),
+            }
+        }
+    }
+
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = Server::start(dir.path(), &[]);
     let mut api = Api::new(&server);
-    api.create_sku("a", 100, 10, None);
-    let ann = server.customer("ann");
-    let placed = api.order(&ann, &[("a", 3)], None);
-    assert_eq!(placed.status, 201);
+    api.create_sku("a", 100, 1_000_000, None);
+    let addr = server.addr;
+    let tokens: Arc<Vec<String>> =
+        Arc::new((0..24).map(|i| server.customer(&format!("u{i}"))).collect());
+    let answered = Arc::new(AtomicUsize::new(0));
+    let signalled = Arc::new(AtomicBool::new(false));
+    // 24 buyers order as fast as they can, each on its own connection
+    // (a new one when the server closes it), until the server is gone.
+    let buyers: Vec<_> = (0..24)
+        .map(|t| {
+            let (tokens, answered, signalled) = (
+                Arc::clone(&tokens),
+                Arc::clone(&answered),
+                Arc::clone(&signalled),
+            );
+            std::thread::spawn(move || {
+                let mut outcomes: Vec<(bool, bool, Got)> = Vec::new();
+                let mut stream: Option<std::net::TcpStream> = None;
+                for _ in 0..5_000 {
+                    let s = match stream.as_mut() {
+                        Some(s) => s,
+                        None => match std::net::TcpStream::connect(addr) {
+                            Ok(s) => {
+                                s.set_read_timeout(Some(Duration::from_secs(30)))
+                                    .expect("timeout");
+                                stream.insert(s)
+                            }
+                            Err(e) => {
+                                let after = signalled.load(Ordering::SeqCst);
+                                assert!(after, "refused before SIGTERM: {e}");
+                                break;
+                            }
+                        },
+                    };
+                    let sent_after = signalled.load(Ordering::SeqCst);
+                    let got = order(s, &tokens[t]);
+                    let known_after = signalled.load(Ordering::SeqCst);
+                    if let Got::Answer(..) = got {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        stream = None;
+                    }
+                    outcomes.push((sent_after, known_after, got));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    // SIGTERM in the middle of the load.
+    let waited = Instant::now();
+    while answered.load(Ordering::SeqCst) < 300 {
+        assert!(waited.elapsed() < Duration::from_secs(30), "no load");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before_signal = answered.load(Ordering::SeqCst);
+    // Set before the signal: a request sent while it was false was on its
+    // way (or being handled) when SIGTERM came.
+    signalled.store(true, Ordering::SeqCst);
     let status = server.terminate();
+
+    let mut placed: Vec<String> = Vec::new();
+    // Requests sent before SIGTERM and answered after it.
+    let mut across_signal = 0;
+    for buyer in buyers {
+        for (sent_after, known_after, got) in buyer.join().expect("buyer") {
+            let across = usize::from(!sent_after && known_after);
+            match got {
+                Got::Answer(201, body) => {
+                    let order: Value = serde_json::from_slice(&body).expect("JSON");
+                    placed.push(order["order_id"].as_str().expect("id").to_string());
+                    across_signal += across;
+                }
+                Got::Answer(503, body) => {
+                    let e: Value = serde_json::from_slice(&body).expect("JSON");
+                    assert!(e["error"]["code"].is_string(), "a clean 503");
+                    across_signal += across;
+                }
+                Got::Answer(other, body) => {
+                    panic!("unexpected {other}: {}", String::from_utf8_lossy(&body))
+                }
+                Got::Nothing(why) => assert!(
+                    sent_after && known_after,
+                    "a request sent before SIGTERM got no answer: {why}"
+                ),
+                Got::Torn(part) => panic!(
+                    "an answer cut short by the shutdown: {:?}",
+                    String::from_utf8_lossy(&part)
+                ),
+            }
+        }
+    }
+    assert!(
+        across_signal > 0,
+        "requests were in flight when SIGTERM came ({before_signal} answered before it)"
+    );
     assert!(status.success(), "exit status {status}:\n{}", server.log());
     assert!(server.log().contains("stopped"));
     let server = Server::start(dir.path(), &[]);
     let mut api = Api::new(&server);
-    assert_eq!(
-        api.sku("a")["reserved"],
-        3,
-        "what was acknowledged is there after the restart"
+    let admin = server.admin();
+    for id in &placed {
+        let r = api.call("GET", &format!("/v1/orders/{id}"), Some(&admin), None, None);
+        assert_eq!(
+            (r.status, r.json()["status"].clone()),
+            (200, "reserved".into()),
+            "acknowledged order {id} is there after the restart"
+        );
+    }
+    let reserved = api.sku("a")["reserved"].as_u64().expect("reserved");
+    assert!(
+        reserved >= placed.len() as u64,
+        "{reserved} reserved, {} acknowledged",
+        placed.len()
     );
 }
 
@@ -1087,4 +1437,136 @@ fn a_catalog_seed_cut_short_is_completed_on_the_next_start() {
         api.call("GET", "/v1/skus/four", None, None, None).status,
         404
     );
+}
+
+/// Whether the server closed `stream` (EOF or reset), looking without
+/// waiting. Bytes it sent first (a bare `408`, say) are read and skipped.
+fn closed_by_server(stream: &std::net::TcpStream) -> bool {
+    stream.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 512];
+    let mut s = stream;
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    stream.set_nonblocking(false).expect("blocking");
+    closed
+}
+
+/// Blocks until the server closes `stream` (EOF or reset) or `limit`
+/// passes; returns when it closed.
+fn wait_for_close(stream: &mut std::net::TcpStream, limit: Instant) -> Option<Instant> {
+    let mut buf = [0u8; 512];
+    loop {
+        let left = limit.checked_duration_since(Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(Instant::now()),
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return None;
+            }
+            Err(_) => return Some(Instant::now()),
+        }
+    }
+}
+
+#[test]
+fn every_idle_connection_is_closed_10_s_after_opening_or_its_last_answer() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let addr = server.addr;
+    let started = Instant::now();
+
+    // A keep-alive connection that asks once, then idles: closed about
+    // 10 s after its answer.
+    let idler = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(c.send("GET", "/healthz", &[], None).status, 200);
+        let answered = Instant::now();
+        let mut stream = c.into_stream();
+        let closed = wait_for_close(&mut stream, answered + Duration::from_secs(15));
+        closed.map(|at| at - answered)
+    });
+    // A keep-alive connection that asks every 2 s: never idle for 10 s,
+    // so it stays open well past 10 s.
+    let busy = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        let opened = Instant::now();
+        let mut answered = 0;
+        while opened.elapsed() < Duration::from_secs(14) {
+            let r = c
+                .try_send("GET", "/healthz", &[], None)
+                .unwrap_or_else(|e| panic!("closed after {:?}: {e}", opened.elapsed()));
+            assert_eq!(r.status, 200);
+            answered += 1;
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        answered
+    });
+
+    // 520 connections that send nothing, 40 that send part of a head and
+    // stop, 20 that send one byte.
+    let mut hostile: Vec<(&str, std::net::TcpStream)> = Vec::new();
+    for i in 0..580 {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        let (what, bytes): (&str, &[u8]) = match i % 29 {
+            0 => ("one byte", b"G"),
+            1 | 2 => ("a partial head", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"),
+            _ => ("nothing", b""),
+        };
+        s.write_all(bytes).expect("write");
+        hostile.push((what, s));
+    }
+    let opened_all = Instant::now();
+    assert!(
+        opened_all - started < Duration::from_secs(5),
+        "opening took {:?}",
+        opened_all - started
+    );
+    // Others are served meanwhile.
+    let mut fresh = server.client();
+    assert_eq!(fresh.send("GET", "/healthz", &[], None).status, 200);
+    drop(fresh);
+
+    // Well before 10 s, none is closed; at 11 s after the last opened, all.
+    std::thread::sleep(
+        (started + Duration::from_secs(8)).saturating_duration_since(Instant::now()),
+    );
+    let early = hostile.iter().filter(|(_, s)| closed_by_server(s)).count();
+    assert_eq!(early, 0, "closed before 8 s");
+    std::thread::sleep(
+        (opened_all + Duration::from_secs(11)).saturating_duration_since(Instant::now()),
+    );
+    let still_open: Vec<&str> = hostile
+        .iter()
+        .filter(|(_, s)| !closed_by_server(s))
+        .map(|(what, _)| *what)
+        .collect();
+    assert!(
+        still_open.is_empty(),
+        "{} of {} idle connections still open 11 s after opening: {:?}",
+        still_open.len(),
+        hostile.len(),
+        still_open.iter().take(5).collect::<Vec<_>>()
+    );
+
+    let idle_for = idler.join().expect("idler");
+    let idle_for = idle_for.expect("the idle keep-alive connection was never closed");
+    assert!(
+        idle_for >= Duration::from_secs(9) && idle_for <= Duration::from_millis(11_500),
+        "an idle keep-alive connection is closed about 10 s after its answer, not {idle_for:?}"
+    );
+    assert!(busy.join().expect("busy") >= 7, "asked every 2 s for 14 s");
 }

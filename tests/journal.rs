@@ -225,22 +225,39 @@ async fn a_missing_record_in_the_middle_is_damage_too() {
     some_history(&node.engine, 5).await;
     let last = node.journal.last_seq();
     stop(node);
-    // The block holding record 3 goes; blocks after it remain.
+    // The block holding record 3 goes; it must be in the middle: blocks
+    // with later records remain after it (else this would be a torn tail).
     let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
-    let first_of_block = db
-        .range(..=codec::key(3))
-        .next_back()
-        .and_then(Result::ok)
-        .and_then(|(k, _)| codec::seq_of(&k).ok())
-        .expect("block");
+    let blocks: Vec<u64> = db
+        .iter()
+        .keys()
+        .map(|k| codec::seq_of(&k.expect("readable")).expect("key"))
+        .collect();
     drop(db);
+    let holding = blocks
+        .iter()
+        .rposition(|&first| first <= 3)
+        .expect("a block holds record 3");
+    let first_of_block = blocks[holding];
+    let next_block = *blocks
+        .get(holding + 1)
+        .expect("a block after the one dropped: the hole is in the middle");
+    assert!(next_block > 3 && next_block <= last);
     damage(dir.path(), 3, Damage::DropBlock);
     match boot(dir.path(), false) {
         Err(RecoveryError::Corrupt { seq, .. }) => assert_eq!(seq, first_of_block),
-        Err(other) => panic!("expected corruption, got {other}"),
+        Err(other) => panic!("expected corruption at {first_of_block}, got {other}"),
         Ok(_) => panic!("started with a hole in the journal"),
     }
-    assert!(last > 3);
+    // Repaired, the journal ends before the hole: the records after it,
+    // which were there, are dropped with it rather than replayed over a gap.
+    let (node, recovered_last, cut) = boot(dir.path(), true).expect("repair starts");
+    assert_eq!(
+        (recovered_last, cut),
+        (first_of_block - 1, Some(first_of_block))
+    );
+    node.engine.skus().await.expect("usable");
+    stop(node);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

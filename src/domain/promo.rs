@@ -1,7 +1,9 @@
 //! Promotions and how an order-level discount is spread over the lines.
 //!
 //! A promotion takes `off_cents` off an order whose subtotal reaches
-//! `threshold_cents`. The discount is spread over the lines in proportion to
+//! `threshold_cents`, but never more than the subtotal: `off_cents` may
+//! exceed `threshold_cents` (contract v2), and the order's discount is then
+//! `min(off_cents, subtotal)`, so a total never goes below 0. The discount is spread over the lines in proportion to
 //! each line's subtotal, rounded down; the cents left over go one each to the
 //! lines with the largest remainders, ties to the earlier line. So the line
 //! discounts add up exactly, and a one-line refund later returns the line's
@@ -27,8 +29,11 @@ pub struct Promotion {
 }
 
 impl Promotion {
-    /// Validates a new promotion: `1 <= off_cents <= threshold_cents`, so
-    /// the discount can never exceed the subtotal it applies to.
+    /// Validates a new promotion: `threshold_cents` and `off_cents` at most
+    /// [`PROMO_CENTS_MAX`] (no order is worth more), and `off_cents` at
+    /// least 1 (a promotion that takes nothing off is refused as a likely
+    /// mistake). `off_cents` may exceed `threshold_cents`:
+    /// [`Promotion::discount_for`] caps the discount at the subtotal.
     ///
     /// # Errors
     /// `DomainError::Invalid` when the amounts are out of range.
@@ -42,10 +47,10 @@ impl Promotion {
                 "threshold_cents must be at most {PROMO_CENTS_MAX}"
             )));
         }
-        if off_cents == 0 || off_cents > threshold_cents {
-            return Err(DomainError::invalid(
-                "off_cents must be at least 1 and at most threshold_cents",
-            ));
+        if off_cents == 0 || off_cents > PROMO_CENTS_MAX {
+            return Err(DomainError::invalid(format!(
+                "off_cents must be 1 to {PROMO_CENTS_MAX}"
+            )));
         }
         Ok(Promotion {
             code,
@@ -179,6 +184,8 @@ pub fn spread_discount(line_cents: &[u64], discount_cents: u64) -> Result<Vec<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::refund::refund_cents;
+    use crate::limits::{ORDER_CENTS_MAX, PRICE_CENTS_MAX, QTY_MAX};
     use proptest::prelude::*;
 
     #[test]
@@ -210,8 +217,61 @@ mod tests {
             .expect("valid promotion");
         assert_eq!(p.discount_for(19_999), 0);
         assert_eq!(p.discount_for(20_000), 1_000);
-        assert!(Promotion::new(p.code, 100, 101).is_err());
-        assert!(Promotion::new(p.code, 100, 0).is_err());
+        assert!(Promotion::new(p.code, 100, 0).is_err(), "nothing off");
+        assert!(Promotion::new(p.code, 100, PROMO_CENTS_MAX + 1).is_err());
+        assert!(Promotion::new(p.code, PROMO_CENTS_MAX + 1, 1).is_err());
+    }
+
+    #[test]
+    fn a_promotion_worth_more_than_its_threshold_takes_at_most_the_subtotal() {
+        let code = PromoCode::parse("BIG").expect("valid");
+        let p = Promotion::new(code, 100, 1_000).expect("off above the threshold");
+        assert_eq!(p.discount_for(99), 0);
+        assert_eq!(p.discount_for(100), 100, "the whole subtotal");
+        assert_eq!(p.discount_for(700), 700);
+        assert_eq!(p.discount_for(5_000), 1_000);
+        let any = Promotion::new(code, 0, PROMO_CENTS_MAX).expect("the largest");
+        assert_eq!(any.discount_for(0), 0);
+        assert_eq!(any.discount_for(ORDER_CENTS_MAX), ORDER_CENTS_MAX);
+    }
+
+    #[test]
+    fn a_discount_of_the_whole_subtotal_spreads_and_refunds_to_zero() {
+        // Lines of 3 x 1.00 and 1 x 0.07, everything off.
+        let lines = [300, 7];
+        let shares = spread_discount(&lines, 307).expect("fits");
+        assert_eq!(shares, vec![300, 7]);
+        let mut returned = 0;
+        for unit in 0..3 {
+            returned += refund_cents(100, 3, shares[0], unit, 1).expect("in range");
+        }
+        returned += refund_cents(7, 1, shares[1], 0, 1).expect("in range");
+        assert_eq!(returned, 0, "a free order refunds exactly what was paid");
+    }
+
+    /// Line prices and quantities, and a promotion: its threshold somewhere
+    /// up to twice the subtotal, and its `off_cents` often at or above the
+    /// subtotal (the whole subtotal off), else anything.
+    fn order_and_promo() -> impl Strategy<Value = (Vec<(u64, u32)>, u64, u64, Vec<u32>)> {
+        let lines = proptest::collection::vec((0u64..=PRICE_CENTS_MAX, 1u32..=QTY_MAX), 1..=20);
+        (
+            lines,
+            0.0f64..=2.0,
+            0u8..4,
+            1u64..=PROMO_CENTS_MAX,
+            proptest::collection::vec(1u32..=QTY_MAX, 0..8),
+        )
+            .prop_map(|(lines, threshold_ratio, kind, any_off, cuts)| {
+                let subtotal: u64 = lines.iter().map(|&(p, q)| p * u64::from(q)).sum();
+                let threshold = ((subtotal as f64 * threshold_ratio) as u64).min(PROMO_CENTS_MAX);
+                let off = match kind {
+                    0 => subtotal.max(1),
+                    1 => subtotal.saturating_add(1).min(PROMO_CENTS_MAX),
+                    2 => PROMO_CENTS_MAX,
+                    _ => any_off,
+                };
+                (lines, threshold, off, cuts)
+            })
     }
 
     proptest! {
@@ -219,15 +279,50 @@ mod tests {
         fn line_discounts_add_up_exactly(
             lines in proptest::collection::vec(0u64..=10_000_000_000_000_000, 1..=100),
             ratio in 0.0f64..=1.0,
+            whole in proptest::bool::weighted(0.25),
         ) {
             let total: u64 = lines.iter().sum();
-            let discount = (total as f64 * ratio) as u64;
-            let discount = discount.min(total);
+            let discount = if whole { total } else { ((total as f64 * ratio) as u64).min(total) };
             let shares = spread_discount(&lines, discount).expect("fits");
             prop_assert_eq!(shares.iter().sum::<u64>(), discount);
             for (share, cents) in shares.iter().zip(&lines) {
                 prop_assert!(share <= cents, "a line never gets more off than it costs");
+                if whole {
+                    prop_assert_eq!(share, cents, "everything off: each line entirely");
+                }
             }
+        }
+
+        #[test]
+        fn any_promotion_spreads_and_refunds_exactly(
+            (lines, threshold, off, cuts) in order_and_promo(),
+        ) {
+            let promo = Promotion::new(PromoCode::parse("P").expect("valid"), threshold, off)
+                .expect("valid promotion");
+            let line_cents: Vec<u64> = lines.iter().map(|&(p, q)| p * u64::from(q)).collect();
+            let subtotal: u64 = line_cents.iter().sum();
+            let discount = promo.discount_for(subtotal);
+            prop_assert!(discount <= subtotal, "a total never below 0");
+            if subtotal >= threshold {
+                prop_assert_eq!(discount, off.min(subtotal));
+            }
+            let shares = spread_discount(&line_cents, discount).expect("fits");
+            prop_assert_eq!(shares.iter().sum::<u64>(), discount);
+            // Refunding every unit, in steps, returns exactly the total paid.
+            let mut returned = 0u64;
+            for (&(price, qty), &share) in lines.iter().zip(&shares) {
+                let mut refunded = 0u32;
+                for cut in cuts.iter().copied().chain(std::iter::once(qty)) {
+                    let units = cut.min(qty - refunded);
+                    if units == 0 {
+                        break;
+                    }
+                    returned += refund_cents(price, qty, share, refunded, units).expect("in range");
+                    refunded += units;
+                }
+                prop_assert_eq!(refunded, qty);
+            }
+            prop_assert_eq!(returned, subtotal - discount);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Extractors that answer bad input with the contract's JSON error body
 //! instead of axum's plain-text rejections: JSON bodies, path and query
-//! parameters, the bearer token, and the `Idempotency-Key` header.
+//! parameters (an `{order_id}` that is not an order id is an unknown order),
+//! the bearer token, and the `Idempotency-Key` header.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -10,7 +11,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
-use crate::domain::IdempotencyKey;
+use crate::domain::{IdempotencyKey, OrderId};
 use crate::engine::Caller;
 use crate::http::AppState;
 use crate::http::error::ApiError;
@@ -88,6 +89,24 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             .await
             .map(|Path(value)| ApiPath(value))
             .map_err(|e: PathRejection| ApiError::invalid(format!("bad path: {e}")))
+    }
+}
+
+/// The `{order_id}` path parameter. Text that is not the decimal form of an
+/// order id (not digits, zero, past `u64::MAX`, not UTF-8) names no order:
+/// `404 not_found`, like an id no order has (contract: "Errors").
+#[derive(Debug, Clone, Copy)]
+pub struct OrderPath(pub OrderId);
+
+impl<S: Send + Sync> FromRequestParts<S> for OrderPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let unknown = || ApiError::NotFound("no such order (order ids are decimal numbers)".into());
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_: PathRejection| unknown())?;
+        OrderId::parse(&text).map(OrderPath).map_err(|_| unknown())
     }
 }
 

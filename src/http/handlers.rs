@@ -10,11 +10,13 @@ use axum::response::{IntoResponse, Response};
 
 use crate::domain::idem::Outcome;
 use crate::domain::promo::Promotion;
-use crate::domain::{OrderId, SkuId, UserId, validate};
+use crate::domain::{SkuId, UserId, validate};
 use crate::engine::{NewSku, OrderScope};
 use crate::http::AppState;
 use crate::http::error::ApiError;
-use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery, Auth, IdemKey, OptionalJson};
+use crate::http::extract::{
+    Admin, ApiJson, ApiPath, ApiQuery, Auth, IdemKey, OptionalJson, OrderPath,
+};
 use crate::http::idempotency::fingerprint;
 use crate::http::views::{
     CartItemBody, CartJson, CheckoutBody, ListQuery, NewSkuBody, OrderJson, OrderListJson,
@@ -27,10 +29,6 @@ type Answer = Result<Response, ApiError>;
 
 fn sku_id(text: &str) -> Result<SkuId, ApiError> {
     SkuId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
-}
-
-fn order_id(text: &str) -> Result<OrderId, ApiError> {
-    OrderId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 /// Renders a first answer (fresh or replayed) with the route's status.
@@ -201,9 +199,8 @@ pub async fn place_order(
 pub async fn get_order(
     State(state): State<AppState>,
     Auth(caller): Auth,
-    ApiPath(id): ApiPath<String>,
+    OrderPath(id): OrderPath,
 ) -> Answer {
-    let id = order_id(&id)?;
     let order = state.backend.engine()?.order(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
@@ -248,10 +245,9 @@ pub async fn pay(
     State(state): State<AppState>,
     Admin(caller): Admin,
     IdemKey(key): IdemKey,
-    ApiPath(id): ApiPath<String>,
+    OrderPath(id): OrderPath,
     ApiJson(body): ApiJson<PayBody>,
 ) -> Answer {
-    let id = order_id(&id)?;
     let engine = state.backend.engine()?;
     let print = fingerprint("pay", &id.to_string(), &body);
     let answer = state
@@ -272,9 +268,8 @@ pub async fn pay(
 pub async fn cancel(
     State(state): State<AppState>,
     Auth(caller): Auth,
-    ApiPath(id): ApiPath<String>,
+    OrderPath(id): OrderPath,
 ) -> Answer {
-    let id = order_id(&id)?;
     let order = state.backend.engine()?.cancel(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
@@ -283,9 +278,8 @@ pub async fn cancel(
 pub async fn ship(
     State(state): State<AppState>,
     Admin(caller): Admin,
-    ApiPath(id): ApiPath<String>,
+    OrderPath(id): OrderPath,
 ) -> Answer {
-    let id = order_id(&id)?;
     let order = state.backend.engine()?.ship(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
@@ -294,9 +288,8 @@ pub async fn ship(
 pub async fn deliver(
     State(state): State<AppState>,
     Admin(caller): Admin,
-    ApiPath(id): ApiPath<String>,
+    OrderPath(id): OrderPath,
 ) -> Answer {
-    let id = order_id(&id)?;
     let order = state.backend.engine()?.deliver(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
@@ -306,10 +299,9 @@ pub async fn refund(
     State(state): State<AppState>,
     Admin(caller): Admin,
     IdemKey(key): IdemKey,
-    ApiPath(id): ApiPath<String>,
+    OrderPath(id): OrderPath,
     ApiJson(body): ApiJson<RefundBody>,
 ) -> Answer {
-    let id = order_id(&id)?;
     let lines: Vec<_> = body.lines.iter().copied().map(Into::into).collect();
     let engine = state.backend.engine()?;
     let print = fingerprint("refund", &id.to_string(), &body);

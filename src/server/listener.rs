@@ -4,8 +4,15 @@
 //! - A bound on open connections: a semaphore permit per connection; at the
 //!   bound, new connections wait in the kernel's backlog.
 //! - A connection that has not sent a whole request head within 10 s of
-//!   opening, or of its previous request, is closed (hyper's header read
-//!   timeout, which `axum::serve` does not set).
+//!   opening, or of the end of its previous answer, is closed. hyper's
+//!   header read timeout alone misses some idle connections (it is armed
+//!   only once hyper polls for a head), so each connection task runs a
+//!   watchdog of its own: the service is wrapped to count the requests in
+//!   progress (from a whole head to the last byte of the answer handed to
+//!   hyper) and to note when the connection last became idle, and the
+//!   watchdog drops the connection once it has been idle for the limit. A
+//!   request in progress (a slow handler, a strict order waiting for its
+//!   flush, a body being read) is never cut.
 //! - A request head over 16 KiB is refused with `431`.
 //! - Accept errors (such as running out of file descriptors) are logged and
 //!   retried after a short pause instead of ending the loop.
@@ -13,16 +20,24 @@
 //! Shutdown: stop accepting, let every connection finish its request in
 //! flight (up to a grace period), then return.
 
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{Request, Response};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tower::ServiceExt;
 
 use crate::limits::{BODY_BYTES_MAX, HEADER_BYTES_MAX, HEADER_READ_TIMEOUT_MS, SHUTDOWN_GRACE_MS};
 
@@ -34,14 +49,26 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     max_connections: usize,
+    shutdown: watch::Receiver<bool>,
+) {
+    let idle_limit = Duration::from_millis(HEADER_READ_TIMEOUT_MS);
+    serve_with_idle_limit(listener, app, max_connections, shutdown, idle_limit).await;
+}
+
+/// [`serve`], with the idle limit as a parameter (tests use a short one).
+async fn serve_with_idle_limit(
+    listener: TcpListener,
+    app: Router,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
+    idle_limit: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(HEADER_READ_TIMEOUT_MS))
+        .header_read_timeout(idle_limit)
         .max_header_size(HEADER_BYTES_MAX)
         // Room for a full head and a pipelined body or two, no more.
         .max_buf_size(HEADER_BYTES_MAX + BODY_BYTES_MAX)
@@ -70,12 +97,15 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone());
+        let activity = Arc::new(Activity::new());
+        let service = tracked_service(app.clone(), Arc::clone(&activity));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+            match close_when_idle(connection, &activity, idle_limit).await {
+                Some(Err(error)) => tracing::debug!(%error, "connection ended with an error"),
+                Some(Ok(())) => {}
+                None => tracing::debug!("closed a connection idle without a whole request head"),
             }
             drop(permit);
         });
@@ -86,5 +116,258 @@ pub async fn serve(
         () = tokio::time::sleep(Duration::from_millis(SHUTDOWN_GRACE_MS)) => {
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
+    }
+}
+
+/// What a connection's watchdog knows of it.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<ActivityState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ActivityState {
+    /// Requests whose head has arrived and whose answer hyper has not
+    /// finished sending (pipelined requests can make it more than one).
+    in_progress: u32,
+    /// When the connection last had no request in progress: its opening,
+    /// or the end of its latest answer.
+    ///
+    /// Invariant: only read as an idle start while `in_progress == 0`.
+    idle_since: Instant,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            state: Mutex::new(ActivityState {
+                in_progress: 0,
+                idle_since: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        // Each change is one field store: a poisoned lock is still whole.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A whole request head has arrived: the connection is busy until the
+    /// returned guard is dropped.
+    fn begin(self: &Arc<Activity>) -> InProgress {
+        let mut state = self.lock();
+        state.in_progress = state
+            .in_progress
+            .checked_add(1)
+            .expect("fewer requests in progress than u32::MAX on one connection");
+        InProgress(Arc::clone(self))
+    }
+
+    /// When the connection may be closed for idleness, or `None` while a
+    /// request is in progress.
+    fn idle_deadline(&self, limit: Duration) -> Option<Instant> {
+        let state = self.lock();
+        (state.in_progress == 0).then(|| state.idle_since + limit)
+    }
+}
+
+/// A request in progress on a connection; dropped when its answer has been
+/// sent (or abandoned).
+#[derive(Debug)]
+struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        assert!(state.in_progress > 0, "a request ended twice");
+        state.in_progress -= 1;
+        if state.in_progress == 0 {
+            state.idle_since = Instant::now();
+        }
+    }
+}
+
+/// An answer's body that keeps its request in progress until hyper drops
+/// it, which it does once the last byte is written (or the connection went).
+struct Tracked {
+    body: Body,
+    _in_progress: InProgress,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `app` as a hyper service that marks each request in progress on
+/// `activity`, from its head to the end of its answer.
+fn tracked_service(
+    app: Router,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let in_progress = activity.begin();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await?;
+            Ok(response.map(|body| {
+                Body::new(Tracked {
+                    body,
+                    _in_progress: in_progress,
+                })
+            }))
+        }
+    })
+}
+
+/// Runs `connection` to its end, unless it stays idle (no request in
+/// progress) for `limit`: then drops it, which closes the socket, and
+/// returns `None`.
+async fn close_when_idle<F: Future>(
+    connection: F,
+    activity: &Activity,
+    limit: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(connection);
+    let mut check_at = Instant::now() + limit;
+    loop {
+        tokio::select! {
+            output = &mut connection => return Some(output),
+            () = tokio::time::sleep_until(check_at) => {
+                let now = Instant::now();
+                check_at = match activity.idle_deadline(limit) {
+                    Some(deadline) if deadline <= now => return None,
+                    Some(deadline) => deadline,
+                    // Busy: the earliest it can be idle long enough.
+                    None => now + limit,
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const LIMIT: Duration = Duration::from_millis(400);
+
+    async fn start() -> (std::net::SocketAddr, watch::Sender<bool>) {
+        let app = Router::new().route("/fast", get(|| async { "ok" })).route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(LIMIT * 3).await;
+                "done"
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve_with_idle_limit(listener, app, 100, shutdown, LIMIT));
+        (addr, stop)
+    }
+
+    /// Reads until `needle` has arrived; panics on EOF first.
+    async fn read_until(stream: &mut TcpStream, needle: &str) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains(needle) {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before {needle:?}: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Waits for the server to close `stream`; returns how long that took.
+    async fn closed_after(stream: &mut TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(LIMIT * 10, stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return started.elapsed(),
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("not closed within {:?}", LIMIT * 10),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_close_at_the_limit_and_busy_ones_do_not() {
+        let (addr, _stop) = start().await;
+        // Silent from its opening, and with half a head.
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        let mut partial = TcpStream::connect(addr).await.expect("connect");
+        partial
+            .write_all(b"GET /fast HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        // A slow handler outlasts the limit and is answered in full, then
+        // the connection is closed a limit after that answer.
+        let slow = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            read_until(&mut s, "done").await;
+            closed_after(&mut s).await
+        });
+        // Pipelined requests, then one every half limit: stays open.
+        let busy = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(
+                b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n",
+            )
+            .await
+            .expect("write");
+            read_until(&mut s, "done").await;
+            for _ in 0..6 {
+                tokio::time::sleep(LIMIT / 2).await;
+                s.write_all(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .expect("write");
+                read_until(&mut s, "ok").await;
+            }
+        });
+        let silent_for = closed_after(&mut silent).await;
+        let partial_for = closed_after(&mut partial).await;
+        assert!(
+            silent_for >= LIMIT - Duration::from_millis(50),
+            "{silent_for:?}"
+        );
+        assert!(silent_for < LIMIT * 3, "{silent_for:?}");
+        assert!(partial_for < LIMIT * 3, "{partial_for:?}");
+        let slow_idle = slow.await.expect("slow");
+        assert!(
+            slow_idle >= LIMIT - Duration::from_millis(50) && slow_idle < LIMIT * 3,
+            "closed {slow_idle:?} after the slow answer"
+        );
+        busy.await.expect("busy connection served throughout");
     }
 }

@@ -280,6 +280,11 @@ impl Client {
         })
     }
 
+    /// The connection itself, to wait on it directly.
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
     /// Sends raw bytes.
     pub fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.reader.get_mut().write_all(bytes)
