@@ -15,6 +15,7 @@
 //! prefix of what was applied.
 //!
 //! - [`limits`]: every bound, with its reason.
+//! - [`clock`]: time as a value, below the engine and the journal alike.
 //! - [`domain`]: pure types, decisions and `apply`; no I/O, no clock.
 //! - [`engine`]: the actors and the [`engine::Engine`] handle, the only entry
 //!   point for the HTTP front, tests and benches.
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod clock;
 pub mod domain;
 pub mod engine;
 pub mod faults;

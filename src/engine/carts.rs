@@ -28,6 +28,11 @@ impl Engine {
     /// # Errors
     /// `Overloaded`, `Stopped`.
     pub async fn cart(&self, user: UserId) -> Result<Cart, EngineError> {
+        self.durably(move |engine| async move { engine.cart_now(user).await })
+            .await
+    }
+
+    async fn cart_now(&self, user: UserId) -> Result<Cart, EngineError> {
         self.cart_op(user, None, false).await
     }
 

@@ -93,6 +93,11 @@ impl Engine {
     /// # Errors
     /// `NotFound`, `Overloaded`.
     pub async fn sku(&self, sku: SkuId) -> Result<SkuView, EngineError> {
+        self.durably(move |engine| async move { engine.sku_now(sku).await })
+            .await
+    }
+
+    async fn sku_now(&self, sku: SkuId) -> Result<SkuView, EngineError> {
         let handle = self.sku_handle(&sku)?;
         let (reply, rx) = reply_channel();
         send(&handle.addr, View { reply })?;
@@ -104,6 +109,11 @@ impl Engine {
     /// # Errors
     /// `Overloaded` when a SKU's mailbox is full.
     pub async fn skus(&self) -> Result<Vec<SkuView>, EngineError> {
+        self.durably(|engine| async move { engine.skus_now().await })
+            .await
+    }
+
+    async fn skus_now(&self) -> Result<Vec<SkuView>, EngineError> {
         let handles: Vec<Arc<SkuHandle>> = self
             .inner
             .skus

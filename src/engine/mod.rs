@@ -22,8 +22,8 @@
 
 mod carts;
 mod catalog;
-mod clock;
 mod config;
+mod durable;
 mod error;
 mod health;
 mod keyed;
@@ -41,7 +41,7 @@ use actix::Addr;
 use futures_util::future::try_join_all;
 use tokio::sync::oneshot;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use crate::clock::{Clock, ManualClock, SystemClock};
 pub use config::{Caller, DurabilityMode, EngineConfig, NewSku, OrderScope};
 pub use error::EngineError;
 pub use sku::Reservation;
@@ -56,7 +56,7 @@ use crate::domain::{
     DomainError, Event, IdemStamp, IdempotencyKey, OrderId, OrderStatus, PaymentRef, PromoCode,
     SkuId, State, UserId, validate,
 };
-use crate::journal::{Journal, RELAXED_AHEAD_MS_MAX, Seq};
+use crate::journal::{Journal, JournalStats, RELAXED_AHEAD_MS_MAX, Seq};
 use crate::limits::{
     ACTOR_THREADS_DEFAULT, CHECKOUT_ATTEMPTS_MAX, ORDER_SHARD_MAILBOX, ORDER_SHARDS_DEFAULT,
     ORDER_SHARDS_MAX, ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX,
@@ -87,6 +87,24 @@ struct Inner {
     threads: Mutex<ActorThreads>,
     /// Whether every actor is alive.
     health: Arc<Health>,
+    /// A reader of the last durable state (journals nothing).
+    read_only: bool,
+    /// Built on the first read that meets a failed journal: the engine
+    /// answering reads from the last durable state until a reload.
+    reader: tokio::sync::OnceCell<Engine>,
+}
+
+/// The journal as the engine's callers may see it (for metrics).
+#[derive(Debug)]
+pub struct JournalReport<'a> {
+    /// What the writer has done, if the journal keeps count.
+    pub stats: Option<&'a JournalStats>,
+    /// The last sequence number handed out.
+    pub last_seq: Seq,
+    /// The last durable sequence number.
+    pub durable_seq: Seq,
+    /// Whether it stopped after a storage failure.
+    pub failed: bool,
 }
 
 /// The handle to a running engine.
@@ -130,10 +148,25 @@ impl Engine {
         mut state: State,
     ) -> Result<Engine, EngineError> {
         settle_state(&mut state, journal.as_ref(), clock.now_ms())?;
-        let threads = ActorThreads::start(config.actor_threads)?;
-        let health = Health::new();
         // Everything the actors start with was appended up to here.
         let seq = journal.last_seq();
+        Engine::launch(config, journal, clock, state, seq, false)
+    }
+
+    /// Starts the actors on `state`, which is the journal's state at `seq`.
+    /// A `read_only` engine serves reads of a durable state while the
+    /// journal refuses changes (see `durable.rs`): it journals nothing, not
+    /// even expiries.
+    fn launch(
+        config: EngineConfig,
+        journal: Arc<dyn Journal>,
+        clock: Arc<dyn Clock>,
+        state: State,
+        seq: Seq,
+        read_only: bool,
+    ) -> Result<Engine, EngineError> {
+        let threads = ActorThreads::start(config.actor_threads)?;
+        let health = Health::new();
         let State {
             skus,
             orders,
@@ -152,6 +185,7 @@ impl Engine {
             skus: inner_skus,
             routes: Arc::new(OrderRoutes::new()),
             ttl_ms: config.reservation_ttl_ms,
+            read_only,
         });
         let shard_count = config.order_shards.clamp(1, ORDER_SHARDS_MAX);
         let books = orders.split(shard_count, |user| shard_index(user, shard_count));
@@ -180,6 +214,8 @@ impl Engine {
             next_slot: AtomicUsize::new(0),
             threads: Mutex::new(threads),
             health,
+            read_only,
+            reader: tokio::sync::OnceCell::new(),
         };
         let engine = Engine {
             inner: Arc::new(inner),
@@ -217,6 +253,9 @@ impl Engine {
     pub fn shutdown(&self) {
         self.inner.health.stopping();
         lock(&self.inner.threads).stop();
+        if let Some(reader) = self.inner.reader.get() {
+            reader.shutdown();
+        }
     }
 
     /// Why the engine is dead (an actor panicked or stopped unplanned), if
@@ -224,6 +263,22 @@ impl Engine {
     /// fail for ever. Restart the process from the durable state.
     pub fn failure(&self) -> Option<String> {
         self.inner.health.failure()
+    }
+
+    /// Why the journal refuses changes (disk full, I/O error), if it does.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.inner.journal.failure()
+    }
+
+    /// The journal as metrics show it.
+    pub fn journal_report(&self) -> JournalReport<'_> {
+        let journal = self.inner.journal.as_ref();
+        JournalReport {
+            stats: journal.stats(),
+            last_seq: journal.last_seq(),
+            durable_seq: journal.watermark().durable(),
+            failed: journal.failure().is_some(),
+        }
     }
 
     /// Resolves with the reason once the engine is dead (see [`failure`]).

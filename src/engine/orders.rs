@@ -193,6 +193,11 @@ impl Engine {
     /// # Errors
     /// `NotFound`, `Forbidden`, `Overloaded`, journal errors.
     pub async fn order(&self, caller: Caller, id: OrderId) -> Result<Order, EngineError> {
+        self.durably(move |engine| async move { engine.order_now(caller, id).await })
+            .await
+    }
+
+    async fn order_now(&self, caller: Caller, id: OrderId) -> Result<Order, EngineError> {
         self.act(caller, id, OrderOp::Get).await
     }
 
@@ -201,6 +206,11 @@ impl Engine {
     /// # Errors
     /// `Overloaded`, journal errors.
     pub async fn orders(&self, scope: OrderScope, limit: usize) -> Result<Vec<Order>, EngineError> {
+        self.durably(move |engine| async move { engine.orders_now(scope, limit).await })
+            .await
+    }
+
+    async fn orders_now(&self, scope: OrderScope, limit: usize) -> Result<Vec<Order>, EngineError> {
         let limit = limit.min(ORDERS_LIST_MAX);
         let shards: Vec<&Arc<Addr<OrderShard>>> = match scope {
             OrderScope::User(user) => vec![self.shard_of_user(&user)],

@@ -50,6 +50,9 @@ pub(crate) struct ShardContext {
     pub(crate) skus: Arc<SkuRegistry>,
     pub(crate) routes: Arc<OrderRoutes>,
     pub(crate) ttl_ms: u64,
+    /// Shards of a reader of the durable state journal nothing (no
+    /// expiries either: the journal refuses them).
+    pub(crate) read_only: bool,
 }
 
 /// An actor owning a partition of orders and carts.
@@ -186,7 +189,7 @@ impl OrderShard {
         let Some(order) = self.book.get(id) else {
             return Ok(());
         };
-        if !order.is_overdue(now_ms) {
+        if self.shared.read_only || !order.is_overdue(now_ms) {
             return Ok(());
         }
         let event = order.decide_release(ReleaseReason::Expired, now_ms)?;
@@ -239,6 +242,9 @@ impl Actor for OrderShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.shared.read_only {
+            return;
+        }
         ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, _| {
             let now_ms = shard.shared.clock.now_ms();
             shard.expire_due(now_ms, None);

@@ -56,17 +56,7 @@ pub async fn readyz(State(state): State<AppState>) -> Answer {
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let engine = state.backend.engine().ok();
-    let journal = state.backend.journal();
-    let journal_view = journal.as_ref().map(|j| {
-        use crate::journal::Journal;
-        (
-            j.stats(),
-            j.last_seq(),
-            j.watermark().durable(),
-            j.failure().is_some(),
-        )
-    });
-    let text = state.metrics.render(engine.as_ref(), journal_view).await;
+    let text = state.metrics.render(engine.as_ref()).await;
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

@@ -15,8 +15,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::engine::Engine;
-use crate::journal::writer::JournalStats;
+use crate::engine::{Engine, JournalReport};
 
 /// Bucket bounds of the request latency histogram, in seconds.
 const LATENCY_BUCKETS_S: [f64; 16] = [
@@ -103,11 +102,7 @@ impl Metrics {
     }
 
     /// The text exposition: the registry, then what is read at scrape time.
-    pub async fn render(
-        &self,
-        engine: Option<&Engine>,
-        journal: Option<(&JournalStats, u64, u64, bool)>,
-    ) -> String {
+    pub async fn render(&self, engine: Option<&Engine>) -> String {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::warn!(error = %e, "cannot encode metrics");
@@ -146,57 +141,8 @@ impl Metrics {
                 }
             }
         }
-        if let Some((stats, last_seq, durable, failed)) = journal {
-            write_counter(
-                &mut text,
-                "flashcore_journal_batches_total",
-                "group commits written",
-                stats.batches.load(Ordering::Relaxed),
-            );
-            write_counter(
-                &mut text,
-                "flashcore_journal_events_total",
-                "events made durable",
-                stats.events.load(Ordering::Relaxed),
-            );
-            write_counter(
-                &mut text,
-                "flashcore_journal_bytes_total",
-                "record bytes written",
-                stats.bytes.load(Ordering::Relaxed),
-            );
-            write_gauge(
-                &mut text,
-                "flashcore_journal_durable_lag_events",
-                "events appended but not yet durable",
-                last_seq.saturating_sub(durable),
-            );
-            write_gauge(
-                &mut text,
-                "flashcore_journal_failed",
-                "1 after a storage failure until the journal is reopened",
-                u64::from(failed),
-            );
-            if let Ok(hist) = stats.batch_events.lock() {
-                write_histogram(
-                    &mut text,
-                    "flashcore_journal_batch_events",
-                    "events per group commit",
-                    &hist,
-                    &BATCH_BUCKETS,
-                    1.0,
-                );
-            }
-            if let Ok(hist) = stats.flush_us.lock() {
-                write_histogram(
-                    &mut text,
-                    "flashcore_journal_flush_seconds",
-                    "sled flush plus fdatasync per group commit",
-                    &hist,
-                    &FLUSH_BUCKETS_US,
-                    1e-6,
-                );
-            }
+        if let Some(report) = engine.map(Engine::journal_report) {
+            write_journal(&mut text, &report);
         }
         if let Some(rss) = resident_bytes() {
             write_gauge(
@@ -256,4 +202,63 @@ fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+/// The journal's counters, gauges and histograms.
+fn write_journal(text: &mut String, report: &JournalReport<'_>) {
+    let (last_seq, durable, failed) = (report.last_seq, report.durable_seq, report.failed);
+    write_gauge(
+        text,
+        "flashcore_journal_durable_lag_events",
+        "events appended but not yet durable",
+        last_seq.saturating_sub(durable),
+    );
+    write_gauge(
+        text,
+        "flashcore_journal_failed",
+        "1 after a storage failure until the journal is reopened",
+        u64::from(failed),
+    );
+    let Some(stats) = report.stats else {
+        return;
+    };
+    write_counter(
+        text,
+        "flashcore_journal_batches_total",
+        "group commits written",
+        stats.batches.load(Ordering::Relaxed),
+    );
+    write_counter(
+        text,
+        "flashcore_journal_events_total",
+        "events made durable",
+        stats.events.load(Ordering::Relaxed),
+    );
+    write_counter(
+        text,
+        "flashcore_journal_bytes_total",
+        "record bytes written",
+        stats.bytes.load(Ordering::Relaxed),
+    );
+
+    if let Ok(hist) = stats.batch_events.lock() {
+        write_histogram(
+            text,
+            "flashcore_journal_batch_events",
+            "events per group commit",
+            &hist,
+            &BATCH_BUCKETS,
+            1.0,
+        );
+    }
+    if let Ok(hist) = stats.flush_us.lock() {
+        write_histogram(
+            text,
+            "flashcore_journal_flush_seconds",
+            "sled flush plus fdatasync per group commit",
+            &hist,
+            &FLUSH_BUCKETS_US,
+            1e-6,
+        );
+    }
 }

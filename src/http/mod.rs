@@ -37,16 +37,15 @@ use crate::http::auth::JwtKeys;
 use crate::http::error::ApiError;
 use crate::http::idempotency::InFlight;
 use crate::http::metrics::Metrics;
-use crate::journal::SledJournal;
 use crate::limits::{BODY_BYTES_MAX, BODY_READ_TIMEOUT_MS, BODY_READS_MAX, REQUESTS_IN_FLIGHT_MAX};
 
-/// What the front talks to. The server swaps the engine and journal when it
-/// goes back to its last durable state after a storage failure; until
-/// recovery has finished there is none, and changes answer `503`.
+/// What the front talks to: the [`Engine`], its only door to the state and
+/// the storage. The server swaps the engine when it goes back to its last
+/// durable state after a storage failure; until recovery has finished there
+/// is none, and changes answer `503`.
 #[derive(Default)]
 pub struct Backend {
     engine: RwLock<Option<Engine>>,
-    journal: RwLock<Option<Arc<SledJournal>>>,
     recovering: AtomicBool,
     /// Why the server is stopping after a fatal error, once it is.
     fatal: RwLock<Option<String>>,
@@ -83,35 +82,19 @@ impl Backend {
             })
     }
 
-    /// The journal, if open.
-    pub fn journal(&self) -> Option<Arc<SledJournal>> {
-        self.journal
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Installs a freshly started engine and journal (recovery finished).
-    pub fn install(&self, engine: Engine, journal: Arc<SledJournal>) {
+    /// Installs a freshly started engine (recovery finished).
+    pub fn install(&self, engine: Engine) {
         *self.engine.write().unwrap_or_else(|p| p.into_inner()) = Some(engine);
-        *self.journal.write().unwrap_or_else(|p| p.into_inner()) = Some(journal);
         self.recovering.store(false, Ordering::SeqCst);
     }
 
-    /// Takes the engine and journal out (to stop them or to reload).
-    pub fn take(&self) -> (Option<Engine>, Option<Arc<SledJournal>>) {
+    /// Takes the engine out (to stop it or to reload).
+    pub fn take(&self) -> Option<Engine> {
         self.recovering.store(true, Ordering::SeqCst);
-        let engine = self
-            .engine
+        self.engine
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let journal = self
-            .journal
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        (engine, journal)
+            .take()
     }
 
     /// The server is stopping after a fatal error: not ready from now on.
@@ -127,11 +110,12 @@ impl Backend {
         if self.recovering.load(Ordering::SeqCst) {
             return Some("recovering".into());
         }
-        if let Some(why) = self.engine().ok().and_then(|e| e.failure()) {
+        let engine = self.engine().ok()?;
+        if let Some(why) = engine.failure() {
             return Some(format!("the engine is dead, the server is stopping: {why}"));
         }
-        self.journal()
-            .and_then(|j| j.failure())
+        engine
+            .storage_failure()
             .map(|why| format!("storage failed: {why}"))
     }
 }
@@ -151,7 +135,7 @@ impl std::ops::Deref for AppState {
 /// What [`AppState`] shares.
 #[derive(Debug)]
 pub struct Shared {
-    /// The engine and journal.
+    /// The engine.
     pub backend: Arc<Backend>,
     /// Token keys.
     pub keys: Arc<JwtKeys>,

@@ -23,9 +23,9 @@ pub mod writer;
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, SnapshotPolicy, Snapshotter, recover};
 pub use watermark::Watermark;
-pub use writer::{FlushPolicy, RELAXED_AHEAD_MS_MAX, SledJournal};
+pub use writer::{FlushPolicy, JournalStats, RELAXED_AHEAD_MS_MAX, SledJournal};
 
-use crate::domain::Event;
+use crate::domain::{Event, State};
 
 /// A journal sequence number. The first event is 1; 0 means "nothing".
 pub type Seq = u64;
@@ -64,6 +64,29 @@ pub trait Journal: Send + Sync + 'static {
     /// stops answering ahead of the disk once this grows too large.
     fn unflushed_age_ms(&self) -> u64 {
         0
+    }
+
+    /// Why the journal stopped taking events (a storage failure), if it
+    /// did.
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
+    /// The state as it was at the durable watermark, rebuilt from what is
+    /// on disk: reads are served from it while the journal refuses changes.
+    ///
+    /// # Errors
+    /// `Unavailable` when it cannot be rebuilt (or this journal keeps no
+    /// history to rebuild it from).
+    fn durable_state(&self) -> Result<State, JournalError> {
+        Err(JournalError::Unavailable(
+            "this journal cannot rebuild its durable state".into(),
+        ))
+    }
+
+    /// What the writer has done, for metrics, if this journal keeps count.
+    fn stats(&self) -> Option<&JournalStats> {
+        None
     }
 }
 

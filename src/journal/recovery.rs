@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::Clock;
 use crate::domain::book::OrderBook;
 use crate::domain::idem::{IdemBook, IdemRecord};
 use crate::domain::promo::Promotions;
 use crate::domain::sku::SkuState;
 use crate::domain::state::OpenReservation;
 use crate::domain::{Event, OrderId, SkuId, State};
-use crate::engine::Clock;
 use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
 use crate::journal::{Journal, Seq, SledJournal, codec};
 
@@ -581,6 +581,40 @@ pub fn recover(
         snapshot_seq,
         cut_at,
     })
+}
+
+/// The state as it was at `durable` (every record up to it durable): the
+/// newest snapshot plus the journal up to there, nothing after, whatever
+/// sled holds in memory beyond it (a failed batch). Read-only: nothing is
+/// cut or written. Serves reads while the journal refuses changes.
+///
+/// # Errors
+/// `Corrupt` when the records up to `durable` do not replay, `Storage`
+/// when they cannot be read.
+pub fn durable_state(
+    db: &sled::Db,
+    snapshots: &Path,
+    durable: Seq,
+) -> Result<State, RecoveryError> {
+    let (mut state, snapshot_seq) = load_snapshot(snapshots)?;
+    if snapshot_seq > durable {
+        return Err(RecoveryError::Storage(format!(
+            "the newest snapshot ({snapshot_seq}) is past the durable journal ({durable})"
+        )));
+    }
+    let (last, damage) = replay(db, &mut state, snapshot_seq, durable)?;
+    if let Some(damage) = damage {
+        return Err(RecoveryError::Corrupt {
+            seq: damage.seq,
+            why: damage.why,
+        });
+    }
+    if last != durable {
+        return Err(RecoveryError::Storage(format!(
+            "the journal ends at {last}, before its durable mark {durable}"
+        )));
+    }
+    Ok(state)
 }
 
 /// Writes a snapshot of `state` at `seq` atomically and durably: a

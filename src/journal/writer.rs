@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hdrhistogram::Histogram;
 
-use crate::domain::Event;
+use crate::domain::{Event, State};
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::{Journal, JournalError, Seq, Watermark, codec};
 
@@ -417,18 +417,9 @@ impl SledJournal {
         &self.db
     }
 
-    /// What the writer has done.
+    /// What the writer has done (also through [`Journal::stats`]).
     pub fn stats(&self) -> &JournalStats {
         &self.shared.stats
-    }
-
-    /// Why the journal stopped, if it did.
-    pub fn failure(&self) -> Option<String> {
-        self.shared
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// Stops taking events, waits until everything taken is durable, and
@@ -500,6 +491,27 @@ impl Journal for SledJournal {
         self.shared
             .appended
             .oldest_after(self.shared.watermark.durable())
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn durable_state(&self) -> Result<State, JournalError> {
+        let snapshots = self.dir.parent().map(super::snapshot_dir).ok_or_else(|| {
+            JournalError::Unavailable(format!("{} has no data dir", self.dir.display()))
+        })?;
+        let durable = self.shared.watermark.durable();
+        super::recovery::durable_state(&self.db, &snapshots, durable)
+            .map_err(|e| JournalError::Unavailable(format!("rebuilding the durable state: {e}")))
+    }
+
+    fn stats(&self) -> Option<&JournalStats> {
+        Some(&self.shared.stats)
     }
 }
 

@@ -155,6 +155,9 @@ async fn fatal_error() -> String {
 struct Storage {
     config: ServeConfig,
     backend: Arc<Backend>,
+    /// The journal the backend's engine writes to (the server opens and
+    /// closes it; the front sees it only through the engine).
+    journal: Mutex<Option<Arc<SledJournal>>>,
     snapshotter: Mutex<Option<Snapshotter>>,
 }
 
@@ -247,10 +250,14 @@ impl Storage {
     /// Stops the engine, the snapshotter (after a last snapshot) and the
     /// journal (after everything taken is durable).
     fn close(&self) {
-        let (engine, journal) = self.backend.take();
-        if let Some(engine) = engine {
+        if let Some(engine) = self.backend.take() {
             engine.shutdown();
         }
+        let journal = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(journal) = &journal {
             journal.close();
         }
@@ -333,7 +340,8 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
         }
     }
     engine.evict_idempotency();
-    storage.backend.install(engine, journal);
+    *storage.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(journal);
+    storage.backend.install(engine);
     tracing::info!("ready");
     Ok(())
 }
@@ -367,7 +375,11 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
                 }
             }
         }
-        let failure = storage.backend.journal().and_then(|j| j.failure());
+        let failure = storage
+            .backend
+            .engine()
+            .ok()
+            .and_then(|e| e.storage_failure());
         let why = match (reload_failed.clone(), failure) {
             (Some(why), _) | (None, Some(why)) => why,
             (None, None) => continue,
@@ -461,6 +473,7 @@ pub async fn run(
     let storage = Arc::new(Storage {
         config,
         backend,
+        journal: Mutex::new(None),
         snapshotter: Mutex::new(None),
     });
     let supervisor = tokio::spawn(supervise(Arc::clone(&storage), stop_rx));

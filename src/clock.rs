@@ -1,5 +1,6 @@
-//! Time, injected: the engine reads the clock only through [`Clock`], so
-//! tests can move time by hand and nothing sleeps.
+//! Time, injected: the engine and the journal's snapshotter read the clock
+//! only through [`Clock`], so tests can move time by hand and nothing
+//! sleeps. It sits below both (layers point one way).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
