@@ -452,3 +452,126 @@ fn strict_orders_survive_power_cuts() {
         "{label}: the load did something: {acked} acknowledged orders"
     );
 }
+
+/// Relaxed durability answers before the flush, so a power cut may take
+/// back what it answered in the last few milliseconds, never more: when an
+/// fsync stalls, answers stop running ahead of the disk within
+/// `RELAXED_AHEAD_MS_MAX`. Every acknowledged order that a cut takes back
+/// must have been answered before the stall began plus that bound (and some
+/// slack for a busy machine): without the bound, answers go on for the
+/// whole stall and a cut loses all of them.
+#[test]
+fn relaxed_mode_loses_only_the_last_milliseconds_when_fsync_stalls() {
+    const WORKERS: usize = 4;
+    const BEFORE_STALL: Duration = Duration::from_millis(600);
+    const STALL: Duration = Duration::from_millis(1_500);
+    // RELAXED_AHEAD_MS_MAX, plus scheduling on two shared cores.
+    const SLACK: Duration = Duration::from_millis(250);
+
+    let m = mounted();
+    let data = m.at("data");
+    let args = ["--durability", "relaxed"];
+    let server = Server::try_start(&data, &args, START_PATIENCE).expect("starts");
+    {
+        let mut api = support::server::Api::new(&server);
+        assert_eq!(api.create_sku("r", 100, 1_000_000_000, None).status, 201);
+    }
+    // Let the SKU's creation reach the disk before the stall.
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<(String, Duration)>();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (addr, tx, stop) = (server.addr, tx.clone(), Arc::clone(&stop));
+            let token = server.customer(&format!("relaxed{w}"));
+            std::thread::spawn(move || {
+                let body = r#"{"items":[{"sku_id":"r","qty":1}]}"#;
+                let auth = format!("Bearer {token}");
+                let headers = [
+                    ("Authorization", auth.as_str()),
+                    ("Content-Type", "application/json"),
+                ];
+                let Ok(mut client) = support::server::Client::try_connect(addr) else {
+                    return;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(answer) = client.try_send("POST", "/v1/orders", &headers, Some(body))
+                    else {
+                        return; // the server is gone
+                    };
+                    if answer.status == 201 {
+                        let id = answer.json()["order_id"].as_str().unwrap_or("").to_string();
+                        let _ = tx.send((id, started.elapsed()));
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    std::thread::sleep(BEFORE_STALL);
+    let stalled_at = started.elapsed();
+    m.fs.stall_fsync(true);
+    std::thread::sleep(STALL);
+    m.fs.freeze();
+    let mut server = server;
+    server.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    let acked: Vec<(String, Duration)> = rx.iter().collect();
+    let report = m.fs.cut(CutMode::DropAll, 7);
+    m.fs.stall_fsync(false);
+    eprintln!(
+        "relaxed: {} orders acknowledged; cut: {report}",
+        acked.len()
+    );
+    let after_stall = acked
+        .iter()
+        .filter(|(_, at)| *at > stalled_at + SLACK)
+        .count();
+
+    let server = Server::try_start(&data, &args, START_PATIENCE).expect("restarts");
+    let mut api = support::server::Api::new(&server);
+    let admin = server.admin();
+    let mut lost = Vec::new();
+    for (id, at) in &acked {
+        let r = api.call("GET", &format!("/v1/orders/{id}"), Some(&admin), None, None);
+        match r.status {
+            200 => {}
+            404 => lost.push((id.clone(), *at)),
+            other => panic!("order {id}: {other}"),
+        }
+    }
+    eprintln!(
+        "relaxed: {} of {} acknowledged orders lost, {} answered after the stall began",
+        lost.len(),
+        acked.len(),
+        acked.iter().filter(|(_, at)| *at > stalled_at).count()
+    );
+    let late: Vec<_> = lost
+        .iter()
+        .filter(|(_, at)| *at > stalled_at + SLACK)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} acknowledged orders lost, {} of them answered more than {SLACK:?} after the \
+         fsync stalled at {stalled_at:?} (answered during the stall: {after_stall}); \
+         first: {:?}",
+        lost.len(),
+        late.len(),
+        late.first()
+    );
+    assert!(
+        acked.iter().filter(|(_, at)| *at <= stalled_at).count() > 100,
+        "the load did something before the stall"
+    );
+    let sku = api.sku("r");
+    let n = |k: &str| sku[k].as_u64().unwrap_or(u64::MAX);
+    assert_eq!(
+        n("on_hand"),
+        n("available") + n("reserved") + n("allocated"),
+        "{sku}"
+    );
+}
