@@ -6,7 +6,6 @@
 //! HS256, its signature verifies, `exp` is in the future, `sub` is a valid
 //! user id and `role` is `customer` or `admin`; anything else is `401`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use dashmap::DashMap;
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::UserId;
 use crate::engine::Caller;
 use crate::http::error::ApiError;
+use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
 use crate::limits::{JWT_SECRET_BYTES_MIN, TOKEN_BYTES_MAX, VERIFIED_TOKENS_MAX};
 
 /// The environment variable holding the secret.
@@ -67,21 +67,20 @@ pub fn load_secret(from_env: Option<String>, data_dir: &Path) -> Result<Vec<u8>,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(file_error(e)),
     }
-    std::fs::create_dir_all(data_dir).map_err(file_error)?;
+    create_dir_durably(data_dir).map_err(file_error)?;
     let mut raw = [0u8; 48];
     rand::rng().fill_bytes(&mut raw);
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+    // Whole or absent after a power cut (a torn secret would keep the
+    // server from ever starting again), and never over one another process
+    // wrote first: then that one is the secret.
+    match write_file_durably(&path, secret.as_bytes(), Some(0o600), Existing::Keep) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return std::fs::read(&path).map_err(file_error);
+        }
+        Err(e) => return Err(file_error(e)),
     }
-    let mut file = options.open(&path).map_err(file_error)?;
-    file.write_all(secret.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(file_error)?;
     Ok(secret.into_bytes())
 }
 

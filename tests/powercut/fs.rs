@@ -381,6 +381,23 @@ impl Filesystem for Fs {
         self.entry(reply, result);
     }
 
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = {
+            let mut inner = self.shared.lock();
+            inner
+                .powered()
+                .and_then(|()| inner.link(ino.0, newparent.0, newname))
+        };
+        self.entry(reply, result);
+    }
+
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let mut inner = self.shared.lock();
         let result = inner

@@ -404,6 +404,27 @@ impl Inner {
         Ok(ino)
     }
 
+    /// A second name for file `ino` (a hard link): fails with `EEXIST` when
+    /// the name is taken, so it can publish a file only if none is there.
+    pub fn link(&mut self, ino: u64, newparent: u64, newname: &OsStr) -> Result<u64, Errno> {
+        check_name(newname)?;
+        if matches!(self.node(ino)?.body, Body::Dir(_)) {
+            return Err(Errno::EPERM);
+        }
+        if self.dir(newparent)?.live.contains_key(newname) {
+            return Err(Errno::EEXIST);
+        }
+        self.node_mut(ino)?.ctime = SystemTime::now();
+        self.dir_change(
+            newparent,
+            DirOp::Link {
+                name: newname.to_os_string(),
+                ino,
+            },
+        )?;
+        Ok(ino)
+    }
+
     pub fn remove(&mut self, parent: u64, name: &OsStr, dir: bool) -> Result<(), Errno> {
         let ino = self.lookup(parent, name)?;
         match (&self.node(ino)?.body, dir) {
