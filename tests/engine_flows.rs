@@ -399,6 +399,91 @@ async fn a_stamped_change_records_its_first_answer() {
     );
 }
 
+/// Contract v2: a keyed request refused by the business rules records
+/// nothing. A flash sale's sold-out clicks, each with a key of its own (and
+/// retries of them), cost no journal record and no idempotency record; once
+/// stock comes back, a retry with the same key is decided afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_sold_out_refusals_record_nothing_and_a_retry_is_decided_afresh() {
+    use flashcore::http::error::ApiError;
+    use flashcore::http::idempotency::InFlight;
+    use flashcore::journal::Journal;
+
+    const CLICKS: usize = 1_000;
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    create(e, "drop", 100, 1, None).await;
+    e.place_order(user("first"), &[line("drop", 1)], None, None)
+        .await
+        .expect("the only unit");
+    let in_flight = Arc::new(InFlight::default());
+    let click = |who: String, key: String| {
+        let engine = e.clone();
+        let in_flight = Arc::clone(&in_flight);
+        async move {
+            let key = IdempotencyKey::parse(&key).expect("valid key");
+            in_flight
+                .run(
+                    &engine.clone(),
+                    user(&who),
+                    Some(key),
+                    [3; 16],
+                    move |stamp| async move {
+                        engine
+                            .place_order(user(&who), &[line("drop", 1)], None, stamp)
+                            .await
+                            .map(Outcome::Order)
+                            .map_err(ApiError::from)
+                    },
+                )
+                .await
+        }
+    };
+    let seq_before = h.journal.last_seq();
+    for i in 0..CLICKS {
+        let answer = click(format!("u{}", i % 50), format!("click-{i}")).await;
+        assert!(
+            matches!(answer, Err(ApiError::OutOfStock(_))),
+            "click {i}: {answer:?}"
+        );
+    }
+    assert_eq!(
+        h.journal.last_seq(),
+        seq_before,
+        "{CLICKS} refusals journaled nothing"
+    );
+    assert!(h.idem.is_empty(), "{} idempotency records", h.idem.len());
+    // A retry of a refused click is decided again (refused again: still sold
+    // out), and records nothing either.
+    for _ in 0..10 {
+        let answer = click("u0".into(), "click-0".into()).await;
+        assert!(matches!(answer, Err(ApiError::OutOfStock(_))), "{answer:?}");
+    }
+    assert_eq!(h.journal.last_seq(), seq_before);
+    assert!(h.idem.is_empty());
+    assert_eq!(
+        e.idempotency(
+            user("u0"),
+            &IdempotencyKey::parse("click-0").expect("valid"),
+            [3; 16]
+        ),
+        Lookup::Fresh
+    );
+
+    e.restock(sku("drop"), 1, None).await.expect("restocked");
+    let retried = click("u0".into(), "click-0".into())
+        .await
+        .expect("decided afresh: the unit is back");
+    assert_eq!(h.idem.len(), 1, "the change is recorded under its key");
+    assert_eq!(
+        click("u0".into(), "click-0".into())
+            .await
+            .expect("replayed"),
+        retried
+    );
+    assert_replay_matches(&h).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_from_the_journal_resumes_everything_and_settles_what_a_crash_left() {
     let h = harness(EngineConfig::default());
@@ -648,6 +733,25 @@ async fn the_replay_check_sees_carts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[should_panic(expected = "idempotency records")]
 async fn the_replay_check_sees_idempotency_records() {
+    let (h, first) = many_orders(1).await;
+    // Only a change makes a record, and it would show elsewhere first: put
+    // a record in the live book alone.
+    h.idem.record(
+        &IdemStamp {
+            user: user("u0"),
+            key: IdempotencyKey::parse("k").expect("valid"),
+            fingerprint: [7; 16],
+        },
+        T0_MS,
+        Outcome::Order(first),
+    );
+    assert_replay_matches(&h).await;
+}
+
+/// v1 journaled a keyed refusal; v2 ignores such a record on replay, so the
+/// live engine (which never made it) and the replay agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journaled_v1_refusal_replays_to_nothing() {
     let (h, _) = many_orders(1).await;
     journal_behind_the_engine(
         &h,
@@ -665,5 +769,6 @@ async fn the_replay_check_sees_idempotency_records() {
             at_ms: T0_MS,
         },
     );
-    assert_replay_matches(&h).await;
+    let state = assert_replay_matches(&h).await;
+    assert!(state.idem.is_empty());
 }

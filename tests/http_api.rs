@@ -886,8 +886,8 @@ fn idempotency_keys_replay_conflict_wait_and_survive_a_kill() {
     assert_eq!(answers.iter().next().map(|a| a.0), Some(201));
     assert_eq!(api.sku("a")["reserved"], 6);
 
-    // A refusal of the business rules is kept too: the same key gets the
-    // first answer even after the stock came back.
+    // A refusal of the business rules records nothing (contract v2): once
+    // the stock came back, the same key and body is decided afresh.
     let admin = server.admin();
     api.create_sku("scarce", 100, 1, None);
     let refused = api.order(&ann, &[("scarce", 2)], Some("key-2"));
@@ -895,19 +895,35 @@ fn idempotency_keys_replay_conflict_wait_and_survive_a_kill() {
         (refused.status, refused.code()),
         (409, "out_of_stock".into())
     );
-    api.call(
+    let restocked = api.call(
         "POST",
         "/v1/skus/scarce/restock",
         Some(&admin),
         None,
         Some(r#"{"qty":5}"#),
     );
-    let again = api.order(&ann, &[("scarce", 2)], Some("key-2"));
+    assert_eq!(restocked.status, 200);
+    let decided_again = api.order(&ann, &[("scarce", 2)], Some("key-2"));
     assert_eq!(
-        (again.status, again.body.clone()),
-        (409, refused.body.clone()),
-        "the first answer again"
+        decided_again.status,
+        201,
+        "decided afresh, not the refusal again: {}",
+        body_str(&decided_again)
     );
+    let replayed = api.order(&ann, &[("scarce", 2)], Some("key-2"));
+    assert_eq!(
+        (replayed.status, replayed.body.clone()),
+        (201, decided_again.body.clone()),
+        "the change is recorded: its answer again"
+    );
+    // A key whose first use was refused recorded nothing, so another body
+    // is no conflict.
+    let too_many = api.order(&ann, &[("scarce", 100)], Some("key-4"));
+    assert_eq!(
+        (too_many.status, too_many.code()),
+        (409, "out_of_stock".into())
+    );
+    assert_eq!(api.order(&ann, &[("scarce", 1)], Some("key-4")).status, 201);
     // Bad input is not kept: fixed, the same key runs.
     let bad = api.call(
         "POST",
@@ -971,11 +987,16 @@ fn idempotency_keys_replay_conflict_wait_and_survive_a_kill() {
         api.order(&ann, &[("a", 9)], Some("key-1")).code(),
         "idempotency_conflict"
     );
-    let refused_again = api.order(&ann, &[("scarce", 2)], Some("key-2"));
+    let placed_again = api.order(&ann, &[("scarce", 2)], Some("key-2"));
     assert_eq!(
-        (refused_again.status, refused_again.body),
-        (409, refused.body),
-        "kept across a kill"
+        (placed_again.status, placed_again.body),
+        (201, decided_again.body),
+        "the change made on the retry is kept across a kill"
+    );
+    assert_eq!(
+        api.sku("scarce")["reserved"],
+        4,
+        "key-2, key-3 and key-4 placed once each"
     );
 }
 

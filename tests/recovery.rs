@@ -169,6 +169,58 @@ fn a_torn_tail_record_is_still_cut() {
     );
 }
 
+/// A journal written before contract v2 may hold `IdempotentRefusal`
+/// records (v1 kept a keyed request's `409` under its key). They still
+/// decode and replay, and v2 ignores them: the key is free, and a change
+/// recorded under another key in the same journal is kept.
+#[test]
+fn an_old_journal_with_a_keyed_refusal_recovers_and_keeps_no_refusal() {
+    use flashcore::domain::idem::{Lookup, Refusal};
+    use flashcore::domain::{IdemStamp, IdempotencyKey, UserId};
+
+    let stamp = |key: &str| IdemStamp {
+        user: UserId::parse("ann").expect("valid user"),
+        key: IdempotencyKey::parse(key).expect("valid key"),
+        fingerprint: [9; 16],
+    };
+    let refused = Event::IdempotentRefusal {
+        idem: stamp("sold-out"),
+        refusal: Refusal {
+            status: 409,
+            code: "out_of_stock".into(),
+            message: "not enough of a".into(),
+        },
+        at_ms: 1,
+    };
+    let keyed_restock = Event::Restocked {
+        sku: SkuId::parse("a").expect("valid id"),
+        qty: 5,
+        idem: Some(stamp("restock")),
+        at_ms: 2,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let last = write_journal(
+        dir.path(),
+        &[sku_created("a"), refused, keyed_restock, restock("a", 1)],
+    );
+    let opened = journal::open(dir.path(), FlushPolicy::Strict, false).expect("recovers");
+    let recovered = opened.recovered;
+    opened.journal.close();
+    assert_eq!(recovered.last_seq, last, "every record replayed");
+    let idem = &recovered.state.idem;
+    let look = |key: &str| {
+        let s = stamp(key);
+        idem.lookup(s.user, &s.key, s.fingerprint)
+    };
+    assert_eq!(look("sold-out"), Lookup::Fresh, "the refusal is not kept");
+    assert!(
+        matches!(look("restock"), Lookup::Replay(_)),
+        "the change is"
+    );
+    assert_eq!(idem.len(), 1);
+    recovered.state.check().expect("invariants hold");
+}
+
 #[test]
 fn a_torn_sled_conf_is_written_again() {
     // What sled itself writes for our configuration.

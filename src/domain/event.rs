@@ -237,8 +237,10 @@ pub enum Event {
         /// When.
         at_ms: u64,
     },
-    /// A keyed request was refused by the business rules; the key keeps the
-    /// answer (see `idem.rs`).
+    /// A keyed request was refused by the business rules, and v1 kept the
+    /// answer under the key. Written by v1 only: v2 records only changes
+    /// under a key (see `idem.rs`), and replay ignores this record. Kept so
+    /// old journals decode (variants are append-only).
     IdempotentRefusal {
         /// The key.
         idem: IdemStamp,

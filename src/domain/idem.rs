@@ -1,43 +1,44 @@
-//! Idempotency records: the first successful answer to a request that
-//! carried an `Idempotency-Key`, kept per user and key.
+//! Idempotency records: the first answer to a change that carried an
+//! `Idempotency-Key`, kept per user and key.
 //!
 //! A record is written by applying the very event that made the change (the
 //! event carries an [`IdemStamp`]), so after a crash a key has a record if and
-//! only if its change survived. A request the business rules refused (a
-//! `409`: out of stock, over a limit, a move the order's state forbids, a
-//! payment mismatch) is recorded too, by an event of its own
-//! ([`Event::IdempotentRefusal`]), so a repeat gets the first answer again
-//! even if stock has come back since. Bad input (`400`, `404`) and shed or
-//! failed requests (`503`) leave no record: they changed nothing, so a retry
-//! runs again. The book is shared by every actor that applies stamped
-//! events, hence the concurrent map; it is bounded by
-//! [`IDEMPOTENCY_RECORDS_MAX`] and records older than
-//! [`IDEMPOTENCY_TTL_MS`] are dropped.
-
-use std::collections::VecDeque;
-use std::sync::Mutex;
+//! only if its change survived. Only changes are recorded (contract v2): a
+//! request the business rules refused (a `409`: out of stock, over a limit, a
+//! move the order's state forbids, a payment mismatch), bad input (`400`,
+//! `404`) and shed or failed requests (`503`) leave no record, in the journal
+//! or here. They changed nothing, so a retry is decided afresh, and a flash
+//! sale's refused clicks cost neither disk nor memory.
+//!
+//! v1 kept refusals too. Its journal records ([`Event::IdempotentRefusal`])
+//! and the refusals in its snapshots ([`StoredOutcome::Refused`]) still decode;
+//! replay ignores the former and [`IdemBook::from_snapshot`] drops the latter.
+//!
+//! The book is shared by every actor that applies stamped events, hence the
+//! concurrent map; it is bounded by [`IDEMPOTENCY_RECORDS_MAX`] and records
+//! older than [`IDEMPOTENCY_TTL_MS`] are dropped.
+//!
+//! [`Event::IdempotentRefusal`]: crate::domain::Event::IdempotentRefusal
 
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::order::Order;
 use crate::domain::sku::SkuView;
-use crate::domain::{Event, IdemStamp, IdempotencyKey, UserId};
+use crate::domain::{IdemStamp, IdempotencyKey, UserId};
 use crate::limits::{IDEMPOTENCY_RECORDS_MAX, IDEMPOTENCY_TTL_MS};
 
-/// The first answer to a keyed request.
+/// The first answer to a keyed change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// An order, as it was right after the change.
     Order(Order),
     /// A SKU, as it was right after the change.
     Sku(SkuView),
-    /// A refusal of the business rules (out of stock, a limit, a state
-    /// that does not allow the move, a payment mismatch), as answered.
-    Refused(Refusal),
 }
 
-/// The answer a refused keyed request got, kept so a repeat gets it again.
+/// A refusal as v1 kept it under a key. v2 keeps none; the type stays so
+/// old journals ([`Event::IdempotentRefusal`]) and snapshots decode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// HTTP status.
@@ -63,6 +64,67 @@ pub struct IdemRecord {
     pub outcome: Outcome,
 }
 
+/// A record's outcome as snapshots store it. Append-only, like the event
+/// enum: a variant's index is its encoding, and v1 snapshots hold refusals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredOutcome {
+    /// [`Outcome::Order`].
+    Order(Order),
+    /// [`Outcome::Sku`].
+    Sku(SkuView),
+    /// A refusal, written by v1 only; dropped when loaded.
+    Refused(Refusal),
+}
+
+/// One key's record as snapshots store it (the shape of [`IdemRecord`],
+/// with a [`StoredOutcome`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredIdemRecord {
+    /// The key's scope.
+    pub user: UserId,
+    /// The key.
+    pub key: IdempotencyKey,
+    /// The first request's fingerprint.
+    pub fingerprint: [u8; 16],
+    /// When it was recorded, unix milliseconds.
+    pub at_ms: u64,
+    /// The first answer.
+    pub outcome: StoredOutcome,
+}
+
+impl From<IdemRecord> for StoredIdemRecord {
+    fn from(record: IdemRecord) -> StoredIdemRecord {
+        StoredIdemRecord {
+            user: record.user,
+            key: record.key,
+            fingerprint: record.fingerprint,
+            at_ms: record.at_ms,
+            outcome: match record.outcome {
+                Outcome::Order(order) => StoredOutcome::Order(order),
+                Outcome::Sku(sku) => StoredOutcome::Sku(sku),
+            },
+        }
+    }
+}
+
+impl StoredIdemRecord {
+    /// The live record, or `None` for a v1 refusal (v2 keeps none).
+    pub fn into_record(self) -> Option<IdemRecord> {
+        let outcome = match self.outcome {
+            StoredOutcome::Order(order) => Outcome::Order(order),
+            StoredOutcome::Sku(sku) => Outcome::Sku(sku),
+            StoredOutcome::Refused(_) => return None,
+        };
+        Some(IdemRecord {
+            user: self.user,
+            key: self.key,
+            fingerprint: self.fingerprint,
+            at_ms: self.at_ms,
+            outcome,
+        })
+    }
+}
+
 /// What a new keyed request finds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
@@ -74,19 +136,14 @@ pub enum Lookup {
     Conflict,
 }
 
-/// Every idempotency record.
+/// Every idempotency record: one per keyed change.
 ///
-/// Bounded at [`IDEMPOTENCY_RECORDS_MAX`]. Refusals are the first to go
-/// when the book is full (oldest first): a sold-out storm answers a refusal
-/// to nearly every keyed request, and those must not crowd out the records
-/// of changes, whose loss could let a change run twice; a forgotten refusal
-/// only lets a retry run again, which is safe, since the refusal changed
-/// nothing.
+/// Bounded at [`IDEMPOTENCY_RECORDS_MAX`]: a new key is taken only while
+/// there is room ([`IdemBook::has_room`]); a record is never dropped to make
+/// room, since its loss could let a change run twice.
 #[derive(Debug)]
 pub struct IdemBook {
     records: DashMap<(UserId, IdempotencyKey), IdemRecord>,
-    /// Refusals in the order they were recorded (some may be gone already).
-    refusals: Mutex<VecDeque<(UserId, IdempotencyKey)>>,
     /// The bound ([`IDEMPOTENCY_RECORDS_MAX`]; smaller in tests).
     max: usize,
 }
@@ -113,33 +170,13 @@ impl IdemBook {
     pub fn bounded(max: usize) -> IdemBook {
         IdemBook {
             records: DashMap::new(),
-            refusals: Mutex::new(VecDeque::new()),
             max,
         }
     }
 
-    /// Whether a new key can be taken: the book is below its bound, or
-    /// holds refusals that can make room.
+    /// Whether a new key can be taken: the book is below its bound.
     pub fn has_room(&self) -> bool {
-        self.records.len() < self.max || !self.lock_refusals().is_empty()
-    }
-
-    fn lock_refusals(&self) -> std::sync::MutexGuard<'_, VecDeque<(UserId, IdempotencyKey)>> {
-        // A queue of keys stays consistent across a panic.
-        self.refusals.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Drops the oldest refusals until the book is below its bound (or none
-    /// are left).
-    fn make_room(&self) {
-        let mut refusals = self.lock_refusals();
-        while self.records.len() >= self.max {
-            let Some(oldest) = refusals.pop_front() else {
-                return;
-            };
-            self.records
-                .remove_if(&oldest, |_, r| matches!(r.outcome, Outcome::Refused(_)));
-        }
+        self.records.len() < self.max
     }
 
     /// How many records there are.
@@ -157,11 +194,6 @@ impl IdemBook {
     /// was made: then the key was dropped and used again, as the live book
     /// does, and replay must end with the newer answer too.
     pub fn record(&self, stamp: &IdemStamp, at_ms: u64, outcome: Outcome) {
-        if self.records.len() >= self.max {
-            self.make_room();
-        }
-        let refused = matches!(outcome, Outcome::Refused(_));
-        let slot = (stamp.user, stamp.key.clone());
         let record = IdemRecord {
             user: stamp.user,
             key: stamp.key.clone(),
@@ -169,7 +201,7 @@ impl IdemBook {
             at_ms,
             outcome,
         };
-        match self.records.entry(slot.clone()) {
+        match self.records.entry((stamp.user, stamp.key.clone())) {
             dashmap::Entry::Vacant(vacant) => {
                 vacant.insert(record);
             }
@@ -180,22 +212,6 @@ impl IdemBook {
                 held.insert(record);
             }
         }
-        if refused {
-            self.lock_refusals().push_back(slot);
-        }
-    }
-
-    /// Applies an [`Event::IdempotentRefusal`] (other events carry their
-    /// records with the change they made).
-    pub fn apply_refusal(&self, event: &Event) {
-        if let Event::IdempotentRefusal {
-            idem,
-            refusal,
-            at_ms,
-        } = event
-        {
-            self.record(idem, *at_ms, Outcome::Refused(refusal.clone()));
-        }
     }
 
     /// Drops records older than the TTL; returns how many went.
@@ -203,8 +219,6 @@ impl IdemBook {
         let cutoff = now_ms.saturating_sub(IDEMPOTENCY_TTL_MS);
         let before = self.records.len();
         self.records.retain(|_, record| record.at_ms >= cutoff);
-        self.lock_refusals()
-            .retain(|key| self.records.contains_key(key));
         before.saturating_sub(self.records.len())
     }
 
@@ -215,18 +229,24 @@ impl IdemBook {
         all
     }
 
-    /// Builds a book from records (a snapshot).
-    pub fn from_records(records: impl IntoIterator<Item = IdemRecord>) -> IdemBook {
+    /// Every record as a snapshot stores it, sorted by user and key.
+    pub fn to_snapshot(&self) -> Vec<StoredIdemRecord> {
+        self.to_sorted_vec()
+            .into_iter()
+            .map(StoredIdemRecord::from)
+            .collect()
+    }
+
+    /// Builds a book from a snapshot's records, dropping the refusals a v1
+    /// snapshot may hold.
+    pub fn from_snapshot(records: impl IntoIterator<Item = StoredIdemRecord>) -> IdemBook {
         let book = IdemBook::default();
-        let mut records: Vec<IdemRecord> = records.into_iter().collect();
-        // Oldest first, so the refusal queue keeps its order.
-        records.sort_by_key(|r| r.at_ms);
-        for record in records {
-            let slot = (record.user, record.key.clone());
-            if matches!(record.outcome, Outcome::Refused(_)) {
-                book.lock_refusals().push_back(slot.clone());
-            }
-            book.records.insert(slot, record);
+        for record in records
+            .into_iter()
+            .filter_map(StoredIdemRecord::into_record)
+        {
+            book.records
+                .insert((record.user, record.key.clone()), record);
         }
         book
     }
@@ -282,32 +302,37 @@ mod tests {
     }
 
     #[test]
-    fn a_full_book_drops_the_oldest_refusals_never_a_change() {
-        let book = IdemBook::bounded(3);
-        let refusal = || {
-            Outcome::Refused(Refusal {
+    fn a_full_book_takes_no_new_key_and_drops_no_change() {
+        let book = IdemBook::bounded(2);
+        book.record(&stamp("c1", 1), 1, outcome(1));
+        assert!(book.has_room());
+        book.record(&stamp("c2", 1), 2, outcome(1));
+        assert!(!book.has_room(), "full: new keys wait");
+        book.record(&stamp("c3", 1), 3, outcome(1));
+        assert_eq!(book.len(), 3, "a change is never dropped to make room");
+    }
+
+    #[test]
+    fn a_v1_snapshot_loads_without_its_refusals() {
+        let s = stamp("c", 1);
+        let change = StoredIdemRecord::from(IdemRecord {
+            user: s.user,
+            key: s.key.clone(),
+            fingerprint: s.fingerprint,
+            at_ms: 1,
+            outcome: outcome(1),
+        });
+        let refused = StoredIdemRecord {
+            key: IdempotencyKey::parse("r").expect("valid"),
+            outcome: StoredOutcome::Refused(Refusal {
                 status: 409,
                 code: "out_of_stock".into(),
                 message: "gone".into(),
-            })
+            }),
+            ..change.clone()
         };
-        book.record(&stamp("r1", 1), 1, refusal());
-        book.record(&stamp("c1", 1), 2, outcome(1));
-        book.record(&stamp("r2", 1), 3, refusal());
-        assert!(book.has_room(), "refusals can make room");
-        book.record(&stamp("c2", 1), 4, outcome(1));
-        let keys: Vec<String> = book
-            .to_sorted_vec()
-            .iter()
-            .map(|r| r.key.as_str().to_string())
-            .collect();
-        assert_eq!(keys, ["c1", "c2", "r2"], "the oldest refusal went");
-        book.record(&stamp("c3", 1), 5, outcome(1));
-        assert_eq!(book.len(), 3);
-        assert!(book.lookup(stamp("c1", 1).user, &stamp("c1", 1).key, [1; 16]) != Lookup::Fresh);
-        assert!(!book.has_room(), "full of changes: new keys wait");
-        book.record(&stamp("c4", 1), 6, outcome(1));
-        assert_eq!(book.len(), 4, "a change is never dropped to make room");
+        let book = IdemBook::from_snapshot([refused, change.clone()]);
+        assert_eq!(book.to_snapshot(), [change]);
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl State {
                 self.skus.insert(*sku, SkuState::from_created(event)?);
             }
             Event::PromotionCreated { .. } => self.promotions.apply(event)?,
-            Event::IdempotentRefusal { .. } => self.idem.apply_refusal(event),
+            // v1 kept a keyed refusal under its key; v2 keeps only changes
+            // (`idem.rs`), so an old journal's refusal is read and ignored.
+            Event::IdempotentRefusal { .. } => {}
             _ => {
                 for sku in event.touched_skus() {
                     let state = self.skus.get_mut(&sku).ok_or_else(|| {

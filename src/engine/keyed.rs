@@ -1,31 +1,11 @@
 //! Keyed requests (`Idempotency-Key`) through the [`Engine`] handle: the
-//! book of first answers and the records kept in it.
+//! book of first answers. A record is made only by applying the change it
+//! answers (`domain/idem.rs`); nothing here writes one.
 
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl Engine {
-    /// Records that a keyed request was refused by the business rules, so a
-    /// repeat gets the same answer (see `domain/idem.rs`), and waits until
-    /// the record is durable (strict).
-    ///
-    /// # Errors
-    /// Journal errors: then nothing was recorded.
-    pub async fn record_refusal(
-        &self,
-        idem: IdemStamp,
-        refusal: Refusal,
-    ) -> Result<(), EngineError> {
-        let event = Event::IdempotentRefusal {
-            idem,
-            refusal,
-            at_ms: self.now_ms(),
-        };
-        let seq = self.inner.journal.append(&event)?;
-        self.inner.idem.apply_refusal(&event);
-        self.settle(seq).await
-    }
-
     /// Waits (strict) until everything journaled so far is durable: a
     /// replayed answer may come from a record whose change is still in the
     /// batch being written.

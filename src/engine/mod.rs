@@ -48,7 +48,7 @@ pub use sku::Reservation;
 
 use crate::domain::cart::Cart;
 use crate::domain::event::{ReleaseReason, SkuQty};
-use crate::domain::idem::{IdemBook, Lookup, Refusal};
+use crate::domain::idem::{IdemBook, Lookup};
 use crate::domain::order::Order;
 use crate::domain::promo::{CreateRefusal, Promotion, Promotions};
 use crate::domain::sku::{SkuState, SkuView};

@@ -9,7 +9,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::domain::DomainError;
-use crate::domain::idem::Refusal;
 use crate::engine::EngineError;
 use crate::limits::{BODY_BYTES_MAX, RETRY_AFTER_SECONDS};
 
@@ -89,40 +88,6 @@ impl ApiError {
     /// The standard `503 overloaded`.
     pub fn overloaded() -> ApiError {
         ApiError::Overloaded("the server is overloaded; retry shortly".into())
-    }
-
-    /// The refusals an idempotency key keeps (the business rules' `409`s;
-    /// see `domain/idem.rs`), as recorded.
-    pub fn to_refusal(&self) -> Option<Refusal> {
-        match self {
-            ApiError::OutOfStock(_)
-            | ApiError::LimitExceeded(_)
-            | ApiError::InvalidTransition(_)
-            | ApiError::AlreadyExists(_)
-            | ApiError::PaymentMismatch(_) => {
-                let (status, code) = self.status_and_code();
-                Some(Refusal {
-                    status: status.as_u16(),
-                    code: code.to_string(),
-                    message: self.to_string(),
-                })
-            }
-            _ => None,
-        }
-    }
-
-    /// The error a recorded refusal stands for.
-    pub fn from_refusal(refusal: &Refusal) -> ApiError {
-        let message = refusal.message.clone();
-        match refusal.code.as_str() {
-            "out_of_stock" => ApiError::OutOfStock(message),
-            "limit_exceeded" => ApiError::LimitExceeded(message),
-            "invalid_transition" => ApiError::InvalidTransition(message),
-            "already_exists" => ApiError::AlreadyExists(message),
-            "payment_mismatch" => ApiError::PaymentMismatch(message),
-            // Only the codes above are ever recorded (`to_refusal`).
-            _ => ApiError::InvalidTransition(message),
-        }
     }
 }
 
@@ -230,14 +195,6 @@ mod tests {
             out_of_stock.to_string().contains("tee"),
             "the message names the SKU"
         );
-        let refusal = out_of_stock.to_refusal().expect("a 409 is kept");
-        assert_eq!(ApiError::from_refusal(&refusal), out_of_stock);
-        assert_eq!(
-            ApiError::invalid("x").to_refusal(),
-            None,
-            "bad input is not kept"
-        );
-        assert_eq!(ApiError::overloaded().to_refusal(), None);
         let shed = ApiError::overloaded().into_response();
         assert_eq!(
             shed.headers().get(header::RETRY_AFTER),

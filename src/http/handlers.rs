@@ -36,7 +36,6 @@ fn outcome(status: StatusCode, outcome: Outcome) -> Response {
     match outcome {
         Outcome::Order(order) => (status, Json(OrderJson::from(&order))).into_response(),
         Outcome::Sku(sku) => (status, Json(SkuJson::from(&sku))).into_response(),
-        Outcome::Refused(refusal) => ApiError::from_refusal(&refusal).into_response(),
     }
 }
 

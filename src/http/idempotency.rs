@@ -5,10 +5,17 @@
 //! replays the first answer, the same key with another fingerprint is `422`.
 //! A fresh key runs once: the first request becomes the leader and journals
 //! its change together with the key's record (one event, so a crash keeps
-//! both or neither); a concurrent duplicate waits for the leader and gets
-//! the same answer, errors included. A refusal of the business rules (a
-//! `409`) is recorded with an event of its own; bad input and shed requests
-//! are not (they changed nothing, so a retry runs again).
+//! both or neither). Only a change is recorded (contract v2): a refusal of
+//! the business rules (`409`), bad input and shed or failed requests leave
+//! no record, and once the leader has answered, a retry with the same key
+//! is decided afresh, with any body (a key that recorded nothing cannot
+//! conflict).
+//!
+//! A concurrent duplicate (the same key and body while the leader runs)
+//! waits for the leader and gets the same answer, errors included: a
+//! refusal decided while it waited is as true for it as for the leader,
+//! and handing it over costs no second decision. Only a request that
+//! arrives after the leader has left decides again.
 //!
 //! The in-flight map holds one entry per key being executed, so it is
 //! bounded by the requests in flight. A leader's change runs in a task of
@@ -153,23 +160,12 @@ impl InFlight {
                         key: key.clone(),
                         fingerprint,
                     };
-                    let engine = engine.clone();
                     let leader = tokio::spawn(async move {
-                        let answer = match change(Some(stamp.clone())).await {
-                            // A refusal of the business rules is kept too.
-                            Err(error) => match error.to_refusal() {
-                                Some(refusal) => {
-                                    match engine.record_refusal(stamp, refusal).await {
-                                        Ok(()) => Err(error),
-                                        Err(unrecorded) => Err(unrecorded.into()),
-                                    }
-                                }
-                                None => Err(error),
-                            },
-                            ok => ok,
-                        };
-                        // The record (of a change or a refusal) is in the
-                        // book before the entry leaves with `leave`.
+                        // A refusal is answered as it is: nothing records it.
+                        let answer = change(Some(stamp)).await;
+                        // The record of a change is in the book before the
+                        // entry leaves with `leave`; a refusal leaves none,
+                        // so the next request with this key decides afresh.
                         let _ = tx.send(Some(answer.clone()));
                         drop(leave);
                         answer

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::domain::book::OrderBook;
-use crate::domain::idem::{IdemBook, IdemRecord};
+use crate::domain::idem::{IdemBook, StoredIdemRecord};
 use crate::domain::promo::Promotions;
 use crate::domain::sku::SkuState;
 use crate::domain::state::OpenReservation;
@@ -79,7 +79,8 @@ struct SnapshotBody {
     skus: BTreeMap<SkuId, SkuState>,
     orders: OrderBook,
     promotions: Promotions,
-    idem: Vec<IdemRecord>,
+    /// v1 snapshots may hold refusals: loading drops them.
+    idem: Vec<StoredIdemRecord>,
     open_reservations: BTreeMap<OrderId, OpenReservation>,
     next_id: u64,
 }
@@ -92,7 +93,7 @@ struct SnapshotRef<'a> {
     skus: &'a BTreeMap<SkuId, SkuState>,
     orders: &'a OrderBook,
     promotions: &'a Promotions,
-    idem: Vec<IdemRecord>,
+    idem: Vec<StoredIdemRecord>,
     open_reservations: &'a BTreeMap<OrderId, OpenReservation>,
     next_id: u64,
 }
@@ -163,7 +164,7 @@ fn load_snapshot(dir: &Path) -> Result<(State, Seq), RecoveryError> {
                     skus: body.skus,
                     orders: body.orders,
                     promotions: body.promotions,
-                    idem: Arc::new(IdemBook::from_records(body.idem)),
+                    idem: Arc::new(IdemBook::from_snapshot(body.idem)),
                     open_reservations: body.open_reservations,
                     next_id: body.next_id,
                 };
@@ -628,7 +629,7 @@ pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, Re
         skus: &state.skus,
         orders: &state.orders,
         promotions: &state.promotions,
-        idem: state.idem.to_sorted_vec(),
+        idem: state.idem.to_snapshot(),
         open_reservations: &state.open_reservations,
         next_id: state.next_id,
     };
@@ -747,8 +748,8 @@ impl Shadow {
         let started = Instant::now();
         // The live book drops records past their TTL every minute; the copy
         // must too, or snapshots would carry every key ever used, and a
-        // restart would replay them into a full book (where refusals make
-        // room for them) and keep them past a key's reuse.
+        // restart would load them into a full book and keep them past a
+        // key's reuse.
         self.state.idem.evict_expired(self.clock.now_ms());
         write_snapshot(dir, &self.state, self.seq)?;
         // The snapshot before this one stays as a fallback, with the
