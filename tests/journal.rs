@@ -16,6 +16,7 @@ use flashcore::journal::{
     self, FlushPolicy, Journal, RecoveryError, SnapshotPolicy, Snapshotter, codec, recovery,
 };
 use flashcore::limits::IDEMPOTENCY_TTL_MS;
+use support::damage::{Damage, damage};
 use support::*;
 
 struct Node {
@@ -90,47 +91,6 @@ async fn books(
         e.skus().await.expect("skus"),
         e.orders(OrderScope::All, 500).await.expect("orders"),
     )
-}
-
-/// How to damage a record.
-enum Damage {
-    /// Keep only the first half of the record's frame (and nothing after it
-    /// in its block): a write torn by a crash.
-    Tear,
-    /// Flip a bit in the middle of the record's frame.
-    Flip,
-    /// Remove the whole block holding the record.
-    DropBlock,
-}
-
-/// Damages the record `seq` in its block (the server must be stopped).
-fn damage(dir: &Path, seq: u64, how: Damage) {
-    let db = journal::writer::open_db(&journal::journal_dir(dir)).expect("open");
-    let (key, block) = db
-        .range(..=codec::key(seq))
-        .next_back()
-        .expect("a block")
-        .expect("readable");
-    let first = codec::seq_of(&key).expect("key");
-    let records: Vec<_> = codec::block_records(first, &block).collect();
-    let index = records
-        .iter()
-        .position(|r| r.seq == seq)
-        .expect("record in block");
-    let start = records[index].offset;
-    let end = records.get(index + 1).map_or(block.len(), |r| r.offset);
-    let mut bytes = block.to_vec();
-    match how {
-        Damage::Tear => bytes.truncate(start + (end - start) / 2),
-        Damage::Flip => bytes[start + (end - start) / 2] ^= 0x40,
-        Damage::DropBlock => bytes.clear(),
-    }
-    if bytes.is_empty() {
-        db.remove(&key).expect("remove");
-    } else {
-        db.insert(&key, bytes).expect("insert");
-    }
-    db.flush().expect("flush");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,14 @@
 //! and a torn sled `conf` (written in place, never fsynced by sled) no
 //! longer keeps the journal from opening.
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
 use flashcore::domain::{Event, SkuId};
 use flashcore::journal::{self, FlushPolicy, Journal, RecoveryError, codec, writer};
+use support::damage::{Damage, damage};
 
 /// Appends `events` through a real journal in `data_dir` and closes it.
 fn write_journal(data_dir: &Path, events: &[Event]) -> u64 {
@@ -69,25 +72,6 @@ fn recover_within(data_dir: &Path, repair: bool, limit: Duration) -> Result<u64,
         .unwrap_or_else(|_| panic!("recovery did not finish within {limit:?}: it hangs"))
 }
 
-/// Flips a byte in the middle of record `seq`.
-fn flip(data_dir: &Path, seq: u64) {
-    let db = writer::open_db(&journal::journal_dir(data_dir)).expect("open");
-    let (key, block) = db
-        .range(..=codec::key(seq))
-        .next_back()
-        .expect("a block")
-        .expect("readable");
-    let first = codec::seq_of(&key).expect("key");
-    let records: Vec<_> = codec::block_records(first, &block).collect();
-    let index = records.iter().position(|r| r.seq == seq).expect("record");
-    let start = records[index].offset;
-    let end = records.get(index + 1).map_or(block.len(), |r| r.offset);
-    let mut bytes = block.to_vec();
-    bytes[start + (end - start) / 2] ^= 0x40;
-    db.insert(&key, bytes).expect("insert");
-    db.flush().expect("flush");
-}
-
 #[test]
 fn damage_followed_by_a_long_journal_refuses_promptly_instead_of_hanging() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -95,7 +79,7 @@ fn damage_followed_by_a_long_journal_refuses_promptly_instead_of_hanging() {
     // Far more records after the damage than the decoder runs ahead.
     events.extend((0..40_000).map(|_| restock("a", 1)));
     let last = write_journal(dir.path(), &events);
-    flip(dir.path(), 100);
+    damage(dir.path(), 100, Damage::Flip);
     match recover_within(dir.path(), false, Duration::from_secs(60)) {
         Err(RecoveryError::Corrupt { seq, why }) => {
             assert_eq!(seq, 100, "{why}");

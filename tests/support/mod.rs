@@ -1,8 +1,9 @@
 //! Shared helpers: the in-process engine harness, (in `server`) the real
 //! binary as a child process with a small HTTP client, and (in `load`) the
-//! crash workload and its checks.
+//! crash workload and its checks, and (in `damage`) journal damage.
 #![allow(dead_code)]
 
+pub mod damage;
 pub mod load;
 pub mod server;
 
