@@ -444,7 +444,16 @@ fn strict_orders_survive_power_cuts() {
         );
         eprintln!("{label}");
         server = start(&label);
-        load::verify(&server, &book, &users, &label);
+        let verified = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load::verify(&server, &book, &users, &label);
+        }));
+        if let Err(panic) = verified {
+            eprintln!(
+                "{label}: the check failed; the server's log:\n{}",
+                server.log()
+            );
+            std::panic::resume_unwind(panic);
+        }
     }
     let acked = book.lock().expect("book").len();
     assert!(
