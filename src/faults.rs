@@ -9,6 +9,8 @@
 //!
 //! - `panic-sku=<sku_id>`: the SKU actor of that SKU panics on its next
 //!   order placement or reservation;
+//! - `stop-sku=<sku_id>`: the SKU actor of that SKU stops (no panic) on its
+//!   next reservation;
 //! - `panic-shard-pay=1`: an order shard panics when asked to pay an order;
 //! - `stall-recovery-ms=<ms>`: recovery sleeps that long before reading the
 //!   journal.
@@ -40,6 +42,12 @@ pub fn panic_if(point: &str, subject: &str) {
     }
 }
 
+/// Whether the fault `point` is set to `subject`.
+#[cfg(feature = "faults")]
+pub fn is_set(point: &str, subject: &str) -> bool {
+    value(point) == Some(subject)
+}
+
 /// Sleeps for the milliseconds the fault `point` is set to, if any.
 #[cfg(feature = "faults")]
 pub fn stall(point: &str) {
@@ -58,3 +66,10 @@ pub fn panic_if(_point: &str, _subject: &str) {}
 #[cfg(not(feature = "faults"))]
 #[inline(always)]
 pub fn stall(_point: &str) {}
+
+/// Without the `faults` feature: never.
+#[cfg(not(feature = "faults"))]
+#[inline(always)]
+pub fn is_set(_point: &str, _subject: &str) -> bool {
+    false
+}

@@ -591,8 +591,9 @@ fn relaxed_mode_loses_only_the_last_milliseconds_when_fsync_stalls() {
 #[test]
 fn the_jwt_secret_survives_a_power_cut() {
     let m = mounted();
-    let data = m.at("data");
     for (round, mode) in CutMode::ALL.iter().enumerate() {
+        // A fresh data dir each round: the secret is created anew.
+        let data = m.at(&format!("data{round}"));
         let first = flashcore::http::auth::load_secret(None, &data).expect("created");
         m.fs.freeze();
         let report = m.fs.cut(*mode, round as u64);

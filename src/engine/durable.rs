@@ -47,14 +47,13 @@ impl Engine {
             .reader
             .get_or_try_init(|| async {
                 let journal = Arc::clone(&self.inner.journal);
-                let state = tokio::task::spawn_blocking(move || journal.durable_state())
+                let (state, durable) = tokio::task::spawn_blocking(move || journal.durable_state())
                     .await
                     .map_err(|e| {
                         EngineError::StorageUnavailable(format!(
                             "rebuilding the durable state: {e}"
                         ))
                     })??;
-                let durable = self.inner.journal.watermark().durable();
                 tracing::warn!(
                     durable_seq = durable,
                     "the journal refuses changes; reads answer from the last durable state"
@@ -63,14 +62,21 @@ impl Engine {
                     actor_threads: 1,
                     ..self.inner.config.clone()
                 };
-                Engine::launch(
+                let reader = Engine::launch(
                     config,
                     Arc::clone(&self.inner.journal),
                     Arc::clone(&self.inner.shared.clock),
                     state,
                     durable,
                     true,
-                )
+                )?;
+                // Built while this engine was being shut down (a reload):
+                // its shutdown did not see the reader, so stop it here.
+                if self.inner.health.is_stopping() {
+                    reader.shutdown();
+                    return Err(EngineError::Stopped);
+                }
+                Ok(reader)
             })
             .await?;
         Ok(reader.clone())

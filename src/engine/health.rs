@@ -39,6 +39,11 @@ impl Health {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
+    /// Whether the shutdown began.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     /// Marks the engine dead (the first reason is kept).
     pub(crate) fn kill(&self, why: String) {
         tracing::error!(reason = %why, "an engine actor died; the engine is dead");

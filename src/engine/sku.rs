@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::SendError;
-use actix::{Actor, AsyncContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message};
 use tokio::sync::oneshot;
 
 use crate::domain::event::SkuQty;
@@ -228,8 +228,12 @@ pub(crate) struct Reserve {
 impl Handler<Reserve> for SkuActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Reserve, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
         faults::panic_if("panic-sku", self.state.id().as_str());
+        if faults::is_set("stop-sku", self.state.id().as_str()) {
+            ctx.stop();
+            return;
+        }
         let now_ms = self.clock.now_ms();
         let result = self
             .state

@@ -103,8 +103,14 @@ pub fn write_file_durably(
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
+    // One writer replaces (the snapshotter, its name fixed so a crash's
+    // leftover is overwritten next time); writers that keep a file may race
+    // (a `token` command and a first `serve`), so each gets a name of its own.
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
+    if existing == Existing::Keep {
+        tmp_name.push(format!(".{}-{}", std::process::id(), unique_suffix()));
+    }
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
     {
@@ -130,6 +136,12 @@ pub fn write_file_durably(
         }
     }
     sync_dir(dir)
+}
+
+/// A number no other call in this process gets.
+fn unique_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

@@ -72,13 +72,15 @@ pub trait Journal: Send + Sync + 'static {
         None
     }
 
-    /// The state as it was at the durable watermark, rebuilt from what is
-    /// on disk: reads are served from it while the journal refuses changes.
+    /// The state as it was at the durable watermark, and that sequence
+    /// number, rebuilt from what is on disk: reads are served from it while
+    /// the journal refuses changes (after a failure the watermark no longer
+    /// moves).
     ///
     /// # Errors
     /// `Unavailable` when it cannot be rebuilt (or this journal keeps no
     /// history to rebuild it from).
-    fn durable_state(&self) -> Result<State, JournalError> {
+    fn durable_state(&self) -> Result<(State, Seq), JournalError> {
         Err(JournalError::Unavailable(
             "this journal cannot rebuild its durable state".into(),
         ))

@@ -491,6 +491,23 @@ fn records_from(db: &sled::Db, seq: Seq) -> Result<Dropped, RecoveryError> {
 fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> {
     let storage = |e: sled::Error| RecoveryError::Storage(format!("cutting the journal: {e}"));
     let dropped = records_from(db, seq)?;
+    // The blocks after the damage go first, newest first, and the block
+    // holding it last: a cut interrupted (a crash, a signal) leaves the
+    // damage where it was, with a contiguous journal before it, so the next
+    // start judges it exactly as this one did.
+    loop {
+        let keys: Vec<sled::IVec> = db
+            .range(codec::key(seq.saturating_add(1))..)
+            .keys()
+            .rev()
+            .take(TRUNCATE_BATCH)
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        if keys.is_empty() {
+            break;
+        }
+        remove_keys(db, &keys).map_err(storage)?;
+    }
     let holder = match db.range(..=codec::key(seq)).next_back() {
         Some(entry) => Some(entry.map_err(storage)?),
         None => None,
@@ -509,18 +526,6 @@ fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> {
             }
             None => {} // the cut starts after this block
         }
-    }
-    loop {
-        let keys: Vec<sled::IVec> = db
-            .range(codec::key(seq.saturating_add(1))..)
-            .keys()
-            .take(TRUNCATE_BATCH)
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
-        if keys.is_empty() {
-            break;
-        }
-        remove_keys(db, &keys).map_err(storage)?;
     }
     db.flush().map_err(storage)?;
     std::fs::File::open(dir.join("db"))

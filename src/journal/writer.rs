@@ -56,13 +56,15 @@ pub const RELAXED_FLUSH_MS: u64 = 5;
 /// periods: a healthy fdatasync fits, a stalled one does not.
 pub const RELAXED_AHEAD_MS_MAX: u64 = 4 * RELAXED_FLUSH_MS;
 
-/// Sequence numbers per slot of the append-time ring (see [`AppendTimes`]).
-const AGE_SLOT_SEQS: u64 = 64;
+/// Sequence numbers per slot of the append-time ring (see [`AppendTimes`]):
+/// small, so that even at a few thousand events a second a slot spans a
+/// few milliseconds and relaxed answers do not wait for the disk early.
+const AGE_SLOT_SEQS: u64 = 4;
 
-/// Slots of the append-time ring: it covers 4 M sequence numbers in
-/// flight, more than the queue, the batches being written and the batches
-/// waiting for their sync can hold together.
-const AGE_SLOTS: usize = 65_536;
+/// Slots of the append-time ring (2 MiB): it covers 1 M sequence numbers
+/// in flight, more than the queue, the batches being written and the
+/// batches waiting for their sync can hold together.
+const AGE_SLOTS: usize = 262_144;
 
 const _: () = assert!(
     (QUEUE_EVENTS_MAX + (SYNC_QUEUE_BATCHES_MAX + 2) * BATCH_EVENTS_MAX) as u64
@@ -149,7 +151,7 @@ struct Item {
 /// its first event was appended. The age of the oldest event not yet
 /// durable is then known to within a slot, erring old (it is the slot's
 /// first append, at or before that event's), at the cost of one clock read
-/// per 64 appends.
+/// per [`AGE_SLOT_SEQS`] appends.
 struct AppendTimes {
     started: Instant,
     /// The first sequence number this journal appends (its slot's time is
@@ -224,9 +226,25 @@ struct Shared {
 impl Shared {
     fn fail(&self, from: Seq, why: String) {
         tracing::error!(from_seq = from, error = %why, "journal write failed; refusing changes");
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        *failure = Some(why);
         self.failed.store(true, Ordering::SeqCst);
         self.watermark.fail_from(from);
+    }
+
+    /// Moves the watermark to `last` after a successful sync, unless the
+    /// journal failed meanwhile: then those waiters hear of the failure
+    /// instead. Decided under the failure lock, so once a failure is
+    /// visible the durable watermark never moves again, and the state
+    /// rebuilt at it (reads during the outage) stays what it says.
+    fn advance_unless_failed(&self, first: Seq, last: Seq) -> bool {
+        let _failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if self.failed.load(Ordering::SeqCst) {
+            self.watermark.fail_from(first);
+            return false;
+        }
+        self.watermark.advance(last);
+        true
     }
 }
 
@@ -501,13 +519,14 @@ impl Journal for SledJournal {
             .clone()
     }
 
-    fn durable_state(&self) -> Result<State, JournalError> {
+    fn durable_state(&self) -> Result<(State, Seq), JournalError> {
         let snapshots = self.dir.parent().map(super::snapshot_dir).ok_or_else(|| {
             JournalError::Unavailable(format!("{} has no data dir", self.dir.display()))
         })?;
         let durable = self.shared.watermark.durable();
-        super::recovery::durable_state(&self.db, &snapshots, durable)
-            .map_err(|e| JournalError::Unavailable(format!("rebuilding the durable state: {e}")))
+        let state = super::recovery::durable_state(&self.db, &snapshots, durable)
+            .map_err(|e| JournalError::Unavailable(format!("rebuilding the durable state: {e}")))?;
+        Ok((state, durable))
     }
 
     fn stats(&self) -> Option<&JournalStats> {
@@ -665,7 +684,9 @@ fn sync_loop(
             continue;
         }
         let last = batches.last().map_or(first, |b| b.1);
-        shared.watermark.advance(last);
+        if !shared.advance_unless_failed(first, last) {
+            continue;
+        }
         let stats = &shared.stats;
         let mut flush_us = stats.flush_us.lock().unwrap_or_else(|p| p.into_inner());
         let mut batch_events = stats.batch_events.lock().unwrap_or_else(|p| p.into_inner());

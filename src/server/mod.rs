@@ -96,6 +96,9 @@ pub enum ServerError {
 /// close the journal before the process exits regardless.
 const FATAL_EXIT_GRACE_MS: u64 = 10_000;
 
+/// How often a snapshotter that stopped after an error is started again.
+const SNAPSHOTTER_RESTART_MS: u64 = 10_000;
+
 /// The exit code of a fatal stop that did not finish within its grace.
 const FATAL_EXIT_CODE: i32 = 70;
 
@@ -247,6 +250,37 @@ impl Storage {
         Ok((engine, opened.journal, fresh))
     }
 
+    /// Starts the snapshotter again if it stopped after an error (a full
+    /// disk while writing a snapshot, say), at most once per
+    /// [`SNAPSHOTTER_RESTART_MS`]: a dead snapshotter serves on but lets the
+    /// journal and the restart time grow without bound.
+    fn restart_snapshotter_if_dead(&self, last_start: &mut Instant) {
+        let mut snapshotter = self.snapshotter.lock().unwrap_or_else(|p| p.into_inner());
+        let dead = snapshotter.as_ref().is_some_and(|s| !s.healthy());
+        if !dead || last_start.elapsed() < Duration::from_millis(SNAPSHOTTER_RESTART_MS) {
+            return;
+        }
+        let Some(journal) = self
+            .journal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        if let Some(mut old) = snapshotter.take() {
+            old.stop();
+        }
+        tracing::warn!("the snapshotter had stopped after an error; starting it again");
+        *last_start = Instant::now();
+        *snapshotter = Some(Snapshotter::start(
+            journal,
+            journal::snapshot_dir(&self.config.data_dir),
+            self.config.snapshots,
+            Arc::new(SystemClock),
+        ));
+    }
+
     /// Stops the engine, the snapshotter (after a last snapshot) and the
     /// journal (after everything taken is durable).
     fn close(&self) {
@@ -353,6 +387,7 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
 async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
     let mut reload_failed: Option<String> = None;
     let mut last_eviction = Instant::now();
+    let mut last_snapshotter_start = Instant::now();
     loop {
         let dead = match storage.backend.engine() {
             Ok(engine) => futures_util::future::Either::Left(engine.dead()),
@@ -380,12 +415,22 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
             .engine()
             .ok()
             .and_then(|e| e.storage_failure());
+        if failure.is_none() {
+            storage.restart_snapshotter_if_dead(&mut last_snapshotter_start);
+        }
         let why = match (reload_failed.clone(), failure) {
             (Some(why), _) | (None, Some(why)) => why,
             (None, None) => continue,
         };
         let dir = storage.config.data_dir.clone();
-        match tokio::task::spawn_blocking(move || probe(&dir)).await {
+        // A signal must not wait for a probe or a reload (a dead disk can
+        // hang either): the blocking work is left behind, like a recovery
+        // that a signal interrupts.
+        let probed = tokio::select! {
+            probed = tokio::task::spawn_blocking(move || probe(&dir)) => probed,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match probed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, failure = %why, "the disk still refuses writes");
@@ -401,7 +446,11 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
         if let Err(e) = tokio::task::spawn_blocking(move || closer.close()).await {
             tracing::error!(error = %e, "closing the failed storage");
         }
-        match start_storage(&storage).await {
+        let started = tokio::select! {
+            started = start_storage(&storage) => started,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match started {
             Ok(()) => reload_failed = None,
             Err(e) => {
                 tracing::error!(error = %e, "reloading failed; retrying in a second");
