@@ -176,7 +176,22 @@ impl Engine {
             ..
         } = state;
 
+        // The SKU actors first: a shard may move units (an expiry) as soon
+        // as it runs, and every SKU it names must be registered by then.
         let registry: Arc<SkuRegistry> = Arc::new(SkuRegistry::new());
+        let sku_count = skus.len();
+        {
+            let deps = SkuDeps {
+                journal: &journal,
+                idem: &idem,
+                clock: &clock,
+                health: &health,
+                mailbox: config.sku_mailbox,
+            };
+            for (slot, (_, sku)) in skus.into_iter().enumerate() {
+                spawn_sku_actor(&threads, slot, &deps, &registry, sku, seq);
+            }
+        }
         let inner_skus = Arc::clone(&registry);
         let shared = Arc::new(ShardContext {
             journal: Arc::clone(&journal),
@@ -211,42 +226,30 @@ impl Engine {
             idem,
             next_id: AtomicU64::new(next_id.max(1)),
             create_lock: Mutex::new(()),
-            next_slot: AtomicUsize::new(0),
+            next_slot: AtomicUsize::new(sku_count),
             threads: Mutex::new(threads),
             health,
             read_only,
             reader: tokio::sync::OnceCell::new(),
         };
-        let engine = Engine {
+        Ok(Engine {
             inner: Arc::new(inner),
-        };
-        for (_, sku) in skus {
-            engine.spawn_sku(sku, seq);
-        }
-        Ok(engine)
+        })
     }
 
     /// Starts the actor of a SKU and registers it.
     fn spawn_sku(&self, state: SkuState, seq: Seq) {
         let inner = &self.inner;
-        let id = state.id();
-        let hint = Arc::new(SkuHint::default());
-        hint.publish(state.levels().available, seq);
         let slot = inner.next_slot.fetch_add(1, Ordering::Relaxed);
         let threads = lock(&inner.threads);
-        let actor = SkuActor::new(
-            state,
-            Arc::clone(&hint),
-            Arc::clone(&inner.journal),
-            Arc::clone(&inner.idem),
-            Arc::clone(&inner.shared.clock),
-            inner.health.guard(format!("the actor of SKU {id}")),
-        );
-        let addr = threads.spawn(slot, inner.config.sku_mailbox, actor);
-        drop(threads);
-        inner
-            .skus
-            .insert(id, Arc::new(SkuHandle { id, addr, hint }));
+        let deps = SkuDeps {
+            journal: &inner.journal,
+            idem: &inner.idem,
+            clock: &inner.shared.clock,
+            health: &inner.health,
+            mailbox: inner.config.sku_mailbox,
+        };
+        spawn_sku_actor(&threads, slot, &deps, &inner.skus, state, seq);
     }
 
     /// Stops the actors. Calls made afterwards fail with `Stopped`.
@@ -350,6 +353,39 @@ impl Engine {
             .get(index)
             .ok_or_else(|| EngineError::order_not_found(id))
     }
+}
+
+/// What a SKU actor is started with, besides its state.
+struct SkuDeps<'a> {
+    journal: &'a Arc<dyn Journal>,
+    idem: &'a Arc<IdemBook>,
+    clock: &'a Arc<dyn Clock>,
+    health: &'a Arc<Health>,
+    mailbox: usize,
+}
+
+/// Starts the actor of a SKU on the arbiter for `slot` and registers it.
+fn spawn_sku_actor(
+    threads: &ActorThreads,
+    slot: usize,
+    deps: &SkuDeps<'_>,
+    registry: &SkuRegistry,
+    state: SkuState,
+    seq: Seq,
+) {
+    let id = state.id();
+    let hint = Arc::new(SkuHint::default());
+    hint.publish(state.levels().available, seq);
+    let actor = SkuActor::new(
+        state,
+        Arc::clone(&hint),
+        Arc::clone(deps.journal),
+        Arc::clone(deps.idem),
+        Arc::clone(deps.clock),
+        deps.health.guard(format!("the actor of SKU {id}")),
+    );
+    let addr = threads.spawn(slot, deps.mailbox, actor);
+    registry.insert(id, Arc::new(SkuHandle { id, addr, hint }));
 }
 
 /// Which shard holds `user`'s orders and cart.

@@ -335,6 +335,20 @@ fn read_books(
 /// Checks `server` against every acknowledged change in `book`; panics with
 /// every problem found (`label` says which round and what happened before).
 pub fn verify(server: &Server, book: &Book, users: &Users, label: &str) {
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_books(server, book, users, label);
+    }));
+    if let Err(panic) = checked {
+        eprintln!(
+            "{label}: the check failed; the server's log:\n{}",
+            server.log()
+        );
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The checks of [`verify`].
+fn check_books(server: &Server, book: &Book, users: &Users, label: &str) {
     let users = users.lock().expect("users").clone();
     let (skus, orders) = read_books(server, &users, label);
     let mut problems: Vec<String> = Vec::new();
