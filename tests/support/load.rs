@@ -166,7 +166,10 @@ impl Worker {
         } = &self;
         let (addr, admin) = (*addr, admin.clone());
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut client = Client::connect(addr);
+        // The server may be killed before this thread even connects.
+        let Ok(mut client) = Client::try_connect(addr) else {
+            return;
+        };
         let mut user_index = 0;
         let (mut user, mut customer) = self.new_user(user_index);
         let mut mine: Vec<String> = Vec::new();
