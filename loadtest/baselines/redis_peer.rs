@@ -3,9 +3,8 @@
 //!
 //! It takes the same request body and the same tokens as flashcore (HS256
 //! JWTs in `Authorization: Bearer`, signed with `FLASHCORE_JWT_SECRET`) and
-//! answers with the same Order JSON and error body (see `/work/shared/API.md`,
-//! mirrored in the repo's contract). It is written to be the bar, not a straw
-//! man:
+//! answers with the same Order JSON and error body (the contract's
+//! `POST /v1/orders`). It is written to be the bar, not a straw man:
 //!
 //! - **One round trip per order.** One Lua script, loaded once at start and
 //!   called by `EVALSHA` (reloaded if Redis forgets it), checks the stock of
@@ -33,7 +32,11 @@
 //! asking Redis until it restarts), promotions (any `promo_code` is `404`),
 //! expiry of reservations, the other routes, and reconnecting to Redis (if
 //! the connection drops, changes are `503 storage_unavailable` until the
-//! peer is restarted). SKUs are seeded straight into Redis, as hashes
+//! peer is restarted), Redis Cluster (the script writes `order:{id}`, a key
+//! it cannot declare up front), and HTTP-level connection limits: unlike
+//! flashcore's accept loop, `axum::serve` neither caps connections nor times
+//! out a slow request head, so only requests in flight are bounded here.
+//! SKUs are seeded straight into Redis, as hashes
 //! `sku:{sku_id}` with `name`, `price_cents` and `available`:
 //!
 //! ```text

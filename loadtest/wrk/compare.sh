@@ -50,7 +50,7 @@ BIG_STOCK=1000000000
 WRK_SLACK_SECS=30
 # The shared secret (at least 32 bytes); fixed, so runs are alike.
 export FLASHCORE_JWT_SECRET=${FLASHCORE_JWT_SECRET:-compare-sh-fixed-secret-0123456789abcdef}
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 
 lib_need compare.sh "wrk redis-server curl" wrk redis-server redis-cli curl timeout

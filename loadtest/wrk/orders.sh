@@ -26,7 +26,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 FLASHCORE=${FLASHCORE:-$ROOT/target/release/flashcore}
 URL=http://127.0.0.1:$PORT
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 . "$HERE/lib.sh"
 
 lib_need orders.sh "wrk curl" wrk curl
