@@ -7,6 +7,7 @@
 # per-user limit, writes a wrk script that rotates over USERS customer tokens,
 # runs `wrk -t1 -c CONNECTIONS -d SECS --latency`, and stops the server by pid
 # (SIGTERM) however the script exits. Requests carry no Idempotency-Key.
+# The pieces are shared with compare.sh through lib.sh.
 #
 # Usage: loadtest/wrk/orders.sh
 # Knobs (environment): STOCK=1000000000 (0: every answer is a sold-out 409)
@@ -21,65 +22,32 @@ CONNECTIONS=${CONNECTIONS:-64}
 USERS=${USERS:-256}
 PORT=${PORT:-18181}
 RUNS=${RUNS:-1}
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
 FLASHCORE=${FLASHCORE:-$ROOT/target/release/flashcore}
 URL=http://127.0.0.1:$PORT
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
 
-for tool in wrk curl; do
-  command -v "$tool" >/dev/null || { echo "orders.sh: needs $tool (apt-get install $tool)" >&2; exit 1; }
-done
+lib_need orders.sh "wrk curl" wrk curl
 [ -x "$FLASHCORE" ] || { echo "orders.sh: no $FLASHCORE; run cargo build --release" >&2; exit 1; }
 
 WORK=$(mktemp -d)
-SERVER_PID=""
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+trap 'lib_stop_all; rm -rf "$WORK"' EXIT
 
 export FLASHCORE_JWT_SECRET
 FLASHCORE_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-echo '{"skus":[],"promotions":[]}' > "$WORK/catalog.json"
 
 one_run() {
   rm -rf "$WORK/data"
-  "$FLASHCORE" serve --listen "127.0.0.1:$PORT" --data-dir "$WORK/data" \
-    --catalog "$WORK/catalog.json" --durability strict > "$WORK/server.log" 2>&1 &
-  SERVER_PID=$!
-  for _ in $(seq 100); do
-    curl -sf "$URL/readyz" > /dev/null && break
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
-    sleep 0.1
-  done
-  local admin
-  admin=$("$FLASHCORE" token --user ops --admin --ttl 1h)
-  curl -sf -X POST "$URL/v1/skus" -H "Authorization: Bearer $admin" \
-    -H 'Content-Type: application/json' \
-    -d "{\"sku_id\":\"bulk\",\"name\":\"Bulk\",\"price_cents\":100,\"stock\":$STOCK,\"per_user_limit\":null}" > /dev/null
-  {
-    echo 'local tokens = {'
-    for i in $(seq "$USERS"); do echo "\"$("$FLASHCORE" token --user "buyer-$i" --ttl 1h)\","; done
-    echo '}'
-    cat <<'LUA'
-local n = 0
-local body = '{"items":[{"sku_id":"bulk","qty":1}]}'
-request = function()
-  n = n + 1
-  local headers = {["Content-Type"] = "application/json",
-                   ["Authorization"] = "Bearer " .. tokens[(n % #tokens) + 1]}
-  return wrk.format("POST", "/v1/orders", headers, body)
-end
-LUA
-  } > "$WORK/orders.lua"
+  lib_flashcore_start "$PORT" "$WORK/data" "$WORK/server.log"
+  local server=$LIB_LAST_PID
+  lib_flashcore_sku "$URL" bulk "$STOCK"
+  lib_tokens_lua "$WORK/tokens.lua" "$USERS"
+  lib_orders_lua "$WORK/orders.lua" "$WORK/tokens.lua" bulk 0
   wrk -t1 -c"$CONNECTIONS" -d"${SECS}s" --latency -s "$WORK/orders.lua" "$URL" \
     | grep -E "Requests/sec|^ +(50|99)%|Non-2xx"
-  kill -TERM "$SERVER_PID"
-  wait "$SERVER_PID" || { echo "orders.sh: the server did not exit 0" >&2; exit 1; }
-  SERVER_PID=""
+  lib_stop "$server" || { echo "orders.sh: the server did not exit 0" >&2; exit 1; }
 }
 
 for run in $(seq "$RUNS"); do
