@@ -38,6 +38,13 @@ const LOAD_MS: std::ops::Range<u64> = 200..1_500;
 /// How long a test waits for something that should happen at once.
 const PROMPT: Duration = Duration::from_secs(10);
 
+/// The tests that run the server under load take turns: on two cores, one
+/// would skew the other's timing.
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A file system mounted over a temp dir; unmounted before the dir goes.
 struct Mounted {
     fs: PowerCutFs,
@@ -408,6 +415,7 @@ fn sled_works_on_the_mount_and_survives_a_cut_once_synced() {
 /// and again; every restart must find every acknowledged change.
 #[test]
 fn strict_orders_survive_power_cuts() {
+    let _alone = heavy();
     let seed: u64 = std::env::var("POWERCUT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -473,9 +481,12 @@ fn strict_orders_survive_power_cuts() {
 fn relaxed_mode_loses_only_the_last_milliseconds_when_fsync_stalls() {
     const WORKERS: usize = 4;
     const BEFORE_STALL: Duration = Duration::from_millis(600);
-    const STALL: Duration = Duration::from_millis(1_500);
-    // RELAXED_AHEAD_MS_MAX, plus scheduling on two shared cores.
-    const SLACK: Duration = Duration::from_millis(250);
+    const STALL: Duration = Duration::from_millis(3_000);
+    // RELAXED_AHEAD_MS_MAX, plus the time a busy 2-core machine may take to
+    // hand an answer to the client thread that records it; far below the
+    // stall, which is how long answers would go on without the bound.
+    const SLACK: Duration = Duration::from_millis(750);
+    let _alone = heavy();
 
     let m = mounted();
     let data = m.at("data");
