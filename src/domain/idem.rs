@@ -38,7 +38,7 @@ pub enum Outcome {
 }
 
 /// A refusal as v1 kept it under a key. v2 keeps none; the type stays so
-/// old journals ([`Event::IdempotentRefusal`]) and snapshots decode.
+/// old journals ([`Event::IdempotentRefusal`](crate::domain::Event::IdempotentRefusal)) and snapshots decode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// HTTP status.

@@ -19,6 +19,12 @@
 //! its shard can check) is placed in one step instead: its SKU actor builds
 //! and journals one `OrderPlacedAtSku` that holds the units, and hands the
 //! order to its shard, which must take it.
+//!
+//! By concern: `config.rs` (how it runs), `reply.rs` (how actors answer),
+//! `catalog.rs`, `orders.rs`, `carts.rs` and `keyed.rs` (the handle's
+//! methods), `sku.rs` and `shard.rs` (the actors), `health.rs` (a dead actor
+//! marks the engine dead), `durable.rs` (reads from the last durable state
+//! while the journal refuses changes), `runtime.rs` (the actor threads).
 
 mod carts;
 mod catalog;

@@ -14,12 +14,17 @@
 //! In `strict` mode the writer flushes as soon as anything waits, so a
 //! batch is whatever arrived during the previous flush. In `relaxed` mode it
 //! gathers for up to [`RELAXED_FLUSH_MS`] first: callers are answered before
-//! the flush, and at most that much acknowledged work can be lost.
+//! the flush. So that a stalled disk cannot let answers run ahead without
+//! bound, the journal keeps when events were appended (`AppendTimes`);
+//! once the oldest event not yet durable is older than
+//! [`RELAXED_AHEAD_MS_MAX`], the engine makes relaxed answers wait too.
 //!
 //! A failed write or flush stops the journal: the failed batch and
 //! everything after it are marked failed (their waiters get `Unavailable`),
-//! later appends are refused, and the engine must go back to the last
-//! durable state before changes are taken again (`resume`).
+//! later appends are refused, the durable watermark stops moving (a sync
+//! that finishes after the failure fails its waiters instead), and the
+//! server goes back to the last durable state before changes are taken
+//! again.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
