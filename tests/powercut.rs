@@ -564,8 +564,14 @@ fn relaxed_mode_loses_only_the_last_milliseconds_when_fsync_stalls() {
             other => panic!("order {id}: {other}"),
         }
     }
+    let latest_lost = lost
+        .iter()
+        .map(|(_, at)| at.saturating_sub(stalled_at))
+        .max()
+        .unwrap_or_default();
     eprintln!(
-        "relaxed: {} of {} acknowledged orders lost, {} answered after the stall began",
+        "relaxed: {} of {} acknowledged orders lost, the latest answered {latest_lost:?} after \
+         the stall began; {} answered after it in all",
         lost.len(),
         acked.len(),
         acked.iter().filter(|(_, at)| *at > stalled_at).count()
