@@ -427,7 +427,7 @@ async fn keyed_sold_out_refusals_record_nothing_and_a_retry_is_decided_afresh() 
                     &engine.clone(),
                     user(&who),
                     Some(key),
-                    [3; 16],
+                    || [3; 16],
                     move |stamp| async move {
                         engine
                             .place_order(user(&who), &[line("drop", 1)], None, stamp)

@@ -110,16 +110,37 @@ impl From<DomainError> for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> ApiError {
-        let message = error.to_string();
         match error {
             EngineError::Domain(domain) => domain.into(),
-            EngineError::NotFound { .. } => ApiError::NotFound(message),
-            EngineError::AlreadyExists { .. } => ApiError::AlreadyExists(message),
-            EngineError::Forbidden(_) => ApiError::Forbidden(message),
+            EngineError::NotFound { .. } => ApiError::NotFound(error.to_string()),
+            EngineError::AlreadyExists { .. } => ApiError::AlreadyExists(error.to_string()),
+            EngineError::Forbidden(_) => ApiError::Forbidden(error.to_string()),
             EngineError::Overloaded => ApiError::overloaded(),
-            EngineError::StorageUnavailable(_) => ApiError::StorageUnavailable(message),
+            EngineError::StorageUnavailable(_) => ApiError::StorageUnavailable(error.to_string()),
             EngineError::Stopped => {
                 ApiError::Overloaded("the server is restarting its engine; retry shortly".into())
+            }
+        }
+    }
+}
+
+impl ApiError {
+    /// The message, moved out where the variant holds one.
+    fn into_message(self) -> String {
+        match self {
+            ApiError::Invalid(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotFound(m)
+            | ApiError::OutOfStock(m)
+            | ApiError::LimitExceeded(m)
+            | ApiError::InvalidTransition(m)
+            | ApiError::AlreadyExists(m)
+            | ApiError::PaymentMismatch(m)
+            | ApiError::Overloaded(m)
+            | ApiError::StorageUnavailable(m) => m,
+            other @ (ApiError::PayloadTooLarge | ApiError::IdempotencyConflict) => {
+                other.to_string()
             }
         }
     }
@@ -142,7 +163,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorFields {
                 code,
-                message: self.to_string(),
+                message: self.into_message(),
             },
         };
         let mut response = (status, axum::Json(body)).into_response();

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
+use crate::domain::event::SkuQty;
 use crate::domain::idem::Outcome;
 use crate::domain::promo::Promotion;
 use crate::domain::{SkuId, UserId, validate};
@@ -133,7 +134,7 @@ pub async fn restock(
     let sku = sku_id(&id)?;
     validate::restock_qty(body.qty)?;
     let engine = state.backend.engine()?;
-    let print = fingerprint("restock", sku.as_str(), &body);
+    let print = || fingerprint("restock", sku.as_str(), &body);
     let answer = state
         .inflight
         .run(&engine, caller.user, key, print, {
@@ -164,11 +165,15 @@ pub async fn place_order(
     IdemKey(key): IdemKey,
     ApiJson(body): ApiJson<PlaceOrderBody>,
 ) -> Answer {
-    let items: Vec<_> = body.items.iter().copied().map(Into::into).collect();
-    // Bad lines are a 400 before any key is taken.
-    validate::merge_lines(&items)?;
+    let items: Vec<SkuQty> = body.items.iter().copied().map(Into::into).collect();
+    // Bad lines are a 400 before any key is taken (one line: no merge, no
+    // allocation; the flash-sale case).
+    match items.as_slice() {
+        [line] => validate::qty(line.qty)?,
+        lines => drop(validate::merge_lines(lines)?),
+    }
     let engine = state.backend.engine()?;
-    let print = fingerprint("place", "", &body);
+    let print = || fingerprint("place", "", &body);
     let answer = state
         .inflight
         .run(&engine, caller.user, key, print, {
@@ -238,7 +243,7 @@ pub async fn pay(
     ApiJson(body): ApiJson<PayBody>,
 ) -> Answer {
     let engine = state.backend.engine()?;
-    let print = fingerprint("pay", &id.to_string(), &body);
+    let print = || fingerprint("pay", &id.to_string(), &body);
     let answer = state
         .inflight
         .run(&engine, caller.user, key, print, {
@@ -293,7 +298,7 @@ pub async fn refund(
 ) -> Answer {
     let lines: Vec<_> = body.lines.iter().copied().map(Into::into).collect();
     let engine = state.backend.engine()?;
-    let print = fingerprint("refund", &id.to_string(), &body);
+    let print = || fingerprint("refund", &id.to_string(), &body);
     let answer = state
         .inflight
         .run(&engine, caller.user, key, print, {
@@ -345,7 +350,7 @@ pub async fn checkout(
     OptionalJson(body): OptionalJson<CheckoutBody>,
 ) -> Answer {
     let engine = state.backend.engine()?;
-    let print = fingerprint("checkout", "", &body);
+    let print = || fingerprint("checkout", "", &body);
     let answer = state
         .inflight
         .run(&engine, caller.user, key, print, {

@@ -89,7 +89,7 @@ impl Drop for Leave {
 
 impl InFlight {
     /// Runs `change` at most once per (user, key): see the module doc.
-    /// Without a key, simply runs it.
+    /// Without a key, simply runs it (`fingerprint` is only called with one).
     ///
     /// A leader's change runs in a task of its own: if its client goes
     /// away, the change (already on its way through the actors) still
@@ -105,7 +105,7 @@ impl InFlight {
         engine: &Engine,
         user: UserId,
         key: Option<IdempotencyKey>,
-        fingerprint: [u8; 16],
+        fingerprint: impl FnOnce() -> [u8; 16],
         change: F,
     ) -> Answer
     where
@@ -115,6 +115,8 @@ impl InFlight {
         let Some(key) = key else {
             return change(None).await;
         };
+        // Only a keyed request needs its fingerprint (a SHA-256).
+        let fingerprint = fingerprint();
         let mut change = Some(change);
         // Each round either answers or finds that the leader it waited for
         // left without an answer (it panicked, or the server is stopping); a

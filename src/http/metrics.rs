@@ -6,13 +6,16 @@
 //! the journal's batch sizes, flush latency and durable lag from its
 //! writer's statistics.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use axum::http::Method;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::engine::{Engine, JournalReport};
@@ -30,11 +33,70 @@ const FLUSH_BUCKETS_US: [u64; 10] = [
     100, 200, 300, 500, 750, 1_000, 2_000, 5_000, 20_000, 100_000,
 ];
 
+/// The statuses the front answers, each with a counter resolved once per
+/// route and method (another status takes the slow path: a label lookup).
+const STATUSES: [u16; 17] = [
+    200, 201, 204, 400, 401, 403, 404, 405, 408, 409, 413, 415, 422, 429, 431, 500, 503,
+];
+
+/// The methods with a counter slot, as [`STATUSES`].
+const METHODS: [Method; 5] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+];
+
+/// One route's latency histogram and request counters, resolved from the
+/// label vectors once, so a finished request costs a few atomic adds and no
+/// label hashing or allocation.
+pub struct RouteMetrics {
+    route: Box<str>,
+    latency: Histogram,
+    /// `METHODS.len() x STATUSES.len()` counters, filled on first use.
+    counts: Vec<OnceLock<IntCounter>>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("route", &self.route)
+            .finish()
+    }
+}
+
+impl RouteMetrics {
+    /// Records a finished request of this route.
+    pub fn observe(&self, metrics: &Metrics, method: &Method, status: u16, took: Duration) {
+        self.latency.observe(took.as_secs_f64());
+        let method_slot = METHODS.iter().position(|m| m == method);
+        let status_slot = STATUSES.iter().position(|&s| s == status);
+        match (method_slot, status_slot) {
+            (Some(m), Some(s)) => self.counts[m * STATUSES.len() + s]
+                .get_or_init(|| {
+                    metrics.requests.with_label_values(&[
+                        &*self.route,
+                        method.as_str(),
+                        &status.to_string(),
+                    ])
+                })
+                .inc(),
+            _ => metrics
+                .requests
+                .with_label_values(&[&*self.route, method.as_str(), &status.to_string()])
+                .inc(),
+        }
+    }
+}
+
 /// The front's metrics.
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     latency: HistogramVec,
+    /// Per-route handles, one entry per route the router has (bounded by it).
+    routes: RwLock<HashMap<Box<str>, Arc<RouteMetrics>>>,
     /// Requests being handled.
     pub in_flight: IntGauge,
     /// Requests shed with `503 overloaded` before any work.
@@ -85,20 +147,34 @@ impl Metrics {
             registry,
             requests,
             latency,
+            routes: RwLock::new(HashMap::new()),
             in_flight,
             shed,
         })
     }
 
-    /// Records a finished request.
-    pub fn observe(&self, route: &str, method: &str, status: u16, took: Duration) {
-        let status = status.to_string();
-        self.requests
-            .with_label_values(&[route, method, status.as_str()])
-            .inc();
-        self.latency
-            .with_label_values(&[route])
-            .observe(took.as_secs_f64());
+    /// The handles of `route` (a matched route pattern, or `unmatched`):
+    /// the router's routes are a fixed set, so this map stays small.
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        if let Some(known) = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+        {
+            return Arc::clone(known);
+        }
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let entry = routes.entry(route.into()).or_insert_with(|| {
+            Arc::new(RouteMetrics {
+                route: route.into(),
+                latency: self.latency.with_label_values(&[route]),
+                counts: (0..METHODS.len() * STATUSES.len())
+                    .map(|_| OnceLock::new())
+                    .collect(),
+            })
+        });
+        Arc::clone(entry)
     }
 
     /// The text exposition: the registry, then what is read at scrape time.

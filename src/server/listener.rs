@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::{Body, Bytes, HttpBody};
 use axum::http::{Request, Response};
 use hyper::body::{Frame, Incoming, SizeHint};
@@ -37,8 +36,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
-use tower::ServiceExt;
 
+use crate::http::Front;
 use crate::limits::{BODY_BYTES_MAX, HEADER_BYTES_MAX, HEADER_READ_TIMEOUT_MS, SHUTDOWN_GRACE_MS};
 
 /// How long the loop pauses after a failed accept.
@@ -47,7 +46,7 @@ const ACCEPT_BACKOFF_MS: u64 = 20;
 /// Serves `app` on `listener` until `shutdown` turns true, then drains.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Front,
     max_connections: usize,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -58,7 +57,7 @@ pub async fn serve(
 /// [`serve`], with the idle limit as a parameter (tests use a short one).
 async fn serve_with_idle_limit(
     listener: TcpListener,
-    app: Router,
+    app: Front,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
     idle_limit: Duration,
@@ -68,7 +67,10 @@ async fn serve_with_idle_limit(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(idle_limit)
+        // The idle watchdog below closes a connection that has no whole
+        // head `idle_limit` after opening or after its last answer; hyper's
+        // own head timer would arm a second timer for every request.
+        .header_read_timeout(None)
         .max_header_size(HEADER_BYTES_MAX)
         // Room for a full head and a pipelined body or two, no more.
         .max_buf_size(HEADER_BYTES_MAX + BODY_BYTES_MAX)
@@ -217,7 +219,7 @@ impl HttpBody for Tracked {
 /// `app` as a hyper service that marks each request in progress on
 /// `activity`, from its head to the end of its answer.
 fn tracked_service(
-    app: Router,
+    app: Front,
     activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
@@ -229,8 +231,8 @@ fn tracked_service(
         let in_progress = activity.begin();
         let app = app.clone();
         async move {
-            let response = app.oneshot(request).await?;
-            Ok(response.map(|body| {
+            let response = app.call(request).await;
+            Ok::<_, Infallible>(response.map(|body| {
                 Body::new(Tracked {
                     body,
                     _in_progress: in_progress,
@@ -269,6 +271,7 @@ async fn close_when_idle<F: Future>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::Router;
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -286,7 +289,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, shutdown) = watch::channel(false);
-        tokio::spawn(serve_with_idle_limit(listener, app, 100, shutdown, LIMIT));
+        tokio::spawn(serve_with_idle_limit(
+            listener,
+            app.into(),
+            100,
+            shutdown,
+            LIMIT,
+        ));
         (addr, stop)
     }
 

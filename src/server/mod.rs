@@ -35,7 +35,7 @@ use crate::engine::{
 };
 use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
-use crate::http::{AppState, Backend, router};
+use crate::http::{AppState, Backend, Front};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
 use crate::limits::{CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS};
 
@@ -515,7 +515,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let server = tokio::spawn(listener::serve(
         listener,
-        router(state),
+        Front::new(state),
         config.max_connections,
         stop_rx.clone(),
     ));
