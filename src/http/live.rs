@@ -333,16 +333,19 @@ impl Sampler {
     fn journal(&mut self, engine: &Engine, elapsed_s: f64) -> Option<JournalLive> {
         let report = engine.journal_report();
         let stats = report.stats?;
-        let flush_us_sum = stats.flush_us.lock().map_or(self.journal.flush_us_sum, |h| {
-            // hdrhistogram keeps no sum; its mean is exact to its precision.
-            #[allow(
-                clippy::cast_precision_loss,
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss
-            )]
-            let sum = (h.mean() * h.len() as f64) as u64;
-            sum
-        });
+        let flush_us_sum = stats
+            .flush_us
+            .lock()
+            .map_or(self.journal.flush_us_sum, |h| {
+                // hdrhistogram keeps no sum; its mean is exact to its precision.
+                #[allow(
+                    clippy::cast_precision_loss,
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss
+                )]
+                let sum = (h.mean() * h.len() as f64) as u64;
+                sum
+            });
         let now = JournalSeen {
             batches: stats.batches.load(Ordering::Relaxed),
             events: stats.events.load(Ordering::Relaxed),
@@ -570,7 +573,10 @@ mod tests {
         let mut last = 0;
         for us in 0..100_000_u64 {
             let b = bucket_of(us);
-            assert!(b == last || b == last + 1, "{us} µs jumps from {last} to {b}");
+            assert!(
+                b == last || b == last + 1,
+                "{us} µs jumps from {last} to {b}"
+            );
             assert!(us <= bucket_high_us(b), "{us} µs above its bucket's top");
             if b > 0 {
                 assert!(us > bucket_high_us(b - 1), "{us} µs fits the bucket below");
@@ -596,7 +602,10 @@ mod tests {
         buckets[bucket_of(100)] = 990;
         buckets[bucket_of(50_000)] = 10;
         let p99 = p99_us(&buckets).unwrap();
-        assert!((100..=bucket_high_us(bucket_of(100))).contains(&p99), "{p99}");
+        assert!(
+            (100..=bucket_high_us(bucket_of(100))).contains(&p99),
+            "{p99}"
+        );
         // One more slow answer pushes the 99th percent into the slow ones.
         buckets[bucket_of(50_000)] = 11;
         let p99 = p99_us(&buckets).unwrap();
