@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -185,8 +186,8 @@ impl Default for Live {
 impl Live {
     /// Counts one answer: its status class and its latency. Two relaxed
     /// atomic adds; called by the front for every request.
-    pub fn record(&self, status: u16, took: Duration) {
-        self.outcomes[class_of(status)].fetch_add(1, Ordering::Relaxed);
+    pub fn record(&self, status: StatusCode, took: Duration) {
+        self.outcomes[class_of(status.as_u16())].fetch_add(1, Ordering::Relaxed);
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         self.latency[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
     }
@@ -626,9 +627,9 @@ mod tests {
     #[test]
     fn record_counts_class_and_latency() {
         let live = Live::default();
-        live.record(201, Duration::from_micros(300));
-        live.record(409, Duration::from_micros(300));
-        live.record(409, Duration::from_secs(3));
+        live.record(StatusCode::CREATED, Duration::from_micros(300));
+        live.record(StatusCode::CONFLICT, Duration::from_micros(300));
+        live.record(StatusCode::CONFLICT, Duration::from_secs(3));
         let outcomes = live.outcome_counts();
         assert_eq!(outcomes[CLASS_2XX], 1);
         assert_eq!(outcomes[CLASS_409], 2);

@@ -200,9 +200,7 @@ async fn front(State(state): State<AppState>, request: Request, next: Next) -> R
         response.status().as_u16(),
         started.elapsed(),
     );
-    state
-        .live
-        .record(response.status().as_u16(), started.elapsed());
+    state.live.record(response.status(), started.elapsed());
     response
 }
 
