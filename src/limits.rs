@@ -183,3 +183,35 @@ pub const CATALOG_BYTES_MAX: u64 = 16 * 1024 * 1024;
 const _: () = assert!(HEADER_BYTES_MAX >= 8 * 1024, "hyper's minimum read buffer");
 const _: () =
     assert!(REQUESTS_IN_FLIGHT_MAX < SKU_MAILBOX && REQUESTS_IN_FLIGHT_MAX < ORDER_SHARD_MAILBOX);
+
+// ----- The live dashboard (`GET /v1/stream`, `GET /dashboard`) -----
+
+/// How often the live sampler takes its snapshot, and so how often each
+/// stream gets an event (contract: one event a second).
+pub const LIVE_SAMPLE_MS: u64 = 1_000;
+
+/// Most `GET /v1/stream` clients at once; beyond, `503 overloaded`. Each
+/// holds a connection (of [`CONNECTIONS_DEFAULT`]) and gets a copy of the
+/// snapshot every second, so an unbounded number of dashboards could crowd
+/// out the buyers the sale is for. A thousand screens is far more than any
+/// operations room.
+pub const STREAM_CLIENTS_MAX: usize = 1_000;
+
+/// Longest life of one stream; then it ends and the browser's
+/// `EventSource` reconnects by itself. A client that vanished without
+/// closing its socket is found out by TCP within minutes, but this bound
+/// holds even when it is not, so no dead client's stream lives for ever.
+pub const STREAM_LIFETIME_MS: u64 = 60 * 60 * 1000;
+
+/// What each stream tells the browser to wait before reconnecting.
+pub const STREAM_RETRY_MS: u64 = 1_000;
+
+/// Most SKUs in a live snapshot: the first ones in `sku_id` order (the
+/// event also says how many there are in all). The sampler asks each of
+/// them for its counters every second, and every client gets them all, so
+/// a catalog of thousands must not be sent whole.
+pub const DASHBOARD_SKUS_MAX: usize = 50;
+
+const _: () = assert!(STREAM_CLIENTS_MAX < CONNECTIONS_DEFAULT);
+const _: () = assert!(DASHBOARD_SKUS_MAX <= SKUS_MAX && DASHBOARD_SKUS_MAX < SKU_MAILBOX);
+const _: () = assert!(STREAM_RETRY_MS < STREAM_LIFETIME_MS && LIVE_SAMPLE_MS < STREAM_LIFETIME_MS);

@@ -122,6 +122,7 @@ impl Collector {
             shed: acc.counts.shed,
             p50_ms,
             p99_ms,
+            granted_units: acc.granted_units,
             server_rss_kib: self.rss_pid.and_then(rss_kib),
         }
     }

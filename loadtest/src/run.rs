@@ -104,10 +104,11 @@ pub async fn execute(cli: Cli) -> Result<Summary> {
 
     let report_path = report.write_json(&common.out)?;
     let title = format!(
-        "flashcore {}: throughput and p99 latency ({})",
+        "flashcore {}: units sold, throughput and p99 latency ({})",
         report.scenario, report.run.durability
     );
-    let chart_path = chart::write_svg(&common.out, &title, &report.timeline)?;
+    let sale = chart::Sale::from_detail(&report.detail);
+    let chart_path = chart::write_svg(&common.out, &title, &report.timeline, sale)?;
     print!("{}", report.table());
     println!(
         "wrote {} and {}",

@@ -247,6 +247,8 @@ pub struct Interval {
     pub counts: Counts,
     /// Latency of answers (except shed ones) in this interval.
     pub latency: LatencyHistogram,
+    /// Units in the orders answered 201 in this interval (what was sold).
+    pub granted_units: u64,
 }
 
 impl Default for Interval {
@@ -254,6 +256,7 @@ impl Default for Interval {
         Self {
             counts: Counts::default(),
             latency: new_histogram(),
+            granted_units: 0,
         }
     }
 }
@@ -264,6 +267,8 @@ impl Interval {
         self.counts.add(&other.counts);
         // Same precision and auto-resize on both sides: cannot fail.
         let _ = self.latency.add(&other.latency);
+        self.granted_units = self.granted_units.saturating_add(other.granted_units);
+        other.granted_units = 0;
         other.counts = Counts::default();
         other.latency.reset();
     }
@@ -392,6 +397,10 @@ pub struct TimelinePoint {
     pub p50_ms: f64,
     /// p99 latency of answers (except shed ones) in the bucket.
     pub p99_ms: f64,
+    /// Units in the orders answered 201 in the bucket (reports written
+    /// before this field read as 0).
+    #[serde(default)]
+    pub granted_units: u64,
     /// The server's resident memory at the end of the bucket, when known.
     pub server_rss_kib: Option<u64>,
 }

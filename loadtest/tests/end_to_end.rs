@@ -73,8 +73,16 @@ async fn a_flash_sale_against_a_correct_server_has_clean_books() {
     assert_eq!(json["books"]["oversold"], 0);
     assert_eq!(json["books"]["acked_missing"], 0);
     assert!(json["throughput_rps"].as_f64().unwrap() > 0.0);
+    let sold: u64 = r.timeline.iter().map(|p| p.granted_units).sum();
+    assert_eq!(sold, 25, "the timeline counts every unit granted, once");
     let svg = std::fs::read_to_string(dir.path().join("latency.svg")).unwrap();
     assert!(svg.contains("p99 latency (ms)"));
+    assert!(svg.contains("units sold (cumulative)"));
+    assert!(svg.contains("stock: 25 units"));
+    let sold_out_ms = r.detail["first_sold_out_ms"].as_u64().expect("it sold out");
+    #[allow(clippy::cast_precision_loss)]
+    let mark = format!("sold out at {:.2} s", sold_out_ms as f64 / 1000.0);
+    assert!(svg.contains(&mark), "no {mark:?} in the chart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,6 +131,37 @@ impl Engine {
         Ok(views)
     }
 
+    /// The first `limit` SKUs in id order, and how many SKUs there are: a
+    /// bounded read for the live dashboard, which must not ask every actor
+    /// of a large catalog each second.
+    ///
+    /// # Errors
+    /// `Overloaded` when one of those SKUs' mailbox is full.
+    pub async fn skus_head(&self, limit: usize) -> Result<(Vec<SkuView>, usize), EngineError> {
+        self.durably(move |engine| async move { engine.skus_head_now(limit).await })
+            .await
+    }
+
+    async fn skus_head_now(&self, limit: usize) -> Result<(Vec<SkuView>, usize), EngineError> {
+        let mut handles: Vec<Arc<SkuHandle>> = self
+            .inner
+            .skus
+            .iter()
+            .map(|h| Arc::clone(h.value()))
+            .collect();
+        let total = handles.len();
+        handles.sort_unstable_by_key(|h| h.id);
+        handles.truncate(limit);
+        let mut pending = Vec::with_capacity(handles.len());
+        for handle in &handles {
+            let (reply, rx) = reply_channel();
+            send(&handle.addr, View { reply })?;
+            pending.push(rx);
+        }
+        let views = try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await?;
+        Ok((views, total))
+    }
+
     /// Creates a promotion.
     ///
     /// # Errors

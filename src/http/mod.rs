@@ -15,6 +15,7 @@ pub mod error;
 pub mod extract;
 mod handlers;
 pub mod idempotency;
+pub mod live;
 pub mod metrics;
 pub mod views;
 
@@ -39,6 +40,7 @@ use crate::engine::Engine;
 use crate::http::auth::JwtKeys;
 use crate::http::error::ApiError;
 use crate::http::idempotency::InFlight;
+use crate::http::live::Live;
 use crate::http::metrics::{Metrics, RouteMetrics};
 use crate::limits::{BODY_BYTES_MAX, BODY_READ_TIMEOUT_MS, BODY_READS_MAX, REQUESTS_IN_FLIGHT_MAX};
 
@@ -150,6 +152,8 @@ pub struct Shared {
     pub slots: Arc<Semaphore>,
     /// Request bodies being read (before a slot is taken).
     pub body_reads: Arc<Semaphore>,
+    /// The live dashboard's counters and snapshot (`live.rs`).
+    pub live: Arc<Live>,
 }
 
 impl AppState {
@@ -171,6 +175,7 @@ impl AppState {
                 max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX),
             )),
             body_reads: Arc::new(Semaphore::new(BODY_READS_MAX)),
+            live: Arc::new(Live::default()),
         })))
     }
 }
@@ -210,12 +215,9 @@ where
     } else {
         inner(request).await
     };
-    route.observe(
-        &state.metrics,
-        &method,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    let took = started.elapsed();
+    route.observe(&state.metrics, &method, response.status().as_u16(), took);
+    state.live.record(response.status(), took);
     response
 }
 
@@ -425,11 +427,13 @@ pub fn router(state: AppState) -> Router {
             get(handlers::get_cart).delete(handlers::clear_cart),
         )
         .route("/v1/cart/items/{sku_id}", put(handlers::put_cart_item))
-        .route("/v1/cart/checkout", post(handlers::checkout));
+        .route("/v1/cart/checkout", post(handlers::checkout))
+        .route("/v1/stream", get(live::stream));
     Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
+        .route("/dashboard", get(live::dashboard))
         .merge(api)
         .route_layer(middleware::from_fn_with_state(state.clone(), front))
         .fallback(handlers::not_found)

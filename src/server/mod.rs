@@ -35,7 +35,7 @@ use crate::engine::{
 };
 use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
-use crate::http::{AppState, Backend, Front};
+use crate::http::{AppState, Backend, Front, live};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
 use crate::limits::{CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS};
 
@@ -513,6 +513,9 @@ pub async fn run(
     tracing::info!(%address, data_dir = %config.data_dir.display(), "listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Stops with the same signal, and its end ends every open live stream,
+    // so the listener's drain below does not wait on dashboards.
+    let sampler = live::spawn_sampler(state.clone(), stop_rx.clone());
     let server = tokio::spawn(listener::serve(
         listener,
         Front::new(state),
@@ -559,6 +562,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     if let Err(e) = server.await {
         tracing::error!(error = %e, "the listener task failed");
+    }
+    if let Err(e) = sampler.await {
+        tracing::error!(error = %e, "the live sampler failed");
     }
     if let Err(e) = supervisor.await {
         tracing::error!(error = %e, "the supervisor task failed");

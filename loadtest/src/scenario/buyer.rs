@@ -130,6 +130,7 @@ impl BuyerAgent {
                         state: AckedState::Reserved,
                         uncertain: false,
                     });
+                    ctx.granted(1);
                     self.out.last_granted_ms = Some(load.elapsed_ms());
                 }
                 Err(_) => self.out.unreadable_acks = self.out.unreadable_acks.saturating_add(1),

@@ -332,14 +332,21 @@ impl MixedAgent {
         }
     }
 
-    /// Remembers a 201 order; returns whether its body was readable.
-    fn remember(&mut self, c: usize, answer: &Answer, lines: Option<Vec<Line>>, load: &Load) {
+    /// Remembers a 201 order; returns the units it holds (0 when its body
+    /// was unreadable).
+    fn remember(
+        &mut self,
+        c: usize,
+        answer: &Answer,
+        lines: Option<Vec<Line>>,
+        load: &Load,
+    ) -> u64 {
         let Ok(created) = answer.json::<CreatedOrder>() else {
             self.out.unreadable_acks = self.out.unreadable_acks.saturating_add(1);
-            return;
+            return 0;
         };
         let Some(customer) = self.customers.get_mut(c) else {
-            return;
+            return 0;
         };
         let lines = lines.unwrap_or_else(|| {
             created
@@ -351,6 +358,7 @@ impl MixedAgent {
                 })
                 .collect()
         });
+        let units = lines.iter().map(|l| l.qty).sum();
         customer.orders.push(self.out.acked.len());
         self.out.acked.push(AckedOrder {
             order_id: created.order_id,
@@ -364,6 +372,7 @@ impl MixedAgent {
             stale: false,
         });
         self.out.last_granted_ms = Some(load.elapsed_ms());
+        units
     }
 
     fn unknown_lines(&mut self, lines: &[Line]) {
@@ -411,7 +420,8 @@ impl MixedAgent {
         match result {
             Ok(answer) if answer.status == 201 => {
                 // The body's lines are what the server took from the cart.
-                self.remember(c, &answer, None, load);
+                let units = self.remember(c, &answer, None, load);
+                ctx.granted(units);
                 if let Some(customer) = self.customers.get_mut(c) {
                     customer.cart.clear();
                 }
@@ -464,7 +474,10 @@ impl MixedAgent {
             .idempotency_key(&key);
         let (result, _) = ctx.send(endpoint::ORDERS_CREATE, &call).await;
         match result {
-            Ok(answer) if answer.status == 201 => self.remember(c, &answer, Some(lines), load),
+            Ok(answer) if answer.status == 201 => {
+                let units = self.remember(c, &answer, Some(lines), load);
+                ctx.granted(units);
+            }
             Ok(answer) if answer.status < 500 => {}
             _ => self.unknown_lines(&lines),
         }

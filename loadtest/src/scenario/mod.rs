@@ -244,6 +244,13 @@ impl Ctx<'_> {
         }
         (result, outcome)
     }
+
+    /// Counts `units` granted by an order answered 201 (the chart's units
+    /// sold over time).
+    pub fn granted(&self, units: u64) {
+        let mut rec = self.rec.lock().unwrap_or_else(PoisonError::into_inner);
+        rec.interval.granted_units = rec.interval.granted_units.saturating_add(units);
+    }
 }
 
 /// One worker's behaviour.
