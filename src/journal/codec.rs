@@ -248,15 +248,26 @@ pub fn block_records(first: Seq, bytes: &[u8]) -> BlockRecords<'_> {
 /// `TooLarge` when the event does not fit [`RECORD_BYTES_MAX`] (the domain's
 /// limits make that impossible), `Undecodable` if serde refuses it.
 pub fn encode(seq: Seq, event: &Event) -> Result<Vec<u8>, CodecError> {
-    let payload = bincode::serde::encode_to_vec(RecordRef { seq, event }, config())
+    // Room for the header, then the payload encoded in place behind it: one
+    // allocation for a typical record, and no copy.
+    let mut out = Vec::with_capacity(RECORD_BYTES_TYPICAL);
+    out.resize(HEADER_BYTES, 0);
+    bincode::serde::encode_into_std_write(RecordRef { seq, event }, &mut out, config())
         .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    let (header, payload) = out.split_at_mut(HEADER_BYTES);
     if payload.len() > RECORD_BYTES_MAX {
         return Err(CodecError::TooLarge(payload.len() as u64));
     }
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-    frame(&payload, &mut out)?;
+    let len =
+        u32::try_from(payload.len()).map_err(|_| CodecError::TooLarge(payload.len() as u64))?;
+    header[0] = FORMAT_VERSION;
+    header[1..5].copy_from_slice(&len.to_le_bytes());
+    header[5..HEADER_BYTES].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     Ok(out)
 }
+
+/// The capacity [`encode`] starts with: an order placement's record fits.
+const RECORD_BYTES_TYPICAL: usize = 256;
 
 /// Decodes the record stored under `seq`.
 ///
