@@ -8,6 +8,9 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::domain::sale::{SalePatch, SaleWindow};
+use crate::http::error::ApiError;
+
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::domain::cart::Cart;
@@ -20,6 +23,26 @@ use crate::domain::{PaymentRef, PromoCode, SkuId};
 /// RFC 3339 UTC, millisecond precision.
 pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// Reads an RFC 3339 UTC time (`2026-01-01T09:00:00Z`, fractions allowed)
+/// as unix milliseconds.
+///
+/// # Errors
+/// `400` for anything else: another offset, a time before 1970, not a time.
+pub fn parse_rfc3339(field: &str, text: &str) -> Result<u64, ApiError> {
+    let bad = || {
+        ApiError::invalid(format!(
+            "{field} must be an RFC 3339 UTC time such as 2026-01-01T09:00:00Z, not {text:?}"
+        ))
+    };
+    let at = humantime::parse_rfc3339(text).map_err(|_| bad())?;
+    let since = at.duration_since(UNIX_EPOCH).map_err(|_| bad())?;
+    u64::try_from(since.as_millis()).map_err(|_| bad())
+}
+
+fn parse_optional_time(field: &str, text: Option<&str>) -> Result<Option<u64>, ApiError> {
+    text.map(|t| parse_rfc3339(field, t)).transpose()
 }
 
 /// `POST /v1/skus`.
@@ -37,12 +60,33 @@ pub struct NewSkuBody {
     /// Most units per user; absent or `null` for none.
     #[serde(default)]
     pub per_user_limit: Option<u32>,
+    /// When the sale opens (RFC 3339 UTC); absent or `null` for always.
+    #[serde(default)]
+    pub sale_starts_at: Option<String>,
+    /// When the sale closes (RFC 3339 UTC); absent or `null` for never.
+    #[serde(default)]
+    pub sale_ends_at: Option<String>,
+}
+
+impl NewSkuBody {
+    /// The sale window the body asks for (checked by the domain).
+    ///
+    /// # Errors
+    /// `400` for a time that is not RFC 3339 UTC.
+    pub fn sale(&self) -> Result<SaleWindow, ApiError> {
+        Ok(SaleWindow {
+            starts_at_ms: parse_optional_time("sale_starts_at", self.sale_starts_at.as_deref())?,
+            ends_at_ms: parse_optional_time("sale_ends_at", self.sale_ends_at.as_deref())?,
+        })
+    }
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null`
 /// (`Some(None)`), for `PATCH`.
-fn double_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
-    Option::<u32>::deserialize(d).map(Some)
+fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `PATCH /v1/skus/{sku_id}`.
@@ -58,6 +102,31 @@ pub struct PatchSkuBody {
     /// New limit; `null` makes it unlimited.
     #[serde(default, deserialize_with = "double_option")]
     pub per_user_limit: Option<Option<u32>>,
+    /// New sale start; `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    pub sale_starts_at: Option<Option<String>>,
+    /// New sale end; `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    pub sale_ends_at: Option<Option<String>>,
+}
+
+impl PatchSkuBody {
+    /// The change to the sale window the body asks for.
+    ///
+    /// # Errors
+    /// `400` for a time that is not RFC 3339 UTC.
+    pub fn sale(&self) -> Result<SalePatch, ApiError> {
+        let field = |name: &str, value: &Option<Option<String>>| {
+            value
+                .as_ref()
+                .map(|set| parse_optional_time(name, set.as_deref()))
+                .transpose()
+        };
+        Ok(SalePatch {
+            starts_at_ms: field("sale_starts_at", &self.sale_starts_at)?,
+            ends_at_ms: field("sale_ends_at", &self.sale_ends_at)?,
+        })
+    }
 }
 
 /// `POST /v1/skus/{sku_id}/restock`.
@@ -167,6 +236,8 @@ pub struct SkuJson<'a> {
     name: &'a str,
     price_cents: u64,
     per_user_limit: Option<u32>,
+    sale_starts_at: Option<String>,
+    sale_ends_at: Option<String>,
     on_hand: u64,
     available: u64,
     reserved: u64,
@@ -181,6 +252,8 @@ impl<'a> From<&'a SkuView> for SkuJson<'a> {
             name: &v.name,
             price_cents: v.price_cents,
             per_user_limit: v.per_user_limit,
+            sale_starts_at: v.sale.starts_at_ms.map(rfc3339),
+            sale_ends_at: v.sale.ends_at_ms.map(rfc3339),
             on_hand: v.levels.on_hand,
             available: v.levels.available,
             reserved: v.levels.reserved,
@@ -190,19 +263,34 @@ impl<'a> From<&'a SkuView> for SkuJson<'a> {
     }
 }
 
-/// `{"skus": [...]}`.
+/// One page of SKUs: `{"skus": [...], "next": sku_id or null}`.
 #[derive(Debug, Serialize)]
 pub struct SkuListJson<'a> {
     skus: Vec<SkuJson<'a>>,
+    next: Option<&'a str>,
 }
 
 impl<'a> SkuListJson<'a> {
-    /// The list.
-    pub fn new(views: &'a [SkuView]) -> SkuListJson<'a> {
+    /// A page, and the id to pass as `after` for the next one (`None` on
+    /// the last page).
+    pub fn new(views: &'a [SkuView], next: Option<&'a SkuId>) -> SkuListJson<'a> {
         SkuListJson {
             skus: views.iter().map(SkuJson::from).collect(),
+            next: next.map(SkuId::as_str),
         }
     }
+}
+
+/// `GET /v1/skus` query.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkuListQuery {
+    /// Page size.
+    #[serde(default)]
+    pub limit: Option<String>,
+    /// The last id of the previous page (exclusive).
+    #[serde(default)]
+    pub after: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::domain::promo::Promotion;
+use crate::domain::sale::SaleWindow;
 use crate::engine::{
     Clock, DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock,
 };
@@ -344,6 +345,7 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
                 price_cents: sku.price_cents,
                 stock: sku.stock,
                 per_user_limit: sku.per_user_limit,
+                sale: SaleWindow::default(),
             })
             .await
             .map(|_| ());
