@@ -139,13 +139,17 @@ impl From<EngineError> for ApiError {
     }
 }
 
-#[derive(serde::Serialize)]
-struct ErrorBody<'a> {
+/// The error body of every non-2xx answer (contract: "Errors").
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct ErrorBody<'a> {
     error: ErrorFields<'a>,
 }
 
-#[derive(serde::Serialize)]
-struct ErrorFields<'a> {
+/// The fields of [`ErrorBody`].
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorFields)]
+pub(crate) struct ErrorFields<'a> {
     code: &'a str,
     message: String,
 }

@@ -16,6 +16,8 @@ pub mod extract;
 mod handlers;
 pub mod idempotency;
 pub mod metrics;
+pub mod openapi;
+pub mod routes;
 pub mod views;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +31,6 @@ use axum::http::StatusCode;
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use tokio::sync::Semaphore;
 
 use crate::engine::Engine;
@@ -263,40 +264,23 @@ async fn read_body(
     }
 }
 
-/// The router with every route and layer.
+/// The router with every route and layer. The routes come from the one
+/// table the OpenAPI document is built from too (`routes.rs`).
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route(
-            "/v1/skus",
-            post(handlers::create_sku).get(handlers::list_skus),
-        )
-        .route(
-            "/v1/skus/{sku_id}",
-            get(handlers::get_sku).patch(handlers::patch_sku),
-        )
-        .route("/v1/skus/{sku_id}/restock", post(handlers::restock))
-        .route("/v1/promotions", post(handlers::create_promotion))
-        .route(
-            "/v1/orders",
-            post(handlers::place_order).get(handlers::list_orders),
-        )
-        .route("/v1/orders/{order_id}", get(handlers::get_order))
-        .route("/v1/orders/{order_id}/pay", post(handlers::pay))
-        .route("/v1/orders/{order_id}/cancel", post(handlers::cancel))
-        .route("/v1/orders/{order_id}/ship", post(handlers::ship))
-        .route("/v1/orders/{order_id}/deliver", post(handlers::deliver))
-        .route("/v1/orders/{order_id}/refund", post(handlers::refund))
-        .route(
-            "/v1/cart",
-            get(handlers::get_cart).delete(handlers::clear_cart),
-        )
-        .route("/v1/cart/items/{sku_id}", put(handlers::put_cart_item))
-        .route("/v1/cart/checkout", post(handlers::checkout));
-    Router::new()
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
-        .merge(api)
+    let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
+        std::collections::BTreeMap::new();
+    for route in routes::table() {
+        let merged = match by_path.remove(route.doc.path) {
+            Some(earlier) => earlier.merge(route.handler),
+            None => route.handler,
+        };
+        by_path.insert(route.doc.path, merged);
+    }
+    let mut router = Router::new();
+    for (path, methods) in by_path {
+        router = router.route(path, methods);
+    }
+    router
         .route_layer(middleware::from_fn_with_state(state.clone(), front))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found)

@@ -12,6 +12,7 @@ use crate::domain::sale::{SalePatch, SaleWindow};
 use crate::http::error::ApiError;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 
 use crate::domain::cart::Cart;
 use crate::domain::event::SkuQty;
@@ -46,10 +47,11 @@ fn parse_optional_time(field: &str, text: Option<&str>) -> Result<Option<u64>, A
 }
 
 /// `POST /v1/skus`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSkuBody {
     /// The id.
+    #[schema(value_type = String)]
     pub sku_id: SkuId,
     /// The name.
     pub name: String,
@@ -90,7 +92,7 @@ fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 /// `PATCH /v1/skus/{sku_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchSkuBody {
     /// New name.
@@ -101,12 +103,15 @@ pub struct PatchSkuBody {
     pub price_cents: Option<u64>,
     /// New limit; `null` makes it unlimited.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<u32>)]
     pub per_user_limit: Option<Option<u32>>,
     /// New sale start; `null` clears it.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub sale_starts_at: Option<Option<String>>,
     /// New sale end; `null` clears it.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub sale_ends_at: Option<Option<String>>,
 }
 
@@ -130,7 +135,7 @@ impl PatchSkuBody {
 }
 
 /// `POST /v1/skus/{sku_id}/restock`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestockBody {
     /// Units added.
@@ -138,10 +143,11 @@ pub struct RestockBody {
 }
 
 /// `POST /v1/promotions`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromotionBody {
     /// The code.
+    #[schema(value_type = String)]
     pub code: PromoCode,
     /// Smallest subtotal it applies to.
     pub threshold_cents: u64,
@@ -150,10 +156,11 @@ pub struct PromotionBody {
 }
 
 /// One `{sku_id, qty}` line of a request.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineBody {
     /// The SKU.
+    #[schema(value_type = String)]
     pub sku_id: SkuId,
     /// Units.
     pub qty: u32,
@@ -169,37 +176,40 @@ impl From<LineBody> for SkuQty {
 }
 
 /// `POST /v1/orders`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderBody {
     /// The lines.
     pub items: Vec<LineBody>,
     /// A promotion code.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub promo_code: Option<PromoCode>,
 }
 
 /// `POST /v1/cart/checkout` (the body may be absent).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutBody {
     /// A promotion code.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub promo_code: Option<PromoCode>,
 }
 
 /// `POST /v1/orders/{order_id}/pay`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PayBody {
     /// The provider's reference.
+    #[schema(value_type = String)]
     pub payment_ref: PaymentRef,
     /// What was paid.
     pub amount_cents: u64,
 }
 
 /// `POST /v1/orders/{order_id}/refund`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundBody {
     /// What to refund.
@@ -210,7 +220,7 @@ pub struct RefundBody {
 }
 
 /// `PUT /v1/cart/items/{sku_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CartItemBody {
     /// Units (0 removes the line).
@@ -230,7 +240,8 @@ pub struct ListQuery {
 }
 
 /// A SKU (contract: "SKU").
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Sku)]
 pub struct SkuJson<'a> {
     sku_id: &'a str,
     name: &'a str,
@@ -264,7 +275,8 @@ impl<'a> From<&'a SkuView> for SkuJson<'a> {
 }
 
 /// One page of SKUs: `{"skus": [...], "next": sku_id or null}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SkuPage)]
 pub struct SkuListJson<'a> {
     skus: Vec<SkuJson<'a>>,
     next: Option<&'a str>,
@@ -293,8 +305,10 @@ pub struct SkuListQuery {
     pub after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct LineJson<'a> {
+/// One line of an order.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = OrderLine)]
+pub struct LineJson<'a> {
     sku_id: &'a str,
     name: &'a str,
     qty: u32,
@@ -303,17 +317,22 @@ struct LineJson<'a> {
     refunded_qty: u32,
 }
 
-#[derive(Debug, Serialize)]
-struct HistoryJson {
+/// One entry of an order's history.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = StatusChange)]
+pub struct HistoryJson {
+    #[schema(value_type = String)]
     status: OrderStatus,
     at: String,
 }
 
 /// An order (contract: "Order").
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Order)]
 pub struct OrderJson<'a> {
     order_id: String,
     user_id: &'a str,
+    #[schema(value_type = String)]
     status: OrderStatus,
     lines: Vec<LineJson<'a>>,
     subtotal_cents: u64,
@@ -368,7 +387,8 @@ impl<'a> From<&'a Order> for OrderJson<'a> {
 }
 
 /// `{"orders": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = OrderList)]
 pub struct OrderListJson<'a> {
     orders: Vec<OrderJson<'a>>,
 }
@@ -382,14 +402,17 @@ impl<'a> OrderListJson<'a> {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct CartLineJson<'a> {
+/// One line of a cart.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CartLine)]
+pub struct CartLineJson<'a> {
     sku_id: &'a str,
     qty: u32,
 }
 
 /// A cart: `{"items": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Cart)]
 pub struct CartJson<'a> {
     items: Vec<CartLineJson<'a>>,
 }
@@ -410,7 +433,8 @@ impl<'a> From<&'a Cart> for CartJson<'a> {
 }
 
 /// A promotion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Promotion)]
 pub struct PromotionJson<'a> {
     code: &'a str,
     threshold_cents: u64,
