@@ -165,6 +165,21 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 1_024;
 /// What a shed request is told to wait before retrying, in seconds.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
 
+/// Highest `--rate-limit N/s`: far above what one caller could need, low
+/// enough that a bucket's arithmetic (nanoseconds per request) stays exact.
+pub const RATE_LIMIT_PER_SECOND_MAX: u32 = 1_000_000;
+
+/// How often buckets that have refilled are dropped. A bucket refills
+/// within a second (burst = one second's worth), so the map holds only the
+/// callers of about the last two seconds.
+pub const RATE_LIMIT_EVICT_EVERY_MS: u64 = 1_000;
+
+/// Most rate-limit buckets kept (about 100 bytes each, 10 MiB). Callers of
+/// the last two seconds stay far below it (the server answers ~10,000
+/// requests a second); past it, the buckets start afresh rather than grow
+/// without bound under a million distinct callers.
+pub const RATE_LIMIT_KEYS_MAX: usize = 100_000;
+
 /// Shortest JWT secret (contract: at least 32 bytes).
 pub const JWT_SECRET_BYTES_MIN: usize = 32;
 

@@ -1932,3 +1932,111 @@ fn the_openapi_document_is_served_and_names_every_route() {
         );
     }
 }
+
+#[test]
+fn rate_limits_bound_each_user_and_address_but_never_admins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::launch(
+        dir.path(),
+        &[],
+        &[("FLASHCORE_RATE_LIMIT", "5/s")],
+        true,
+        Duration::from_secs(60),
+    )
+    .expect("starts");
+    let admin = server.admin();
+    let ann = server.customer("ann");
+    let bob = server.customer("bob");
+    let mut api = Api::new(&server);
+    // The admin is never limited: setup and a burst of 40.
+    assert_eq!(api.create_sku("gone", 100, 0, None).status, 201);
+    assert_eq!(api.create_sku("tee", 100, 5, None).status, 201);
+    for _ in 0..40 {
+        let r = api.call("GET", "/v1/orders", Some(&admin), None, None);
+        assert_eq!(r.status, 200, "an admin is never limited");
+    }
+
+    // Ann bursts: some answers are 429 with Retry-After and the error body.
+    let mut limited = 0;
+    for _ in 0..20 {
+        let r = api.call("GET", "/v1/cart", Some(&ann), None, None);
+        match r.status {
+            200 => {}
+            429 => {
+                limited += 1;
+                assert_eq!(r.code(), "rate_limited");
+                let retry: u64 = r
+                    .header("retry-after")
+                    .and_then(|v| v.parse().ok())
+                    .expect("Retry-After in whole seconds");
+                assert!(retry >= 1, "{retry}");
+            }
+            other => panic!("unexpected {other}: {}", body_str(&r)),
+        }
+    }
+    assert!(
+        limited >= 10,
+        "a burst of 20 at 5/s is mostly refused: {limited}"
+    );
+    // A refused order changes nothing.
+    let r = api.order(&ann, &[("tee", 1)], None);
+    assert_eq!(r.code(), "rate_limited");
+    // ... and is refused before its body is read: a body that never comes
+    // does not delay the answer.
+    let mut raw = server.client();
+    let head = format!(
+        "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ann}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
+    let asked = Instant::now();
+    raw.write_raw(head.as_bytes()).expect("sent");
+    let r = raw.read_response().expect("answered");
+    assert_eq!(r.status, 429);
+    assert!(asked.elapsed() < Duration::from_secs(5), "answered at once");
+    drop(raw);
+
+    // Bob is still served while Ann is limited.
+    let r = api.call("GET", "/v1/cart", Some(&bob), None, None);
+    assert_eq!(r.status, 200);
+    let r = api.order(&bob, &[("gone", 1)], None);
+    assert_eq!((r.status, r.code()), (409, "out_of_stock".into()));
+    assert_eq!(api.sku("tee")["available"], 5, "nothing held by a 429");
+
+    // Without a token, the client address pays; a token's user does not.
+    let mut anonymous_limited = 0;
+    for _ in 0..20 {
+        let r = api.call("GET", "/v1/skus/tee", None, None, None);
+        if r.status == 429 {
+            anonymous_limited += 1;
+            assert_eq!(r.code(), "rate_limited");
+        }
+    }
+    assert!(anonymous_limited >= 10, "{anonymous_limited}");
+    let r = api.call("GET", "/v1/cart", Some(&bob), None, None);
+    assert_eq!(r.status, 200, "Bob's bucket is his own");
+    // Routes outside /v1 are not limited.
+    for _ in 0..20 {
+        assert_eq!(api.call("GET", "/healthz", None, None, None).status, 200);
+    }
+    // A bucket refills: after a second Ann is served again.
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(
+        api.call("GET", "/v1/cart", Some(&ann), None, None).status,
+        200
+    );
+    drop(api);
+    drop(server);
+
+    // Off by default: no 429, ever.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let ann = server.customer("ann");
+    let mut api = Api::new(&server);
+    for _ in 0..60 {
+        assert_eq!(
+            api.call("GET", "/v1/cart", Some(&ann), None, None).status,
+            200
+        );
+        assert_eq!(api.call("GET", "/v1/skus", None, None, None).status, 200);
+    }
+}

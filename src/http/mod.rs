@@ -17,6 +17,7 @@ mod handlers;
 pub mod idempotency;
 pub mod metrics;
 pub mod openapi;
+pub mod ratelimit;
 pub mod routes;
 pub mod views;
 
@@ -148,6 +149,8 @@ pub struct Shared {
     pub slots: Arc<Semaphore>,
     /// Request bodies being read (before a slot is taken).
     pub body_reads: Arc<Semaphore>,
+    /// Per-caller rate limits, when on (`--rate-limit`).
+    pub rate_limiter: Option<Arc<ratelimit::RateLimiter>>,
 }
 
 impl AppState {
@@ -159,6 +162,7 @@ impl AppState {
         backend: Arc<Backend>,
         keys: JwtKeys,
         max_in_flight: usize,
+        rate_limit: Option<std::num::NonZeroU32>,
     ) -> Result<AppState, prometheus::Error> {
         Ok(AppState(Arc::new(Shared {
             backend,
@@ -169,6 +173,7 @@ impl AppState {
                 max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX),
             )),
             body_reads: Arc::new(Semaphore::new(BODY_READS_MAX)),
+            rate_limiter: rate_limit.map(|rate| Arc::new(ratelimit::RateLimiter::new(rate))),
         })))
     }
 }
@@ -200,6 +205,10 @@ async fn front(State(state): State<AppState>, request: Request, next: Next) -> R
 }
 
 async fn admit(state: &AppState, request: Request, next: Next) -> Response {
+    // Over its rate: answered before anything else (`ratelimit.rs`).
+    if let Some(refused) = ratelimit::refuse(state, &request) {
+        return refused;
+    }
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
