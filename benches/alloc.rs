@@ -20,6 +20,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use flashcore::clock::SystemClock;
 use flashcore::domain::UserId;
+use flashcore::domain::sale::SaleWindow;
 use flashcore::engine::{Engine, EngineConfig, NewSku};
 use flashcore::http::auth::JwtKeys;
 use flashcore::http::{AppState, Backend, Front};
@@ -191,6 +192,7 @@ fn main() {
                     price_cents: 100,
                     stock,
                     per_user_limit: None,
+                    sale: SaleWindow::default(),
                 })
                 .await
                 .expect("sku");
@@ -207,7 +209,7 @@ fn main() {
                 })
                 .collect(),
         );
-        let app = Front::new(AppState::new(backend, keys, 10_000).expect("state"));
+        let app = Front::new(AppState::new(backend, keys, 10_000, None).expect("state"));
         println!(
             "alloc bench: {requests} requests per scenario, {CALLERS} callers, front in process, strict journal"
         );

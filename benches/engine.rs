@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message};
 use flashcore::domain::event::SkuQty;
+use flashcore::domain::sale::SaleWindow;
 use flashcore::domain::{DomainError, SkuId, State, UserId};
 use flashcore::engine::{Engine, EngineConfig, EngineError, NewSku, Reservation, SystemClock};
 use flashcore::journal::MemJournal;
@@ -166,6 +167,7 @@ async fn hot_sku(engine: &Engine, id: &str, stock: u64) {
             price_cents: 4_900,
             stock,
             per_user_limit: None,
+            sale: SaleWindow::default(),
         })
         .await
         .expect("sku");

@@ -43,9 +43,16 @@ pub const ORDER_CENTS_MAX: u64 = QTY_MAX as u64 * LINES_MAX as u64 * PRICE_CENTS
 /// Highest promotion threshold and discount: no order can be worth more.
 pub const PROMO_CENTS_MAX: u64 = ORDER_CENTS_MAX;
 
-/// Most SKUs in the catalog. `GET /v1/skus` answers with all of them, so the
-/// catalog must stay small enough for one answer.
+/// Most SKUs in the catalog. Each SKU is an actor with its own mailbox, so
+/// the bound is memory and actor count; `GET /v1/skus` is paged and reads
+/// only its page, so the listing does not limit the catalog.
 pub const SKUS_MAX: usize = 10_000;
+
+/// Default `?limit=` of `GET /v1/skus` (contract).
+pub const SKUS_PAGE_DEFAULT: usize = 100;
+/// Highest `?limit=` of `GET /v1/skus` (contract): one page asks this many
+/// actors at once.
+pub const SKUS_PAGE_MAX: usize = 1_000;
 
 /// Most promotions; they are all kept in memory.
 pub const PROMOTIONS_MAX: usize = 10_000;
@@ -115,6 +122,7 @@ const _: () = assert!(ON_HAND_MAX + RESTOCK_QTY_MAX <= u64::MAX / 4);
 // A per-user limit can never exceed what a single line may take in total.
 const _: () = assert!(PER_USER_LIMIT_MAX <= QTY_MAX * LINES_MAX as u32);
 const _: () = assert!(EXPIRY_TICK_MS < 1_000);
+const _: () = assert!(SKUS_PAGE_DEFAULT <= SKUS_PAGE_MAX && SKUS_PAGE_MAX <= SKU_MAILBOX);
 
 // ----- The HTTP front -----
 
@@ -156,6 +164,21 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 1_024;
 
 /// What a shed request is told to wait before retrying, in seconds.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
+
+/// Highest `--rate-limit N/s`: far above what one caller could need, low
+/// enough that a bucket's arithmetic (nanoseconds per request) stays exact.
+pub const RATE_LIMIT_PER_SECOND_MAX: u32 = 1_000_000;
+
+/// How often buckets that have refilled are dropped. A bucket refills
+/// within a second (burst = one second's worth), so the map holds only the
+/// callers of about the last two seconds.
+pub const RATE_LIMIT_EVICT_EVERY_MS: u64 = 1_000;
+
+/// Most rate-limit buckets kept (about 100 bytes each, 10 MiB). Callers of
+/// the last two seconds stay far below it (the server answers ~10,000
+/// requests a second); past it, the buckets start afresh rather than grow
+/// without bound under a million distinct callers.
+pub const RATE_LIMIT_KEYS_MAX: usize = 100_000;
 
 /// Shortest JWT secret (contract: at least 32 bytes).
 pub const JWT_SECRET_BYTES_MIN: usize = 32;

@@ -72,6 +72,10 @@ struct ServeArgs {
     /// Most requests handled at once; beyond it, `503 overloaded` at once.
     #[arg(long, env = "FLASHCORE_MAX_IN_FLIGHT", default_value_t = REQUESTS_IN_FLIGHT_DEFAULT)]
     max_in_flight: usize,
+    /// Requests a second per user (or client address without a token):
+    /// `off` or `N/s`. Admins are not limited.
+    #[arg(long, env = "FLASHCORE_RATE_LIMIT", default_value = "off", value_parser = parse_rate_limit)]
+    rate_limit: RateLimit,
     /// Cut a journal damaged before its tail instead of refusing to start
     /// (every change from the damage on is lost).
     #[arg(long)]
@@ -105,6 +109,15 @@ struct TokenArgs {
     /// Data directory holding the secret (when FLASHCORE_JWT_SECRET is unset).
     #[arg(long, env = "FLASHCORE_DATA_DIR", default_value = "./var")]
     data_dir: PathBuf,
+}
+
+/// `--rate-limit`: requests a second per caller, or `None` for `off` (a
+/// type of its own, so clap does not read the flag as optional).
+#[derive(Debug, Clone, Copy)]
+struct RateLimit(Option<std::num::NonZeroU32>);
+
+fn parse_rate_limit(text: &str) -> Result<RateLimit, String> {
+    flashcore::http::ratelimit::parse_rate(text).map(RateLimit)
 }
 
 /// How long the exit waits for blocking tasks still running (a recovery
@@ -155,6 +168,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..SnapshotPolicy::default()
         },
         jwt_secret: std::env::var(SECRET_ENV).ok(),
+        rate_limit: args.rate_limit.0,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.http_threads)

@@ -772,3 +772,136 @@ async fn a_journaled_v1_refusal_replays_to_nothing() {
     let state = assert_replay_matches(&h).await;
     assert!(state.idem.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_window_bounds_new_orders_only_on_the_engine_clock() {
+    use flashcore::domain::sale::{SalePatch, SaleWindow};
+    use flashcore::engine::NewSku;
+
+    let h = harness(EngineConfig::default());
+    let e = &h.engine;
+    let (start, end) = (T0_MS + 60_000, T0_MS + 120_000);
+    e.create_sku(NewSku {
+        sku: sku("drop"),
+        name: "Drop".into(),
+        price_cents: 1_000,
+        stock: 10,
+        per_user_limit: None,
+        sale: SaleWindow::new(Some(start), Some(end)).expect("valid"),
+    })
+    .await
+    .expect("created");
+    create(e, "tee", 500, 10, None).await;
+    let not_started = |r: Result<_, EngineError>| matches!(r, Err(EngineError::Domain(DomainError::SaleNotStarted { starts_at_ms, .. })) if starts_at_ms == start);
+    // Before the start: single-line (the hint), multi-line, reservation and
+    // checkout are all refused, and nothing is held.
+    assert!(not_started(
+        e.place_order(user("ann"), &[line("drop", 1)], None, None)
+            .await
+            .map(|_| ())
+    ));
+    assert!(not_started(
+        e.place_order(user("ann"), &[line("tee", 1), line("drop", 1)], None, None)
+            .await
+            .map(|_| ())
+    ));
+    assert!(not_started(
+        e.reserve(user("ann"), sku("drop"), 1).await.map(|_| ())
+    ));
+    e.set_cart_item(user("bob"), sku("drop"), 2)
+        .await
+        .expect("a cart may hold it early");
+    assert!(not_started(
+        e.checkout(user("bob"), None, None).await.map(|_| ())
+    ));
+    let drop_sku = e.sku(sku("drop")).await.expect("sku");
+    assert_eq!(drop_sku.levels.available, 10);
+    assert_eq!(e.sku(sku("tee")).await.expect("sku").levels.available, 10);
+
+    // From the start on, orders are taken.
+    h.clock.set_ms(start);
+    let paid = e
+        .place_order(user("ann"), &[line("drop", 2)], None, None)
+        .await
+        .expect("placed at the start");
+    let unpaid = e
+        .checkout(user("bob"), None, None)
+        .await
+        .expect("checked out");
+    let kept = e
+        .place_order(user("cat"), &[line("drop", 1), line("tee", 1)], None, None)
+        .await
+        .expect("placed");
+
+    // From the end on, new orders are refused, placed orders go on.
+    h.clock.set_ms(end);
+    assert!(matches!(
+        e.place_order(user("dan"), &[line("drop", 1)], None, None).await,
+        Err(EngineError::Domain(DomainError::SaleEnded { ends_at_ms, .. })) if ends_at_ms == end
+    ));
+    assert!(matches!(
+        e.place_order(user("dan"), &[line("tee", 1), line("drop", 1)], None, None)
+            .await,
+        Err(EngineError::Domain(DomainError::SaleEnded { .. }))
+    ));
+    e.pay(admin(), paid.id, pref("p1"), paid.total_cents, None)
+        .await
+        .expect("paid after the end");
+    e.ship(admin(), paid.id)
+        .await
+        .expect("shipped after the end");
+    e.refund(admin(), paid.id, vec![line("drop", 1)], true, None)
+        .await
+        .expect("refunded after the end");
+    e.cancel(customer("cat"), kept.id).await.expect("cancelled");
+    // The unpaid checkout expires after the end and gives its units back.
+    h.clock.set_ms(start + RESERVATION_TTL_DEFAULT_MS + 1);
+    let expired = e.order(admin(), unpaid.id).await.expect("read");
+    assert_eq!(expired.status, OrderStatus::Expired);
+
+    // Clearing the end opens the sale again; a bad window changes nothing.
+    assert!(matches!(
+        e.update_sku(
+            sku("drop"),
+            None,
+            None,
+            None,
+            SalePatch {
+                starts_at_ms: Some(Some(end + 1)),
+                ends_at_ms: None,
+            },
+        )
+        .await,
+        Err(EngineError::Domain(DomainError::Invalid(_)))
+    ));
+    let reopened = e
+        .update_sku(
+            sku("drop"),
+            None,
+            None,
+            None,
+            SalePatch {
+                starts_at_ms: None,
+                ends_at_ms: Some(None),
+            },
+        )
+        .await
+        .expect("patched");
+    assert_eq!(
+        reopened.sale,
+        SaleWindow {
+            starts_at_ms: Some(start),
+            ends_at_ms: None
+        }
+    );
+    e.place_order(user("dan"), &[line("drop", 1)], None, None)
+        .await
+        .expect("on sale again");
+    // The window is journaled: a replay shows the same SKUs, window and all.
+    let state = assert_replay_matches(&h).await;
+    assert_eq!(
+        state.skus[&sku("drop")].sale(),
+        reopened.sale,
+        "the replayed window"
+    );
+}

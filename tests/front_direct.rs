@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use flashcore::clock::SystemClock;
+use flashcore::domain::sale::SaleWindow;
 use flashcore::domain::{SkuId, State, UserId};
 use flashcore::engine::{Engine, EngineConfig, NewSku};
 use flashcore::http::auth::JwtKeys;
@@ -91,6 +92,7 @@ async fn setup() -> Setup {
                 price_cents: 100,
                 stock,
                 per_user_limit: Some(500),
+                sale: SaleWindow::default(),
             })
             .await
             .expect("sku");
@@ -105,7 +107,7 @@ async fn setup() -> Setup {
     let admin = keys
         .issue(UserId::parse("ops").expect("user"), true, now, 3_600)
         .expect("token");
-    let state = AppState::new(backend, keys, 1_000).expect("state");
+    let state = AppState::new(backend, keys, 1_000, None).expect("state");
     Setup {
         engine,
         state,

@@ -1591,3 +1591,449 @@ fn every_idle_connection_is_closed_10_s_after_opening_or_its_last_answer() {
     );
     assert!(busy.join().expect("busy") >= 7, "asked every 2 s for 14 s");
 }
+
+/// Unix milliseconds now, and as the RFC 3339 text the server shows.
+fn now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits")
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[test]
+fn sale_windows_bound_new_orders_and_survive_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start(dir.path(), &[]);
+    let admin = server.admin();
+    let ann = server.customer("ann");
+    let day_ms = 24 * 60 * 60 * 1000;
+    let later = rfc3339(now_ms() + day_ms);
+    let mut api = Api::new(&server);
+
+    // Validation: a bad time or an end not after the start is a 400 and
+    // creates nothing.
+    for (what, window) in [
+        (
+            "end before start",
+            format!(
+                r#""sale_starts_at":"{later}","sale_ends_at":"{}""#,
+                rfc3339(now_ms())
+            ),
+        ),
+        (
+            "end equals start",
+            format!(r#""sale_starts_at":"{later}","sale_ends_at":"{later}""#),
+        ),
+        ("not a time", r#""sale_starts_at":"tomorrow""#.to_string()),
+        (
+            "not UTC",
+            r#""sale_starts_at":"2030-01-01T00:00:00+02:00""#.to_string(),
+        ),
+        ("wrong type", r#""sale_ends_at":17"#.to_string()),
+    ] {
+        let body = format!(r#"{{"sku_id":"bad","name":"Bad","price_cents":1,"stock":1,{window}}}"#);
+        let r = api.call("POST", "/v1/skus", Some(&admin), None, Some(&body));
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_request".into()),
+            "{what}: {}",
+            body_str(&r)
+        );
+    }
+    assert_eq!(
+        api.call("GET", "/v1/skus/bad", None, None, None).status,
+        404
+    );
+
+    // Before the start: orders and checkouts are refused, with the time.
+    let body = format!(
+        r#"{{"sku_id":"later","name":"Later","price_cents":100,"stock":5,"sale_starts_at":"{later}"}}"#
+    );
+    let r = api.call("POST", "/v1/skus", Some(&admin), None, Some(&body));
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    assert_eq!(r.json()["sale_starts_at"], later.as_str());
+    assert_eq!(r.json()["sale_ends_at"], Value::Null);
+    let r = api.order(&ann, &[("later", 1)], None);
+    assert_eq!((r.status, r.code()), (409, "sale_not_started".into()));
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        message.contains(&later),
+        "the message names the start: {message}"
+    );
+    api.create_sku("tee", 100, 5, None);
+    let r = api.order(&ann, &[("tee", 1), ("later", 1)], None);
+    assert_eq!(r.code(), "sale_not_started", "a multi-line order too");
+    let r = api.call(
+        "PUT",
+        "/v1/cart/items/later",
+        Some(&ann),
+        None,
+        Some(r#"{"qty":1}"#),
+    );
+    assert_eq!(r.status, 200, "a cart may hold it early");
+    let r = api.call("POST", "/v1/cart/checkout", Some(&ann), None, None);
+    assert_eq!((r.status, r.code()), (409, "sale_not_started".into()));
+    assert_eq!(api.sku("later")["available"], 5);
+    assert_eq!(api.sku("tee")["available"], 5, "nothing held");
+
+    // A short window: closed, open, then ended; placed orders go on after.
+    let (start, end) = (now_ms() + 1_500, now_ms() + 3_500);
+    let body = format!(
+        r#"{{"sku_id":"soon","name":"Soon","price_cents":100,"stock":5,"sale_starts_at":"{}","sale_ends_at":"{}"}}"#,
+        rfc3339(start),
+        rfc3339(end)
+    );
+    let r = api.call("POST", "/v1/skus", Some(&admin), None, Some(&body));
+    assert_eq!(r.status, 201, "{}", body_str(&r));
+    assert_eq!(
+        api.order(&ann, &[("soon", 1)], None).code(),
+        "sale_not_started"
+    );
+    std::thread::sleep(Duration::from_millis(start.saturating_sub(now_ms()) + 50));
+    let placed = api.order(&ann, &[("soon", 2)], None);
+    assert_eq!(placed.status, 201, "{}", body_str(&placed));
+    let other = api.order(&ann, &[("soon", 1)], None);
+    assert_eq!(other.status, 201, "{}", body_str(&other));
+    std::thread::sleep(Duration::from_millis(end.saturating_sub(now_ms()) + 50));
+    let r = api.order(&ann, &[("soon", 1)], None);
+    assert_eq!(
+        (r.status, r.code()),
+        (409, "sale_ended".into()),
+        "{}",
+        body_str(&r)
+    );
+    let id = placed.json()["order_id"].as_str().expect("id").to_string();
+    let total = placed.json()["total_cents"].as_u64().expect("total");
+    let pay = format!(r#"{{"payment_ref":"p-soon","amount_cents":{total}}}"#);
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/pay"),
+        Some(&admin),
+        None,
+        Some(&pay),
+    );
+    assert_eq!(r.status, 200, "paid after the end: {}", body_str(&r));
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{id}/ship"),
+        Some(&admin),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 200, "shipped after the end: {}", body_str(&r));
+    let other_id = other.json()["order_id"].as_str().expect("id").to_string();
+    let r = api.call(
+        "POST",
+        &format!("/v1/orders/{other_id}/cancel"),
+        Some(&ann),
+        None,
+        None,
+    );
+    assert_eq!(r.status, 200, "cancelled after the end: {}", body_str(&r));
+
+    // PATCH: a bad window changes nothing; null clears.
+    let r = api.call(
+        "PATCH",
+        "/v1/skus/soon",
+        Some(&admin),
+        None,
+        Some(&format!(r#"{{"sale_starts_at":"{}"}}"#, rfc3339(end + 1))),
+    );
+    assert_eq!((r.status, r.code()), (400, "invalid_request".into()));
+    assert_eq!(api.sku("soon")["sale_starts_at"], rfc3339(start).as_str());
+    let r = api.call(
+        "PATCH",
+        "/v1/skus/soon",
+        Some(&admin),
+        None,
+        Some(r#"{"sale_ends_at":null}"#),
+    );
+    assert_eq!(r.status, 200, "{}", body_str(&r));
+    assert_eq!(r.json()["sale_ends_at"], Value::Null);
+    assert_eq!(
+        api.order(&ann, &[("soon", 1)], None).status,
+        201,
+        "on sale again"
+    );
+    let ends = rfc3339(now_ms() + 2 * day_ms);
+    let r = api.call(
+        "PATCH",
+        "/v1/skus/tee",
+        Some(&admin),
+        None,
+        Some(&format!(
+            r#"{{"sale_starts_at":"{later}","sale_ends_at":"{ends}"}}"#
+        )),
+    );
+    assert_eq!(r.status, 200, "{}", body_str(&r));
+    assert_eq!(
+        api.order(&ann, &[("tee", 1)], None).code(),
+        "sale_not_started"
+    );
+
+    // Across a clean stop (a snapshot) and a SIGKILL (the journal).
+    drop(api);
+    assert!(server.terminate().success());
+    let mut server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    assert_eq!(api.sku("later")["sale_starts_at"], later.as_str());
+    assert_eq!(api.sku("tee")["sale_ends_at"], ends.as_str());
+    assert_eq!(api.sku("soon")["sale_ends_at"], Value::Null);
+    assert_eq!(
+        api.order(&ann, &[("later", 1)], None).code(),
+        "sale_not_started"
+    );
+    let r = api.call(
+        "PATCH",
+        "/v1/skus/later",
+        Some(&admin),
+        None,
+        Some(r#"{"sale_starts_at":null}"#),
+    );
+    assert_eq!(r.status, 200, "{}", body_str(&r));
+    drop(api);
+    server.kill();
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    assert_eq!(api.sku("later")["sale_starts_at"], Value::Null);
+    assert_eq!(api.sku("tee")["sale_starts_at"], later.as_str());
+    assert_eq!(
+        api.order(&ann, &[("later", 1)], None).status,
+        201,
+        "cleared before the kill"
+    );
+    assert_eq!(
+        api.order(&ann, &[("tee", 1)], None).code(),
+        "sale_not_started"
+    );
+}
+
+#[test]
+fn the_sku_listing_is_paged_in_id_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    for id in ["e", "a", "c", "b", "d"] {
+        assert_eq!(api.create_sku(id, 1, 1, None).status, 201);
+    }
+    let mut page = |query: &str| {
+        let r = api.call("GET", &format!("/v1/skus{query}"), None, None, None);
+        assert_eq!(r.status, 200, "{query}: {}", body_str(&r));
+        let json = r.json();
+        let ids: Vec<String> = json["skus"]
+            .as_array()
+            .expect("skus")
+            .iter()
+            .map(|s| s["sku_id"].as_str().expect("id").to_string())
+            .collect();
+        (ids, json["next"].clone())
+    };
+    assert_eq!(
+        page(""),
+        (
+            vec!["a", "b", "c", "d", "e"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            Value::Null
+        )
+    );
+    assert_eq!(
+        page("?limit=2"),
+        (vec!["a".into(), "b".into()], Value::from("b"))
+    );
+    assert_eq!(
+        page("?limit=2&after=b"),
+        (vec!["c".into(), "d".into()], Value::from("d"))
+    );
+    assert_eq!(page("?after=d&limit=2"), (vec!["e".into()], Value::Null));
+    assert_eq!(
+        page("?limit=5"),
+        (
+            vec!["a", "b", "c", "d", "e"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            Value::Null
+        )
+    );
+    assert_eq!(page("?limit=4").1, Value::from("d"));
+    // `after` need not exist: it is a bound.
+    assert_eq!(
+        page("?after=bb&limit=1"),
+        (vec!["c".into()], Value::from("c"))
+    );
+    assert_eq!(page("?after=e"), (Vec::new(), Value::Null));
+    assert_eq!(page("?limit=1000").0.len(), 5);
+    for query in [
+        "?limit=0",
+        "?limit=1001",
+        "?limit=x",
+        "?limit=-1",
+        "?after=a%20b",
+        "?page=2",
+    ] {
+        let r = api.call("GET", &format!("/v1/skus{query}"), None, None, None);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "invalid_request".into()),
+            "{query}"
+        );
+    }
+}
+
+#[test]
+fn the_openapi_document_is_served_and_names_every_route() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    let r = api.call("GET", "/openapi.json", None, None, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let doc = r.json();
+    flashcore::http::openapi::check(&doc).expect("valid OpenAPI 3.1");
+    for route in flashcore::http::openapi::documented_routes() {
+        let method = route.method.as_str().to_ascii_lowercase();
+        assert!(
+            doc["paths"][route.path][&method].is_object(),
+            "{method} {}",
+            route.path
+        );
+    }
+    // Every route of the table is served: none answers "no route" (the
+    // event stream never ends by itself; tests/dashboard.rs reads it).
+    for route in flashcore::http::openapi::documented_routes() {
+        if route.path == "/v1/stream" {
+            continue;
+        }
+        let path = route
+            .path
+            .replace("{sku_id}", "nope")
+            .replace("{order_id}", "999");
+        let r = api.call(route.method.as_str(), &path, None, None, None);
+        let answer = body_str(&r);
+        assert!(
+            !answer.contains("no route for"),
+            "{} {path}: {answer}",
+            route.method
+        );
+    }
+}
+
+#[test]
+fn rate_limits_bound_each_user_and_address_but_never_admins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::launch(
+        dir.path(),
+        &[],
+        &[("FLASHCORE_RATE_LIMIT", "5/s")],
+        true,
+        Duration::from_secs(60),
+    )
+    .expect("starts");
+    let admin = server.admin();
+    let ann = server.customer("ann");
+    let bob = server.customer("bob");
+    let mut api = Api::new(&server);
+    // The admin is never limited: setup and a burst of 40.
+    assert_eq!(api.create_sku("gone", 100, 0, None).status, 201);
+    assert_eq!(api.create_sku("tee", 100, 5, None).status, 201);
+    for _ in 0..40 {
+        let r = api.call("GET", "/v1/orders", Some(&admin), None, None);
+        assert_eq!(r.status, 200, "an admin is never limited");
+    }
+
+    // Ann bursts: some answers are 429 with Retry-After and the error body.
+    let mut limited = 0;
+    for _ in 0..20 {
+        let r = api.call("GET", "/v1/cart", Some(&ann), None, None);
+        match r.status {
+            200 => {}
+            429 => {
+                limited += 1;
+                assert_eq!(r.code(), "rate_limited");
+                let retry: u64 = r
+                    .header("retry-after")
+                    .and_then(|v| v.parse().ok())
+                    .expect("Retry-After in whole seconds");
+                assert!(retry >= 1, "{retry}");
+            }
+            other => panic!("unexpected {other}: {}", body_str(&r)),
+        }
+    }
+    assert!(
+        limited >= 10,
+        "a burst of 20 at 5/s is mostly refused: {limited}"
+    );
+    // A refused order changes nothing.
+    let r = api.order(&ann, &[("tee", 1)], None);
+    assert_eq!(r.code(), "rate_limited");
+    // ... and is refused before its body is read: a body that never comes
+    // does not delay the answer.
+    let mut raw = server.client();
+    let head = format!(
+        "POST /v1/orders HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ann}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    );
+    let asked = Instant::now();
+    raw.write_raw(head.as_bytes()).expect("sent");
+    let r = raw.read_response().expect("answered");
+    assert_eq!(r.status, 429);
+    assert!(asked.elapsed() < Duration::from_secs(5), "answered at once");
+    drop(raw);
+
+    // Bob is still served while Ann is limited.
+    let r = api.call("GET", "/v1/cart", Some(&bob), None, None);
+    assert_eq!(r.status, 200);
+    let r = api.order(&bob, &[("gone", 1)], None);
+    assert_eq!((r.status, r.code()), (409, "out_of_stock".into()));
+    assert_eq!(api.sku("tee")["available"], 5, "nothing held by a 429");
+
+    // Without a token, the client address pays; a token's user does not.
+    let mut anonymous_limited = 0;
+    for _ in 0..20 {
+        let r = api.call("GET", "/v1/skus/tee", None, None, None);
+        if r.status == 429 {
+            anonymous_limited += 1;
+            assert_eq!(r.code(), "rate_limited");
+        }
+    }
+    assert!(anonymous_limited >= 10, "{anonymous_limited}");
+    let r = api.call("GET", "/v1/cart", Some(&bob), None, None);
+    assert_eq!(r.status, 200, "Bob's bucket is his own");
+    // Routes outside /v1 are not limited.
+    for _ in 0..20 {
+        assert_eq!(api.call("GET", "/healthz", None, None, None).status, 200);
+    }
+    // A bucket refills: after a second Ann is served again.
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(
+        api.call("GET", "/v1/cart", Some(&ann), None, None).status,
+        200
+    );
+    drop(api);
+    drop(server);
+
+    // Off by default: no 429, ever.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let ann = server.customer("ann");
+    let mut api = Api::new(&server);
+    for _ in 0..60 {
+        assert_eq!(
+            api.call("GET", "/v1/cart", Some(&ann), None, None).status,
+            200
+        );
+        assert_eq!(api.call("GET", "/v1/skus", None, None, None).status, 200);
+    }
+}

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::idem::Refusal;
 use crate::domain::order::{Order, OrderLine};
 use crate::domain::promo::Promotion;
+use crate::domain::sale::SaleWindow;
 use crate::domain::{IdempotencyKey, OrderId, PaymentRef, SkuId, UserId};
 
 /// An `Idempotency-Key` attached to the change it made, so the key's record
@@ -259,6 +260,40 @@ pub enum Event {
         /// The request's idempotency key, if any.
         idem: Option<IdemStamp>,
     },
+    /// A SKU joined the catalog with a sale window (format version 2; a SKU
+    /// without one is still a `SkuCreated`).
+    SkuCreatedWithSale {
+        /// Its id.
+        sku: SkuId,
+        /// Its name.
+        name: String,
+        /// Its unit price.
+        price_cents: u64,
+        /// Most units one user may hold, or none.
+        per_user_limit: Option<u32>,
+        /// Its initial stock.
+        stock: u64,
+        /// When it sells.
+        sale: SaleWindow,
+        /// When.
+        at_ms: u64,
+    },
+    /// A SKU's settings changed, its sale window among them (format version
+    /// 2; a change that leaves the window alone is still a `SkuUpdated`).
+    SkuUpdatedWithSale {
+        /// The SKU.
+        sku: SkuId,
+        /// New name.
+        name: Option<String>,
+        /// New price.
+        price_cents: Option<u64>,
+        /// New limit (`Some(None)` makes it unlimited).
+        per_user_limit: Option<Option<u32>>,
+        /// The whole window after the change.
+        sale: SaleWindow,
+        /// When.
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -267,7 +302,9 @@ impl Event {
     pub fn touched_skus(&self) -> TouchedSkus<'_> {
         match self {
             Event::SkuCreated { sku, .. }
+            | Event::SkuCreatedWithSale { sku, .. }
             | Event::SkuUpdated { sku, .. }
+            | Event::SkuUpdatedWithSale { sku, .. }
             | Event::Restocked { sku, .. }
             | Event::StockReserved { sku, .. }
             | Event::ReservationReleased { sku, .. } => TouchedSkus::One(Some(*sku)),
@@ -316,7 +353,9 @@ impl Event {
                 order.created_at_ms
             }
             Event::SkuCreated { at_ms, .. }
+            | Event::SkuCreatedWithSale { at_ms, .. }
             | Event::SkuUpdated { at_ms, .. }
+            | Event::SkuUpdatedWithSale { at_ms, .. }
             | Event::Restocked { at_ms, .. }
             | Event::StockReserved { at_ms, .. }
             | Event::ReservationReleased { at_ms, .. }

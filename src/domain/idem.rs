@@ -24,7 +24,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::order::Order;
-use crate::domain::sku::SkuView;
+use crate::domain::sku::{SkuView, SkuViewV1};
 use crate::domain::{IdemStamp, IdempotencyKey, UserId};
 use crate::limits::{IDEMPOTENCY_RECORDS_MAX, IDEMPOTENCY_TTL_MS};
 
@@ -90,6 +90,45 @@ pub struct StoredIdemRecord {
     pub at_ms: u64,
     /// The first answer.
     pub outcome: StoredOutcome,
+}
+
+/// [`StoredOutcome`] as snapshot format 1 stored it (a SKU without its
+/// sale window). Only for reading old snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredOutcomeV1 {
+    /// [`StoredOutcome::Order`].
+    Order(Order),
+    /// [`StoredOutcome::Sku`], before sale windows.
+    Sku(SkuViewV1),
+    /// [`StoredOutcome::Refused`].
+    Refused(Refusal),
+}
+
+/// [`StoredIdemRecord`] as snapshot format 1 stored it. Only for reading
+/// old snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredIdemRecordV1 {
+    user: UserId,
+    key: IdempotencyKey,
+    fingerprint: [u8; 16],
+    at_ms: u64,
+    outcome: StoredOutcomeV1,
+}
+
+impl From<StoredIdemRecordV1> for StoredIdemRecord {
+    fn from(v: StoredIdemRecordV1) -> StoredIdemRecord {
+        StoredIdemRecord {
+            user: v.user,
+            key: v.key,
+            fingerprint: v.fingerprint,
+            at_ms: v.at_ms,
+            outcome: match v.outcome {
+                StoredOutcomeV1::Order(order) => StoredOutcome::Order(order),
+                StoredOutcomeV1::Sku(sku) => StoredOutcome::Sku(sku.into()),
+                StoredOutcomeV1::Refused(refusal) => StoredOutcome::Refused(refusal),
+            },
+        }
+    }
 }
 
 impl From<IdemRecord> for StoredIdemRecord {
@@ -278,6 +317,7 @@ mod tests {
             name: "S".into(),
             price_cents: price,
             per_user_limit: None,
+            sale: crate::domain::sale::SaleWindow::default(),
             levels: StockLevels::new(1),
         })
     }

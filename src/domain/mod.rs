@@ -16,6 +16,7 @@ pub mod ids;
 pub mod order;
 pub mod promo;
 pub mod refund;
+pub mod sale;
 pub mod sku;
 pub mod state;
 pub mod stock;
@@ -52,6 +53,22 @@ pub enum DomainError {
         sku: SkuId,
         /// Its per-user limit.
         limit: u32,
+    },
+    /// The SKU's sale has not started (`409 sale_not_started`).
+    #[error("the sale of SKU {sku} starts at {}", sale::Rfc3339(*starts_at_ms))]
+    SaleNotStarted {
+        /// The SKU.
+        sku: SkuId,
+        /// Its `sale_starts_at`.
+        starts_at_ms: u64,
+    },
+    /// The SKU's sale has ended (`409 sale_ended`).
+    #[error("the sale of SKU {sku} ended at {}", sale::Rfc3339(*ends_at_ms))]
+    SaleEnded {
+        /// The SKU.
+        sku: SkuId,
+        /// Its `sale_ends_at`.
+        ends_at_ms: u64,
     },
     /// The order's state does not allow the action (`409 invalid_transition`).
     #[error("an order that is {from} cannot be {action}")]

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::event::{RefundStock, SkuQty};
+use crate::domain::sale::{SalePatch, SaleWindow};
 use crate::domain::stock::StockLevels;
 use crate::domain::{DomainError, Event, IdemStamp, OrderId, SkuId, UserId, add, sub, validate};
 
@@ -25,8 +26,60 @@ pub struct SkuView {
     pub price_cents: u64,
     /// Most units per user, or none.
     pub per_user_limit: Option<u32>,
+    /// When it sells (snapshot format 2).
+    pub sale: SaleWindow,
     /// Its counters.
     pub levels: StockLevels,
+}
+
+/// [`SkuView`] as snapshot format 1 stored it (in idempotency records):
+/// without a sale window. Only for reading old snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuViewV1 {
+    sku: SkuId,
+    name: String,
+    price_cents: u64,
+    per_user_limit: Option<u32>,
+    levels: StockLevels,
+}
+
+impl From<SkuViewV1> for SkuView {
+    fn from(v: SkuViewV1) -> SkuView {
+        SkuView {
+            sku: v.sku,
+            name: v.name,
+            price_cents: v.price_cents,
+            per_user_limit: v.per_user_limit,
+            sale: SaleWindow::default(),
+            levels: v.levels,
+        }
+    }
+}
+
+/// [`SkuState`] as snapshot format 1 stored it: without a sale window.
+/// Only for reading old snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuStateV1 {
+    id: SkuId,
+    name: String,
+    price_cents: u64,
+    per_user_limit: Option<u32>,
+    levels: StockLevels,
+    user_units: HashMap<UserId, u64>,
+}
+
+impl From<SkuStateV1> for SkuState {
+    fn from(v: SkuStateV1) -> SkuState {
+        SkuState {
+            id: v.id,
+            name: v.name,
+            price_cents: v.price_cents,
+            per_user_limit: v.per_user_limit,
+            levels: v.levels,
+            user_units: v.user_units,
+            sale: SaleWindow::default(),
+        }
+    }
 }
 
 /// A SKU and everything that changes with it.
@@ -38,31 +91,50 @@ pub struct SkuState {
     per_user_limit: Option<u32>,
     levels: StockLevels,
     user_units: HashMap<UserId, u64>,
+    /// When it sells. Last, so the snapshot shape of the fields above is
+    /// format 1's ([`SkuStateV1`]).
+    sale: SaleWindow,
 }
 
 impl SkuState {
     /// Decides the creation of a SKU (the registry checks the id is free).
+    /// Without a sale window it is a `SkuCreated`, which format 1 readers
+    /// know too; with one, a `SkuCreatedWithSale`.
     ///
     /// # Errors
-    /// `Invalid` when a value is out of the contract's range.
+    /// `Invalid` when a value is out of the contract's range or the window
+    /// ends before it starts.
     pub fn decide_create(
         sku: SkuId,
         name: String,
         price_cents: u64,
         per_user_limit: Option<u32>,
         stock: u64,
+        sale: SaleWindow,
         at_ms: u64,
     ) -> Result<Event, DomainError> {
         validate::name(&name)?;
         validate::price_cents(price_cents)?;
         validate::per_user_limit(per_user_limit)?;
         validate::stock(stock)?;
-        Ok(Event::SkuCreated {
+        let sale = SaleWindow::new(sale.starts_at_ms, sale.ends_at_ms)?;
+        if sale == SaleWindow::default() {
+            return Ok(Event::SkuCreated {
+                sku,
+                name,
+                price_cents,
+                per_user_limit,
+                stock,
+                at_ms,
+            });
+        }
+        Ok(Event::SkuCreatedWithSale {
             sku,
             name,
             price_cents,
             per_user_limit,
             stock,
+            sale,
             at_ms,
         })
     }
@@ -87,6 +159,24 @@ impl SkuState {
                 per_user_limit: *per_user_limit,
                 levels: StockLevels::new(*stock),
                 user_units: HashMap::new(),
+                sale: SaleWindow::default(),
+            }),
+            Event::SkuCreatedWithSale {
+                sku,
+                name,
+                price_cents,
+                per_user_limit,
+                stock,
+                sale,
+                ..
+            } => Ok(SkuState {
+                id: *sku,
+                name: name.clone(),
+                price_cents: *price_cents,
+                per_user_limit: *per_user_limit,
+                levels: StockLevels::new(*stock),
+                user_units: HashMap::new(),
+                sale: *sale,
             }),
             _ => Err(DomainError::inconsistent(
                 "a SKU built from a non-creation event",
@@ -114,6 +204,11 @@ impl SkuState {
         self.levels
     }
 
+    /// When it sells.
+    pub fn sale(&self) -> SaleWindow {
+        self.sale
+    }
+
     /// Units `user` currently counts against the per-user limit.
     pub fn user_units(&self, user: &UserId) -> u64 {
         self.user_units.get(user).copied().unwrap_or(0)
@@ -131,24 +226,29 @@ impl SkuState {
             name: self.name.clone(),
             price_cents: self.price_cents,
             per_user_limit: self.per_user_limit,
+            sale: self.sale,
             levels: self.levels,
         }
     }
 
-    /// Decides a change of settings.
+    /// Decides a change of settings. A change that names no window field
+    /// is a `SkuUpdated`; one that does is a `SkuUpdatedWithSale` carrying
+    /// the whole window it leaves.
     ///
     /// # Errors
-    /// `Invalid` when a value is out of range or nothing would change.
+    /// `Invalid` when a value is out of range, the window would end before
+    /// it starts, or nothing would change.
     pub fn decide_update(
         &self,
         name: Option<String>,
         price_cents: Option<u64>,
         per_user_limit: Option<Option<u32>>,
+        sale: SalePatch,
         at_ms: u64,
     ) -> Result<Event, DomainError> {
-        if name.is_none() && price_cents.is_none() && per_user_limit.is_none() {
+        if name.is_none() && price_cents.is_none() && per_user_limit.is_none() && sale.is_empty() {
             return Err(DomainError::invalid(
-                "give at least one of name, price_cents, per_user_limit",
+                "give at least one of name, price_cents, per_user_limit, sale_starts_at, sale_ends_at",
             ));
         }
         if let Some(name) = &name {
@@ -159,6 +259,16 @@ impl SkuState {
         }
         if let Some(limit) = per_user_limit {
             validate::per_user_limit(limit)?;
+        }
+        if !sale.is_empty() {
+            return Ok(Event::SkuUpdatedWithSale {
+                sku: self.id,
+                name,
+                price_cents,
+                per_user_limit,
+                sale: self.sale.patched(sale)?,
+                at_ms,
+            });
         }
         Ok(Event::SkuUpdated {
             sku: self.id,
@@ -205,7 +315,7 @@ impl SkuState {
         qty: u32,
         at_ms: u64,
     ) -> Result<Event, DomainError> {
-        self.check_reserve(&user, qty)?;
+        self.check_reserve(&user, qty, at_ms)?;
         Ok(Event::StockReserved {
             sku: self.id,
             reservation,
@@ -215,14 +325,16 @@ impl SkuState {
         })
     }
 
-    /// Whether `user` may hold `qty` more units: the checks of
+    /// Whether `user` may hold `qty` more units at `at_ms`: the checks of
     /// [`SkuState::decide_reserve`], for an order placed here in one step
     /// (`OrderPlacedAtSku`).
     ///
     /// # Errors
-    /// `Invalid` for a quantity out of range, `OutOfStock`, `LimitExceeded`.
-    pub fn check_reserve(&self, user: &UserId, qty: u32) -> Result<(), DomainError> {
+    /// `Invalid` for a quantity out of range, `SaleNotStarted`, `SaleEnded`,
+    /// `OutOfStock`, `LimitExceeded`.
+    pub fn check_reserve(&self, user: &UserId, qty: u32, at_ms: u64) -> Result<(), DomainError> {
         validate::qty(qty)?;
+        self.sale.check(self.id, at_ms)?;
         if self.levels.available < u64::from(qty) {
             return Err(DomainError::OutOfStock { sku: self.id });
         }
@@ -291,6 +403,25 @@ impl SkuState {
                 if let Some(limit) = per_user_limit {
                     self.per_user_limit = *limit;
                 }
+            }
+            Event::SkuUpdatedWithSale {
+                sku,
+                name,
+                price_cents,
+                per_user_limit,
+                sale,
+                ..
+            } if *sku == self.id => {
+                if let Some(name) = name {
+                    self.name = name.clone();
+                }
+                if let Some(price) = price_cents {
+                    self.price_cents = *price;
+                }
+                if let Some(limit) = per_user_limit {
+                    self.per_user_limit = *limit;
+                }
+                self.sale = *sale;
             }
             Event::Restocked { sku, qty, .. } if *sku == self.id => levels.stock_in(*qty)?,
             Event::StockReserved { sku, user, qty, .. } if *sku == self.id => {
@@ -364,6 +495,7 @@ mod tests {
             1_000,
             limit,
             stock,
+            SaleWindow::default(),
             0,
         )
         .expect("valid");
@@ -428,14 +560,121 @@ mod tests {
     #[test]
     fn updates_need_a_field_and_valid_values() {
         let s = sku_with(1, None);
-        assert!(s.decide_update(None, None, None, 1).is_err());
-        assert!(s.decide_update(Some(String::new()), None, None, 1).is_err());
-        assert!(s.decide_update(None, None, Some(Some(0)), 1).is_err());
+        let keep = SalePatch::default();
+        assert!(s.decide_update(None, None, None, keep, 1).is_err());
+        assert!(
+            s.decide_update(Some(String::new()), None, None, keep, 1)
+                .is_err()
+        );
+        assert!(s.decide_update(None, None, Some(Some(0)), keep, 1).is_err());
         let mut s2 = s.clone();
         let e = s
-            .decide_update(None, Some(5), Some(None), 1)
+            .decide_update(None, Some(5), Some(None), keep, 1)
             .expect("valid");
         s2.apply(&e).expect("applied");
         assert_eq!(s2.price_cents(), 5);
+    }
+
+    fn windowed(starts_at_ms: Option<u64>, ends_at_ms: Option<u64>) -> SkuState {
+        let sale = SaleWindow::new(starts_at_ms, ends_at_ms).expect("valid");
+        let e = SkuState::decide_create(
+            SkuId::parse("drop").expect("valid"),
+            "Drop".into(),
+            100,
+            None,
+            10,
+            sale,
+            0,
+        )
+        .expect("valid");
+        assert!(matches!(e, Event::SkuCreatedWithSale { .. }));
+        SkuState::from_created(&e).expect("created")
+    }
+
+    #[test]
+    fn reservations_are_refused_outside_the_sale_window() {
+        let s = windowed(Some(1_000), Some(2_000));
+        assert!(matches!(
+            s.decide_reserve(OrderId(1), user("a"), 1, 999),
+            Err(DomainError::SaleNotStarted {
+                starts_at_ms: 1_000,
+                ..
+            })
+        ));
+        assert!(s.decide_reserve(OrderId(1), user("a"), 1, 1_000).is_ok());
+        assert!(matches!(
+            s.check_reserve(&user("a"), 1, 2_000),
+            Err(DomainError::SaleEnded {
+                ends_at_ms: 2_000,
+                ..
+            })
+        ));
+        // The window comes before stock: a sold-out SKU not yet on sale
+        // says when it starts.
+        let mut sold_out = windowed(Some(1_000), None);
+        let e = sold_out
+            .decide_reserve(OrderId(2), user("b"), 10, 1_500)
+            .expect("fits");
+        sold_out.apply(&e).expect("applied");
+        assert!(matches!(
+            sold_out.decide_reserve(OrderId(3), user("c"), 1, 500),
+            Err(DomainError::SaleNotStarted { .. })
+        ));
+    }
+
+    #[test]
+    fn placed_orders_move_on_after_the_window_ends() {
+        let mut s = windowed(None, Some(2_000));
+        let e = s
+            .decide_reserve(OrderId(1), user("a"), 3, 1_000)
+            .expect("fits");
+        s.apply(&e).expect("applied");
+        // After the end: a release (cancel or expiry) still applies.
+        let release = Event::OrderReleased {
+            order: OrderId(1),
+            user: user("a"),
+            reason: crate::domain::event::ReleaseReason::Expired,
+            lines: vec![SkuQty {
+                sku: s.id(),
+                qty: 3,
+            }],
+            at_ms: 5_000,
+        };
+        s.apply(&release).expect("applied");
+        assert_eq!(s.levels().available, 10);
+    }
+
+    #[test]
+    fn a_patch_sets_clears_and_checks_the_window() {
+        let mut s = windowed(Some(1_000), Some(2_000));
+        let bad = SalePatch {
+            starts_at_ms: Some(Some(3_000)),
+            ends_at_ms: None,
+        };
+        assert!(s.decide_update(None, None, None, bad, 1).is_err());
+        let clear_start = SalePatch {
+            starts_at_ms: Some(None),
+            ends_at_ms: None,
+        };
+        let e = s
+            .decide_update(None, None, None, clear_start, 1)
+            .expect("valid");
+        s.apply(&e).expect("applied");
+        assert_eq!(
+            s.sale(),
+            SaleWindow {
+                starts_at_ms: None,
+                ends_at_ms: Some(2_000)
+            }
+        );
+        assert_eq!(s.view().sale, s.sale());
+        assert!(s.check_reserve(&user("a"), 1, 0).is_ok());
+        // A change without window fields keeps the window and the old event.
+        let e = s
+            .decide_update(None, Some(7), None, SalePatch::default(), 2)
+            .expect("valid");
+        assert!(matches!(e, Event::SkuUpdated { .. }));
+        s.apply(&e).expect("applied");
+        assert_eq!(s.sale().ends_at_ms, Some(2_000));
     }
 }

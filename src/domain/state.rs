@@ -88,7 +88,7 @@ impl State {
     fn apply_to_catalog(&mut self, event: &Event) -> Result<(), DomainError> {
         self.track_reservations(event)?;
         match event {
-            Event::SkuCreated { sku, .. } => {
+            Event::SkuCreated { sku, .. } | Event::SkuCreatedWithSale { sku, .. } => {
                 if self.skus.contains_key(sku) {
                     return Err(DomainError::inconsistent(format!(
                         "SKU {sku} created twice"

@@ -34,20 +34,26 @@ impl Engine {
                 new.price_cents,
                 new.per_user_limit,
                 new.stock,
+                new.sale,
                 self.now_ms(),
             )?;
             let seq = self.inner.journal.append(&event)?;
             let state = SkuState::from_created(&event)?;
             let view = state.view();
             self.spawn_sku(state, seq);
+            self.inner
+                .sku_index
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(new.sku);
             (view, seq)
         };
         self.settle(seq).await?;
         Ok(view)
     }
 
-    /// Changes a SKU's name, price or per-user limit (`Some(None)` makes it
-    /// unlimited). Orders placed earlier keep their snapshot.
+    /// Changes a SKU's name, price, per-user limit (`Some(None)` makes it
+    /// unlimited) or sale window. Orders placed earlier keep their snapshot.
     ///
     /// # Errors
     /// `NotFound`, `Domain(Invalid)`, `Overloaded`, journal errors.
@@ -57,6 +63,7 @@ impl Engine {
         name: Option<String>,
         price_cents: Option<u64>,
         per_user_limit: Option<Option<u32>>,
+        sale: SalePatch,
     ) -> Result<SkuView, EngineError> {
         let handle = self.sku_handle(&sku)?;
         let (reply, rx) = reply_channel();
@@ -66,6 +73,7 @@ impl Engine {
                 name,
                 price_cents,
                 per_user_limit,
+                sale,
                 reply,
             },
         )?;
@@ -104,31 +112,81 @@ impl Engine {
         self.answer(rx).await
     }
 
-    /// Reads every SKU, sorted by id.
+    /// Reads one page of SKUs in id order: at most `limit` of them after
+    /// `after` (exclusive; from the first when `None`), and the id to pass
+    /// as `after` for the next page (`None` when this is the last). Reads
+    /// only the page's ids from the sorted index and asks only their actors,
+    /// so a page costs the same in a catalog of any size.
     ///
     /// # Errors
     /// `Overloaded` when a SKU's mailbox is full.
-    pub async fn skus(&self) -> Result<Vec<SkuView>, EngineError> {
-        self.durably(|engine| async move { engine.skus_now().await })
+    pub async fn skus_page(
+        &self,
+        after: Option<SkuId>,
+        limit: usize,
+    ) -> Result<(Vec<SkuView>, Option<SkuId>), EngineError> {
+        self.durably(move |engine| async move { engine.skus_page_now(after, limit).await })
             .await
     }
 
-    async fn skus_now(&self) -> Result<Vec<SkuView>, EngineError> {
-        let handles: Vec<Arc<SkuHandle>> = self
-            .inner
-            .skus
-            .iter()
-            .map(|h| Arc::clone(h.value()))
-            .collect();
-        let mut pending = Vec::with_capacity(handles.len());
-        for handle in &handles {
+    async fn skus_page_now(
+        &self,
+        after: Option<SkuId>,
+        limit: usize,
+    ) -> Result<(Vec<SkuView>, Option<SkuId>), EngineError> {
+        use std::ops::Bound;
+        let limit = limit.max(1);
+        // One id past the page tells whether there is a next page.
+        let ids: Vec<SkuId> = {
+            let index = self
+                .inner
+                .sku_index
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+            index
+                .range((from, Bound::Unbounded))
+                .take(limit.saturating_add(1))
+                .copied()
+                .collect()
+        };
+        let more = ids.len() > limit;
+        let mut pending = Vec::with_capacity(limit.min(ids.len()));
+        for id in ids.iter().take(limit) {
+            let handle = self.sku_handle(id)?;
             let (reply, rx) = reply_channel();
             send(&handle.addr, View { reply })?;
             pending.push(rx);
         }
-        let mut views = try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await?;
-        views.sort_by_key(|v| v.sku);
-        Ok(views)
+        let views = try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await?;
+        let next = if more {
+            views.last().map(|v| v.sku)
+        } else {
+            None
+        };
+        Ok((views, next))
+    }
+
+    /// Reads every SKU, sorted by id, a page at a time (tests, metrics:
+    /// callers that know the catalog is small).
+    ///
+    /// # Errors
+    /// `Overloaded` when a SKU's mailbox is full.
+    pub async fn skus(&self) -> Result<Vec<SkuView>, EngineError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        // The catalog holds at most SKUS_MAX, so this many pages reach its end.
+        for _ in 0..=SKUS_MAX.div_ceil(SKUS_PAGE_MAX) {
+            let (page, next) = self.skus_page(after, SKUS_PAGE_MAX).await?;
+            all.extend(page);
+            match next {
+                Some(id) => after = Some(id),
+                None => return Ok(all),
+            }
+        }
+        Err(EngineError::Domain(DomainError::inconsistent(
+            "the SKU index is longer than the catalog's bound",
+        )))
     }
 
     /// The first `limit` SKUs in id order, and how many SKUs there are: a

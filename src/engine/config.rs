@@ -75,4 +75,6 @@ pub struct NewSku {
     pub stock: u64,
     /// Most units per user, or none.
     pub per_user_limit: Option<u32>,
+    /// When it sells (the default: at any time).
+    pub sale: SaleWindow,
 }

@@ -39,6 +39,7 @@ mod runtime;
 mod shard;
 mod sku;
 
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -57,6 +58,7 @@ use crate::domain::event::{ReleaseReason, SkuQty};
 use crate::domain::idem::{IdemBook, Lookup};
 use crate::domain::order::Order;
 use crate::domain::promo::{CreateRefusal, Promotion, Promotions};
+use crate::domain::sale::{SalePatch, SaleWindow};
 use crate::domain::sku::{SkuState, SkuView};
 use crate::domain::{
     DomainError, Event, IdemStamp, IdempotencyKey, OrderId, OrderStatus, PaymentRef, PromoCode,
@@ -66,6 +68,7 @@ use crate::journal::{Journal, JournalStats, RELAXED_AHEAD_MS_MAX, Seq};
 use crate::limits::{
     ACTOR_THREADS_DEFAULT, CHECKOUT_ATTEMPTS_MAX, ORDER_SHARD_MAILBOX, ORDER_SHARDS_DEFAULT,
     ORDER_SHARDS_MAX, ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX,
+    SKUS_PAGE_MAX,
 };
 use health::Health;
 use reply::send;
@@ -81,6 +84,12 @@ struct Inner {
     config: EngineConfig,
     journal: Arc<dyn Journal>,
     skus: Arc<SkuRegistry>,
+    /// Every SKU id in order, for paged listing without walking (or
+    /// cloning) the registry. SKUs are never removed.
+    ///
+    /// Invariant: holds exactly the registry's keys once `create_sku`
+    /// returns (it is added to under `create_lock`, after the registry).
+    sku_index: RwLock<BTreeSet<SkuId>>,
     routes: Arc<OrderRoutes>,
     shards: Vec<Arc<Addr<OrderShard>>>,
     shared: Arc<ShardContext>,
@@ -186,6 +195,7 @@ impl Engine {
         // as it runs, and every SKU it names must be registered by then.
         let registry: Arc<SkuRegistry> = Arc::new(SkuRegistry::new());
         let sku_count = skus.len();
+        let sku_index: BTreeSet<SkuId> = skus.keys().copied().collect();
         {
             let deps = SkuDeps {
                 journal: &journal,
@@ -226,6 +236,7 @@ impl Engine {
             config,
             journal,
             skus: registry,
+            sku_index: RwLock::new(sku_index),
             shards,
             shared,
             promotions: RwLock::new(promotions),
@@ -381,7 +392,7 @@ fn spawn_sku_actor(
 ) {
     let id = state.id();
     let hint = Arc::new(SkuHint::default());
-    hint.publish(state.levels().available, seq);
+    hint.publish(state.levels().available, state.sale(), seq);
     let actor = SkuActor::new(
         state,
         Arc::clone(&hint),

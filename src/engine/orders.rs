@@ -40,12 +40,24 @@ impl Engine {
         }
     }
 
+    /// Answers `SaleNotStarted` or `SaleEnded` when a SKU's hint says its
+    /// sale window is closed now, once the state that answer saw is durable.
+    /// Like the sold-out answer, it costs no mailbox round trip; the actor
+    /// checks the window again when it decides.
+    async fn refuse_if_closed(&self, handle: &SkuHandle) -> Result<(), EngineError> {
+        match handle.hint.closed_at(handle.id, self.now_ms()) {
+            None => Ok(()),
+            Some((refusal, seen)) => self.refuse(seen, refusal.into()).await,
+        }
+    }
+
     async fn reserve_at(
         &self,
         handle: Arc<SkuHandle>,
         user: UserId,
         qty: u32,
     ) -> Result<Reservation, EngineError> {
+        self.refuse_if_closed(&handle).await?;
         self.refuse_if_sold_out(handle.id, handle.hint.sold_out_for(qty))
             .await?;
         let (reply, rx) = reply_channel();
@@ -79,22 +91,27 @@ impl Engine {
         promo: Option<PromoCode>,
         idem: Option<IdemStamp>,
     ) -> Result<Order, EngineError> {
-        // The flash-sale fast path: a single line of a sold-out SKU is
-        // refused from the hint, before any allocation.
+        // The flash-sale fast path: a single line of a SKU whose sale is
+        // closed, or that is sold out, is refused from the hint, before any
+        // allocation.
         if let [line] = items {
             validate::qty(line.qty)?;
-            let sold_out = self
-                .inner
-                .skus
-                .get(&line.sku)
-                .ok_or_else(|| EngineError::sku_not_found(line.sku))?
-                .hint
-                .sold_out_for(line.qty);
-            if sold_out.is_some() {
+            let refused = {
+                let handle = self
+                    .inner
+                    .skus
+                    .get(&line.sku)
+                    .ok_or_else(|| EngineError::sku_not_found(line.sku))?;
+                handle.hint.closed_at(line.sku, self.now_ms()).or_else(|| {
+                    let seen = handle.hint.sold_out_for(line.qty)?;
+                    Some((DomainError::OutOfStock { sku: line.sku }, seen))
+                })
+            };
+            if let Some((refusal, seen)) = refused {
                 if let Some(code) = promo {
                     self.promotion(code)?;
                 }
-                self.refuse_if_sold_out(line.sku, sold_out).await?;
+                return self.refuse(seen, refusal.into()).await;
             }
         }
         let lines = validate::merge_lines(items)?;
@@ -142,7 +159,8 @@ impl Engine {
         // Reversed: the placement pops its next line off the end.
         for line in lines.iter().rev() {
             let handle = self.sku_handle(&line.sku)?;
-            // Refuse a sold-out line before holding anything.
+            // Refuse a closed or sold-out line before holding anything.
+            self.refuse_if_closed(&handle).await?;
             self.refuse_if_sold_out(handle.id, handle.hint.sold_out_for(line.qty))
                 .await?;
             pending.push((handle, line.qty, self.next_order_id()));

@@ -8,10 +8,12 @@
 //! Order events that move this SKU's units were decided and journaled by an
 //! order shard; the SKU only applies them ([`ApplyEvent`]).
 //!
-//! The actor publishes `available` and the sequence number of its last
-//! applied event in a [`SkuHint`], so a sold-out SKU can answer
-//! `out_of_stock` without a mailbox round trip. The hint only ever refuses:
-//! the actor stays the only authority that grants units.
+//! The actor publishes `available`, its sale window and the sequence number
+//! of its last applied event in a [`SkuHint`], so a sold-out SKU can answer
+//! `out_of_stock`, and a SKU outside its sale window `sale_not_started` or
+//! `sale_ended`, without a mailbox round trip. The hint only ever refuses:
+//! the actor stays the only authority that grants units, and checks the
+//! window again itself.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,9 +27,10 @@ use crate::domain::event::SkuQty;
 use crate::domain::idem::IdemBook;
 use crate::domain::order::{Order, ReservedLine};
 use crate::domain::promo::Promotion;
+use crate::domain::sale::{SalePatch, SaleWindow};
 use crate::domain::sku::{SkuState, SkuView};
 use crate::domain::state::apply_to_sku;
-use crate::domain::{Event, IdemStamp, OrderId, SkuId, UserId};
+use crate::domain::{DomainError, Event, IdemStamp, OrderId, SkuId, UserId};
 use crate::engine::health::Alive;
 use crate::engine::shard::{OrderShard, Place, Placed};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
@@ -41,19 +44,62 @@ use crate::journal::{Journal, Seq};
 const RELEASE_RETRY_FIRST_MS: u64 = 10;
 const RELEASE_RETRY_MAX_MS: u64 = 1_000;
 
+/// The hint's `sale_starts_at_ms` when the SKU has no start: every moment
+/// is at or after it.
+const NO_START_MS: u64 = 0;
+/// The hint's `sale_ends_at_ms` when the SKU has no end: no moment reaches it.
+const NO_END_MS: u64 = u64::MAX;
+
 /// What a SKU actor publishes for callers that must not wait for it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SkuHint {
     available: AtomicU64,
+    /// The sale window, `[sale_starts_at_ms, sale_ends_at_ms)`, with
+    /// [`NO_START_MS`] and [`NO_END_MS`] for an open side.
+    sale_starts_at_ms: AtomicU64,
+    sale_ends_at_ms: AtomicU64,
     last_seq: AtomicU64,
 }
 
+impl Default for SkuHint {
+    fn default() -> SkuHint {
+        SkuHint {
+            available: AtomicU64::new(0),
+            sale_starts_at_ms: AtomicU64::new(NO_START_MS),
+            sale_ends_at_ms: AtomicU64::new(NO_END_MS),
+            last_seq: AtomicU64::new(0),
+        }
+    }
+}
+
 impl SkuHint {
-    pub(crate) fn publish(&self, available: u64, seq: Seq) {
-        // Sequence first: a reader that sees the new `available` also sees a
-        // sequence number at least as new (release/acquire pairing).
+    pub(crate) fn publish(&self, available: u64, sale: SaleWindow, seq: Seq) {
+        // Sequence first: a reader that sees the new `available` or window
+        // also sees a sequence number at least as new (release/acquire
+        // pairing).
         self.last_seq.fetch_max(seq, Ordering::Release);
+        self.sale_starts_at_ms
+            .store(sale.starts_at_ms.unwrap_or(NO_START_MS), Ordering::Release);
+        self.sale_ends_at_ms
+            .store(sale.ends_at_ms.unwrap_or(NO_END_MS), Ordering::Release);
         self.available.store(available, Ordering::Release);
+    }
+
+    /// When the SKU cannot be ordered at `now_ms` (its sale has not started
+    /// or has ended), the refusal and the sequence number it depends on;
+    /// `None` when the actor must decide. Two atomic loads: as cheap as
+    /// [`SkuHint::sold_out_for`].
+    pub(crate) fn closed_at(&self, sku: SkuId, now_ms: u64) -> Option<(DomainError, Seq)> {
+        let starts_at_ms = self.sale_starts_at_ms.load(Ordering::Acquire);
+        let ends_at_ms = self.sale_ends_at_ms.load(Ordering::Acquire);
+        let refusal = if now_ms < starts_at_ms {
+            DomainError::SaleNotStarted { sku, starts_at_ms }
+        } else if now_ms >= ends_at_ms {
+            DomainError::SaleEnded { sku, ends_at_ms }
+        } else {
+            return None;
+        };
+        Some((refusal, self.last_seq.load(Ordering::Acquire)))
     }
 
     /// When fewer than `qty` units are available, the sequence number the
@@ -199,7 +245,8 @@ impl SkuActor {
                 self.state.id()
             );
         }
-        self.hint.publish(self.state.levels().available, seq);
+        self.hint
+            .publish(self.state.levels().available, self.state.sale(), seq);
     }
 
     fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
@@ -333,7 +380,7 @@ impl SkuActor {
         };
         let placed = self
             .state
-            .check_reserve(&msg.user, qty)
+            .check_reserve(&msg.user, qty, now_ms)
             .and_then(|()| {
                 Order::place(
                     msg.order_id,
@@ -495,6 +542,7 @@ pub(crate) struct Update {
     pub(crate) name: Option<String>,
     pub(crate) price_cents: Option<u64>,
     pub(crate) per_user_limit: Option<Option<u32>>,
+    pub(crate) sale: SalePatch,
     pub(crate) reply: Reply<SkuView>,
 }
 
@@ -505,7 +553,13 @@ impl Handler<Update> for SkuActor {
         let now_ms = self.clock.now_ms();
         let result = self
             .state
-            .decide_update(msg.name, msg.price_cents, msg.per_user_limit, now_ms)
+            .decide_update(
+                msg.name,
+                msg.price_cents,
+                msg.per_user_limit,
+                msg.sale,
+                now_ms,
+            )
             .map_err(EngineError::from)
             .and_then(|event| self.commit(&event))
             .map(|_| self.state.view());

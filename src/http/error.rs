@@ -33,6 +33,12 @@ pub enum ApiError {
     /// `409 limit_exceeded`.
     #[error("{0}")]
     LimitExceeded(String),
+    /// `409 sale_not_started`.
+    #[error("{0}")]
+    SaleNotStarted(String),
+    /// `409 sale_ended`.
+    #[error("{0}")]
+    SaleEnded(String),
     /// `409 invalid_transition`.
     #[error("{0}")]
     InvalidTransition(String),
@@ -42,6 +48,9 @@ pub enum ApiError {
     /// `409 payment_mismatch`.
     #[error("{0}")]
     PaymentMismatch(String),
+    /// `429 rate_limited`, with `Retry-After` in whole seconds (at least 1).
+    #[error("too many requests; retry in {0} s")]
+    RateLimited(u64),
     /// `413 payload_too_large`.
     #[error("the body is over {BODY_BYTES_MAX} bytes")]
     PayloadTooLarge,
@@ -66,9 +75,12 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::OutOfStock(_) => (StatusCode::CONFLICT, "out_of_stock"),
             ApiError::LimitExceeded(_) => (StatusCode::CONFLICT, "limit_exceeded"),
+            ApiError::SaleNotStarted(_) => (StatusCode::CONFLICT, "sale_not_started"),
+            ApiError::SaleEnded(_) => (StatusCode::CONFLICT, "sale_ended"),
             ApiError::InvalidTransition(_) => (StatusCode::CONFLICT, "invalid_transition"),
             ApiError::AlreadyExists(_) => (StatusCode::CONFLICT, "already_exists"),
             ApiError::PaymentMismatch(_) => (StatusCode::CONFLICT, "payment_mismatch"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::IdempotencyConflict => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_conflict")
@@ -98,6 +110,8 @@ impl From<DomainError> for ApiError {
             DomainError::Invalid(_) | DomainError::Overflow { .. } => ApiError::Invalid(message),
             DomainError::OutOfStock { .. } => ApiError::OutOfStock(message),
             DomainError::LimitExceeded { .. } => ApiError::LimitExceeded(message),
+            DomainError::SaleNotStarted { .. } => ApiError::SaleNotStarted(message),
+            DomainError::SaleEnded { .. } => ApiError::SaleEnded(message),
             DomainError::InvalidTransition { .. } => ApiError::InvalidTransition(message),
             DomainError::PaymentMismatch { .. } => ApiError::PaymentMismatch(message),
             DomainError::Inconsistent(_) => {
@@ -134,25 +148,31 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::OutOfStock(m)
             | ApiError::LimitExceeded(m)
+            | ApiError::SaleNotStarted(m)
+            | ApiError::SaleEnded(m)
             | ApiError::InvalidTransition(m)
             | ApiError::AlreadyExists(m)
             | ApiError::PaymentMismatch(m)
             | ApiError::Overloaded(m)
             | ApiError::StorageUnavailable(m) => m,
-            other @ (ApiError::PayloadTooLarge | ApiError::IdempotencyConflict) => {
-                other.to_string()
-            }
+            other @ (ApiError::PayloadTooLarge
+            | ApiError::IdempotencyConflict
+            | ApiError::RateLimited(_)) => other.to_string(),
         }
     }
 }
 
-#[derive(serde::Serialize)]
-struct ErrorBody<'a> {
+/// The error body of every non-2xx answer (contract: "Errors").
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct ErrorBody<'a> {
     error: ErrorFields<'a>,
 }
 
-#[derive(serde::Serialize)]
-struct ErrorFields<'a> {
+/// The fields of [`ErrorBody`].
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorFields)]
+pub(crate) struct ErrorFields<'a> {
     code: &'a str,
     message: String,
 }
@@ -160,6 +180,11 @@ struct ErrorFields<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let retry_after_s = match self {
+            ApiError::RateLimited(seconds) => Some(seconds.max(1)),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
+            _ => None,
+        };
         let body = ErrorBody {
             error: ErrorFields {
                 code,
@@ -167,10 +192,10 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(seconds) = retry_after_s {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -197,6 +222,21 @@ mod tests {
                 409,
                 "limit_exceeded",
             ),
+            (
+                DomainError::SaleNotStarted {
+                    sku,
+                    starts_at_ms: 1,
+                }
+                .into(),
+                409,
+                "sale_not_started",
+            ),
+            (
+                DomainError::SaleEnded { sku, ends_at_ms: 1 }.into(),
+                409,
+                "sale_ended",
+            ),
+            (ApiError::RateLimited(3), 429, "rate_limited"),
             (EngineError::Overloaded.into(), 503, "overloaded"),
             (
                 EngineError::StorageUnavailable("disk".into()).into(),

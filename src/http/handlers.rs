@@ -22,9 +22,9 @@ use crate::http::idempotency::fingerprint;
 use crate::http::views::{
     CartItemBody, CartJson, CheckoutBody, ListQuery, NewSkuBody, OrderJson, OrderListJson,
     PatchSkuBody, PayBody, PlaceOrderBody, PromotionBody, PromotionJson, RefundBody, RestockBody,
-    SkuJson, SkuListJson,
+    SkuJson, SkuListJson, SkuListQuery,
 };
-use crate::limits::{ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX};
+use crate::limits::{ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX, SKUS_PAGE_DEFAULT, SKUS_PAGE_MAX};
 
 type Answer = Result<Response, ApiError>;
 
@@ -102,6 +102,7 @@ pub async fn create_sku(
     Admin(_): Admin,
     ApiJson(body): ApiJson<NewSkuBody>,
 ) -> Answer {
+    let sale = body.sale()?;
     let engine = state.backend.engine()?;
     let view = engine
         .create_sku(NewSku {
@@ -110,6 +111,7 @@ pub async fn create_sku(
             price_cents: body.price_cents,
             stock: body.stock,
             per_user_limit: body.per_user_limit,
+            sale,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(SkuJson::from(&view))).into_response())
@@ -122,10 +124,22 @@ pub async fn get_sku(State(state): State<AppState>, ApiPath(id): ApiPath<String>
     Ok(json(StatusCode::OK, &SkuJson::from(&view)))
 }
 
-/// `GET /v1/skus`.
-pub async fn list_skus(State(state): State<AppState>) -> Answer {
-    let views = state.backend.engine()?.skus().await?;
-    Ok(Json(SkuListJson::new(&views)).into_response())
+/// `GET /v1/skus`: one page in id order, `?limit=` and `?after=`.
+pub async fn list_skus(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<SkuListQuery>,
+) -> Answer {
+    let limit = match query.limit.as_deref() {
+        None => SKUS_PAGE_DEFAULT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=SKUS_PAGE_MAX).contains(n))
+            .ok_or_else(|| ApiError::invalid(format!("limit must be 1 to {SKUS_PAGE_MAX}")))?,
+    };
+    let after = query.after.as_deref().map(sku_id).transpose()?;
+    let (views, next) = state.backend.engine()?.skus_page(after, limit).await?;
+    Ok(Json(SkuListJson::new(&views, next.as_ref())).into_response())
 }
 
 /// `PATCH /v1/skus/{sku_id}` (admin).
@@ -136,10 +150,11 @@ pub async fn patch_sku(
     ApiJson(body): ApiJson<PatchSkuBody>,
 ) -> Answer {
     let sku = sku_id(&id)?;
+    let sale = body.sale()?;
     let view = state
         .backend
         .engine()?
-        .update_sku(sku, body.name, body.price_cents, body.per_user_limit)
+        .update_sku(sku, body.name, body.price_cents, body.per_user_limit, sale)
         .await?;
     Ok(Json(SkuJson::from(&view)).into_response())
 }

@@ -17,6 +17,9 @@ mod handlers;
 pub mod idempotency;
 pub mod live;
 pub mod metrics;
+pub mod openapi;
+pub mod ratelimit;
+pub mod routes;
 pub mod views;
 
 use std::future::Future;
@@ -32,7 +35,6 @@ use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
@@ -154,6 +156,8 @@ pub struct Shared {
     pub body_reads: Arc<Semaphore>,
     /// The live dashboard's counters and snapshot (`live.rs`).
     pub live: Arc<Live>,
+    /// Per-caller rate limits, when on (`--rate-limit`).
+    pub rate_limiter: Option<Arc<ratelimit::RateLimiter>>,
 }
 
 impl AppState {
@@ -165,6 +169,7 @@ impl AppState {
         backend: Arc<Backend>,
         keys: JwtKeys,
         max_in_flight: usize,
+        rate_limit: Option<std::num::NonZeroU32>,
     ) -> Result<AppState, prometheus::Error> {
         Ok(AppState(Arc::new(Shared {
             backend,
@@ -176,6 +181,7 @@ impl AppState {
             )),
             body_reads: Arc::new(Semaphore::new(BODY_READS_MAX)),
             live: Arc::new(Live::default()),
+            rate_limiter: rate_limit.map(|rate| Arc::new(ratelimit::RateLimiter::new(rate))),
         })))
     }
 }
@@ -226,6 +232,10 @@ where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
+    // Over its rate: answered before anything else (`ratelimit.rs`).
+    if let Some(refused) = ratelimit::refuse(state, &request) {
+        return refused;
+    }
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -399,42 +409,23 @@ async fn place_order_direct(state: AppState, request: Request) -> Response {
         .into_response()
 }
 
-/// The router with every route and layer.
+/// The router with every route and layer. The routes come from the one
+/// table the OpenAPI document is built from too (`routes.rs`).
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route(
-            "/v1/skus",
-            post(handlers::create_sku).get(handlers::list_skus),
-        )
-        .route(
-            "/v1/skus/{sku_id}",
-            get(handlers::get_sku).patch(handlers::patch_sku),
-        )
-        .route("/v1/skus/{sku_id}/restock", post(handlers::restock))
-        .route("/v1/promotions", post(handlers::create_promotion))
-        .route(
-            ORDERS_PATH,
-            post(handlers::place_order).get(handlers::list_orders),
-        )
-        .route("/v1/orders/{order_id}", get(handlers::get_order))
-        .route("/v1/orders/{order_id}/pay", post(handlers::pay))
-        .route("/v1/orders/{order_id}/cancel", post(handlers::cancel))
-        .route("/v1/orders/{order_id}/ship", post(handlers::ship))
-        .route("/v1/orders/{order_id}/deliver", post(handlers::deliver))
-        .route("/v1/orders/{order_id}/refund", post(handlers::refund))
-        .route(
-            "/v1/cart",
-            get(handlers::get_cart).delete(handlers::clear_cart),
-        )
-        .route("/v1/cart/items/{sku_id}", put(handlers::put_cart_item))
-        .route("/v1/cart/checkout", post(handlers::checkout))
-        .route("/v1/stream", get(live::stream));
-    Router::new()
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
-        .route("/dashboard", get(live::dashboard))
-        .merge(api)
+    let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
+        std::collections::BTreeMap::new();
+    for route in routes::table() {
+        let merged = match by_path.remove(route.doc.path) {
+            Some(earlier) => earlier.merge(route.handler),
+            None => route.handler,
+        };
+        by_path.insert(route.doc.path, merged);
+    }
+    let mut router = Router::new();
+    for (path, methods) in by_path {
+        router = router.route(path, methods);
+    }
+    router
         .route_layer(middleware::from_fn_with_state(state.clone(), front))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found)

@@ -8,7 +8,11 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use crate::domain::sale::{SalePatch, SaleWindow};
+use crate::http::error::ApiError;
+
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 
 use crate::domain::cart::Cart;
 use crate::domain::event::SkuQty;
@@ -22,11 +26,32 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// Reads an RFC 3339 UTC time (`2026-01-01T09:00:00Z`, fractions allowed)
+/// as unix milliseconds.
+///
+/// # Errors
+/// `400` for anything else: another offset, a time before 1970, not a time.
+pub fn parse_rfc3339(field: &str, text: &str) -> Result<u64, ApiError> {
+    let bad = || {
+        ApiError::invalid(format!(
+            "{field} must be an RFC 3339 UTC time such as 2026-01-01T09:00:00Z, not {text:?}"
+        ))
+    };
+    let at = humantime::parse_rfc3339(text).map_err(|_| bad())?;
+    let since = at.duration_since(UNIX_EPOCH).map_err(|_| bad())?;
+    u64::try_from(since.as_millis()).map_err(|_| bad())
+}
+
+fn parse_optional_time(field: &str, text: Option<&str>) -> Result<Option<u64>, ApiError> {
+    text.map(|t| parse_rfc3339(field, t)).transpose()
+}
+
 /// `POST /v1/skus`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSkuBody {
     /// The id.
+    #[schema(value_type = String)]
     pub sku_id: SkuId,
     /// The name.
     pub name: String,
@@ -37,16 +62,37 @@ pub struct NewSkuBody {
     /// Most units per user; absent or `null` for none.
     #[serde(default)]
     pub per_user_limit: Option<u32>,
+    /// When the sale opens (RFC 3339 UTC); absent or `null` for always.
+    #[serde(default)]
+    pub sale_starts_at: Option<String>,
+    /// When the sale closes (RFC 3339 UTC); absent or `null` for never.
+    #[serde(default)]
+    pub sale_ends_at: Option<String>,
+}
+
+impl NewSkuBody {
+    /// The sale window the body asks for (checked by the domain).
+    ///
+    /// # Errors
+    /// `400` for a time that is not RFC 3339 UTC.
+    pub fn sale(&self) -> Result<SaleWindow, ApiError> {
+        Ok(SaleWindow {
+            starts_at_ms: parse_optional_time("sale_starts_at", self.sale_starts_at.as_deref())?,
+            ends_at_ms: parse_optional_time("sale_ends_at", self.sale_ends_at.as_deref())?,
+        })
+    }
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null`
 /// (`Some(None)`), for `PATCH`.
-fn double_option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
-    Option::<u32>::deserialize(d).map(Some)
+fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// `PATCH /v1/skus/{sku_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchSkuBody {
     /// New name.
@@ -57,11 +103,39 @@ pub struct PatchSkuBody {
     pub price_cents: Option<u64>,
     /// New limit; `null` makes it unlimited.
     #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<u32>)]
     pub per_user_limit: Option<Option<u32>>,
+    /// New sale start; `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub sale_starts_at: Option<Option<String>>,
+    /// New sale end; `null` clears it.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub sale_ends_at: Option<Option<String>>,
+}
+
+impl PatchSkuBody {
+    /// The change to the sale window the body asks for.
+    ///
+    /// # Errors
+    /// `400` for a time that is not RFC 3339 UTC.
+    pub fn sale(&self) -> Result<SalePatch, ApiError> {
+        let field = |name: &str, value: &Option<Option<String>>| {
+            value
+                .as_ref()
+                .map(|set| parse_optional_time(name, set.as_deref()))
+                .transpose()
+        };
+        Ok(SalePatch {
+            starts_at_ms: field("sale_starts_at", &self.sale_starts_at)?,
+            ends_at_ms: field("sale_ends_at", &self.sale_ends_at)?,
+        })
+    }
 }
 
 /// `POST /v1/skus/{sku_id}/restock`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestockBody {
     /// Units added.
@@ -69,10 +143,11 @@ pub struct RestockBody {
 }
 
 /// `POST /v1/promotions`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromotionBody {
     /// The code.
+    #[schema(value_type = String)]
     pub code: PromoCode,
     /// Smallest subtotal it applies to.
     pub threshold_cents: u64,
@@ -81,10 +156,11 @@ pub struct PromotionBody {
 }
 
 /// One `{sku_id, qty}` line of a request.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineBody {
     /// The SKU.
+    #[schema(value_type = String)]
     pub sku_id: SkuId,
     /// Units.
     pub qty: u32,
@@ -100,37 +176,40 @@ impl From<LineBody> for SkuQty {
 }
 
 /// `POST /v1/orders`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderBody {
     /// The lines.
     pub items: Vec<LineBody>,
     /// A promotion code.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub promo_code: Option<PromoCode>,
 }
 
 /// `POST /v1/cart/checkout` (the body may be absent).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckoutBody {
     /// A promotion code.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub promo_code: Option<PromoCode>,
 }
 
 /// `POST /v1/orders/{order_id}/pay`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PayBody {
     /// The provider's reference.
+    #[schema(value_type = String)]
     pub payment_ref: PaymentRef,
     /// What was paid.
     pub amount_cents: u64,
 }
 
 /// `POST /v1/orders/{order_id}/refund`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundBody {
     /// What to refund.
@@ -141,7 +220,7 @@ pub struct RefundBody {
 }
 
 /// `PUT /v1/cart/items/{sku_id}`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CartItemBody {
     /// Units (0 removes the line).
@@ -161,12 +240,15 @@ pub struct ListQuery {
 }
 
 /// A SKU (contract: "SKU").
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Sku)]
 pub struct SkuJson<'a> {
     sku_id: &'a str,
     name: &'a str,
     price_cents: u64,
     per_user_limit: Option<u32>,
+    sale_starts_at: Option<String>,
+    sale_ends_at: Option<String>,
     on_hand: u64,
     available: u64,
     reserved: u64,
@@ -181,6 +263,8 @@ impl<'a> From<&'a SkuView> for SkuJson<'a> {
             name: &v.name,
             price_cents: v.price_cents,
             per_user_limit: v.per_user_limit,
+            sale_starts_at: v.sale.starts_at_ms.map(rfc3339),
+            sale_ends_at: v.sale.ends_at_ms.map(rfc3339),
             on_hand: v.levels.on_hand,
             available: v.levels.available,
             reserved: v.levels.reserved,
@@ -190,23 +274,41 @@ impl<'a> From<&'a SkuView> for SkuJson<'a> {
     }
 }
 
-/// `{"skus": [...]}`.
-#[derive(Debug, Serialize)]
+/// One page of SKUs: `{"skus": [...], "next": sku_id or null}`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SkuPage)]
 pub struct SkuListJson<'a> {
     skus: Vec<SkuJson<'a>>,
+    next: Option<&'a str>,
 }
 
 impl<'a> SkuListJson<'a> {
-    /// The list.
-    pub fn new(views: &'a [SkuView]) -> SkuListJson<'a> {
+    /// A page, and the id to pass as `after` for the next one (`None` on
+    /// the last page).
+    pub fn new(views: &'a [SkuView], next: Option<&'a SkuId>) -> SkuListJson<'a> {
         SkuListJson {
             skus: views.iter().map(SkuJson::from).collect(),
+            next: next.map(SkuId::as_str),
         }
     }
 }
 
-#[derive(Debug, Serialize)]
-struct LineJson<'a> {
+/// `GET /v1/skus` query.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkuListQuery {
+    /// Page size.
+    #[serde(default)]
+    pub limit: Option<String>,
+    /// The last id of the previous page (exclusive).
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// One line of an order.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = OrderLine)]
+pub struct LineJson<'a> {
     sku_id: &'a str,
     name: &'a str,
     qty: u32,
@@ -215,17 +317,22 @@ struct LineJson<'a> {
     refunded_qty: u32,
 }
 
-#[derive(Debug, Serialize)]
-struct HistoryJson {
+/// One entry of an order's history.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = StatusChange)]
+pub struct HistoryJson {
+    #[schema(value_type = String)]
     status: OrderStatus,
     at: String,
 }
 
 /// An order (contract: "Order").
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Order)]
 pub struct OrderJson<'a> {
     order_id: String,
     user_id: &'a str,
+    #[schema(value_type = String)]
     status: OrderStatus,
     lines: Vec<LineJson<'a>>,
     subtotal_cents: u64,
@@ -280,7 +387,8 @@ impl<'a> From<&'a Order> for OrderJson<'a> {
 }
 
 /// `{"orders": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = OrderList)]
 pub struct OrderListJson<'a> {
     orders: Vec<OrderJson<'a>>,
 }
@@ -294,14 +402,17 @@ impl<'a> OrderListJson<'a> {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct CartLineJson<'a> {
+/// One line of a cart.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CartLine)]
+pub struct CartLineJson<'a> {
     sku_id: &'a str,
     qty: u32,
 }
 
 /// A cart: `{"items": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Cart)]
 pub struct CartJson<'a> {
     items: Vec<CartLineJson<'a>>,
 }
@@ -322,7 +433,8 @@ impl<'a> From<&'a Cart> for CartJson<'a> {
 }
 
 /// A promotion.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Promotion)]
 pub struct PromotionJson<'a> {
     code: &'a str,
     threshold_cents: u64,

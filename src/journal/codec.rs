@@ -21,14 +21,24 @@
 //! fails any check is never applied.
 //!
 //! A snapshot file is framed the same way behind an 8-byte magic.
+//!
+//! Versions: 1 is the first format. 2 added sale windows: two `Event`
+//! variants appended at the end (bincode numbers variants by position, so
+//! every version 1 record decodes unchanged as version 2) and a sale window
+//! in each snapshot SKU (a version 1 snapshot is read through its own types,
+//! [`decode_snapshot_versioned`]). Records and snapshots are written in
+//! [`FORMAT_VERSION`]; both versions are read.
 
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Event;
 use crate::journal::Seq;
 
-/// The current record and snapshot format.
-pub const FORMAT_VERSION: u8 = 1;
+/// The current record and snapshot format, the one written.
+pub const FORMAT_VERSION: u8 = 2;
+
+/// The oldest format this build still reads.
+pub const FORMAT_VERSION_MIN: u8 = 1;
 
 /// Largest encoded event. The largest legal event (an order of 100 lines
 /// with 200-character, 4-byte-per-character names, 64-byte ids and a
@@ -122,17 +132,18 @@ fn frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// A frame's payload and where the next frame starts, or why the frame is
-/// unreadable. `Err((error, Some(next)))` means the frame's length was
-/// readable (only its content is bad), so later frames can still be found.
-type Framed<'a> = Result<(&'a [u8], usize), (CodecError, Option<usize>)>;
+/// A frame's version, payload and where the next frame starts, or why the
+/// frame is unreadable. `Err((error, Some(next)))` means the frame's length
+/// was readable (only its content is bad), so later frames can still be
+/// found.
+type Framed<'a> = Result<(u8, &'a [u8], usize), (CodecError, Option<usize>)>;
 
 /// Reads the frame at the start of `bytes` (more frames may follow).
 fn unframe_prefix(bytes: &[u8], limit: u64) -> Framed<'_> {
     let Some((&version, rest)) = bytes.split_first() else {
         return Err((CodecError::Truncated("empty record"), None));
     };
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
         return Err((CodecError::UnknownVersion(version), None));
     }
     if bytes.len() < HEADER_BYTES {
@@ -153,16 +164,17 @@ fn unframe_prefix(bytes: &[u8], limit: u64) -> Framed<'_> {
     if crc32c::crc32c(payload) != crc {
         return Err((CodecError::BadChecksum, Some(end)));
     }
-    Ok((payload, end))
+    Ok((version, payload, end))
 }
 
-/// Checks a frame that must fill `bytes` exactly and returns its payload.
-fn unframe(bytes: &[u8], limit: u64) -> Result<&[u8], CodecError> {
-    let (payload, end) = unframe_prefix(bytes, limit).map_err(|(e, _)| e)?;
+/// Checks a frame that must fill `bytes` exactly and returns its version
+/// and payload.
+fn unframe(bytes: &[u8], limit: u64) -> Result<(u8, &[u8]), CodecError> {
+    let (version, payload, end) = unframe_prefix(bytes, limit).map_err(|(e, _)| e)?;
     if end != bytes.len() {
         return Err(CodecError::Truncated("payload length differs from header"));
     }
-    Ok(payload)
+    Ok((version, payload))
 }
 
 fn decode_payload(seq: Seq, payload: &[u8]) -> Result<Event, CodecError> {
@@ -214,7 +226,9 @@ impl Iterator for BlockRecords<'_> {
         let offset = self.offset;
         let rest = &self.bytes[offset..];
         let event = match unframe_prefix(rest, RECORD_BYTES_MAX as u64) {
-            Ok((payload, end)) => {
+            // Every known version decodes with today's `Event` (see the
+            // module doc).
+            Ok((_version, payload, end)) => {
                 self.offset += end;
                 decode_payload(seq, payload)
             }
@@ -274,7 +288,7 @@ const RECORD_BYTES_TYPICAL: usize = 256;
 /// # Errors
 /// Any [`CodecError`]: the record must not be applied.
 pub fn decode(seq: Seq, bytes: &[u8]) -> Result<Event, CodecError> {
-    let payload = unframe(bytes, RECORD_BYTES_MAX as u64)?;
+    let (_version, payload) = unframe(bytes, RECORD_BYTES_MAX as u64)?;
     decode_payload(seq, payload)
 }
 
@@ -294,15 +308,14 @@ pub fn encode_snapshot<T: Serialize>(body: &T) -> Result<Vec<u8>, CodecError> {
     Ok(out)
 }
 
-/// Decodes a snapshot written by [`encode_snapshot`].
-///
-/// # Errors
-/// Any [`CodecError`]: the snapshot must not be used.
-pub fn decode_snapshot<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
+fn snapshot_payload(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     let framed = bytes
         .strip_prefix(SNAPSHOT_MAGIC.as_slice())
         .ok_or(CodecError::Truncated("not a snapshot (magic)"))?;
-    let payload = unframe(framed, SNAPSHOT_BYTES_MAX)?;
+    unframe(framed, SNAPSHOT_BYTES_MAX)
+}
+
+fn decode_snapshot_body<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, CodecError> {
     let (body, used): (T, usize) = bincode::serde::decode_from_slice(payload, snapshot_config())
         .map_err(|e| CodecError::Undecodable(e.to_string()))?;
     if used != payload.len() {
@@ -311,6 +324,48 @@ pub fn decode_snapshot<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, 
         ));
     }
     Ok(body)
+}
+
+/// Decodes a snapshot written by [`encode_snapshot`] in the current format.
+///
+/// # Errors
+/// Any [`CodecError`] (`UnknownVersion` for an older format too): the
+/// snapshot must not be used.
+pub fn decode_snapshot<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (version, payload) = snapshot_payload(bytes)?;
+    if version != FORMAT_VERSION {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    decode_snapshot_body(payload)
+}
+
+/// A snapshot body in the format it was written in.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Versioned<Current, V1> {
+    /// [`FORMAT_VERSION`].
+    Current(Current),
+    /// Version 1 (before sale windows).
+    V1(V1),
+}
+
+/// Decodes a snapshot of any format this build reads: `Current` as
+/// [`FORMAT_VERSION`] wrote it, `V1` as version 1 did. The caller converts.
+///
+/// # Errors
+/// Any [`CodecError`]: the snapshot must not be used.
+pub fn decode_snapshot_versioned<Current, V1>(
+    bytes: &[u8],
+) -> Result<Versioned<Current, V1>, CodecError>
+where
+    Current: for<'de> Deserialize<'de>,
+    V1: for<'de> Deserialize<'de>,
+{
+    const _: () = assert!(FORMAT_VERSION == 2, "name the reader of each version here");
+    match snapshot_payload(bytes)? {
+        (1, payload) => decode_snapshot_body(payload).map(Versioned::V1),
+        (FORMAT_VERSION, payload) => decode_snapshot_body(payload).map(Versioned::Current),
+        (version, _) => Err(CodecError::UnknownVersion(version)),
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +397,19 @@ mod tests {
                 fingerprint,
             },
         ))
+    }
+
+    fn sale() -> impl Strategy<Value = crate::domain::sale::SaleWindow> {
+        (
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(
+                |(starts_at_ms, ends_at_ms)| crate::domain::sale::SaleWindow {
+                    starts_at_ms,
+                    ends_at_ms,
+                },
+            )
     }
 
     fn lines() -> impl Strategy<Value = Vec<SkuQty>> {
@@ -422,6 +490,36 @@ mod tests {
                         name,
                         price_cents,
                         per_user_limit,
+                        at_ms,
+                    }
+                }),
+            (sku(), ".{1,20}", any::<u64>(), sale(), any::<u64>()).prop_map(
+                |(sku, name, stock, sale, at_ms)| {
+                    Event::SkuCreatedWithSale {
+                        sku,
+                        name,
+                        price_cents: stock / 2,
+                        per_user_limit: None,
+                        stock,
+                        sale,
+                        at_ms,
+                    }
+                }
+            ),
+            (
+                sku(),
+                proptest::option::of(".{1,10}"),
+                proptest::option::of(proptest::option::of(any::<u32>())),
+                sale(),
+                any::<u64>()
+            )
+                .prop_map(|(sku, name, per_user_limit, sale, at_ms)| {
+                    Event::SkuUpdatedWithSale {
+                        sku,
+                        name,
+                        price_cents: None,
+                        per_user_limit,
+                        sale,
                         at_ms,
                     }
                 }),
@@ -656,6 +754,47 @@ mod tests {
         assert_eq!(outcome, vec![true, true, true, false]);
         // Stored under the wrong first sequence number, every record is refused.
         assert!(block_records(11, &block).all(|r| r.event.is_err()));
+    }
+
+    /// `SkuCreated` (SKU `tee`, price 1500, limit 2, 7 units, at 1000) as
+    /// format 1 wrote it under sequence 3, before sale windows.
+    const V1_SKU_CREATED_HEX: &str = "01130000003549c56f03000374656503546565fbdc05010207fbe803";
+
+    #[test]
+    fn a_format_1_record_still_decodes() {
+        let bytes: Vec<u8> = (0..V1_SKU_CREATED_HEX.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&V1_SKU_CREATED_HEX[i..i + 2], 16).expect("hex"))
+            .collect();
+        assert_eq!(bytes[0], 1, "written by format 1");
+        assert_eq!(
+            decode(3, &bytes),
+            Ok(Event::SkuCreated {
+                sku: SkuId::parse("tee").expect("valid"),
+                name: "Tee".into(),
+                price_cents: 1_500,
+                per_user_limit: Some(2),
+                stock: 7,
+                at_ms: 1_000,
+            })
+        );
+        // A version-0 frame is not a format.
+        let mut zero = bytes.clone();
+        zero[0] = 0;
+        assert_eq!(decode(3, &zero), Err(CodecError::UnknownVersion(0)));
+    }
+
+    #[test]
+    fn new_records_are_written_in_the_current_format() {
+        let event = Event::CartCleared {
+            user: UserId::parse("u").expect("valid"),
+            at_ms: 1,
+        };
+        assert_eq!(encode(1, &event).expect("encodes")[0], FORMAT_VERSION);
+        assert_eq!(
+            encode_snapshot(&7u64).expect("encodes")[SNAPSHOT_MAGIC.len()],
+            FORMAT_VERSION
+        );
     }
 
     #[test]

@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 use crate::domain::book::OrderBook;
-use crate::domain::idem::{IdemBook, StoredIdemRecord};
+use crate::domain::idem::{IdemBook, StoredIdemRecord, StoredIdemRecordV1};
 use crate::domain::promo::Promotions;
-use crate::domain::sku::SkuState;
+use crate::domain::sku::{SkuState, SkuStateV1};
 use crate::domain::state::OpenReservation;
 use crate::domain::{Event, OrderId, SkuId, State};
 use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
@@ -83,6 +83,37 @@ struct SnapshotBody {
     idem: Vec<StoredIdemRecord>,
     open_reservations: BTreeMap<OrderId, OpenReservation>,
     next_id: u64,
+}
+
+/// Snapshot format 1 (before sale windows): its SKUs and the SKUs in its
+/// idempotency records have no window. Read only, converted on load.
+#[derive(Deserialize)]
+struct SnapshotBodyV1 {
+    seq: Seq,
+    skus: BTreeMap<SkuId, SkuStateV1>,
+    orders: OrderBook,
+    promotions: Promotions,
+    idem: Vec<StoredIdemRecordV1>,
+    open_reservations: BTreeMap<OrderId, OpenReservation>,
+    next_id: u64,
+}
+
+impl From<SnapshotBodyV1> for SnapshotBody {
+    fn from(v: SnapshotBodyV1) -> SnapshotBody {
+        SnapshotBody {
+            seq: v.seq,
+            skus: v
+                .skus
+                .into_iter()
+                .map(|(id, sku)| (id, sku.into()))
+                .collect(),
+            orders: v.orders,
+            promotions: v.promotions,
+            idem: v.idem.into_iter().map(StoredIdemRecord::from).collect(),
+            open_reservations: v.open_reservations,
+            next_id: v.next_id,
+        }
+    }
 }
 
 /// The snapshot format, borrowed (for writing); the same shape as
@@ -158,7 +189,14 @@ fn load_snapshot(dir: &Path) -> Result<(State, Seq), RecoveryError> {
                 continue;
             }
         };
-        match codec::decode_snapshot::<SnapshotBody>(&bytes) {
+        let decoded =
+            codec::decode_snapshot_versioned::<SnapshotBody, SnapshotBodyV1>(&bytes).map(|body| {
+                match body {
+                    codec::Versioned::Current(body) => body,
+                    codec::Versioned::V1(old) => old.into(),
+                }
+            });
+        match decoded {
             Ok(body) if body.seq == seq => {
                 let state = State {
                     skus: body.skus,
@@ -887,5 +925,72 @@ fn snapshot_loop(
         if shadow.due(policy) {
             shadow.snapshot(journal, dir)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::sale::SaleWindow;
+
+    fn unhex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// A snapshot written by format 1 (before sale windows), at sequence 2:
+    /// SKU `tee` (price 1500, limit 2, 7 units) restocked by 3 under the key
+    /// `k1` of `admin`. Bytes taken from the build before format 2.
+    const V1_SNAPSHOT_HEX: &str = "4643534e41500001015100000036bab2b90201037465650374656503546565fbdc0501020a0a0000000a0000000000010561646d696e026b3107070707070707070707070707070707fbd007010374656503546565fbdc0501020a0a0000000a0000";
+
+    #[test]
+    fn a_format_1_snapshot_still_loads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(snapshot_path(dir.path(), 2), unhex(V1_SNAPSHOT_HEX)).expect("written");
+        let (state, seq) = load_snapshot(dir.path()).expect("loads");
+        assert_eq!(seq, 2);
+        let sku = SkuId::parse("tee").expect("valid");
+        let tee = state.skus.get(&sku).expect("the SKU is there");
+        assert_eq!(tee.name(), "Tee");
+        assert_eq!(tee.price_cents(), 1_500);
+        assert_eq!(tee.levels().on_hand, 10);
+        assert_eq!(tee.sale(), SaleWindow::default());
+        let records = state.idem.to_sorted_vec();
+        assert_eq!(records.len(), 1, "the keyed restock's record");
+        match &records[0].outcome {
+            crate::domain::idem::Outcome::Sku(view) => {
+                assert_eq!(view.levels.on_hand, 10);
+                assert_eq!(view.sale, SaleWindow::default());
+            }
+            other => panic!("expected a SKU outcome, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_format_2_snapshot_keeps_the_sale_window() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut state = State::default();
+        let sale = SaleWindow::new(Some(1_000), Some(9_000)).expect("valid");
+        let created = SkuState::decide_create(
+            SkuId::parse("drop").expect("valid"),
+            "Drop".into(),
+            100,
+            None,
+            5,
+            sale,
+            0,
+        )
+        .expect("valid");
+        state.apply(&created).expect("applied");
+        write_snapshot(dir.path(), &state, 1).expect("written");
+        let (loaded, seq) = load_snapshot(dir.path()).expect("loads");
+        assert_eq!(seq, 1);
+        let drop = loaded
+            .skus
+            .get(&SkuId::parse("drop").expect("valid"))
+            .expect("there");
+        assert_eq!(drop.sale(), sale);
     }
 }

@@ -88,8 +88,8 @@ async fn serve_with_idle_limit(
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "accept failed; pausing");
                 tokio::time::sleep(Duration::from_millis(ACCEPT_BACKOFF_MS)).await;
@@ -100,7 +100,7 @@ async fn serve_with_idle_limit(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
         let activity = Arc::new(Activity::new());
-        let service = tracked_service(app.clone(), Arc::clone(&activity));
+        let service = tracked_service(app.clone(), Arc::clone(&activity), peer);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -221,14 +221,19 @@ impl HttpBody for Tracked {
 fn tracked_service(
     app: Front,
     activity: Arc<Activity>,
+    peer: std::net::SocketAddr,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
     Error = Infallible,
     Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
 > + Clone {
-    hyper::service::service_fn(move |request: Request<Incoming>| {
+    hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let in_progress = activity.begin();
+        // The client address, for rate limits on requests without a token.
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         let app = app.clone();
         async move {
             let response = app.call(request).await;

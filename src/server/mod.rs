@@ -60,6 +60,8 @@ pub struct ServeConfig {
     pub snapshots: SnapshotPolicy,
     /// The JWT secret from the environment, if set.
     pub jwt_secret: Option<String>,
+    /// Requests a second per caller (`--rate-limit`), or `None` for off.
+    pub rate_limit: Option<std::num::NonZeroU32>,
 }
 
 /// Why the server could not start or run.
@@ -337,6 +339,7 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
     };
     for sku in catalog.skus {
         let id = sku.sku_id;
+        let sale = sku.sale().map_err(|e| bad(format!("SKU {id}: {e}")))?;
         let created = engine
             .create_sku(NewSku {
                 sku: sku.sku_id,
@@ -344,6 +347,7 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
                 price_cents: sku.price_cents,
                 stock: sku.stock,
                 per_user_limit: sku.per_user_limit,
+                sale,
             })
             .await
             .map(|_| ());
@@ -502,8 +506,12 @@ pub async fn run(
         Arc::clone(&backend),
         JwtKeys::new(&secret),
         config.max_in_flight,
+        config.rate_limit,
     )
     .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
+    if let Some(limiter) = &state.rate_limiter {
+        limiter.spawn_evictor();
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", config.listen)))?;

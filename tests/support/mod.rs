@@ -13,6 +13,7 @@ use std::sync::Arc;
 use flashcore::domain::event::SkuQty;
 use flashcore::domain::idem::IdemBook;
 use flashcore::domain::order::{Order, OrderStatus};
+use flashcore::domain::sale::SaleWindow;
 use flashcore::domain::sku::SkuView;
 use flashcore::domain::{Event, SkuId, State, UserId};
 use flashcore::engine::{Caller, Engine, EngineConfig, ManualClock, NewSku};
@@ -85,6 +86,7 @@ pub async fn create(
             price_cents: price,
             stock,
             per_user_limit: limit,
+            sale: SaleWindow::default(),
         })
         .await
         .expect("SKU created")
