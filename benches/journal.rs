@@ -317,24 +317,61 @@ fn recovery_times(events: u64) {
     );
 }
 
+/// The state the poured events make, as the snapshotter's source: this
+/// bench drives the journal without an engine.
+#[derive(Default)]
+struct Replica {
+    state: std::sync::Mutex<(flashcore::domain::State, u64)>,
+}
+
+impl journal::SnapshotSource for Replica {
+    fn capture(&self) -> Result<journal::Capture, String> {
+        let held = self.state.lock().map_err(|e| e.to_string())?;
+        Ok(journal::Capture::whole(&held.0, held.1))
+    }
+}
+
+impl Replica {
+    fn pour(&self, journal: &SledJournal, events: impl Iterator<Item = Event>) -> u64 {
+        let mut n = 0;
+        for event in events {
+            let seq = loop {
+                match journal.append(&event) {
+                    Ok(seq) => break seq,
+                    Err(journal::JournalError::Full) => {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(e) => panic!("append: {e}"),
+                }
+            };
+            let mut held = self.state.lock().expect("replica");
+            held.0.apply(&event).expect("applies");
+            held.1 = seq;
+            n += 1;
+        }
+        n
+    }
+}
+
 fn size_after_orders(orders: u64) {
     let dir = fresh_dir("size-");
     let opened = journal::open(dir.path(), FlushPolicy::Relaxed, false).expect("open");
     let journal = opened.journal;
+    let replica = Arc::new(Replica::default());
     let mut snapshotter = Snapshotter::start(
+        Arc::clone(&replica) as Arc<dyn journal::SnapshotSource>,
         Arc::clone(&journal),
         journal::snapshot_dir(dir.path()),
         SnapshotPolicy::default(),
-        Arc::new(flashcore::engine::SystemClock),
     );
     let mut sale = Sale::new();
     let started = Instant::now();
-    let mut poured = pour(&journal, std::iter::once(Sale::opening()));
+    let mut poured = replica.pour(&journal, std::iter::once(Sale::opening()));
     for _ in 0..orders {
-        poured += pour(&journal, sale.order().into_iter());
+        poured += replica.pour(&journal, sale.order().into_iter());
     }
-    journal.close();
     snapshotter.stop();
+    journal.close();
     let first = journal
         .db()
         .first()

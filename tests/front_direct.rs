@@ -334,6 +334,10 @@ async fn the_direct_route_answers_as_the_router_does() {
             assert!(order.get(field).is_some(), "an order has {field}: {order}");
             order[field] = Value::Null;
         }
+        // The history's times too (two grants may straddle a millisecond).
+        for change in order["history"].as_array_mut().expect("a history") {
+            change["at"] = Value::Null;
+        }
         orders.push((order, got.content_type));
     }
     assert_eq!(orders[0], orders[1], "two grants, direct then routed");

@@ -312,10 +312,10 @@ async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
         every_ms: 60_000,
     };
     let mut snapshotter = Snapshotter::start(
+        Arc::new(node.engine.clone()),
         node.journal.clone(),
         journal::snapshot_dir(dir.path()),
         policy,
-        Arc::new(ManualClock::new(T0_MS)),
     );
     let snapshots = |dir: &Path| {
         std::fs::read_dir(journal::snapshot_dir(dir))
@@ -366,9 +366,10 @@ async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
         first_kept > 1,
         "records covered by an older snapshot were dropped: first {first_kept}, last {last}, files {files:?}"
     );
+    // The last snapshot asks the engine's actors: stop it first.
+    snapshotter.stop();
     node.engine.shutdown();
     node.journal.close();
-    snapshotter.stop();
     drop(node);
 
     let (node, recovered_last, _) = boot(dir.path(), false).expect("reboot");
@@ -396,10 +397,10 @@ async fn snapshots_drop_idempotency_records_past_their_ttl() {
         every_ms: 3_600_000,
     };
     let mut snapshotter = Snapshotter::start(
+        Arc::new(engine.clone()),
         opened.journal.clone(),
         journal::snapshot_dir(dir.path()),
         policy,
-        clock.clone(),
     );
     let key = |k: &str| IdempotencyKey::parse(k).expect("key");
     let stamp = |k: &str| IdemStamp {
@@ -419,10 +420,10 @@ async fn snapshots_drop_idempotency_records_past_their_ttl() {
         .expect("restock");
     // "old" is past its TTL now, "new" is not.
     clock.advance_ms(1);
-    engine.shutdown();
-    opened.journal.close();
     // Takes the last snapshot, which must leave "old" out.
     snapshotter.stop();
+    engine.shutdown();
+    opened.journal.close();
     drop(engine);
     drop(opened.journal);
 

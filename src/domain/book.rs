@@ -15,6 +15,19 @@ use crate::domain::idem::{IdemBook, Outcome};
 use crate::domain::order::Order;
 use crate::domain::{DomainError, Event, OrderId, OrderStatus, UserId};
 
+/// Which of `parts` order shards holds `user`'s orders and cart: FNV-1a of
+/// the id's bytes, so the answer is the same in every build and process
+/// (snapshots record per-shard progress, and recovery must find the shard
+/// of an event's user again; `std`'s hasher promises no such stability).
+pub fn shard_of(user: &UserId, parts: usize) -> usize {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = user.as_str().bytes().fold(FNV_OFFSET, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    });
+    usize::try_from(hash % (parts.max(1) as u64)).unwrap_or(0)
+}
+
 /// Orders and carts of some users.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderBook {
@@ -66,6 +79,29 @@ impl OrderBook {
     /// A user's cart (empty when they never had one).
     pub fn cart(&self, user: &UserId) -> Cart {
         self.carts.get(user).cloned().unwrap_or_default()
+    }
+
+    /// Joins books of disjoint users into one (the inverse of
+    /// [`OrderBook::split`]): recovery loads a snapshot's per-shard books
+    /// into one. A user found in two books keeps the first one's cart.
+    pub fn merge(books: impl IntoIterator<Item = OrderBook>) -> OrderBook {
+        let mut all = OrderBook::default();
+        for book in books {
+            if all.orders.is_empty() && all.carts.is_empty() {
+                all = book;
+                continue;
+            }
+            all.orders.extend(book.orders);
+            for (user, ids) in book.by_user {
+                let index = all.by_user.entry(user).or_default();
+                index.extend(ids);
+                index.sort_unstable();
+            }
+            for (user, cart) in book.carts {
+                all.carts.entry(user).or_insert(cart);
+            }
+        }
+        all
     }
 
     /// Splits the book by a function of the user, into `parts` books.

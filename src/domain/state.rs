@@ -48,6 +48,100 @@ pub struct State {
     pub next_id: u64,
 }
 
+/// One part of the state, as the live engine splits it: what a snapshot
+/// captures at its own sequence number (see `journal/snapshot.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The open reservations.
+    Reservations,
+    /// The promotions.
+    Promotions,
+    /// One SKU's stock and settings.
+    Sku(SkuId),
+    /// The orders and cart of one user (held by that user's order shard).
+    Orders(UserId),
+}
+
+/// Keeps a map of open reservations up to date with a reservation event
+/// (made, released, taken by an order); other events change nothing.
+///
+/// # Errors
+/// `Inconsistent` when an event releases or takes a reservation that is not
+/// open as it says, or makes one twice; on `Err` the map may have lost the
+/// lines of an order before the bad one (the state must then be dropped).
+pub fn track_open_reservations(
+    open: &mut BTreeMap<OrderId, OpenReservation>,
+    event: &Event,
+) -> Result<(), DomainError> {
+    match event {
+        Event::StockReserved {
+            sku,
+            reservation,
+            user,
+            qty,
+            ..
+        } => {
+            let made = OpenReservation {
+                sku: *sku,
+                user: *user,
+                qty: *qty,
+            };
+            if open.insert(*reservation, made).is_some() {
+                return Err(DomainError::inconsistent(format!(
+                    "reservation {reservation} made twice"
+                )));
+            }
+        }
+        Event::ReservationReleased {
+            sku,
+            reservation,
+            user,
+            qty,
+            ..
+        } => {
+            let expected = OpenReservation {
+                sku: *sku,
+                user: *user,
+                qty: *qty,
+            };
+            if open.remove(reservation) != Some(expected) {
+                return Err(DomainError::inconsistent(format!(
+                    "release of reservation {reservation} that is not open as {expected:?}"
+                )));
+            }
+        }
+        Event::OrderPlaced {
+            order,
+            reservations,
+            ..
+        } => {
+            for (line, reservation) in order.lines.iter().zip(reservations) {
+                let expected = OpenReservation {
+                    sku: line.sku,
+                    user: order.user,
+                    qty: line.qty,
+                };
+                if open.remove(reservation) != Some(expected) {
+                    return Err(DomainError::inconsistent(format!(
+                        "order {} takes reservation {reservation}, not open as {expected:?}",
+                        order.id
+                    )));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether an event changes the open reservations.
+pub fn moves_reservations(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::StockReserved { .. } | Event::ReservationReleased { .. } | Event::OrderPlaced { .. }
+    )
+}
+
 /// Applies an event to one SKU, recording the idempotency outcome of a
 /// stamped restock. Used live by the SKU actor and on replay.
 ///
@@ -115,68 +209,81 @@ impl State {
     /// Keeps the open reservations and the id sequence up to date, checking
     /// that an order takes exactly the reservations it names.
     fn track_reservations(&mut self, event: &Event) -> Result<(), DomainError> {
+        self.bump_ids(event);
+        track_open_reservations(&mut self.open_reservations, event)
+    }
+
+    fn bump_ids(&mut self, event: &Event) {
         match event {
-            Event::StockReserved {
-                sku,
-                reservation,
-                user,
-                qty,
-                ..
-            } => {
-                self.bump_next_id(*reservation);
-                let open = OpenReservation {
-                    sku: *sku,
-                    user: *user,
-                    qty: *qty,
-                };
-                if self.open_reservations.insert(*reservation, open).is_some() {
-                    return Err(DomainError::inconsistent(format!(
-                        "reservation {reservation} made twice"
-                    )));
-                }
-            }
-            Event::ReservationReleased {
-                sku,
-                reservation,
-                user,
-                qty,
-                ..
-            } => {
-                let expected = OpenReservation {
-                    sku: *sku,
-                    user: *user,
-                    qty: *qty,
-                };
-                if self.open_reservations.remove(reservation) != Some(expected) {
-                    return Err(DomainError::inconsistent(format!(
-                        "release of reservation {reservation} that is not open as {expected:?}"
-                    )));
-                }
-            }
-            Event::OrderPlacedAtSku { order, .. } => self.bump_next_id(order.id),
-            Event::OrderPlaced {
-                order,
-                reservations,
-                ..
-            } => {
+            Event::StockReserved { reservation, .. } => self.bump_next_id(*reservation),
+            Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => {
                 self.bump_next_id(order.id);
-                for (line, reservation) in order.lines.iter().zip(reservations) {
-                    let expected = OpenReservation {
-                        sku: line.sku,
-                        user: order.user,
-                        qty: line.qty,
-                    };
-                    if self.open_reservations.remove(reservation) != Some(expected) {
-                        return Err(DomainError::inconsistent(format!(
-                            "order {} takes reservation {reservation}, not open as {expected:?}",
-                            order.id
-                        )));
-                    }
-                }
             }
             _ => {}
         }
-        Ok(())
+    }
+
+    /// [`State::apply_owned`] applied only to the parts `wants` names: a
+    /// snapshot whose parts were captured at different sequence numbers is
+    /// brought to one by replaying each event into the parts that had not
+    /// seen it. The id sequence only ever rises, so it always takes the
+    /// event.
+    ///
+    /// # Errors
+    /// As [`State::apply`], for the parts applied.
+    pub fn apply_parts(
+        &mut self,
+        event: Event,
+        wants: impl Fn(Part) -> bool,
+    ) -> Result<(), DomainError> {
+        self.bump_ids(&event);
+        if wants(Part::Reservations) {
+            track_open_reservations(&mut self.open_reservations, &event)?;
+        }
+        match &event {
+            Event::SkuCreated { sku, .. } => {
+                if wants(Part::Sku(*sku)) {
+                    if self.skus.contains_key(sku) {
+                        return Err(DomainError::inconsistent(format!(
+                            "SKU {sku} created twice"
+                        )));
+                    }
+                    self.skus.insert(*sku, SkuState::from_created(&event)?);
+                }
+            }
+            Event::PromotionCreated { .. } => {
+                if wants(Part::Promotions) {
+                    self.promotions.apply(&event)?;
+                }
+            }
+            Event::IdempotentRefusal { .. } => {}
+            _ => {
+                for sku in event.touched_skus().filter(|sku| wants(Part::Sku(*sku))) {
+                    let state = self.skus.get_mut(&sku).ok_or_else(|| {
+                        DomainError::inconsistent(format!("event for unknown SKU {sku}"))
+                    })?;
+                    apply_to_sku(state, &self.idem, &event)?;
+                }
+            }
+        }
+        match self.user_of(&event) {
+            Some(user) if wants(Part::Orders(user)) => self.orders.apply_owned(&self.idem, event),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whose orders or cart an event changes, if anyone's.
+    fn user_of(&self, event: &Event) -> Option<UserId> {
+        match event {
+            Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => {
+                Some(order.user)
+            }
+            Event::CartItemSet { user, .. } | Event::CartCleared { user, .. } => Some(*user),
+            _ => event
+                .order_id()
+                .and_then(|id| self.orders.get(id))
+                .map(|order| order.user),
+        }
     }
 
     fn bump_next_id(&mut self, id: OrderId) {

@@ -24,7 +24,8 @@
 //! `catalog.rs`, `orders.rs`, `carts.rs` and `keyed.rs` (the handle's
 //! methods), `sku.rs` and `shard.rs` (the actors), `health.rs` (a dead actor
 //! marks the engine dead), `durable.rs` (reads from the last durable state
-//! while the journal refuses changes), `runtime.rs` (the actor threads).
+//! while the journal refuses changes), `runtime.rs` (the actor threads),
+//! `snapshot.rs` (every actor copies its own part for a snapshot).
 
 mod carts;
 mod catalog;
@@ -38,9 +39,9 @@ mod reply;
 mod runtime;
 mod shard;
 mod sku;
+mod snapshot;
 
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -196,11 +197,14 @@ impl Engine {
         let registry: Arc<SkuRegistry> = Arc::new(SkuRegistry::new());
         let sku_count = skus.len();
         let sku_index: BTreeSet<SkuId> = skus.keys().copied().collect();
+        // Empty: `settle_state` released what the state held.
+        let open = Arc::new(snapshot::OpenReservations::default());
         {
             let deps = SkuDeps {
                 journal: &journal,
                 idem: &idem,
                 clock: &clock,
+                open: &open,
                 health: &health,
                 mailbox: config.sku_mailbox,
             };
@@ -216,6 +220,7 @@ impl Engine {
             skus: inner_skus,
             routes: Arc::new(OrderRoutes::new()),
             ttl_ms: config.reservation_ttl_ms,
+            open,
             read_only,
         });
         let shard_count = config.order_shards.clamp(1, ORDER_SHARDS_MAX);
@@ -263,6 +268,7 @@ impl Engine {
             journal: &inner.journal,
             idem: &inner.idem,
             clock: &inner.shared.clock,
+            open: &inner.shared.open,
             health: &inner.health,
             mailbox: inner.config.sku_mailbox,
         };
@@ -377,6 +383,7 @@ struct SkuDeps<'a> {
     journal: &'a Arc<dyn Journal>,
     idem: &'a Arc<IdemBook>,
     clock: &'a Arc<dyn Clock>,
+    open: &'a Arc<snapshot::OpenReservations>,
     health: &'a Arc<Health>,
     mailbox: usize,
 }
@@ -399,6 +406,7 @@ fn spawn_sku_actor(
         Arc::clone(deps.journal),
         Arc::clone(deps.idem),
         Arc::clone(deps.clock),
+        Arc::clone(deps.open),
         deps.health.guard(format!("the actor of SKU {id}")),
     );
     let addr = threads.spawn(slot, deps.mailbox, actor);
@@ -407,10 +415,8 @@ fn spawn_sku_actor(
 
 /// Which shard holds `user`'s orders and cart.
 fn shard_index(user: &UserId, shards: usize) -> usize {
-    // A fixed-key hasher: the same user lands on the same shard for the
-    // life of the process (placement is recomputed at every start).
-    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user);
-    usize::try_from(hash % (shards.max(1) as u64)).unwrap_or(0)
+    // Stable across builds: snapshots record progress per shard.
+    crate::domain::book::shard_of(user, shards)
 }
 
 /// Releases reservations that no order took and expires overdue orders,

@@ -28,9 +28,11 @@ use crate::domain::event::{ReleaseReason, SkuQty};
 use crate::domain::idem::IdemBook;
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::promo::Promotion;
+use crate::domain::state::moves_reservations;
 use crate::domain::{Event, IdemStamp, OrderId, PaymentRef, SkuId, UserId};
 use crate::engine::health::Alive;
 use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
+use crate::engine::snapshot::{Holes, OpenReservations};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
 use crate::faults;
 use crate::journal::{Journal, Seq};
@@ -50,6 +52,8 @@ pub(crate) struct ShardContext {
     pub(crate) skus: Arc<SkuRegistry>,
     pub(crate) routes: Arc<OrderRoutes>,
     pub(crate) ttl_ms: u64,
+    /// Reservations are journaled under its lock (see `snapshot.rs`).
+    pub(crate) open: Arc<OpenReservations>,
     /// Shards of a reader of the durable state journal nothing (no
     /// expiries either: the journal refuses them).
     pub(crate) read_only: bool,
@@ -58,10 +62,12 @@ pub(crate) struct ShardContext {
 /// An actor owning a partition of orders and carts.
 pub(crate) struct OrderShard {
     index: u16,
-    book: OrderBook,
+    pub(super) book: OrderBook,
     deadlines: BinaryHeap<Reverse<(u64, OrderId)>>,
-    shared: Arc<ShardContext>,
+    pub(super) shared: Arc<ShardContext>,
     last_seq: Seq,
+    /// Orders placed at SKUs applied after a snapshot copied this book.
+    pub(super) holes: Holes,
     /// Orders by state, kept up to date on every commit (for metrics).
     counts: [u64; OrderStatus::ALL.len()],
     /// Marks the engine dead if this shard is dropped outside a shutdown.
@@ -98,6 +104,7 @@ impl OrderShard {
             deadlines,
             shared,
             last_seq: seq,
+            holes: Holes::default(),
             counts,
             _alive: alive,
         }
@@ -117,7 +124,13 @@ impl OrderShard {
         event: Event,
         done: Option<&Arc<Completion>>,
     ) -> Result<(Seq, Arc<Event>), EngineError> {
-        let seq = self.shared.journal.append(&event)?;
+        let seq = if moves_reservations(&event) {
+            self.shared
+                .open
+                .commit(self.shared.journal.as_ref(), &event)?
+        } else {
+            self.shared.journal.append(&event)?
+        };
         self.book_keep(Cow::Borrowed(&event), seq);
         let event = Arc::new(event);
         for sku in event.touched_skus() {
@@ -342,6 +355,7 @@ impl Handler<Placed> for OrderShard {
                 self.index
             ),
         };
+        self.holes.applying(msg.seq);
         self.book_keep(Cow::Owned(msg.event), msg.seq);
         self.answer(msg.reply, Ok(Some(order)));
     }

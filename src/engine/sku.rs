@@ -29,10 +29,11 @@ use crate::domain::order::{Order, ReservedLine};
 use crate::domain::promo::Promotion;
 use crate::domain::sale::{SalePatch, SaleWindow};
 use crate::domain::sku::{SkuState, SkuView};
-use crate::domain::state::apply_to_sku;
+use crate::domain::state::{apply_to_sku, moves_reservations};
 use crate::domain::{DomainError, Event, IdemStamp, OrderId, SkuId, UserId};
 use crate::engine::health::Alive;
 use crate::engine::shard::{OrderShard, Place, Placed};
+use crate::engine::snapshot::{Holes, OpenReservations};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
 use crate::faults;
 use crate::journal::{Journal, Seq};
@@ -200,11 +201,15 @@ impl Drop for Reservation {
 
 /// The actor owning one SKU.
 pub(crate) struct SkuActor {
-    state: SkuState,
+    pub(super) state: SkuState,
     hint: Arc<SkuHint>,
-    journal: Arc<dyn Journal>,
+    pub(super) journal: Arc<dyn Journal>,
     idem: Arc<IdemBook>,
     clock: Arc<dyn Clock>,
+    /// Reservations are journaled under its lock (see `snapshot.rs`).
+    open: Arc<OpenReservations>,
+    /// Events from shards applied after a snapshot copied this SKU.
+    pub(super) holes: Holes,
     /// Marks the engine dead if this actor is dropped outside a shutdown.
     _alive: Alive,
 }
@@ -216,6 +221,7 @@ impl SkuActor {
         journal: Arc<dyn Journal>,
         idem: Arc<IdemBook>,
         clock: Arc<dyn Clock>,
+        open: Arc<OpenReservations>,
         alive: Alive,
     ) -> SkuActor {
         SkuActor {
@@ -224,13 +230,19 @@ impl SkuActor {
             journal,
             idem,
             clock,
+            open,
+            holes: Holes::default(),
             _alive: alive,
         }
     }
 
     /// Journals a decided event, then applies it.
     fn commit(&mut self, event: &Event) -> Result<Seq, EngineError> {
-        let seq = self.journal.append(event)?;
+        let seq = if moves_reservations(event) {
+            self.open.commit(self.journal.as_ref(), event)?
+        } else {
+            self.journal.append(event)?
+        };
         self.apply(event, seq);
         Ok(seq)
     }
@@ -514,6 +526,7 @@ impl Handler<ApplyEvent> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyEvent, _: &mut Context<Self>) {
+        self.holes.applying(msg.seq);
         self.apply(&msg.event, msg.seq);
         drop(msg.done);
     }

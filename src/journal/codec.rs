@@ -51,7 +51,15 @@ pub const RECORD_BYTES_MAX: usize = 112 << 10;
 pub const SNAPSHOT_BYTES_MAX: u64 = 16 << 30;
 
 const HEADER_BYTES: usize = 1 + 4 + 4;
-const SNAPSHOT_MAGIC: &[u8; 8] = b"FCSNAP\0\x01";
+/// The snapshot magic: 7 fixed bytes, then the snapshot body's format
+/// (1: one whole state at one sequence number; 2: parts captured at their
+/// own sequence numbers, see `snapshot.rs`).
+const SNAPSHOT_MAGIC: &[u8; 7] = b"FCSNAP\0";
+
+/// The snapshot body format of a whole state at one sequence number.
+pub const SNAPSHOT_FORMAT_WHOLE: u8 = 1;
+/// The snapshot body format of parts captured at their own sequence numbers.
+pub const SNAPSHOT_FORMAT_PARTS: u8 = 2;
 
 /// Why bytes did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -292,18 +300,35 @@ pub fn decode(seq: Seq, bytes: &[u8]) -> Result<Event, CodecError> {
     decode_payload(seq, payload)
 }
 
-/// Encodes a snapshot body (any serde value) behind the snapshot magic.
+/// Encodes a snapshot body (any serde value) behind the snapshot magic, as
+/// format [`SNAPSHOT_FORMAT_WHOLE`].
 ///
 /// # Errors
 /// `Undecodable` if serde refuses the value, `TooLarge` past the limit.
 pub fn encode_snapshot<T: Serialize>(body: &T) -> Result<Vec<u8>, CodecError> {
+    encode_snapshot_as(SNAPSHOT_FORMAT_WHOLE, body)
+}
+
+/// The body format a snapshot's magic names, if the bytes start with one.
+pub fn snapshot_format(bytes: &[u8]) -> Option<u8> {
+    bytes
+        .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+        .and_then(|rest| rest.first().copied())
+}
+
+/// Encodes a snapshot body behind the snapshot magic and `format`.
+///
+/// # Errors
+/// `Undecodable` if serde refuses the value, `TooLarge` past the limit.
+pub fn encode_snapshot_as<T: Serialize>(format: u8, body: &T) -> Result<Vec<u8>, CodecError> {
     let payload = bincode::serde::encode_to_vec(body, snapshot_config())
         .map_err(|e| CodecError::Undecodable(e.to_string()))?;
     if payload.len() as u64 > SNAPSHOT_BYTES_MAX || payload.len() > u32::MAX as usize {
         return Err(CodecError::TooLarge(payload.len() as u64));
     }
-    let mut out = Vec::with_capacity(SNAPSHOT_MAGIC.len() + HEADER_BYTES + payload.len());
+    let mut out = Vec::with_capacity(SNAPSHOT_MAGIC.len() + 1 + HEADER_BYTES + payload.len());
     out.extend_from_slice(SNAPSHOT_MAGIC);
+    out.push(format);
     frame(&payload, &mut out)?;
     Ok(out)
 }
@@ -311,6 +336,9 @@ pub fn encode_snapshot<T: Serialize>(body: &T) -> Result<Vec<u8>, CodecError> {
 fn snapshot_payload(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     let framed = bytes
         .strip_prefix(SNAPSHOT_MAGIC.as_slice())
+        .and_then(|rest| rest.split_first())
+        .filter(|(format, _)| matches!(**format, SNAPSHOT_FORMAT_WHOLE | SNAPSHOT_FORMAT_PARTS))
+        .map(|(_, framed)| framed)
         .ok_or(CodecError::Truncated("not a snapshot (magic)"))?;
     unframe(framed, SNAPSHOT_BYTES_MAX)
 }
@@ -791,10 +819,10 @@ mod tests {
             at_ms: 1,
         };
         assert_eq!(encode(1, &event).expect("encodes")[0], FORMAT_VERSION);
-        assert_eq!(
-            encode_snapshot(&7u64).expect("encodes")[SNAPSHOT_MAGIC.len()],
-            FORMAT_VERSION
-        );
+        let snapshot = encode_snapshot(&7u64).expect("encodes");
+        // The magic, the body's format, then a frame in the record format.
+        assert_eq!(snapshot[SNAPSHOT_MAGIC.len()], SNAPSHOT_FORMAT_WHOLE);
+        assert_eq!(snapshot[SNAPSHOT_MAGIC.len() + 1], FORMAT_VERSION);
     }
 
     #[test]

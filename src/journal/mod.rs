@@ -9,7 +9,8 @@
 //!
 //! [`SledJournal`] is the durable journal (group commit on `sled`, see
 //! `writer.rs`); `recovery.rs` rebuilds the state from a snapshot and the
-//! journal tail and keeps snapshots fresh; `codec.rs` is the on-disk format.
+//! journal tail; `snapshot.rs` writes snapshots from the live engine's parts
+//! and keeps the journal below them short; `codec.rs` is the on-disk format.
 //! [`MemJournal`] keeps events in memory; tests use it to replay what the
 //! engine did and compare.
 
@@ -17,11 +18,15 @@ pub mod codec;
 pub mod files;
 mod memory;
 pub mod recovery;
+pub mod snapshot;
 mod watermark;
 pub mod writer;
 
 pub use memory::MemJournal;
-pub use recovery::{Recovered, RecoveryError, SnapshotPolicy, Snapshotter, recover};
+pub use recovery::{Recovered, RecoveryError, recover};
+pub use snapshot::{
+    Capture, Mark, SnapshotPolicy, SnapshotReport, SnapshotSource, SnapshotStore, Snapshotter,
+};
 pub use watermark::Watermark;
 pub use writer::{FlushPolicy, JournalStats, RELAXED_AHEAD_MS_MAX, SledJournal};
 

@@ -16,40 +16,21 @@
 //! passes the repair flag, which cuts there, says what it drops, and loses
 //! everything after it.
 //!
-//! Snapshots are written by a background thread that keeps its own copy of
-//! the state, applying durable records with the same `apply` as everything
-//! else, so a snapshot is exactly what recovery would rebuild at its
-//! sequence number and the hot path never pauses for it. After writing
-//! snapshot N, the thread drops the journal records covered by snapshot
-//! N-1, so a damaged newest snapshot can always fall back to the one before.
+//! Snapshots (`snapshot.rs`) hold the state's parts each at its own
+//! sequence number; replay brings them to one (see [`Cut`]) and then goes
+//! on as from any snapshot. What recovery checks does not change with the
+//! snapshot: the tail rule above, every record's checks, and the whole
+//! state's invariants after replay.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use crate::domain::{Event, State};
+use crate::journal::snapshot::{self, Cut, DirStore, TRUNCATE_BATCH, remove_keys};
+use crate::journal::{Seq, codec};
 
-use crate::clock::Clock;
-use crate::domain::book::OrderBook;
-use crate::domain::idem::{IdemBook, StoredIdemRecord, StoredIdemRecordV1};
-use crate::domain::promo::Promotions;
-use crate::domain::sku::{SkuState, SkuStateV1};
-use crate::domain::state::OpenReservation;
-use crate::domain::{Event, OrderId, SkuId, State};
-use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
-use crate::journal::{Journal, Seq, SledJournal, codec};
-
-/// Take a snapshot after this many new durable events...
-pub const SNAPSHOT_EVERY_EVENTS: u64 = 250_000;
-/// ...or after this long, if anything changed.
-pub const SNAPSHOT_EVERY_MS: u64 = 60_000;
-/// How often the snapshotter catches up with the journal.
-const SNAPSHOT_POLL_MS: u64 = 250;
-/// Records deleted per sled batch when truncating the journal.
-const TRUNCATE_BATCH: usize = 10_000;
+pub use crate::journal::snapshot::{
+    SNAPSHOT_EVERY_EVENTS, SNAPSHOT_EVERY_MS, SnapshotPolicy, Snapshotter, write_snapshot,
+};
 
 /// Why the state could not be rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,63 +53,6 @@ pub enum RecoveryError {
     Storage(String),
 }
 
-/// The snapshot format, owned (for reading).
-#[derive(Deserialize)]
-struct SnapshotBody {
-    seq: Seq,
-    skus: BTreeMap<SkuId, SkuState>,
-    orders: OrderBook,
-    promotions: Promotions,
-    /// v1 snapshots may hold refusals: loading drops them.
-    idem: Vec<StoredIdemRecord>,
-    open_reservations: BTreeMap<OrderId, OpenReservation>,
-    next_id: u64,
-}
-
-/// Snapshot format 1 (before sale windows): its SKUs and the SKUs in its
-/// idempotency records have no window. Read only, converted on load.
-#[derive(Deserialize)]
-struct SnapshotBodyV1 {
-    seq: Seq,
-    skus: BTreeMap<SkuId, SkuStateV1>,
-    orders: OrderBook,
-    promotions: Promotions,
-    idem: Vec<StoredIdemRecordV1>,
-    open_reservations: BTreeMap<OrderId, OpenReservation>,
-    next_id: u64,
-}
-
-impl From<SnapshotBodyV1> for SnapshotBody {
-    fn from(v: SnapshotBodyV1) -> SnapshotBody {
-        SnapshotBody {
-            seq: v.seq,
-            skus: v
-                .skus
-                .into_iter()
-                .map(|(id, sku)| (id, sku.into()))
-                .collect(),
-            orders: v.orders,
-            promotions: v.promotions,
-            idem: v.idem.into_iter().map(StoredIdemRecord::from).collect(),
-            open_reservations: v.open_reservations,
-            next_id: v.next_id,
-        }
-    }
-}
-
-/// The snapshot format, borrowed (for writing); the same shape as
-/// [`SnapshotBody`].
-#[derive(Serialize)]
-struct SnapshotRef<'a> {
-    seq: Seq,
-    skus: &'a BTreeMap<SkuId, SkuState>,
-    orders: &'a OrderBook,
-    promotions: &'a Promotions,
-    idem: Vec<StoredIdemRecord>,
-    open_reservations: &'a BTreeMap<OrderId, OpenReservation>,
-    next_id: u64,
-}
-
 /// A rebuilt state.
 #[derive(Debug)]
 pub struct Recovered {
@@ -142,81 +66,6 @@ pub struct Recovered {
     pub replayed: u64,
     /// Where the journal was cut, if it was.
     pub cut_at: Option<Seq>,
-}
-
-fn snapshot_path(dir: &Path, seq: Seq) -> PathBuf {
-    dir.join(format!("snapshot-{seq:020}.bin"))
-}
-
-/// Snapshot files in `dir`, newest first.
-fn list_snapshots(dir: &Path) -> Result<Vec<(Seq, PathBuf)>, RecoveryError> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(RecoveryError::Storage(format!(
-                "cannot read {}: {e}",
-                dir.display()
-            )));
-        }
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| RecoveryError::Storage(e.to_string()))?;
-        let name = entry.file_name();
-        let Some(seq) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("snapshot-"))
-            .and_then(|n| n.strip_suffix(".bin"))
-            .and_then(|n| n.parse::<Seq>().ok())
-        else {
-            continue;
-        };
-        found.push((seq, entry.path()));
-    }
-    found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
-    Ok(found)
-}
-
-/// Loads the newest snapshot that decodes; a damaged one is skipped with a
-/// warning (the journal still holds what the one before it does not cover).
-fn load_snapshot(dir: &Path) -> Result<(State, Seq), RecoveryError> {
-    for (seq, path) in list_snapshots(dir)? {
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read snapshot; trying an older one");
-                continue;
-            }
-        };
-        let decoded =
-            codec::decode_snapshot_versioned::<SnapshotBody, SnapshotBodyV1>(&bytes).map(|body| {
-                match body {
-                    codec::Versioned::Current(body) => body,
-                    codec::Versioned::V1(old) => old.into(),
-                }
-            });
-        match decoded {
-            Ok(body) if body.seq == seq => {
-                let state = State {
-                    skus: body.skus,
-                    orders: body.orders,
-                    promotions: body.promotions,
-                    idem: Arc::new(IdemBook::from_snapshot(body.idem)),
-                    open_reservations: body.open_reservations,
-                    next_id: body.next_id,
-                };
-                return Ok((state, seq));
-            }
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "snapshot names another sequence; trying an older one");
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "damaged snapshot; trying an older one");
-            }
-        }
-    }
-    Ok((State::default(), 0))
 }
 
 /// Reads the journal's blocks from the one holding `from + 1` on.
@@ -378,9 +227,10 @@ const EVENT_TEXT_CHARS_MAX: usize = 600;
 fn replay(
     db: &sled::Db,
     state: &mut State,
-    from: Seq,
+    cut: &Cut,
     until: Seq,
 ) -> Result<(Seq, Option<Damage>), RecoveryError> {
+    let from = cut.start;
     std::thread::scope(|scope| {
         // The channel lives inside the scope: returning early (at damage)
         // drops `rx` before the scope joins the decoder, so a decoder
@@ -388,7 +238,7 @@ fn replay(
         // waiting for ever.
         let (tx, rx) = crossbeam_channel::bounded(DECODE_CHUNKS_AHEAD);
         scope.spawn(move || decode_stage(db, from, until, &tx));
-        apply_stage(&rx, state, from)
+        apply_stage(&rx, state, cut)
     })
     .map(|(last, damage)| (last, damage.map(|d| describe_event(db, d))))
 }
@@ -419,9 +269,9 @@ fn describe_event(db: &sled::Db, mut damage: Damage) -> Damage {
 fn apply_stage(
     rx: &crossbeam_channel::Receiver<Vec<Decoded>>,
     state: &mut State,
-    from: Seq,
+    cut: &Cut,
 ) -> Result<(Seq, Option<Damage>), RecoveryError> {
-    let mut last = from;
+    let mut last = cut.start;
     for item in rx.iter().flatten() {
         match item {
             Decoded::Storage(why) => return Err(RecoveryError::Storage(why)),
@@ -451,7 +301,14 @@ fn apply_stage(
                     Ok(event) => event,
                     Err(error) => return Ok((last, Some(Damage::of_record(seq, &error)))),
                 };
-                if let Err(e) = state.apply_owned(event) {
+                // Between the snapshot's lowest and highest marks, each
+                // event goes only to the parts that do not hold it yet.
+                let applied = if seq <= cut.top {
+                    state.apply_parts(event, |part| !cut.covers(part, seq))
+                } else {
+                    state.apply_owned(event)
+                };
+                if let Err(e) = applied {
                     let damage = Damage {
                         seq,
                         why: format!("a record that decodes but does not apply ({e})"),
@@ -585,8 +442,20 @@ pub fn recover(
     snapshots: &Path,
     repair: bool,
 ) -> Result<Recovered, RecoveryError> {
-    let (mut state, snapshot_seq) = load_snapshot(snapshots)?;
-    let (last_seq, damage) = replay(db, &mut state, snapshot_seq, Seq::MAX)?;
+    let (mut state, from) = snapshot::load(&DirStore::new(snapshots))?;
+    let snapshot_seq = from.top;
+    let (last_seq, damage) = replay(db, &mut state, &from, Seq::MAX)?;
+    if last_seq < from.top && damage.is_none() {
+        // The snapshot holds events the journal does not: it was written
+        // only once they were durable, so the journal lost them.
+        return Err(RecoveryError::Corrupt {
+            seq: last_seq + 1,
+            why: format!(
+                "the journal ends at {last_seq}, before the snapshot's sequence {}",
+                from.top
+            ),
+        });
+    }
     let mut cut_at = None;
     if let Some(damage) = damage {
         let seq = damage.seq;
@@ -619,7 +488,7 @@ pub fn recover(
         why: format!("the rebuilt state breaks an invariant: {e}"),
     })?;
     Ok(Recovered {
-        replayed: last_seq - snapshot_seq,
+        replayed: last_seq.saturating_sub(from.start),
         state,
         last_seq,
         snapshot_seq,
@@ -640,13 +509,14 @@ pub fn durable_state(
     snapshots: &Path,
     durable: Seq,
 ) -> Result<State, RecoveryError> {
-    let (mut state, snapshot_seq) = load_snapshot(snapshots)?;
+    let (mut state, cut) = snapshot::load(&DirStore::new(snapshots))?;
+    let snapshot_seq = cut.top;
     if snapshot_seq > durable {
         return Err(RecoveryError::Storage(format!(
             "the newest snapshot ({snapshot_seq}) is past the durable journal ({durable})"
         )));
     }
-    let (last, damage) = replay(db, &mut state, snapshot_seq, durable)?;
+    let (last, damage) = replay(db, &mut state, &cut, durable)?;
     if let Some(damage) = damage {
         return Err(RecoveryError::Corrupt {
             seq: damage.seq,
@@ -659,338 +529,4 @@ pub fn durable_state(
         )));
     }
     Ok(state)
-}
-
-/// Writes a snapshot of `state` at `seq` atomically and durably: a
-/// temporary file, fsync, rename, fsync of the directory.
-///
-/// # Errors
-/// `Storage` on any I/O failure (the previous snapshots stay).
-pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, RecoveryError> {
-    let body = SnapshotRef {
-        seq,
-        skus: &state.skus,
-        orders: &state.orders,
-        promotions: &state.promotions,
-        idem: state.idem.to_snapshot(),
-        open_reservations: &state.open_reservations,
-        next_id: state.next_id,
-    };
-    let bytes = codec::encode_snapshot(&body)
-        .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
-    let io = |what: &str, e: std::io::Error| RecoveryError::Storage(format!("{what}: {e}"));
-    // The directory's own entry (in the data dir) must be durable before
-    // the journal below the snapshot is dropped.
-    create_dir_durably(dir).map_err(|e| io("creating the snapshot dir", e))?;
-    let path = snapshot_path(dir, seq);
-    write_file_durably(&path, &bytes, None, Existing::Replace)
-        .map_err(|e| io("writing a snapshot", e))?;
-    Ok(path)
-}
-
-/// Removes the journal blocks whose records all lie at or below `seq`
-/// (covered by a snapshot); returns how many blocks went. Not synced: if the
-/// removal is lost in a crash, recovery simply skips what the snapshot
-/// covers.
-fn truncate_through(db: &sled::Db, seq: Seq) -> Result<u64, sled::Error> {
-    if seq == 0 {
-        return Ok(0);
-    }
-    let mut removed = 0;
-    loop {
-        // A block ends where the next one starts; the block holding `seq`
-        // itself may hold later records too, so it stays.
-        let keys: Vec<sled::IVec> = db
-            .range(..=codec::key(seq.saturating_add(1)))
-            .keys()
-            .take(TRUNCATE_BATCH + 1)
-            .collect::<Result<_, _>>()?;
-        let mut doomed = Vec::new();
-        for pair in keys.windows(2) {
-            let next_first = codec::seq_of(&pair[1]).unwrap_or(0);
-            if next_first.saturating_sub(1) <= seq {
-                doomed.push(pair[0].clone());
-            }
-        }
-        if doomed.is_empty() {
-            return Ok(removed);
-        }
-        removed += remove_keys(db, &doomed)?;
-    }
-}
-
-/// Removes `keys` in one sled batch; returns how many.
-fn remove_keys(db: &sled::Db, keys: &[sled::IVec]) -> Result<u64, sled::Error> {
-    let mut batch = sled::Batch::default();
-    for key in keys {
-        batch.remove(key);
-    }
-    db.apply_batch(batch)?;
-    Ok(keys.len() as u64)
-}
-
-/// The background snapshotter.
-pub struct Snapshotter {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-    healthy: Arc<AtomicBool>,
-}
-
-impl std::fmt::Debug for Snapshotter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshotter").finish()
-    }
-}
-
-/// How often snapshots are taken.
-#[derive(Debug, Clone, Copy)]
-pub struct SnapshotPolicy {
-    /// After this many new durable events.
-    pub every_events: u64,
-    /// After this long, if anything changed.
-    pub every_ms: u64,
-}
-
-impl Default for SnapshotPolicy {
-    fn default() -> SnapshotPolicy {
-        SnapshotPolicy {
-            every_events: SNAPSHOT_EVERY_EVENTS,
-            every_ms: SNAPSHOT_EVERY_MS,
-        }
-    }
-}
-
-struct Shadow {
-    state: State,
-    /// The engine's clock, for dropping idempotency records past their TTL.
-    clock: Arc<dyn Clock>,
-    seq: Seq,
-    snapshot_seq: Seq,
-    last_snapshot_at: Instant,
-}
-
-impl Shadow {
-    /// Applies the durable records it has not seen yet.
-    fn catch_up(&mut self, journal: &SledJournal) -> Result<(), RecoveryError> {
-        let durable = journal.watermark().durable();
-        if durable <= self.seq {
-            return Ok(());
-        }
-        let (last, damage) = replay(journal.db(), &mut self.state, self.seq, durable)?;
-        self.seq = last;
-        match damage {
-            Some(damage) => Err(RecoveryError::Corrupt {
-                seq: damage.seq,
-                why: damage.why,
-            }),
-            None => Ok(()),
-        }
-    }
-
-    fn snapshot(&mut self, journal: &SledJournal, dir: &Path) -> Result<(), RecoveryError> {
-        let started = Instant::now();
-        // The live book drops records past their TTL every minute; the copy
-        // must too, or snapshots would carry every key ever used, and a
-        // restart would load them into a full book and keep them past a
-        // key's reuse.
-        self.state.idem.evict_expired(self.clock.now_ms());
-        write_snapshot(dir, &self.state, self.seq)?;
-        // The snapshot before this one stays as a fallback, with the
-        // records after it; what it covers can go.
-        let removed = truncate_through(journal.db(), self.snapshot_seq)
-            .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?;
-        // Keep the newest two snapshots.
-        for (seq, path) in list_snapshots(dir)?.into_iter().skip(2) {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(seq, error = %e, "cannot remove an old snapshot");
-            }
-        }
-        tracing::info!(
-            seq = self.seq,
-            removed_records = removed,
-            took_ms = started.elapsed().as_millis() as u64,
-            "snapshot written"
-        );
-        self.snapshot_seq = self.seq;
-        self.last_snapshot_at = Instant::now();
-        Ok(())
-    }
-
-    fn due(&self, policy: SnapshotPolicy) -> bool {
-        let new = self.seq.saturating_sub(self.snapshot_seq);
-        new >= policy.every_events
-            || (new > 0
-                && self.last_snapshot_at.elapsed() >= Duration::from_millis(policy.every_ms))
-    }
-}
-
-impl Snapshotter {
-    /// Starts the snapshotter. It rebuilds its own copy of the state from
-    /// the newest snapshot and the durable journal in the background, then
-    /// follows the journal. On `stop` it takes a last snapshot if anything
-    /// changed, so the next start replays little.
-    pub fn start(
-        journal: Arc<SledJournal>,
-        dir: PathBuf,
-        policy: SnapshotPolicy,
-        clock: Arc<dyn Clock>,
-    ) -> Snapshotter {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let healthy = Arc::new(AtomicBool::new(true));
-        let thread = {
-            let (stop, healthy) = (Arc::clone(&stop), Arc::clone(&healthy));
-            std::thread::Builder::new()
-                .name("flashcore-snapshot".into())
-                .spawn(move || {
-                    if let Err(e) = snapshot_loop(&journal, &dir, policy, clock, &stop) {
-                        healthy.store(false, Ordering::SeqCst);
-                        tracing::error!(error = %e, "the snapshotter stopped; the journal will grow until restart");
-                    }
-                })
-        };
-        let thread = match thread {
-            Ok(thread) => Some(thread),
-            Err(e) => {
-                healthy.store(false, Ordering::SeqCst);
-                tracing::error!(error = %e, "cannot start the snapshotter");
-                None
-            }
-        };
-        Snapshotter {
-            stop,
-            thread,
-            healthy,
-        }
-    }
-
-    /// Whether the snapshotter still runs.
-    pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
-    }
-
-    /// Stops it (after a final snapshot) and waits.
-    pub fn stop(&mut self) {
-        {
-            let (flag, wake) = &*self.stop;
-            *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            wake.notify_all();
-        }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the snapshotter panicked");
-            }
-        }
-    }
-}
-
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn snapshot_loop(
-    journal: &SledJournal,
-    dir: &Path,
-    policy: SnapshotPolicy,
-    clock: Arc<dyn Clock>,
-    stop: &(Mutex<bool>, Condvar),
-) -> Result<(), RecoveryError> {
-    let (state, snapshot_seq) = load_snapshot(dir)?;
-    let mut shadow = Shadow {
-        state,
-        clock,
-        seq: snapshot_seq,
-        snapshot_seq,
-        last_snapshot_at: Instant::now(),
-    };
-    let (flag, wake) = stop;
-    loop {
-        let stopping = {
-            let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
-            let (guard, _) = wake
-                .wait_timeout_while(guard, Duration::from_millis(SNAPSHOT_POLL_MS), |stop| {
-                    !*stop
-                })
-                .unwrap_or_else(|p| p.into_inner());
-            *guard
-        };
-        shadow.catch_up(journal)?;
-        if stopping {
-            if shadow.seq > shadow.snapshot_seq {
-                shadow.snapshot(journal, dir)?;
-            }
-            return Ok(());
-        }
-        if shadow.due(policy) {
-            shadow.snapshot(journal, dir)?;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::sale::SaleWindow;
-
-    fn unhex(text: &str) -> Vec<u8> {
-        (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
-            .collect()
-    }
-
-    /// A snapshot written by format 1 (before sale windows), at sequence 2:
-    /// SKU `tee` (price 1500, limit 2, 7 units) restocked by 3 under the key
-    /// `k1` of `admin`. Bytes taken from the build before format 2.
-    const V1_SNAPSHOT_HEX: &str = "4643534e41500001015100000036bab2b90201037465650374656503546565fbdc0501020a0a0000000a0000000000010561646d696e026b3107070707070707070707070707070707fbd007010374656503546565fbdc0501020a0a0000000a0000";
-
-    #[test]
-    fn a_format_1_snapshot_still_loads() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(snapshot_path(dir.path(), 2), unhex(V1_SNAPSHOT_HEX)).expect("written");
-        let (state, seq) = load_snapshot(dir.path()).expect("loads");
-        assert_eq!(seq, 2);
-        let sku = SkuId::parse("tee").expect("valid");
-        let tee = state.skus.get(&sku).expect("the SKU is there");
-        assert_eq!(tee.name(), "Tee");
-        assert_eq!(tee.price_cents(), 1_500);
-        assert_eq!(tee.levels().on_hand, 10);
-        assert_eq!(tee.sale(), SaleWindow::default());
-        let records = state.idem.to_sorted_vec();
-        assert_eq!(records.len(), 1, "the keyed restock's record");
-        match &records[0].outcome {
-            crate::domain::idem::Outcome::Sku(view) => {
-                assert_eq!(view.levels.on_hand, 10);
-                assert_eq!(view.sale, SaleWindow::default());
-            }
-            other => panic!("expected a SKU outcome, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_format_2_snapshot_keeps_the_sale_window() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut state = State::default();
-        let sale = SaleWindow::new(Some(1_000), Some(9_000)).expect("valid");
-        let created = SkuState::decide_create(
-            SkuId::parse("drop").expect("valid"),
-            "Drop".into(),
-            100,
-            None,
-            5,
-            sale,
-            0,
-        )
-        .expect("valid");
-        state.apply(&created).expect("applied");
-        write_snapshot(dir.path(), &state, 1).expect("written");
-        let (loaded, seq) = load_snapshot(dir.path()).expect("loads");
-        assert_eq!(seq, 1);
-        let drop = loaded
-            .skus
-            .get(&SkuId::parse("drop").expect("valid"))
-            .expect("there");
-        assert_eq!(drop.sale(), sale);
-    }
 }

@@ -243,10 +243,10 @@ impl Storage {
             recovered.state,
         )?;
         let snapshotter = Snapshotter::start(
+            Arc::new(engine.clone()),
             opened.journal.clone(),
             journal::snapshot_dir(data_dir),
             self.config.snapshots,
-            clock,
         );
         *self.snapshotter.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshotter);
         Ok((engine, opened.journal, fresh))
@@ -270,22 +270,34 @@ impl Storage {
         else {
             return;
         };
+        let Ok(engine) = self.backend.engine() else {
+            return;
+        };
         if let Some(mut old) = snapshotter.take() {
             old.stop();
         }
         tracing::warn!("the snapshotter had stopped after an error; starting it again");
         *last_start = Instant::now();
         *snapshotter = Some(Snapshotter::start(
+            Arc::new(engine),
             journal,
             journal::snapshot_dir(&self.config.data_dir),
             self.config.snapshots,
-            Arc::new(SystemClock),
         ));
     }
 
-    /// Stops the engine, the snapshotter (after a last snapshot) and the
-    /// journal (after everything taken is durable).
+    /// Stops the snapshotter (after a last snapshot, which asks the
+    /// engine's actors for their parts, so it goes first), the engine, and
+    /// the journal (after everything taken is durable).
     fn close(&self) {
+        if let Some(mut snapshotter) = self
+            .snapshotter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            snapshotter.stop();
+        }
         if let Some(engine) = self.backend.take() {
             engine.shutdown();
         }
@@ -296,14 +308,6 @@ impl Storage {
             .take();
         if let Some(journal) = &journal {
             journal.close();
-        }
-        if let Some(mut snapshotter) = self
-            .snapshotter
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            snapshotter.stop();
         }
     }
 }

@@ -1,0 +1,340 @@
+//! `cargo bench --bench soak`: the engine in process on the real sled journal
+//! (strict durability) in a temp dir, with the snapshotter running, driven at
+//! a steady rate for a long while: what memory, disk and restart time do as
+//! history grows.
+//!
+//! Each order goes reserve -> pay -> ship -> deliver; one in twenty is
+//! cancelled and one in twenty left unpaid to expire (a short reservation
+//! TTL), so ~10% end without a sale. Every second a row shows the orders
+//! finished, the process's RSS (`/proc/self/statm`), the data dir's size
+//! (journal and snapshots apart) and the last snapshot. At the end the
+//! engine stops (a last snapshot), and the data dir is opened again and
+//! timed: the restart.
+//!
+//! Environment: `SOAK_ORDERS` (default 60,000), `SOAK_RATE` orders a second
+//! (default 1,000: a ~60 s run), `SOAK_SNAPSHOT_EVENTS` (default 50,000),
+//! `SOAK_SNAPSHOT_MS` (default 10,000), `SOAK_INFLIGHT` orders in flight at
+//! most (default 256), `SOAK_DIR` to keep the data dir somewhere (default:
+//! a temp dir, removed). Finished orders stay in memory until the order
+//! archive lands, so RSS grows with them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flashcore::domain::event::SkuQty;
+use flashcore::domain::{PaymentRef, SkuId, UserId};
+use flashcore::engine::{Caller, Engine, EngineConfig, NewSku, SystemClock};
+use flashcore::journal::{self, FlushPolicy, Journal, SnapshotPolicy, Snapshotter};
+
+const SKUS: usize = 8;
+const USERS: u64 = 20_000;
+const TTL_MS: u64 = 2_000;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_bytes() -> u64 {
+    // statm: size resident shared ... in pages.
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Bytes the files under `dir` occupy on disk (allocated blocks).
+fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn sku(i: usize) -> SkuId {
+    SkuId::parse(&format!("soak-{i}")).expect("valid id")
+}
+
+fn admin() -> Caller {
+    Caller {
+        user: UserId::parse("admin").expect("valid id"),
+        admin: true,
+    }
+}
+
+/// One order's life; returns whether it was sold (delivered).
+async fn order_flow(engine: Engine, n: u64) -> Result<bool, String> {
+    let user = UserId::parse(&format!("u{}", n % USERS)).map_err(|e| e.to_string())?;
+    let line = SkuQty {
+        sku: sku((n % SKUS as u64) as usize),
+        qty: 1,
+    };
+    let order = engine
+        .place_order(user, &[line], None, None)
+        .await
+        .map_err(|e| format!("place: {e}"))?;
+    match n % 20 {
+        0 => {
+            engine
+                .cancel(admin(), order.id)
+                .await
+                .map_err(|e| format!("cancel: {e}"))?;
+            return Ok(false);
+        }
+        1 => return Ok(false), // left to expire
+        _ => {}
+    }
+    let payment = PaymentRef::parse(&format!("pay{n}")).map_err(|e| e.to_string())?;
+    engine
+        .pay(admin(), order.id, payment, order.total_cents, None)
+        .await
+        .map_err(|e| format!("pay: {e}"))?;
+    engine
+        .ship(admin(), order.id)
+        .await
+        .map_err(|e| format!("ship: {e}"))?;
+    engine
+        .deliver(admin(), order.id)
+        .await
+        .map_err(|e| format!("deliver: {e}"))?;
+    Ok(true)
+}
+
+struct Counters {
+    started: AtomicU64,
+    sold: AtomicU64,
+    unsold: AtomicU64,
+    errors: AtomicU64,
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let orders = env_u64("SOAK_ORDERS", 60_000);
+    let rate = env_u64("SOAK_RATE", 1_000).max(1);
+    let inflight = env_u64("SOAK_INFLIGHT", 256).max(1) as usize;
+    let policy = SnapshotPolicy {
+        every_events: env_u64("SOAK_SNAPSHOT_EVENTS", 50_000),
+        every_ms: env_u64("SOAK_SNAPSHOT_MS", 10_000),
+    };
+    let temp = tempfile::Builder::new()
+        .prefix("flashcore-soak-")
+        .tempdir()
+        .expect("tempdir");
+    let dir = std::env::var("SOAK_DIR").map_or_else(|_| temp.path().to_path_buf(), Into::into);
+    println!(
+        "soak: {orders} orders at {rate}/s, strict, snapshots every {} events or {} ms, data dir {}",
+        policy.every_events,
+        policy.every_ms,
+        dir.display()
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let opened = journal::open(&dir, FlushPolicy::Strict, false).expect("open");
+    let journal_handle = opened.journal.clone();
+    let config = EngineConfig {
+        reservation_ttl_ms: TTL_MS,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(
+        config,
+        opened.journal.clone(),
+        Arc::new(SystemClock),
+        opened.recovered.state,
+    )
+    .expect("engine");
+    runtime.block_on(async {
+        for i in 0..SKUS {
+            let _ = engine
+                .create_sku(NewSku {
+                    sku: sku(i),
+                    name: format!("Soak item {i}"),
+                    price_cents: 1_999,
+                    stock: 1_000_000_000,
+                    per_user_limit: None,
+                    sale: flashcore::domain::sale::SaleWindow::default(),
+                })
+                .await;
+        }
+    });
+    let mut snapshotter = Snapshotter::start(
+        Arc::new(engine.clone()),
+        opened.journal.clone(),
+        journal::snapshot_dir(&dir),
+        policy,
+    );
+
+    let counters = Arc::new(Counters {
+        started: AtomicU64::new(0),
+        sold: AtomicU64::new(0),
+        unsold: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let began = Instant::now();
+    println!(
+        "{:>5} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "t_s",
+        "orders",
+        "events",
+        "errors",
+        "rss_MB",
+        "data_MB",
+        "sled_MB",
+        "snaps_MB",
+        "snap_seq",
+        "snap_MB"
+    );
+    let sampler = {
+        let (counters, done, dir) = (Arc::clone(&counters), Arc::clone(&done), dir.clone());
+        let journal = journal_handle.clone();
+        let last = {
+            // The snapshotter is owned by main; share its reports by polling
+            // the files instead: the newest snapshot's name and size.
+            move |dir: &Path| -> (u64, u64) {
+                let sdir = journal::snapshot_dir(dir);
+                std::fs::read_dir(sdir)
+                    .map(|d| {
+                        d.filter_map(Result::ok)
+                            .filter_map(|e| {
+                                let name = e.file_name().into_string().ok()?;
+                                let seq = name
+                                    .strip_prefix("snapshot-")?
+                                    .strip_suffix(".bin")?
+                                    .parse::<u64>()
+                                    .ok()?;
+                                Some((seq, e.metadata().ok()?.len()))
+                            })
+                            .max()
+                            .unwrap_or((0, 0))
+                    })
+                    .unwrap_or((0, 0))
+            }
+        };
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_secs(1));
+                let (snap_seq, snap_bytes) = last(&dir);
+                println!(
+                    "{:>5.0} {:>9} {:>9} {:>7} {:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>9.1}",
+                    began.elapsed().as_secs_f64(),
+                    counters.sold.load(Ordering::Relaxed) + counters.unsold.load(Ordering::Relaxed),
+                    journal.last_seq(),
+                    counters.errors.load(Ordering::Relaxed),
+                    mb(rss_bytes()),
+                    mb(dir_bytes(&dir)),
+                    mb(dir_bytes(&journal::journal_dir(&dir))),
+                    mb(dir_bytes(&journal::snapshot_dir(&dir))),
+                    snap_seq,
+                    mb(snap_bytes),
+                );
+            }
+        })
+    };
+
+    runtime.block_on(async {
+        let permits = Arc::new(tokio::sync::Semaphore::new(inflight));
+        let tick = Duration::from_millis(10);
+        let per_tick = (rate as f64 / 100.0).max(0.01);
+        let mut owed = 0.0f64;
+        let mut interval = tokio::time::interval(tick);
+        let mut n = 0u64;
+        while n < orders {
+            interval.tick().await;
+            owed += per_tick;
+            while owed >= 1.0 && n < orders {
+                owed -= 1.0;
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    break;
+                };
+                let (engine, counters) = (engine.clone(), Arc::clone(&counters));
+                counters.started.fetch_add(1, Ordering::Relaxed);
+                let this = n;
+                tokio::spawn(async move {
+                    match order_flow(engine, this).await {
+                        Ok(true) => counters.sold.fetch_add(1, Ordering::Relaxed),
+                        Ok(false) => counters.unsold.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            if counters.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("order {this}: {e}");
+                            }
+                            0
+                        }
+                    };
+                    drop(permit);
+                });
+                n += 1;
+            }
+        }
+        // Every flow finished.
+        let _ = permits.acquire_many(inflight as u32).await;
+        // Let the unpaid ones expire.
+        tokio::time::sleep(Duration::from_millis(TTL_MS + 500)).await;
+    });
+    let ran = began.elapsed();
+    let last_seq = journal_handle.last_seq();
+    let stopping = Instant::now();
+    snapshotter.stop();
+    let final_snapshot = stopping.elapsed();
+    let report = snapshotter.last();
+    // The snapshotter holds the engine and the journal: let go of every
+    // handle, so sled's lock is free for the restart below.
+    drop(snapshotter);
+    engine.shutdown();
+    opened.journal.close();
+    drop(opened.journal);
+    drop(engine);
+
+    done.store(true, Ordering::Release);
+    let _ = sampler.join();
+    drop(journal_handle);
+    let data_after = dir_bytes(&dir);
+    println!(
+        "ran {:.1} s: {} orders ({} sold, {} cancelled or expired, {} errors), {} events; \
+         final snapshot {:.2} s ({:?}); data dir {:.1} MB (sled {:.1} MB, snapshots {:.1} MB)",
+        ran.as_secs_f64(),
+        counters.started.load(Ordering::Relaxed),
+        counters.sold.load(Ordering::Relaxed),
+        counters.unsold.load(Ordering::Relaxed),
+        counters.errors.load(Ordering::Relaxed),
+        last_seq,
+        final_snapshot.as_secs_f64(),
+        report,
+        mb(data_after),
+        mb(dir_bytes(&journal::journal_dir(&dir))),
+        mb(dir_bytes(&journal::snapshot_dir(&dir))),
+    );
+
+    // The restart: open the data dir again, load the snapshot, replay the tail.
+    let restarting = Instant::now();
+    let reopened = journal::open(&dir, FlushPolicy::Strict, false).expect("reopen");
+    let took = restarting.elapsed();
+    println!(
+        "restart: {:.3} s (snapshot at {}, {} events replayed, {} orders in memory, last seq {})",
+        took.as_secs_f64(),
+        reopened.recovered.snapshot_seq,
+        reopened.recovered.replayed,
+        reopened.recovered.state.orders.len(),
+        reopened.recovered.last_seq,
+    );
+    reopened.journal.close();
+}
