@@ -12,6 +12,15 @@
 //! Each shard keeps a deadline heap of its reserved orders and expires the
 //! overdue ones on a timer; an overdue order is also expired before any other
 //! move or read of it, so it never reads as reserved past its deadline.
+//!
+//! On the same timer (at most every [`ARCHIVE_SWEEP_MS`]) a shard moves
+//! finished orders older than the retention window to the archive, in
+//! batches of at most [`ARCHIVE_BATCH_MAX`]: the archive write and its sync
+//! run on a blocking thread, so the shard's mailbox keeps moving; once they
+//! are durable the shard journals `OrdersArchived` for the orders still as
+//! they were written, which drops them from memory. One batch per shard is
+//! in flight at a time. An order asked for that is not in memory is read
+//! from the archive; a change to it journals `OrderRestored` first.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -19,7 +28,7 @@ use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, AsyncContext, Context, Handler, Message};
+use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
 use dashmap::DashMap;
 
 use crate::domain::book::OrderBook;
@@ -33,8 +42,10 @@ use crate::engine::health::Alive;
 use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
 use crate::faults;
-use crate::journal::{Journal, Seq};
-use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
+use crate::journal::{Archive, Journal, Seq};
+use crate::limits::{
+    ARCHIVE_BATCH_MAX, ARCHIVE_SWEEP_MS, EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX,
+};
 
 /// Every SKU's handle, by id.
 pub(crate) type SkuRegistry = DashMap<SkuId, Arc<SkuHandle>>;
@@ -50,6 +61,10 @@ pub(crate) struct ShardContext {
     pub(crate) skus: Arc<SkuRegistry>,
     pub(crate) routes: Arc<OrderRoutes>,
     pub(crate) ttl_ms: u64,
+    /// Where finished orders go, if the journal keeps an archive.
+    pub(crate) archive: Option<Arc<dyn Archive>>,
+    /// How long a finished order stays in memory; `None`: for ever.
+    pub(crate) archive_after_ms: Option<u64>,
     /// Shards of a reader of the durable state journal nothing (no
     /// expiries either: the journal refuses them).
     pub(crate) read_only: bool,
@@ -60,6 +75,15 @@ pub(crate) struct OrderShard {
     index: u16,
     book: OrderBook,
     deadlines: BinaryHeap<Reverse<(u64, OrderId)>>,
+    /// Finished orders by the time they finished, oldest first: the
+    /// archive sweep's queue. An entry whose order has moved on since (a
+    /// refund of a delivered order) is stale and skipped; the move pushed a
+    /// new one.
+    finished: BinaryHeap<Reverse<(u64, OrderId)>>,
+    /// Whether an archive batch is being written (at most one at a time).
+    archiving: bool,
+    /// When the next archive sweep may run, unix milliseconds.
+    next_sweep_ms: u64,
     shared: Arc<ShardContext>,
     last_seq: Seq,
     /// Orders by state, kept up to date on every commit (for metrics).
@@ -88,6 +112,11 @@ impl OrderShard {
             .filter(|o| o.status == OrderStatus::Reserved)
             .map(|o| Reverse((o.expires_at_ms, o.id)))
             .collect();
+        let finished = book
+            .orders()
+            .filter(|o| o.status.is_final())
+            .map(|o| Reverse((finished_at_ms(o), o.id)))
+            .collect();
         let mut counts = [0; OrderStatus::ALL.len()];
         for order in book.orders() {
             counts[status_index(order.status)] += 1;
@@ -96,6 +125,9 @@ impl OrderShard {
             index,
             book,
             deadlines,
+            finished,
+            archiving: false,
+            next_sweep_ms: 0,
             shared,
             last_seq: seq,
             counts,
@@ -151,7 +183,22 @@ impl OrderShard {
             }
             _ => None,
         };
-        let id = placed.map(|(id, _)| id).or_else(|| event.order_id());
+        let restored = match &*event {
+            Event::OrderRestored { order, .. } => Some(order.id),
+            _ => None,
+        };
+        if let Event::OrdersArchived { ids, .. } = &*event {
+            for id in ids {
+                if let Some(order) = self.book.get(*id) {
+                    self.counts[status_index(order.status)] -= 1;
+                }
+                self.shared.routes.remove(id);
+            }
+        }
+        let id = placed
+            .map(|(id, _)| id)
+            .or(restored)
+            .or_else(|| event.order_id());
         let applied = match event {
             Cow::Borrowed(event) => self.book.apply(&self.shared.idem, event),
             Cow::Owned(event) => self.book.apply_owned(&self.shared.idem, event),
@@ -167,11 +214,19 @@ impl OrderShard {
         // An order placed at its SKU was journaled there, possibly before
         // events this shard journaled since.
         self.last_seq = self.last_seq.max(seq);
-        if let Some(after) = id.and_then(|id| self.book.get(id)).map(|o| o.status) {
+        if let Some(order) = id.and_then(|id| self.book.get(id)) {
+            let after = order.status;
             if let Some(before) = before {
                 self.counts[status_index(before)] -= 1;
             }
             self.counts[status_index(after)] += 1;
+            if after.is_final() && before != Some(after) {
+                self.finished
+                    .push(Reverse((finished_at_ms(order), order.id)));
+            }
+        }
+        if let Some(id) = restored {
+            self.shared.routes.insert(id, self.index);
         }
         if let Some((id, expires_at_ms)) = placed {
             self.shared.routes.insert(id, self.index);
@@ -224,6 +279,122 @@ impl OrderShard {
         expired
     }
 
+    /// Takes up to [`ARCHIVE_BATCH_MAX`] finished orders past the retention
+    /// window off the queue, as copies to write to the archive.
+    fn due_for_archive(&mut self, now_ms: u64) -> Vec<Order> {
+        let Some(after_ms) = self.shared.archive_after_ms else {
+            return Vec::new();
+        };
+        let mut due = Vec::new();
+        while due.len() < ARCHIVE_BATCH_MAX {
+            let Some(Reverse((at_ms, id))) = self.finished.peek().copied() else {
+                break;
+            };
+            if at_ms.saturating_add(after_ms) > now_ms {
+                break;
+            }
+            self.finished.pop();
+            match self.book.get(id) {
+                // Stale entries: archived or moved on since (a newer entry
+                // stands for the later move).
+                Some(order) if order.status.is_final() && finished_at_ms(order) == at_ms => {
+                    due.push(order.clone());
+                }
+                _ => {}
+            }
+        }
+        due
+    }
+
+    /// Puts orders whose archive write failed back on the queue.
+    fn requeue(&mut self, orders: &[Order]) {
+        for order in orders {
+            self.finished
+                .push(Reverse((finished_at_ms(order), order.id)));
+        }
+    }
+
+    /// Journals `OrdersArchived` for the written orders that are still in
+    /// memory exactly as written (one changed since stays live; the next
+    /// sweep writes it again). Returns how many left memory.
+    ///
+    /// # Errors
+    /// The journal's, when it refuses the event; the orders go back on the
+    /// queue (they stay in memory and in the archive, which is harmless).
+    fn finish_archive(&mut self, written: &[Order], now_ms: u64) -> Result<usize, EngineError> {
+        let mut ids: Vec<OrderId> = written
+            .iter()
+            .filter(|copy| self.book.get(copy.id) == Some(*copy))
+            .map(|copy| copy.id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let count = ids.len();
+        let event = Event::OrdersArchived { ids, at_ms: now_ms };
+        match self.commit(event, None) {
+            Ok(_) => Ok(count),
+            Err(error) => {
+                self.requeue(written);
+                Err(error)
+            }
+        }
+    }
+
+    /// The timer's archive sweep: writes one batch on a blocking thread and
+    /// journals it when it is durable.
+    fn sweep_archive(&mut self, now_ms: u64, ctx: &mut Context<Self>) {
+        if self.archiving || self.shared.read_only || now_ms < self.next_sweep_ms {
+            return;
+        }
+        let Some(archive) = self.shared.archive.clone() else {
+            return;
+        };
+        self.next_sweep_ms = now_ms.saturating_add(ARCHIVE_SWEEP_MS);
+        let batch = self.due_for_archive(now_ms);
+        if batch.is_empty() {
+            return;
+        }
+        self.archiving = true;
+        let write = async move {
+            tokio::task::spawn_blocking(move || {
+                let written = archive.put_batch(&batch);
+                (batch, written)
+            })
+            .await
+        };
+        ctx.spawn(write.into_actor(self).map(|outcome, shard, _| {
+            shard.archiving = false;
+            let now_ms = shard.shared.clock.now_ms();
+            match outcome {
+                Ok((batch, Ok(()))) => {
+                    if let Err(error) = shard.finish_archive(&batch, now_ms) {
+                        tracing::warn!(%error, "could not journal an archive batch; retrying later");
+                    }
+                }
+                Ok((batch, Err(error))) => {
+                    tracing::warn!(%error, "could not write an archive batch; retrying later");
+                    shard.requeue(&batch);
+                }
+                // The blocking pool is gone: the engine is stopping.
+                Err(error) => tracing::warn!(%error, "an archive write did not finish"),
+            }
+        }));
+    }
+
+    /// The order from the archive, when it is not in memory.
+    fn archived_copy(&self, id: OrderId) -> Result<Option<Order>, EngineError> {
+        if self.book.get(id).is_some() {
+            return Ok(None);
+        }
+        match &self.shared.archive {
+            Some(archive) => Ok(archive.get(id)?),
+            None => Ok(None),
+        }
+    }
+
     fn order_for(&self, id: OrderId, caller: &Caller) -> Result<&Order, EngineError> {
         let order = self
             .book
@@ -245,9 +416,10 @@ impl Actor for OrderShard {
         if self.shared.read_only {
             return;
         }
-        ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, _| {
+        ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, ctx| {
             let now_ms = shard.shared.clock.now_ms();
             shard.expire_due(now_ms, None);
+            shard.sweep_archive(now_ms, ctx);
         });
     }
 }
@@ -390,34 +562,40 @@ impl Handler<Act> for OrderShard {
         let now_ms = self.shared.clock.now_ms();
         let (done, applied) = Completion::new();
         let result = (|| {
-            self.order_for(msg.order_id, &msg.caller)?;
+            // Not in memory: the archive's copy, if it holds one.
+            let mut archived = self.archived_copy(msg.order_id)?;
+            match &archived {
+                Some(order) => check_owner(order, &msg.caller)?,
+                None => {
+                    self.order_for(msg.order_id, &msg.caller)?;
+                }
+            }
             let admin_only = !matches!(msg.op, OrderOp::Get | OrderOp::Cancel);
             if admin_only && !msg.caller.admin {
                 return Err(EngineError::Forbidden("this needs an admin".into()));
             }
-            self.expire_if_overdue(msg.order_id, now_ms, Some(&done))?;
-            let order = self.order_for(msg.order_id, &msg.caller)?;
-            let event = match msg.op {
-                OrderOp::Get => None,
-                OrderOp::Pay {
-                    payment_ref,
-                    amount_cents,
-                    idem,
-                } => {
-                    faults::panic_if("panic-shard-pay", "1");
-                    order.decide_pay(payment_ref, amount_cents, idem, now_ms)?
-                }
-                OrderOp::Cancel => Some(order.decide_release(ReleaseReason::Cancelled, now_ms)?),
-                OrderOp::Ship => Some(order.decide_ship(now_ms)?),
-                OrderOp::Deliver => Some(order.decide_deliver(now_ms)?),
-                OrderOp::Refund {
-                    lines,
-                    restock,
-                    idem,
-                } => Some(order.decide_refund(&lines, restock, idem, now_ms)?),
+            if archived.is_none() {
+                self.expire_if_overdue(msg.order_id, now_ms, Some(&done))?;
+            }
+            let order = match &archived {
+                Some(order) => order,
+                None => self.order_for(msg.order_id, &msg.caller)?,
             };
+            let event = decide(order, msg.op, now_ms)?;
             if let Some(event) = event {
+                if let Some(order) = archived.take() {
+                    // Back into memory first, as the archive holds it; the
+                    // change then applies to it like to any live order.
+                    let restore = Event::OrderRestored {
+                        order: Box::new(order),
+                        at_ms: now_ms,
+                    };
+                    self.commit(restore, Some(&done))?;
+                }
                 self.commit(event, Some(&done))?;
+            }
+            if let Some(order) = archived {
+                return Ok(order);
             }
             let order = self
                 .book
@@ -430,6 +608,50 @@ impl Handler<Act> for OrderShard {
         let result = result.map(|order| Acted { order, applied });
         self.answer(msg.reply, result);
     }
+}
+
+/// Decides what `op` does to `order`: `None` for a read or a repeat that
+/// changes nothing.
+fn decide(order: &Order, op: OrderOp, now_ms: u64) -> Result<Option<Event>, EngineError> {
+    let event = match op {
+        OrderOp::Get => None,
+        OrderOp::Pay {
+            payment_ref,
+            amount_cents,
+            idem,
+        } => {
+            faults::panic_if("panic-shard-pay", "1");
+            order.decide_pay(payment_ref, amount_cents, idem, now_ms)?
+        }
+        OrderOp::Cancel => Some(order.decide_release(ReleaseReason::Cancelled, now_ms)?),
+        OrderOp::Ship => Some(order.decide_ship(now_ms)?),
+        OrderOp::Deliver => Some(order.decide_deliver(now_ms)?),
+        OrderOp::Refund {
+            lines,
+            restock,
+            idem,
+        } => Some(order.decide_refund(&lines, restock, idem, now_ms)?),
+    };
+    Ok(event)
+}
+
+/// `Forbidden` unless the caller owns the order or is an admin.
+fn check_owner(order: &Order, caller: &Caller) -> Result<(), EngineError> {
+    if !caller.admin && caller.user != order.user {
+        return Err(EngineError::Forbidden(format!(
+            "order {} belongs to another user",
+            order.id
+        )));
+    }
+    Ok(())
+}
+
+/// When an order entered its current state: the last entry of its history.
+fn finished_at_ms(order: &Order) -> u64 {
+    order
+        .history
+        .last()
+        .map_or(order.created_at_ms, |c| c.at_ms)
 }
 
 /// List orders, newest first.
@@ -525,5 +747,44 @@ impl Handler<CountByStatus> for OrderShard {
     fn handle(&mut self, msg: CountByStatus, _: &mut Context<Self>) {
         let counts = OrderStatus::ALL.iter().copied().zip(self.counts).collect();
         self.answer(msg.reply, Ok(counts));
+    }
+}
+
+/// Archive every finished order past the retention window now, writing
+/// synchronously (tests drive time by hand with this; the timer writes on a
+/// blocking thread instead). Answers how many left memory.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ArchiveDue {
+    pub(crate) reply: Reply<usize>,
+}
+
+impl Handler<ArchiveDue> for OrderShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: ArchiveDue, _: &mut Context<Self>) {
+        let now_ms = self.shared.clock.now_ms();
+        let result = (|| {
+            let Some(archive) = self.shared.archive.clone() else {
+                return Ok(0);
+            };
+            if self.shared.read_only || self.archiving {
+                return Ok(0);
+            }
+            let mut archived = 0;
+            loop {
+                let batch = self.due_for_archive(now_ms);
+                if batch.is_empty() {
+                    break;
+                }
+                if let Err(error) = archive.put_batch(&batch) {
+                    self.requeue(&batch);
+                    return Err(EngineError::from(error));
+                }
+                archived += self.finish_archive(&batch, now_ms)?;
+            }
+            Ok(archived)
+        })();
+        self.answer(msg.reply, result);
     }
 }

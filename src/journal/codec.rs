@@ -25,6 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Event;
+use crate::domain::order::Order;
 use crate::journal::Seq;
 
 /// The current record and snapshot format.
@@ -81,6 +82,19 @@ struct RecordRef<'a> {
 struct Record {
     seq: Seq,
     event: Event,
+}
+
+/// An archived order as stored (see [`encode_order`]).
+#[derive(Serialize)]
+struct ArchivedRef<'a> {
+    id: u64,
+    order: &'a Order,
+}
+
+#[derive(Deserialize)]
+struct Archived {
+    id: u64,
+    order: Order,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -265,6 +279,53 @@ pub fn encode(seq: Seq, event: &Event) -> Result<Vec<u8>, CodecError> {
 pub fn decode(seq: Seq, bytes: &[u8]) -> Result<Event, CodecError> {
     let payload = unframe(bytes, RECORD_BYTES_MAX as u64)?;
     decode_payload(seq, payload)
+}
+
+/// Encodes an archived order: the same frame as a journal record (version,
+/// length, CRC) around the bincode encoding of `{id, order}`, so damage
+/// and an order stored under the wrong key are both caught on reading.
+///
+/// # Errors
+/// `TooLarge` past [`RECORD_BYTES_MAX`] (the domain's limits make that
+/// impossible), `Undecodable` if serde refuses it.
+pub fn encode_order(order: &Order) -> Result<Vec<u8>, CodecError> {
+    let payload = bincode::serde::encode_to_vec(
+        ArchivedRef {
+            id: order.id.0,
+            order,
+        },
+        config(),
+    )
+    .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if payload.len() > RECORD_BYTES_MAX {
+        return Err(CodecError::TooLarge(payload.len() as u64));
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    frame(&payload, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes an archived order stored under the key of order `id`.
+///
+/// # Errors
+/// Any [`CodecError`]; `WrongSeq` (read: wrong id) when the order inside is
+/// not the one the key names.
+pub fn decode_order(id: u64, bytes: &[u8]) -> Result<Order, CodecError> {
+    let payload = unframe(bytes, RECORD_BYTES_MAX as u64)?;
+    let (archived, used): (Archived, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Undecodable(
+            "trailing bytes after the order".into(),
+        ));
+    }
+    if archived.id != id || archived.order.id.0 != id {
+        return Err(CodecError::WrongSeq {
+            expected: id,
+            found: archived.order.id.0,
+        });
+    }
+    Ok(archived.order)
 }
 
 /// Encodes a snapshot body (any serde value) behind the snapshot magic.
