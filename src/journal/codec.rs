@@ -600,7 +600,10 @@ mod tests {
                 }
             }),
             (user(), any::<u64>()).prop_map(|(user, at_ms)| Event::CartCleared { user, at_ms }),
-            (prop::collection::vec(any::<u64>().prop_map(OrderId), 0..50), any::<u64>())
+            (
+                prop::collection::vec(any::<u64>().prop_map(OrderId), 0..50),
+                any::<u64>()
+            )
                 .prop_map(|(ids, at_ms)| Event::OrdersArchived { ids, at_ms }),
             (order(), any::<u64>()).prop_map(|(order, at_ms)| Event::OrderRestored {
                 order: Box::new(order),
@@ -697,20 +700,22 @@ mod tests {
     fn an_archived_order_under_another_id_is_refused() {
         let order = Order {
             id: OrderId(9),
-            ..finished(Order::place(
-                OrderId(9),
-                UserId::parse("u").expect("valid"),
-                vec![crate::domain::order::ReservedLine {
-                    sku: SkuId::parse("s").expect("valid"),
-                    name: "S".into(),
-                    qty: 1,
-                    unit_price_cents: 5,
-                }],
-                None,
-                1,
-                1,
+            ..finished(
+                Order::place(
+                    OrderId(9),
+                    UserId::parse("u").expect("valid"),
+                    vec![crate::domain::order::ReservedLine {
+                        sku: SkuId::parse("s").expect("valid"),
+                        name: "S".into(),
+                        qty: 1,
+                        unit_price_cents: 5,
+                    }],
+                    None,
+                    1,
+                    1,
+                )
+                .expect("places"),
             )
-            .expect("places"))
         };
         let bytes = encode_order(&order).expect("encodes");
         assert!(matches!(
