@@ -254,7 +254,7 @@ async fn a_restart_keeps_archived_orders_readable_once_and_limits_counted() {
         .orders(OrderScope::User(user("ann")), 50)
         .await
         .expect("lists");
-    assert_eq!(listed, [order.clone()], "not duplicated");
+    assert_eq!(listed, std::slice::from_ref(&order), "not duplicated");
     assert_eq!(
         e.archive_due().await.expect("sweeps"),
         0,
@@ -282,12 +282,14 @@ async fn an_order_archived_but_not_yet_journaled_stays_live_and_is_listed_once()
     let e = &s.engine;
     create(e, "cap", 100, 10, None).await;
     let order = delivered(e, "ann", "cap", 1, 1).await;
-    s.archive.put_batch(&[order.clone()]).expect("written");
+    s.archive
+        .put_batch(std::slice::from_ref(&order))
+        .expect("written");
     let listed = e
         .orders(OrderScope::User(user("ann")), 50)
         .await
         .expect("lists");
-    assert_eq!(listed, [order.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&order));
     s.clock.advance_ms(AFTER_MS);
     assert_eq!(e.archive_due().await.expect("sweeps"), 1);
     assert_eq!(s.archive.len(), 1);
