@@ -21,11 +21,13 @@
 //! order to its shard, which must take it.
 //!
 //! By concern: `config.rs` (how it runs), `reply.rs` (how actors answer),
+//! `archiving.rs` (the shards' archive sweep),
 //! `catalog.rs`, `orders.rs`, `carts.rs` and `keyed.rs` (the handle's
 //! methods), `sku.rs` and `shard.rs` (the actors), `health.rs` (a dead actor
 //! marks the engine dead), `durable.rs` (reads from the last durable state
 //! while the journal refuses changes), `runtime.rs` (the actor threads).
 
+mod archiving;
 mod carts;
 mod catalog;
 mod config;
@@ -68,13 +70,14 @@ use crate::limits::{
     ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX, ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS,
     SKU_MAILBOX, SKUS_MAX,
 };
+use archiving::ArchiveDue;
 use health::Health;
 use reply::send;
 pub(crate) use reply::{Answer, Completion, Reply};
 use runtime::ActorThreads;
 use shard::{
-    Act, ArchiveDue, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard,
-    ShardContext, SkuRegistry,
+    Act, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard, ShardContext,
+    SkuRegistry,
 };
 use sku::{Placement, Reserve, Restock, SkuActor, SkuHandle, SkuHint, Update, View, reply_channel};
 

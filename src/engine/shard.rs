@@ -13,9 +13,11 @@
 //! overdue ones on a timer; an overdue order is also expired before any other
 //! move or read of it, so it never reads as reserved past its deadline.
 //!
-//! On the same timer (at most every [`ARCHIVE_SWEEP_MS`]) a shard moves
+//! On the same timer (at most every
+//! [`ARCHIVE_SWEEP_MS`](crate::limits::ARCHIVE_SWEEP_MS)) a shard moves
 //! finished orders older than the retention window to the archive, in
-//! batches of at most [`ARCHIVE_BATCH_MAX`]: the archive write and its sync
+//! batches of at most
+//! [`ARCHIVE_BATCH_MAX`](crate::limits::ARCHIVE_BATCH_MAX): the archive write and its sync
 //! run on a blocking thread, so the shard's mailbox keeps moving; once they
 //! are durable the shard journals `OrdersArchived` for the orders still as
 //! they were written, which drops them from memory. One batch per shard is
@@ -28,7 +30,7 @@ use std::collections::BinaryHeap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
+use actix::{Actor, AsyncContext, Context, Handler, Message};
 use dashmap::DashMap;
 
 use crate::domain::book::OrderBook;
@@ -43,9 +45,7 @@ use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
 use crate::faults;
 use crate::journal::{Archive, Journal, Seq};
-use crate::limits::{
-    ARCHIVE_BATCH_MAX, ARCHIVE_SWEEP_MS, EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX,
-};
+use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
 
 /// Every SKU's handle, by id.
 pub(crate) type SkuRegistry = DashMap<SkuId, Arc<SkuHandle>>;
@@ -73,18 +73,18 @@ pub(crate) struct ShardContext {
 /// An actor owning a partition of orders and carts.
 pub(crate) struct OrderShard {
     index: u16,
-    book: OrderBook,
+    pub(super) book: OrderBook,
     deadlines: BinaryHeap<Reverse<(u64, OrderId)>>,
     /// Finished orders by the time they finished, oldest first: the
     /// archive sweep's queue. An entry whose order has moved on since (a
     /// refund of a delivered order) is stale and skipped; the move pushed a
     /// new one.
-    finished: BinaryHeap<Reverse<(u64, OrderId)>>,
+    pub(super) finished: BinaryHeap<Reverse<(u64, OrderId)>>,
     /// Whether an archive batch is being written (at most one at a time).
-    archiving: bool,
+    pub(super) archiving: bool,
     /// When the next archive sweep may run, unix milliseconds.
-    next_sweep_ms: u64,
-    shared: Arc<ShardContext>,
+    pub(super) next_sweep_ms: u64,
+    pub(super) shared: Arc<ShardContext>,
     last_seq: Seq,
     /// Orders by state, kept up to date on every commit (for metrics).
     counts: [u64; OrderStatus::ALL.len()],
@@ -135,7 +135,7 @@ impl OrderShard {
         }
     }
 
-    fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
+    pub(super) fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
         let _ = reply.send(Answer {
             result,
             seen: self.last_seq,
@@ -144,7 +144,7 @@ impl OrderShard {
 
     /// Journals a decided event, applies it, and sends its SKU moves. Gives
     /// the event back (shared with the SKU actors it went to, if any).
-    fn commit(
+    pub(super) fn commit(
         &mut self,
         event: Event,
         done: Option<&Arc<Completion>>,
@@ -277,122 +277,6 @@ impl OrderShard {
             }
         }
         expired
-    }
-
-    /// Takes up to [`ARCHIVE_BATCH_MAX`] finished orders past the retention
-    /// window off the queue, as copies to write to the archive.
-    fn due_for_archive(&mut self, now_ms: u64) -> Vec<Order> {
-        let Some(after_ms) = self.shared.archive_after_ms else {
-            return Vec::new();
-        };
-        let mut due = Vec::new();
-        while due.len() < ARCHIVE_BATCH_MAX {
-            let Some(Reverse((at_ms, id))) = self.finished.peek().copied() else {
-                break;
-            };
-            if at_ms.saturating_add(after_ms) > now_ms {
-                break;
-            }
-            self.finished.pop();
-            match self.book.get(id) {
-                // Stale entries: archived or moved on since (a newer entry
-                // stands for the later move).
-                Some(order) if order.status.is_final() && finished_at_ms(order) == at_ms => {
-                    due.push(order.clone());
-                }
-                _ => {}
-            }
-        }
-        due
-    }
-
-    /// Puts orders whose archive write failed back on the queue.
-    fn requeue(&mut self, orders: &[Order]) {
-        for order in orders {
-            self.finished
-                .push(Reverse((finished_at_ms(order), order.id)));
-        }
-    }
-
-    /// Journals `OrdersArchived` for the written orders that are still in
-    /// memory exactly as written (one changed since stays live; the next
-    /// sweep writes it again). Returns how many left memory.
-    ///
-    /// # Errors
-    /// The journal's, when it refuses the event; the orders go back on the
-    /// queue (they stay in memory and in the archive, which is harmless).
-    fn finish_archive(&mut self, written: &[Order], now_ms: u64) -> Result<usize, EngineError> {
-        let mut ids: Vec<OrderId> = written
-            .iter()
-            .filter(|copy| self.book.get(copy.id) == Some(*copy))
-            .map(|copy| copy.id)
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let count = ids.len();
-        let event = Event::OrdersArchived { ids, at_ms: now_ms };
-        match self.commit(event, None) {
-            Ok(_) => Ok(count),
-            Err(error) => {
-                self.requeue(written);
-                Err(error)
-            }
-        }
-    }
-
-    /// The timer's archive sweep: writes one batch on a blocking thread and
-    /// journals it when it is durable.
-    fn sweep_archive(&mut self, now_ms: u64, ctx: &mut Context<Self>) {
-        if self.archiving || self.shared.read_only || now_ms < self.next_sweep_ms {
-            return;
-        }
-        let Some(archive) = self.shared.archive.clone() else {
-            return;
-        };
-        self.next_sweep_ms = now_ms.saturating_add(ARCHIVE_SWEEP_MS);
-        let batch = self.due_for_archive(now_ms);
-        if batch.is_empty() {
-            return;
-        }
-        self.archiving = true;
-        let write = async move {
-            tokio::task::spawn_blocking(move || {
-                let written = archive.put_batch(&batch);
-                (batch, written)
-            })
-            .await
-        };
-        ctx.spawn(write.into_actor(self).map(|outcome, shard, _| {
-            shard.archiving = false;
-            let now_ms = shard.shared.clock.now_ms();
-            match outcome {
-                Ok((batch, Ok(()))) => {
-                    if let Err(error) = shard.finish_archive(&batch, now_ms) {
-                        tracing::warn!(%error, "could not journal an archive batch; retrying later");
-                    }
-                }
-                Ok((batch, Err(error))) => {
-                    tracing::warn!(%error, "could not write an archive batch; retrying later");
-                    shard.requeue(&batch);
-                }
-                // The blocking pool is gone: the engine is stopping.
-                Err(error) => tracing::warn!(%error, "an archive write did not finish"),
-            }
-        }));
-    }
-
-    /// The order from the archive, when it is not in memory.
-    fn archived_copy(&self, id: OrderId) -> Result<Option<Order>, EngineError> {
-        if self.book.get(id).is_some() {
-            return Ok(None);
-        }
-        match &self.shared.archive {
-            Some(archive) => Ok(archive.get(id)?),
-            None => Ok(None),
-        }
     }
 
     fn order_for(&self, id: OrderId, caller: &Caller) -> Result<&Order, EngineError> {
@@ -647,7 +531,7 @@ fn check_owner(order: &Order, caller: &Caller) -> Result<(), EngineError> {
 }
 
 /// When an order entered its current state: the last entry of its history.
-fn finished_at_ms(order: &Order) -> u64 {
+pub(super) fn finished_at_ms(order: &Order) -> u64 {
     order
         .history
         .last()
@@ -747,44 +631,5 @@ impl Handler<CountByStatus> for OrderShard {
     fn handle(&mut self, msg: CountByStatus, _: &mut Context<Self>) {
         let counts = OrderStatus::ALL.iter().copied().zip(self.counts).collect();
         self.answer(msg.reply, Ok(counts));
-    }
-}
-
-/// Archive every finished order past the retention window now, writing
-/// synchronously (tests drive time by hand with this; the timer writes on a
-/// blocking thread instead). Answers how many left memory.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct ArchiveDue {
-    pub(crate) reply: Reply<usize>,
-}
-
-impl Handler<ArchiveDue> for OrderShard {
-    type Result = ();
-
-    fn handle(&mut self, msg: ArchiveDue, _: &mut Context<Self>) {
-        let now_ms = self.shared.clock.now_ms();
-        let result = (|| {
-            let Some(archive) = self.shared.archive.clone() else {
-                return Ok(0);
-            };
-            if self.shared.read_only || self.archiving {
-                return Ok(0);
-            }
-            let mut archived = 0;
-            loop {
-                let batch = self.due_for_archive(now_ms);
-                if batch.is_empty() {
-                    break;
-                }
-                if let Err(error) = archive.put_batch(&batch) {
-                    self.requeue(&batch);
-                    return Err(EngineError::from(error));
-                }
-                archived += self.finish_archive(&batch, now_ms)?;
-            }
-            Ok(archived)
-        })();
-        self.answer(msg.reply, result);
     }
 }
