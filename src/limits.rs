@@ -78,6 +78,26 @@ pub const EXPIRY_TICK_MS: u64 = 100;
 /// stall the shard's mailbox; the rest wait for the next tick.
 pub const EXPIRY_BATCH_MAX: usize = 2_000;
 
+/// How long a finished order (`delivered`, `cancelled`, `expired`,
+/// `refunded`) stays in memory before it moves to the archive on disk
+/// (`--archive-after`). Ten minutes keeps the orders people look at right
+/// after a sale in memory, and lets a shop run for months with memory that
+/// follows live work, not history.
+pub const ARCHIVE_AFTER_DEFAULT_MS: u64 = 10 * 60 * 1000;
+/// Longest `--archive-after`: a year; beyond that, turn archiving off
+/// rather than keep history in memory by accident.
+pub const ARCHIVE_AFTER_MAX_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+
+/// How often each order shard sweeps finished orders into the archive. One
+/// sweep is one archive write and one sync, so this bounds the extra
+/// fsyncs an idle-looking shop pays to a few a second across all shards.
+pub const ARCHIVE_SWEEP_MS: u64 = 1_000;
+
+/// Most orders one shard archives in one sweep: one `OrdersArchived` event
+/// (about 5 bytes an id) and one archive write of bounded size; the rest
+/// wait for the next sweep.
+pub const ARCHIVE_BATCH_MAX: usize = 1_000;
+
 /// How long an idempotency record is kept (contract: at least 24 hours).
 pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -123,6 +143,11 @@ const _: () = assert!(ON_HAND_MAX + RESTOCK_QTY_MAX <= u64::MAX / 4);
 const _: () = assert!(PER_USER_LIMIT_MAX <= QTY_MAX * LINES_MAX as u32);
 const _: () = assert!(EXPIRY_TICK_MS < 1_000);
 const _: () = assert!(SKUS_PAGE_DEFAULT <= SKUS_PAGE_MAX && SKUS_PAGE_MAX <= SKU_MAILBOX);
+// An archive sweep rides the expiry timer, so it cannot run more often.
+const _: () = assert!(ARCHIVE_SWEEP_MS >= EXPIRY_TICK_MS);
+// One `OrdersArchived` of a full batch (at most 10 bytes an id, varint)
+// stays far below a journal record's bound (`codec::RECORD_BYTES_MAX`).
+const _: () = assert!(ARCHIVE_BATCH_MAX * 10 < 64 * 1024);
 
 // ----- The HTTP front -----
 

@@ -14,9 +14,9 @@ use flashcore::http::auth::{JwtKeys, SECRET_ENV, load_secret};
 use flashcore::journal::SnapshotPolicy;
 use flashcore::journal::recovery::SNAPSHOT_EVERY_EVENTS;
 use flashcore::limits::{
-    ACTOR_THREADS_MAX, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, ORDER_SHARDS_DEFAULT,
-    ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX, RESERVATION_TTL_MAX_MS,
-    TOKEN_TTL_MAX_MS,
+    ACTOR_THREADS_MAX, ARCHIVE_AFTER_MAX_MS, CONNECTIONS_DEFAULT, CONNECTIONS_MAX,
+    ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX,
+    RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_MS,
 };
 use flashcore::server::{ServeConfig, run};
 
@@ -58,6 +58,11 @@ struct ServeArgs {
     /// How long an unpaid order holds its units.
     #[arg(long, env = "FLASHCORE_RESERVATION_TTL", default_value = "15m", value_parser = humantime::parse_duration)]
     reservation_ttl: Duration,
+    /// How long a finished order (delivered, cancelled, expired, refunded)
+    /// stays in memory before it moves to the archive on disk; reads go on
+    /// finding it there.
+    #[arg(long, env = "FLASHCORE_ARCHIVE_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    archive_after: Duration,
     /// When a change counts as done.
     #[arg(
         long,
@@ -129,6 +134,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if ttl_ms == 0 || ttl_ms > RESERVATION_TTL_MAX_MS {
         bail!("--reservation-ttl must be between 1ms and 7 days");
     }
+    let archive_after_ms = u64::try_from(args.archive_after.as_millis()).unwrap_or(u64::MAX);
+    if archive_after_ms == 0 || archive_after_ms > ARCHIVE_AFTER_MAX_MS {
+        bail!("--archive-after must be between 1ms and 366 days");
+    }
     if !(1..=REQUESTS_IN_FLIGHT_MAX).contains(&args.max_in_flight) {
         bail!("--max-in-flight must be 1 to {REQUESTS_IN_FLIGHT_MAX}");
     }
@@ -154,6 +163,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             actor_threads: args.actor_threads,
             order_shards: args.order_shards,
             reservation_ttl_ms: ttl_ms,
+            archive_after_ms: Some(archive_after_ms),
             durability: match args.durability {
                 Durability::Strict => DurabilityMode::Strict,
                 Durability::Relaxed => DurabilityMode::Relaxed,

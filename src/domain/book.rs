@@ -168,8 +168,70 @@ impl OrderBook {
                 self.carts.remove(user);
                 Ok(())
             }
+            Event::OrdersArchived { ids, .. } => self.archive(ids),
+            Event::OrderRestored { order, .. } => self.restore(order),
             _ => Ok(()),
         }
+    }
+
+    /// Applies an `OrdersArchived`: the orders leave the book (the archive
+    /// holds them). Checked whole before anything moves, so an `Err` leaves
+    /// the book unchanged.
+    fn archive(&mut self, ids: &[OrderId]) -> Result<(), DomainError> {
+        for id in ids {
+            match self.orders.get(id) {
+                Some(order) if order.status.is_final() => {}
+                Some(order) => {
+                    return Err(DomainError::inconsistent(format!(
+                        "order {id} archived while {}",
+                        order.status
+                    )));
+                }
+                None => {
+                    return Err(DomainError::inconsistent(format!(
+                        "archive of unknown order {id}"
+                    )));
+                }
+            }
+        }
+        for id in ids {
+            let Some(order) = self.orders.remove(id) else {
+                return Err(DomainError::inconsistent(format!(
+                    "order {id} archived twice in one event"
+                )));
+            };
+            if let Some(user_ids) = self.by_user.get_mut(&order.user) {
+                if let Ok(at) = user_ids.binary_search(id) {
+                    user_ids.remove(at);
+                }
+                if user_ids.is_empty() {
+                    self.by_user.remove(&order.user);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies an `OrderRestored`: an archived order comes back, as it was.
+    fn restore(&mut self, order: &Order) -> Result<(), DomainError> {
+        if self.orders.contains_key(&order.id) {
+            return Err(DomainError::inconsistent(format!(
+                "order {} restored while in memory",
+                order.id
+            )));
+        }
+        if !order.status.is_final() {
+            return Err(DomainError::inconsistent(format!(
+                "order {} restored while {}: only finished orders are archived",
+                order.id, order.status
+            )));
+        }
+        let ids = self.by_user.entry(order.user).or_default();
+        if let Err(at) = ids.binary_search(&order.id) {
+            ids.insert(at, order.id);
+        }
+        self.orders.insert(order.id, order.clone());
+        Ok(())
     }
 
     /// Applies an `OrderPlaced` or an `OrderPlacedAtSku`.

@@ -294,6 +294,25 @@ pub enum Event {
         /// When.
         at_ms: u64,
     },
+    /// Finished orders left memory for the archive. The archive already
+    /// holds each of them, durably, when this is journaled; applying it only
+    /// drops them from the order book. Every id is of an order in a final
+    /// state (`delivered`, `cancelled`, `expired`, `refunded`).
+    OrdersArchived {
+        /// The orders, in increasing id order.
+        ids: Vec<OrderId>,
+        /// When.
+        at_ms: u64,
+    },
+    /// An archived order came back into memory, as the archive held it,
+    /// because a change was asked of it (a refund of a delivered order).
+    /// Carrying the order makes replay independent of the archive.
+    OrderRestored {
+        /// The order, exactly as archived.
+        order: Box<Order>,
+        /// When.
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -318,7 +337,9 @@ impl Event {
             | Event::OrderDelivered { .. }
             | Event::CartItemSet { .. }
             | Event::CartCleared { .. }
-            | Event::IdempotentRefusal { .. } => TouchedSkus::One(None),
+            | Event::IdempotentRefusal { .. }
+            | Event::OrdersArchived { .. }
+            | Event::OrderRestored { .. } => TouchedSkus::One(None),
         }
     }
 
@@ -367,7 +388,9 @@ impl Event {
             | Event::OrderRefunded { at_ms, .. }
             | Event::CartItemSet { at_ms, .. }
             | Event::CartCleared { at_ms, .. }
-            | Event::IdempotentRefusal { at_ms, .. } => *at_ms,
+            | Event::IdempotentRefusal { at_ms, .. }
+            | Event::OrdersArchived { at_ms, .. }
+            | Event::OrderRestored { at_ms, .. } => *at_ms,
         }
     }
 }

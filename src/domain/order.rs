@@ -62,6 +62,13 @@ impl OrderStatus {
         OrderStatus::Refunded,
     ];
 
+    /// Whether the order is finished (`delivered`, `cancelled`, `expired`,
+    /// `refunded`): only a refund of a delivered order can still change it,
+    /// so it may leave memory for the archive.
+    pub fn is_final(self) -> bool {
+        self == OrderStatus::Delivered || self.is_terminal()
+    }
+
     /// Whether no move leads out of this state.
     pub fn is_terminal(self) -> bool {
         matches!(

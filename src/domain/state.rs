@@ -31,6 +31,14 @@ pub struct OpenReservation {
     pub qty: u32,
 }
 
+/// How [`State::check`] compares per-user counts with the orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PerUser {
+    Skip,
+    Exact,
+    AtLeast,
+}
+
 /// Everything, in one value.
 #[derive(Debug, Default)]
 pub struct State {
@@ -241,7 +249,7 @@ impl State {
             track_open_reservations(&mut self.open_reservations, &event)?;
         }
         match &event {
-            Event::SkuCreated { sku, .. } => {
+            Event::SkuCreated { sku, .. } | Event::SkuCreatedWithSale { sku, .. } => {
                 if wants(Part::Sku(*sku)) {
                     if self.skus.contains_key(sku) {
                         return Err(DomainError::inconsistent(format!(
@@ -279,6 +287,15 @@ impl State {
                 Some(order.user)
             }
             Event::CartItemSet { user, .. } | Event::CartCleared { user, .. } => Some(*user),
+            // Not in memory: it comes back with this event.
+            Event::OrderRestored { order, .. } => Some(order.user),
+            // One shard's batch: every id has an owner of the same shard, so
+            // any one of them names the part (all are in memory until this
+            // event drops them).
+            Event::OrdersArchived { ids, .. } => ids
+                .iter()
+                .find_map(|id| self.orders.get(*id))
+                .map(|order| order.user),
             _ => event
                 .order_id()
                 .and_then(|id| self.orders.get(id))
@@ -296,8 +313,19 @@ impl State {
     ///
     /// # Errors
     /// `Inconsistent` describing the first broken invariant.
+    /// Assumes no order was archived: see [`State::check_archived`].
     pub fn check(&self) -> Result<(), DomainError> {
-        self.check_with(true)
+        self.check_with(PerUser::Exact)
+    }
+
+    /// [`State::check`] for a state some of whose orders were archived: a
+    /// SKU's per-user count may then exceed what the live orders hold (an
+    /// archived delivered order still counts), but never fall below it.
+    ///
+    /// # Errors
+    /// `Inconsistent` describing the first broken invariant.
+    pub fn check_archived(&self) -> Result<(), DomainError> {
+        self.check_with(PerUser::AtLeast)
     }
 
     /// [`State::check`] without the per-user counts (which cost a map per
@@ -306,10 +334,11 @@ impl State {
     /// # Errors
     /// `Inconsistent` describing the first broken invariant.
     pub fn check_stock(&self) -> Result<(), DomainError> {
-        self.check_with(false)
+        self.check_with(PerUser::Skip)
     }
 
-    fn check_with(&self, per_user: bool) -> Result<(), DomainError> {
+    fn check_with(&self, per_user: PerUser) -> Result<(), DomainError> {
+        let counting = per_user != PerUser::Skip;
         #[derive(Default)]
         struct Expected {
             reserved: u64,
@@ -320,7 +349,7 @@ impl State {
         for open in self.open_reservations.values() {
             let e = expected.entry(open.sku).or_default();
             e.reserved += u64::from(open.qty);
-            if per_user {
+            if counting {
                 *e.users.entry(open.user).or_default() += u64::from(open.qty);
             }
         }
@@ -333,7 +362,7 @@ impl State {
                     OrderStatus::Paid => e.allocated += left,
                     _ => {}
                 }
-                if per_user && !order.status.is_terminal() && left > 0 {
+                if counting && !order.status.is_terminal() && left > 0 {
                     *e.users.entry(order.user).or_default() += left;
                 }
             }
@@ -354,10 +383,18 @@ impl State {
                     levels.reserved, levels.allocated, e.reserved, e.allocated
                 )));
             }
-            if per_user {
+            if counting {
                 let counted: HashMap<UserId, u64> =
                     sku.all_user_units().map(|(u, n)| (*u, *n)).collect();
-                if counted != e.users {
+                // Archived delivered orders still count against the limit,
+                // in the SKU's own per-user counter, while the book no longer
+                // holds them: the counter may exceed what live orders hold,
+                // never fall below it. Without archived orders it is exact.
+                let short = e
+                    .users
+                    .iter()
+                    .any(|(user, held)| counted.get(user).copied().unwrap_or(0) < *held);
+                if short || (per_user == PerUser::Exact && counted != e.users) {
                     return Err(DomainError::inconsistent(format!(
                         "SKU {id}: per-user counts {counted:?}, but orders hold {:?}",
                         e.users

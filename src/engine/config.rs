@@ -29,6 +29,10 @@ pub struct EngineConfig {
     pub sku_mailbox: usize,
     /// Mailbox of each order shard.
     pub shard_mailbox: usize,
+    /// How long a finished order stays in memory before it moves to the
+    /// journal's archive (`None`: for ever). Only a journal that keeps an
+    /// archive ([`Journal::archive`]) archives anything.
+    pub archive_after_ms: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -40,6 +44,7 @@ impl Default for EngineConfig {
             durability: DurabilityMode::Strict,
             sku_mailbox: SKU_MAILBOX,
             shard_mailbox: ORDER_SHARD_MAILBOX,
+            archive_after_ms: Some(ARCHIVE_AFTER_DEFAULT_MS),
         }
     }
 }

@@ -21,12 +21,14 @@
 //! order to its shard, which must take it.
 //!
 //! By concern: `config.rs` (how it runs), `reply.rs` (how actors answer),
+//! `archiving.rs` (the shards' archive sweep),
 //! `catalog.rs`, `orders.rs`, `carts.rs` and `keyed.rs` (the handle's
 //! methods), `sku.rs` and `shard.rs` (the actors), `health.rs` (a dead actor
 //! marks the engine dead), `durable.rs` (reads from the last durable state
 //! while the journal refuses changes), `runtime.rs` (the actor threads),
 //! `snapshot.rs` (every actor copies its own part for a snapshot).
 
+mod archiving;
 mod carts;
 mod catalog;
 mod config;
@@ -67,10 +69,11 @@ use crate::domain::{
 };
 use crate::journal::{Journal, JournalStats, RELAXED_AHEAD_MS_MAX, Seq};
 use crate::limits::{
-    ACTOR_THREADS_DEFAULT, CHECKOUT_ATTEMPTS_MAX, ORDER_SHARD_MAILBOX, ORDER_SHARDS_DEFAULT,
-    ORDER_SHARDS_MAX, ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX,
-    SKUS_PAGE_MAX,
+    ACTOR_THREADS_DEFAULT, ARCHIVE_AFTER_DEFAULT_MS, CHECKOUT_ATTEMPTS_MAX, ORDER_SHARD_MAILBOX,
+    ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX, ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS,
+    SKU_MAILBOX, SKUS_MAX, SKUS_PAGE_MAX,
 };
+use archiving::ArchiveDue;
 use health::Health;
 use reply::send;
 pub(crate) use reply::{Answer, Completion, Reply};
@@ -221,6 +224,8 @@ impl Engine {
             routes: Arc::new(OrderRoutes::new()),
             ttl_ms: config.reservation_ttl_ms,
             open,
+            archive: journal.archive(),
+            archive_after_ms: config.archive_after_ms,
             read_only,
         });
         let shard_count = config.order_shards.clamp(1, ORDER_SHARDS_MAX);
@@ -364,13 +369,25 @@ impl Engine {
         &self.inner.shards[shard_index(user, self.inner.shards.len())]
     }
 
+    /// The shard of an order: the one that holds it, or for an archived
+    /// order, its owner's (which reads it from the archive). The archive is
+    /// written before an order leaves memory, so an order is always found
+    /// in one of the two.
     fn shard_of_order(&self, id: OrderId) -> Result<&Arc<Addr<OrderShard>>, EngineError> {
-        let index = self
-            .inner
-            .routes
-            .get(&id)
-            .map(|i| usize::from(*i))
-            .ok_or_else(|| EngineError::order_not_found(id))?;
+        let routed = self.inner.routes.get(&id).map(|i| usize::from(*i));
+        let index = match routed {
+            Some(index) => index,
+            None => {
+                let archived = match &self.inner.shared.archive {
+                    // A point read of sled's cache or one page: short enough
+                    // to run on the async worker.
+                    Some(archive) => archive.get(id)?,
+                    None => None,
+                };
+                let order = archived.ok_or_else(|| EngineError::order_not_found(id))?;
+                shard_index(&order.user, self.inner.shards.len())
+            }
+        };
         self.inner
             .shards
             .get(index)

@@ -246,9 +246,41 @@ impl Engine {
         }
         let parts = try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await?;
         let mut orders: Vec<Order> = parts.into_iter().flatten().collect();
+        // Read after memory: an order leaves memory only once the archive
+        // holds it, so none slips between the two reads. One in both (live
+        // again after a refund, or archived and not yet dropped) is shown
+        // once, as memory has it.
+        if let Some(archive) = &self.inner.shared.archive {
+            let archived = match scope {
+                OrderScope::User(user) => archive.list_user(&user, limit)?,
+                OrderScope::All => archive.list_all(limit)?,
+            };
+            let live: std::collections::HashSet<OrderId> = orders.iter().map(|o| o.id).collect();
+            orders.extend(archived.into_iter().filter(|o| !live.contains(&o.id)));
+        }
         orders.sort_by_key(|o| std::cmp::Reverse(o.id));
         orders.truncate(limit);
         Ok(orders)
+    }
+
+    /// Moves every finished order past the retention window to the archive
+    /// now, and answers how many left memory (the shards also do this on a
+    /// timer). Nothing moves without an archive or a retention window.
+    ///
+    /// # Errors
+    /// `Overloaded`, `Stopped`, `StorageUnavailable`.
+    pub async fn archive_due(&self) -> Result<usize, EngineError> {
+        let mut pending = Vec::with_capacity(self.inner.shards.len());
+        for shard in &self.inner.shards {
+            let (reply, rx) = reply_channel();
+            send(shard, ArchiveDue { reply })?;
+            pending.push(rx);
+        }
+        let mut archived = 0;
+        for rx in pending {
+            archived += self.answer(rx).await?;
+        }
+        Ok(archived)
     }
 
     /// Records the payment provider's callback (admin). A repeat with the

@@ -12,6 +12,17 @@
 //! Each shard keeps a deadline heap of its reserved orders and expires the
 //! overdue ones on a timer; an overdue order is also expired before any other
 //! move or read of it, so it never reads as reserved past its deadline.
+//!
+//! On the same timer (at most every
+//! [`ARCHIVE_SWEEP_MS`](crate::limits::ARCHIVE_SWEEP_MS)) a shard moves
+//! finished orders older than the retention window to the archive, in
+//! batches of at most
+//! [`ARCHIVE_BATCH_MAX`](crate::limits::ARCHIVE_BATCH_MAX): the archive write and its sync
+//! run on a blocking thread, so the shard's mailbox keeps moving; once they
+//! are durable the shard journals `OrdersArchived` for the orders still as
+//! they were written, which drops them from memory. One batch per shard is
+//! in flight at a time. An order asked for that is not in memory is read
+//! from the archive; a change to it journals `OrderRestored` first.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
@@ -35,7 +46,7 @@ use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
 use crate::engine::snapshot::{Holes, OpenReservations};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
 use crate::faults;
-use crate::journal::{Journal, Seq};
+use crate::journal::{Archive, Journal, Seq};
 use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
 
 /// Every SKU's handle, by id.
@@ -54,6 +65,10 @@ pub(crate) struct ShardContext {
     pub(crate) ttl_ms: u64,
     /// Reservations are journaled under its lock (see `snapshot.rs`).
     pub(crate) open: Arc<OpenReservations>,
+    /// Where finished orders go, if the journal keeps an archive.
+    pub(crate) archive: Option<Arc<dyn Archive>>,
+    /// How long a finished order stays in memory; `None`: for ever.
+    pub(crate) archive_after_ms: Option<u64>,
     /// Shards of a reader of the durable state journal nothing (no
     /// expiries either: the journal refuses them).
     pub(crate) read_only: bool,
@@ -64,6 +79,15 @@ pub(crate) struct OrderShard {
     index: u16,
     pub(super) book: OrderBook,
     deadlines: BinaryHeap<Reverse<(u64, OrderId)>>,
+    /// Finished orders by the time they finished, oldest first: the
+    /// archive sweep's queue. An entry whose order has moved on since (a
+    /// refund of a delivered order) is stale and skipped; the move pushed a
+    /// new one.
+    pub(super) finished: BinaryHeap<Reverse<(u64, OrderId)>>,
+    /// Whether an archive batch is being written (at most one at a time).
+    pub(super) archiving: bool,
+    /// When the next archive sweep may run, unix milliseconds.
+    pub(super) next_sweep_ms: u64,
     pub(super) shared: Arc<ShardContext>,
     last_seq: Seq,
     /// Orders placed at SKUs applied after a snapshot copied this book.
@@ -94,6 +118,11 @@ impl OrderShard {
             .filter(|o| o.status == OrderStatus::Reserved)
             .map(|o| Reverse((o.expires_at_ms, o.id)))
             .collect();
+        let finished = book
+            .orders()
+            .filter(|o| o.status.is_final())
+            .map(|o| Reverse((finished_at_ms(o), o.id)))
+            .collect();
         let mut counts = [0; OrderStatus::ALL.len()];
         for order in book.orders() {
             counts[status_index(order.status)] += 1;
@@ -102,6 +131,9 @@ impl OrderShard {
             index,
             book,
             deadlines,
+            finished,
+            archiving: false,
+            next_sweep_ms: 0,
             shared,
             last_seq: seq,
             holes: Holes::default(),
@@ -110,7 +142,7 @@ impl OrderShard {
         }
     }
 
-    fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
+    pub(super) fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
         let _ = reply.send(Answer {
             result,
             seen: self.last_seq,
@@ -119,7 +151,7 @@ impl OrderShard {
 
     /// Journals a decided event, applies it, and sends its SKU moves. Gives
     /// the event back (shared with the SKU actors it went to, if any).
-    fn commit(
+    pub(super) fn commit(
         &mut self,
         event: Event,
         done: Option<&Arc<Completion>>,
@@ -164,7 +196,22 @@ impl OrderShard {
             }
             _ => None,
         };
-        let id = placed.map(|(id, _)| id).or_else(|| event.order_id());
+        let restored = match &*event {
+            Event::OrderRestored { order, .. } => Some(order.id),
+            _ => None,
+        };
+        if let Event::OrdersArchived { ids, .. } = &*event {
+            for id in ids {
+                if let Some(order) = self.book.get(*id) {
+                    self.counts[status_index(order.status)] -= 1;
+                }
+                self.shared.routes.remove(id);
+            }
+        }
+        let id = placed
+            .map(|(id, _)| id)
+            .or(restored)
+            .or_else(|| event.order_id());
         let applied = match event {
             Cow::Borrowed(event) => self.book.apply(&self.shared.idem, event),
             Cow::Owned(event) => self.book.apply_owned(&self.shared.idem, event),
@@ -180,11 +227,19 @@ impl OrderShard {
         // An order placed at its SKU was journaled there, possibly before
         // events this shard journaled since.
         self.last_seq = self.last_seq.max(seq);
-        if let Some(after) = id.and_then(|id| self.book.get(id)).map(|o| o.status) {
+        if let Some(order) = id.and_then(|id| self.book.get(id)) {
+            let after = order.status;
             if let Some(before) = before {
                 self.counts[status_index(before)] -= 1;
             }
             self.counts[status_index(after)] += 1;
+            if after.is_final() && before != Some(after) {
+                self.finished
+                    .push(Reverse((finished_at_ms(order), order.id)));
+            }
+        }
+        if let Some(id) = restored {
+            self.shared.routes.insert(id, self.index);
         }
         if let Some((id, expires_at_ms)) = placed {
             self.shared.routes.insert(id, self.index);
@@ -258,9 +313,10 @@ impl Actor for OrderShard {
         if self.shared.read_only {
             return;
         }
-        ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, _| {
+        ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, ctx| {
             let now_ms = shard.shared.clock.now_ms();
             shard.expire_due(now_ms, None);
+            shard.sweep_archive(now_ms, ctx);
         });
     }
 }
@@ -404,34 +460,40 @@ impl Handler<Act> for OrderShard {
         let now_ms = self.shared.clock.now_ms();
         let (done, applied) = Completion::new();
         let result = (|| {
-            self.order_for(msg.order_id, &msg.caller)?;
+            // Not in memory: the archive's copy, if it holds one.
+            let mut archived = self.archived_copy(msg.order_id)?;
+            match &archived {
+                Some(order) => check_owner(order, &msg.caller)?,
+                None => {
+                    self.order_for(msg.order_id, &msg.caller)?;
+                }
+            }
             let admin_only = !matches!(msg.op, OrderOp::Get | OrderOp::Cancel);
             if admin_only && !msg.caller.admin {
                 return Err(EngineError::Forbidden("this needs an admin".into()));
             }
-            self.expire_if_overdue(msg.order_id, now_ms, Some(&done))?;
-            let order = self.order_for(msg.order_id, &msg.caller)?;
-            let event = match msg.op {
-                OrderOp::Get => None,
-                OrderOp::Pay {
-                    payment_ref,
-                    amount_cents,
-                    idem,
-                } => {
-                    faults::panic_if("panic-shard-pay", "1");
-                    order.decide_pay(payment_ref, amount_cents, idem, now_ms)?
-                }
-                OrderOp::Cancel => Some(order.decide_release(ReleaseReason::Cancelled, now_ms)?),
-                OrderOp::Ship => Some(order.decide_ship(now_ms)?),
-                OrderOp::Deliver => Some(order.decide_deliver(now_ms)?),
-                OrderOp::Refund {
-                    lines,
-                    restock,
-                    idem,
-                } => Some(order.decide_refund(&lines, restock, idem, now_ms)?),
+            if archived.is_none() {
+                self.expire_if_overdue(msg.order_id, now_ms, Some(&done))?;
+            }
+            let order = match &archived {
+                Some(order) => order,
+                None => self.order_for(msg.order_id, &msg.caller)?,
             };
+            let event = decide(order, msg.op, now_ms)?;
             if let Some(event) = event {
+                if let Some(order) = archived.take() {
+                    // Back into memory first, as the archive holds it; the
+                    // change then applies to it like to any live order.
+                    let restore = Event::OrderRestored {
+                        order: Box::new(order),
+                        at_ms: now_ms,
+                    };
+                    self.commit(restore, Some(&done))?;
+                }
                 self.commit(event, Some(&done))?;
+            }
+            if let Some(order) = archived {
+                return Ok(order);
             }
             let order = self
                 .book
@@ -444,6 +506,50 @@ impl Handler<Act> for OrderShard {
         let result = result.map(|order| Acted { order, applied });
         self.answer(msg.reply, result);
     }
+}
+
+/// Decides what `op` does to `order`: `None` for a read or a repeat that
+/// changes nothing.
+fn decide(order: &Order, op: OrderOp, now_ms: u64) -> Result<Option<Event>, EngineError> {
+    let event = match op {
+        OrderOp::Get => None,
+        OrderOp::Pay {
+            payment_ref,
+            amount_cents,
+            idem,
+        } => {
+            faults::panic_if("panic-shard-pay", "1");
+            order.decide_pay(payment_ref, amount_cents, idem, now_ms)?
+        }
+        OrderOp::Cancel => Some(order.decide_release(ReleaseReason::Cancelled, now_ms)?),
+        OrderOp::Ship => Some(order.decide_ship(now_ms)?),
+        OrderOp::Deliver => Some(order.decide_deliver(now_ms)?),
+        OrderOp::Refund {
+            lines,
+            restock,
+            idem,
+        } => Some(order.decide_refund(&lines, restock, idem, now_ms)?),
+    };
+    Ok(event)
+}
+
+/// `Forbidden` unless the caller owns the order or is an admin.
+fn check_owner(order: &Order, caller: &Caller) -> Result<(), EngineError> {
+    if !caller.admin && caller.user != order.user {
+        return Err(EngineError::Forbidden(format!(
+            "order {} belongs to another user",
+            order.id
+        )));
+    }
+    Ok(())
+}
+
+/// When an order entered its current state: the last entry of its history.
+pub(super) fn finished_at_ms(order: &Order) -> u64 {
+    order
+        .history
+        .last()
+        .map_or(order.created_at_ms, |c| c.at_ms)
 }
 
 /// List orders, newest first.

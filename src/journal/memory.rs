@@ -5,10 +5,10 @@
 //! are numbered and dropped) to measure the engine without a disk. It can be
 //! told to fail, to test how the engine answers a storage failure.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::domain::Event;
-use crate::journal::{Journal, JournalError, Seq, Watermark};
+use crate::journal::{Archive, Journal, JournalError, MemArchive, Seq, Watermark};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -23,6 +23,7 @@ pub struct MemJournal {
     inner: Mutex<Inner>,
     keep: bool,
     watermark: Watermark,
+    archive: Option<Arc<MemArchive>>,
 }
 
 impl MemJournal {
@@ -41,6 +42,16 @@ impl MemJournal {
             inner: Mutex::new(Inner::default()),
             keep,
             watermark: Watermark::new(0),
+            archive: None,
+        }
+    }
+
+    /// A journal that keeps every event, with an archive in memory beside
+    /// it (tests of archiving).
+    pub fn with_archive(archive: Arc<MemArchive>) -> MemJournal {
+        MemJournal {
+            archive: Some(archive),
+            ..MemJournal::new()
         }
     }
 
@@ -94,5 +105,11 @@ impl Journal for MemJournal {
 
     fn last_seq(&self) -> Seq {
         self.lock().last
+    }
+
+    fn archive(&self) -> Option<Arc<dyn Archive>> {
+        self.archive
+            .as_ref()
+            .map(|a| Arc::clone(a) as Arc<dyn Archive>)
     }
 }

@@ -10,10 +10,12 @@
 //! [`SledJournal`] is the durable journal (group commit on `sled`, see
 //! `writer.rs`); `recovery.rs` rebuilds the state from a snapshot and the
 //! journal tail; `snapshot.rs` writes snapshots from the live engine's parts
-//! and keeps the journal below them short; `codec.rs` is the on-disk format.
+//! and keeps the journal below them short; `codec.rs` is the on-disk format;
+//! `archive.rs` keeps finished orders that left memory ([`Archive`]).
 //! [`MemJournal`] keeps events in memory; tests use it to replay what the
 //! engine did and compare.
 
+pub mod archive;
 pub mod codec;
 pub mod files;
 mod memory;
@@ -22,6 +24,7 @@ pub mod snapshot;
 mod watermark;
 pub mod writer;
 
+pub use archive::{Archive, MemArchive, SledArchive};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};
 pub use snapshot::{
@@ -93,6 +96,12 @@ pub trait Journal: Send + Sync + 'static {
 
     /// What the writer has done, for metrics, if this journal keeps count.
     fn stats(&self) -> Option<&JournalStats> {
+        None
+    }
+
+    /// The archive finished orders move to, kept beside this journal (see
+    /// `archive.rs`), if it has one. Without one, orders stay in memory.
+    fn archive(&self) -> Option<std::sync::Arc<dyn Archive>> {
         None
     }
 }

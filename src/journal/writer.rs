@@ -38,7 +38,7 @@ use hdrhistogram::Histogram;
 
 use crate::domain::{Event, State};
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
-use crate::journal::{Journal, JournalError, Seq, Watermark, codec};
+use crate::journal::{Archive, Journal, JournalError, Seq, SledArchive, Watermark, codec};
 
 /// Most events waiting for the writer. At ~8 us per durable event at the
 /// group-commit rate, a full queue is about half a second of work: beyond
@@ -260,6 +260,8 @@ pub struct SledJournal {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
+    /// Finished orders, in two trees of the same database.
+    archive: Arc<SledArchive>,
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -383,6 +385,7 @@ impl SledJournal {
         last_seq: Seq,
         policy: FlushPolicy,
     ) -> Result<SledJournal, JournalError> {
+        let archive = Arc::new(SledArchive::open(&db, dir)?);
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| {
             JournalError::Unavailable(format!(
@@ -432,12 +435,18 @@ impl SledJournal {
             shared,
             writer: Mutex::new(Some(writer)),
             dir: dir.to_path_buf(),
+            archive,
         })
     }
 
     /// The sled database (the snapshotter and recovery read it).
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The archive of finished orders, in this journal's database.
+    pub fn sled_archive(&self) -> &Arc<SledArchive> {
+        &self.archive
     }
 
     /// What the writer has done (also through [`Journal::stats`]).
@@ -536,6 +545,10 @@ impl Journal for SledJournal {
 
     fn stats(&self) -> Option<&JournalStats> {
         Some(&self.shared.stats)
+    }
+
+    fn archive(&self) -> Option<Arc<dyn Archive>> {
+        Some(Arc::clone(&self.archive) as Arc<dyn Archive>)
     }
 }
 
