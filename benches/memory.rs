@@ -162,6 +162,7 @@ fn main() {
                 price_cents: 1_999,
                 stock: 1_000_000_000,
                 per_user_limit: None,
+                sale: flashcore::domain::sale::SaleWindow::default(),
             })
             .await
             .expect("created");
