@@ -877,12 +877,13 @@ mod tests {
                 at_ms: 1_000
             })
         );
-        // And the new variants take the next indices, after every old one.
+        // And the new variants take the next indices, after every old one
+        // and after the two of the sale windows (16 and 17).
         let archived = Event::OrdersArchived {
             ids: vec![OrderId(1)],
             at_ms: 0,
         };
-        assert_eq!(encode(0, &archived).expect("encodes")[HEADER_BYTES + 1], 16);
+        assert_eq!(encode(0, &archived).expect("encodes")[HEADER_BYTES + 1], 18);
     }
 
     #[test]
