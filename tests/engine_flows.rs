@@ -372,7 +372,7 @@ async fn a_stamped_change_records_its_first_answer() {
         .await
         .expect("placed");
     match e.idempotency(stamp.user, &stamp.key, stamp.fingerprint) {
-        Lookup::Replay(outcome) => assert_eq!(*outcome, Outcome::Order(order.clone())),
+        Lookup::Replay(outcome) => assert_eq!(*outcome, Outcome::Order(Arc::new(order.clone()))),
         other => panic!("expected a replay, got {other:?}"),
     }
     assert_eq!(
@@ -395,7 +395,7 @@ async fn a_stamped_change_records_its_first_answer() {
     let state = assert_replay_matches(&h).await;
     assert_eq!(
         state.idem.lookup(stamp.user, &stamp.key, stamp.fingerprint),
-        Lookup::Replay(Box::new(Outcome::Order(order)))
+        Lookup::Replay(Box::new(Outcome::Order(Arc::new(order))))
     );
 }
 
@@ -432,7 +432,7 @@ async fn keyed_sold_out_refusals_record_nothing_and_a_retry_is_decided_afresh() 
                         engine
                             .place_order(user(&who), &[line("drop", 1)], None, stamp)
                             .await
-                            .map(Outcome::Order)
+                            .map(|order| Outcome::Order(Arc::new(order)))
                             .map_err(ApiError::from)
                     },
                 )
@@ -743,7 +743,7 @@ async fn the_replay_check_sees_idempotency_records() {
             fingerprint: [7; 16],
         },
         T0_MS,
-        Outcome::Order(first),
+        Outcome::Order(Arc::new(first)),
     );
     assert_replay_matches(&h).await;
 }

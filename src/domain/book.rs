@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +32,11 @@ pub fn shard_of(user: &UserId, parts: usize) -> usize {
 /// Orders and carts of some users.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderBook {
-    orders: BTreeMap<OrderId, Order>,
+    /// Shared, so that a copy of the book (a snapshot's, taken inside the
+    /// shard's handler) costs a pointer per order rather than a deep copy
+    /// that would stall the actor thread; an order changed after a copy is
+    /// copied then, alone (`Arc::make_mut`).
+    orders: BTreeMap<OrderId, Arc<Order>>,
     by_user: HashMap<UserId, Vec<OrderId>>,
     carts: HashMap<UserId, Cart>,
 }
@@ -39,7 +44,7 @@ pub struct OrderBook {
 impl OrderBook {
     /// The order with this id.
     pub fn get(&self, id: OrderId) -> Option<&Order> {
-        self.orders.get(&id)
+        self.orders.get(&id).map(Arc::as_ref)
     }
 
     /// How many orders there are.
@@ -54,7 +59,7 @@ impl OrderBook {
 
     /// Every order, oldest first.
     pub fn orders(&self) -> impl DoubleEndedIterator<Item = &Order> {
-        self.orders.values()
+        self.orders.values().map(Arc::as_ref)
     }
 
     /// A user's orders, newest first, at most `limit`.
@@ -64,7 +69,7 @@ impl OrderBook {
             .map(|ids| {
                 ids.iter()
                     .rev()
-                    .filter_map(|id| self.orders.get(id))
+                    .filter_map(|id| self.orders.get(id).map(Arc::as_ref))
                     .take(limit)
                     .collect()
             })
@@ -73,7 +78,12 @@ impl OrderBook {
 
     /// Everyone's orders, newest first, at most `limit`.
     pub fn list_all(&self, limit: usize) -> Vec<&Order> {
-        self.orders.values().rev().take(limit).collect()
+        self.orders
+            .values()
+            .rev()
+            .take(limit)
+            .map(Arc::as_ref)
+            .collect()
     }
 
     /// A user's cart (empty when they never had one).
@@ -150,9 +160,9 @@ impl OrderBook {
                 let order = self.orders.get_mut(id).ok_or_else(|| {
                     DomainError::inconsistent(format!("event for unknown order {id}"))
                 })?;
-                order.apply(&event)?;
+                Arc::make_mut(order).apply(&event)?;
                 if let Some(stamp) = event.idem() {
-                    idem.record(stamp, event.at_ms(), Outcome::Order(order.clone()));
+                    idem.record(stamp, event.at_ms(), Outcome::Order(Arc::clone(order)));
                 }
                 Ok(())
             }
@@ -230,7 +240,7 @@ impl OrderBook {
         if let Err(at) = ids.binary_search(&order.id) {
             ids.insert(at, order.id);
         }
-        self.orders.insert(order.id, order.clone());
+        self.orders.insert(order.id, Arc::new(order.clone()));
         Ok(())
     }
 
@@ -293,8 +303,13 @@ impl OrderBook {
         if from_cart {
             self.carts.remove(&order.user);
         }
+        let order = Arc::new(order);
         if let Some(stamp) = stamp {
-            idem.record(&stamp, order.created_at_ms, Outcome::Order(order.clone()));
+            idem.record(
+                &stamp,
+                order.created_at_ms,
+                Outcome::Order(Arc::clone(&order)),
+            );
         }
         self.orders.insert(order.id, order);
         Ok(())

@@ -20,6 +20,8 @@
 //!
 //! [`Event::IdempotentRefusal`]: crate::domain::Event::IdempotentRefusal
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
@@ -31,8 +33,10 @@ use crate::limits::{IDEMPOTENCY_RECORDS_MAX, IDEMPOTENCY_TTL_MS};
 /// The first answer to a keyed change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// An order, as it was right after the change.
-    Order(Order),
+    /// An order, as it was right after the change: shared with the order
+    /// book until the order changes again (the book then copies it), so a
+    /// record costs no copy of the order and copying the book is cheap.
+    Order(Arc<Order>),
     /// A SKU, as it was right after the change.
     Sku(SkuView),
 }
@@ -68,8 +72,8 @@ pub struct IdemRecord {
 /// enum: a variant's index is its encoding, and v1 snapshots hold refusals.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredOutcome {
-    /// [`Outcome::Order`].
-    Order(Order),
+    /// [`Outcome::Order`] (serialised as the order itself).
+    Order(Arc<Order>),
     /// [`Outcome::Sku`].
     Sku(SkuView),
     /// A refusal, written by v1 only; dropped when loaded.
@@ -123,7 +127,7 @@ impl From<StoredIdemRecordV1> for StoredIdemRecord {
             fingerprint: v.fingerprint,
             at_ms: v.at_ms,
             outcome: match v.outcome {
-                StoredOutcomeV1::Order(order) => StoredOutcome::Order(order),
+                StoredOutcomeV1::Order(order) => StoredOutcome::Order(Arc::new(order)),
                 StoredOutcomeV1::Sku(sku) => StoredOutcome::Sku(sku.into()),
                 StoredOutcomeV1::Refused(refusal) => StoredOutcome::Refused(refusal),
             },

@@ -2,6 +2,8 @@
 //! call the engine, render. Authorization that depends on the order (owner
 //! or admin) is the engine's; role checks are the extractors'.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -56,7 +58,7 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
 /// Renders a first answer (fresh or replayed) with the route's status.
 fn outcome(status: StatusCode, outcome: Outcome) -> Response {
     match outcome {
-        Outcome::Order(order) => json(status, &OrderJson::from(&order)),
+        Outcome::Order(order) => json(status, &OrderJson::from(order.as_ref())),
         Outcome::Sku(sku) => json(status, &SkuJson::from(&sku)),
     }
 }
@@ -218,7 +220,7 @@ pub async fn place_order(
                 let order = engine
                     .place_order(caller.user, &items, promo, stamp)
                     .await?;
-                Ok(Outcome::Order(order))
+                Ok(Outcome::Order(Arc::new(order)))
             }
         })
         .await?;
@@ -287,7 +289,7 @@ pub async fn pay(
                 (engine.clone(), body.payment_ref, body.amount_cents);
             move |stamp| async move {
                 let order = engine.pay(caller, id, payment_ref, amount, stamp).await?;
-                Ok(Outcome::Order(order))
+                Ok(Outcome::Order(Arc::new(order)))
             }
         })
         .await?;
@@ -341,7 +343,7 @@ pub async fn refund(
             let (engine, restock) = (engine.clone(), body.restock);
             move |stamp| async move {
                 let order = engine.refund(caller, id, lines, restock, stamp).await?;
-                Ok(Outcome::Order(order))
+                Ok(Outcome::Order(Arc::new(order)))
             }
         })
         .await?;
@@ -393,7 +395,7 @@ pub async fn checkout(
             let (engine, promo) = (engine.clone(), body.promo_code);
             move |stamp| async move {
                 let order = engine.checkout(caller.user, promo, stamp).await?;
-                Ok(Outcome::Order(order))
+                Ok(Outcome::Order(Arc::new(order)))
             }
         })
         .await?;

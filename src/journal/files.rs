@@ -81,6 +81,10 @@ pub enum Existing {
     Keep,
 }
 
+/// How much of a file [`write_file_durably`] writes before it syncs what it
+/// wrote (see there).
+const WRITE_SYNC_CHUNK_BYTES: usize = 2 << 20;
+
 /// Writes `bytes` to `path` atomically and durably: a temporary file beside
 /// it, written and fsynced, renamed over `path` (or linked to it, with
 /// [`Existing::Keep`]), then the directory fsynced. A power cut leaves
@@ -124,7 +128,15 @@ pub fn write_file_durably(
         #[cfg(not(unix))]
         let _ = mode;
         let mut file = options.open(&tmp)?;
-        file.write_all(bytes)?;
+        // A large file (a snapshot) goes to the disk a slice at a time: a
+        // flush of hundreds of megabytes at once would make the journal's
+        // next fdatasync wait behind it, and every strict answer with it.
+        for chunk in bytes.chunks(WRITE_SYNC_CHUNK_BYTES) {
+            file.write_all(chunk)?;
+            if bytes.len() > WRITE_SYNC_CHUNK_BYTES {
+                file.sync_data()?;
+            }
+        }
         file.sync_all()?;
     }
     match existing {
