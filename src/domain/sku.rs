@@ -374,6 +374,24 @@ impl SkuState {
             .sum()
     }
 
+    /// Stores the settings a `SkuUpdated` (or `SkuUpdatedWithSale`) names.
+    fn set(
+        &mut self,
+        name: Option<&String>,
+        price_cents: Option<u64>,
+        per_user_limit: Option<Option<u32>>,
+    ) {
+        if let Some(name) = name {
+            self.name.clone_from(name);
+        }
+        if let Some(price) = price_cents {
+            self.price_cents = price;
+        }
+        if let Some(limit) = per_user_limit {
+            self.per_user_limit = limit;
+        }
+    }
+
     /// Applies an event to this SKU; events about other SKUs, and events
     /// that do not touch SKUs, change nothing. On `Err` nothing changed: the
     /// new counters and count are computed first and stored only when every
@@ -394,15 +412,7 @@ impl SkuState {
                 ..
             } if *sku == self.id => {
                 // Settings cannot fail: store them at once.
-                if let Some(name) = name {
-                    self.name = name.clone();
-                }
-                if let Some(price) = price_cents {
-                    self.price_cents = *price;
-                }
-                if let Some(limit) = per_user_limit {
-                    self.per_user_limit = *limit;
-                }
+                self.set(name.as_ref(), *price_cents, *per_user_limit);
             }
             Event::SkuUpdatedWithSale {
                 sku,
@@ -412,15 +422,7 @@ impl SkuState {
                 sale,
                 ..
             } if *sku == self.id => {
-                if let Some(name) = name {
-                    self.name = name.clone();
-                }
-                if let Some(price) = price_cents {
-                    self.price_cents = *price;
-                }
-                if let Some(limit) = per_user_limit {
-                    self.per_user_limit = *limit;
-                }
+                self.set(name.as_ref(), *price_cents, *per_user_limit);
                 self.sale = *sale;
             }
             Event::Restocked { sku, qty, .. } if *sku == self.id => levels.stock_in(*qty)?,

@@ -70,22 +70,22 @@ impl RouteMetrics {
     /// Records a finished request of this route.
     pub fn observe(&self, metrics: &Metrics, method: &Method, status: u16, took: Duration) {
         self.latency.observe(took.as_secs_f64());
-        let method_slot = METHODS.iter().position(|m| m == method);
-        let status_slot = STATUSES.iter().position(|&s| s == status);
-        match (method_slot, status_slot) {
-            (Some(m), Some(s)) => self.counts[m * STATUSES.len() + s]
-                .get_or_init(|| {
-                    metrics.requests.with_label_values(&[
-                        &*self.route,
-                        method.as_str(),
-                        &status.to_string(),
-                    ])
-                })
+        let lookup = || {
+            metrics.requests.with_label_values(&[
+                &*self.route,
+                method.as_str(),
+                &status.to_string(),
+            ])
+        };
+        let slot = METHODS
+            .iter()
+            .position(|m| m == method)
+            .zip(STATUSES.iter().position(|&s| s == status));
+        match slot {
+            Some((m, s)) => self.counts[m * STATUSES.len() + s]
+                .get_or_init(lookup)
                 .inc(),
-            _ => metrics
-                .requests
-                .with_label_values(&[&*self.route, method.as_str(), &status.to_string()])
-                .inc(),
+            None => lookup().inc(),
         }
     }
 }

@@ -144,12 +144,19 @@ pub fn seq_of(key: &[u8]) -> Result<Seq, CodecError> {
     Ok(Seq::from_be_bytes(bytes))
 }
 
-fn frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+/// The header of a frame around `payload`: version, length, CRC.
+fn header(payload: &[u8]) -> Result<[u8; HEADER_BYTES], CodecError> {
     let len =
         u32::try_from(payload.len()).map_err(|_| CodecError::TooLarge(payload.len() as u64))?;
-    out.push(FORMAT_VERSION);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    let mut header = [0u8; HEADER_BYTES];
+    header[0] = FORMAT_VERSION;
+    header[1..5].copy_from_slice(&len.to_le_bytes());
+    header[5..].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    Ok(header)
+}
+
+fn frame(payload: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.extend_from_slice(&header(payload)?);
     out.extend_from_slice(payload);
     Ok(())
 }
@@ -290,15 +297,11 @@ pub fn encode(seq: Seq, event: &Event) -> Result<Vec<u8>, CodecError> {
     out.resize(HEADER_BYTES, 0);
     bincode::serde::encode_into_std_write(RecordRef { seq, event }, &mut out, config())
         .map_err(|e| CodecError::Undecodable(e.to_string()))?;
-    let (header, payload) = out.split_at_mut(HEADER_BYTES);
+    let (room, payload) = out.split_at_mut(HEADER_BYTES);
     if payload.len() > RECORD_BYTES_MAX {
         return Err(CodecError::TooLarge(payload.len() as u64));
     }
-    let len =
-        u32::try_from(payload.len()).map_err(|_| CodecError::TooLarge(payload.len() as u64))?;
-    header[0] = FORMAT_VERSION;
-    header[1..5].copy_from_slice(&len.to_le_bytes());
-    header[5..HEADER_BYTES].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    room.copy_from_slice(&header(payload)?);
     Ok(out)
 }
 
