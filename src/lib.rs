@@ -30,6 +30,7 @@
 pub mod clock;
 pub mod domain;
 pub mod engine;
+pub mod fatal;
 pub mod faults;
 pub mod http;
 pub mod journal;

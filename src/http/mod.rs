@@ -54,8 +54,6 @@ use crate::limits::{BODY_BYTES_MAX, BODY_READ_TIMEOUT_MS, BODY_READS_MAX, REQUES
 pub struct Backend {
     engine: RwLock<Option<Engine>>,
     recovering: AtomicBool,
-    /// Why the server is stopping after a fatal error, once it is.
-    fatal: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -104,14 +102,9 @@ impl Backend {
             .take()
     }
 
-    /// The server is stopping after a fatal error: not ready from now on.
-    pub fn mark_fatal(&self, why: String) {
-        *self.fatal.write().unwrap_or_else(|p| p.into_inner()) = Some(why);
-    }
-
     /// Why the server is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<String> {
-        if let Some(why) = self.fatal.read().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(why) = crate::fatal::reason() {
             return Some(format!("stopping after a fatal error: {why}"));
         }
         if self.recovering.load(Ordering::SeqCst) {

@@ -23,7 +23,7 @@ mod listener;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -33,6 +33,7 @@ use crate::domain::promo::Promotion;
 use crate::engine::{
     Clock, DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock,
 };
+use crate::fatal;
 use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, Front, live};
@@ -103,57 +104,6 @@ const SNAPSHOTTER_RESTART_MS: u64 = 10_000;
 
 /// The exit code of a fatal stop that did not finish within its grace.
 const FATAL_EXIT_CODE: i32 = 70;
-
-/// Why the process must stop, once something fatal happened: a panic on any
-/// thread (the hook below), or a dead engine actor (the supervisor).
-fn fatal_channel() -> &'static watch::Sender<Option<String>> {
-    static FATAL: OnceLock<watch::Sender<Option<String>>> = OnceLock::new();
-    FATAL.get_or_init(|| watch::Sender::new(None))
-}
-
-/// Reports a fatal error: the server stops (not ready from now on) and
-/// exits non-zero. The first reason is kept.
-fn fatal(why: String) {
-    tracing::error!(reason = %why, "fatal: stopping the server");
-    fatal_channel().send_if_modified(|fatal| {
-        if fatal.is_some() {
-            return false;
-        }
-        *fatal = Some(why);
-        true
-    });
-}
-
-/// A panic anywhere is an invariant that broke: after the usual report,
-/// the server is told to stop. Installed once per process, by [`run`].
-fn install_panic_hook() {
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
-    INSTALLED.call_once(|| {
-        let report = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            report(info);
-            let thread = std::thread::current();
-            fatal(format!(
-                "panic on thread {}: {info}",
-                thread.name().unwrap_or("unnamed")
-            ));
-        }));
-    });
-}
-
-/// Resolves with the reason once something fatal happened.
-async fn fatal_error() -> String {
-    let mut rx = fatal_channel().subscribe();
-    let why = rx
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|f| f.clone());
-    match why {
-        Some(why) => why,
-        None => std::future::pending().await,
-    }
-}
 
 /// The storage side that the supervisor owns: what the backend serves,
 /// plus the snapshotter.
@@ -405,7 +355,7 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
             () = tokio::time::sleep(Duration::from_millis(STORAGE_PROBE_MS)) => {}
             _ = stop.wait_for(|s| *s) => return,
             why = dead => {
-                fatal(format!("the engine is dead: {why}"));
+                fatal::report(format!("the engine is dead: {why}"));
                 return;
             }
         }
@@ -477,7 +427,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    install_panic_hook();
+    fatal::install_panic_hook();
     let wanted = u64::try_from(config.max_connections)
         .unwrap_or(u64::MAX)
         .saturating_add(1_024);
@@ -542,7 +492,7 @@ pub async fn run(
     });
     let supervisor = tokio::spawn(supervise(Arc::clone(&storage), stop_rx));
     tokio::pin!(shutdown);
-    let fatal_stop = fatal_error();
+    let fatal_stop = fatal::wait();
     tokio::pin!(fatal_stop);
     // Why the server stops: a signal (during recovery or after), or a fatal
     // error. Each future is awaited to completion at most once.
@@ -566,7 +516,6 @@ pub async fn run(
         }
         Err(ServerError::Fatal(why)) => {
             tracing::error!(reason = %why, "fatal: not ready; finishing requests in flight, then exiting non-zero");
-            storage.backend.mark_fatal(why.clone());
             exit_after_grace();
         }
         Err(_) => {}
