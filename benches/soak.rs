@@ -11,13 +11,18 @@
 //! engine stops (a last snapshot), and the data dir is opened again and
 //! timed: the restart.
 //!
+//! Finished orders move to the archive on disk after `SOAK_ARCHIVE_MS`
+//! (default 5,000), so memory should follow the orders in flight, not the
+//! history: the summary gives RSS's range after a warm-up (the first fifth of
+//! the run) and the data dir's size against the orders archived.
+//!
 //! Environment: `SOAK_ORDERS` (default 60,000), `SOAK_RATE` orders a second
 //! (default 1,000: a ~60 s run), `SOAK_SNAPSHOT_EVENTS` (default 50,000),
 //! `SOAK_SNAPSHOT_MS` (default 10,000), `SOAK_INFLIGHT` orders in flight at
-//! most (default 256), `SOAK_DIR` to keep the data dir somewhere (default:
-//! a temp dir, removed). Finished orders stay in memory until the order
-//! archive lands, so RSS grows with them.
+//! most (default 256), `SOAK_ARCHIVE_MS` (default 5,000), `SOAK_DIR` to keep
+//! the data dir somewhere (default: a temp dir, removed).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +32,39 @@ use flashcore::domain::event::SkuQty;
 use flashcore::domain::{PaymentRef, SkuId, UserId};
 use flashcore::engine::{Caller, Engine, EngineConfig, NewSku, SystemClock};
 use flashcore::journal::{self, FlushPolicy, Journal, SnapshotPolicy, Snapshotter};
+
+/// The system allocator, keeping the bytes allocated and not yet freed:
+/// heap in use, apart from RSS (which also holds sled's and the allocator's
+/// free pages), to tell retained data from fragmentation.
+struct Live;
+
+static HEAP: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call goes to `System` with the caller's own arguments, so
+// `GlobalAlloc`'s contract holds; the counter is a plain atomic.
+unsafe impl GlobalAlloc for Live {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HEAP.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's layout, unchanged.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        HEAP.fetch_add(new_size as u64, Ordering::Relaxed);
+        HEAP.fetch_sub(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`; `new_size` is the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Live = Live;
 
 const SKUS: usize = 8;
 const USERS: u64 = 20_000;
@@ -153,6 +191,7 @@ fn main() {
     let journal_handle = opened.journal.clone();
     let config = EngineConfig {
         reservation_ttl_ms: TTL_MS,
+        archive_after_ms: Some(env_u64("SOAK_ARCHIVE_MS", 5_000)),
         ..EngineConfig::default()
     };
     let engine = Engine::start(
@@ -192,20 +231,25 @@ fn main() {
     let done = Arc::new(AtomicBool::new(false));
     let began = Instant::now();
     println!(
-        "{:>5} {:>9} {:>9} {:>7} {:>8} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:>5} {:>9} {:>9} {:>7} {:>8} {:>8} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9}",
         "t_s",
         "orders",
         "events",
         "errors",
         "rss_MB",
+        "heap_MB",
         "data_MB",
-        "sled_MB",
+        "journal_MB",
+        "archive_MB",
         "snaps_MB",
         "snap_seq",
         "snap_MB"
     );
+    // (orders finished, RSS) once a second, for the summary.
+    let samples: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Arc::default();
     let sampler = {
         let (counters, done, dir) = (Arc::clone(&counters), Arc::clone(&done), dir.clone());
+        let samples = Arc::clone(&samples);
         let journal = journal_handle.clone();
         let last = {
             // The snapshotter is owned by main; share its reports by polling
@@ -234,15 +278,24 @@ fn main() {
             while !done.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_secs(1));
                 let (snap_seq, snap_bytes) = last(&dir);
+                let finished =
+                    counters.sold.load(Ordering::Relaxed) + counters.unsold.load(Ordering::Relaxed);
+                let rss = rss_bytes();
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((finished, rss));
                 println!(
-                    "{:>5.0} {:>9} {:>9} {:>7} {:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>9.1}",
+                    "{:>5.0} {:>9} {:>9} {:>7} {:>8.1} {:>8.1} {:>9.1} {:>10.1} {:>10.1} {:>9.1} {:>10} {:>9.1}",
                     began.elapsed().as_secs_f64(),
-                    counters.sold.load(Ordering::Relaxed) + counters.unsold.load(Ordering::Relaxed),
+                    finished,
                     journal.last_seq(),
                     counters.errors.load(Ordering::Relaxed),
-                    mb(rss_bytes()),
+                    mb(rss),
+                    mb(HEAP.load(Ordering::Relaxed)),
                     mb(dir_bytes(&dir)),
                     mb(dir_bytes(&journal::journal_dir(&dir))),
+                    mb(dir_bytes(&journal::archive_dir(&dir))),
                     mb(dir_bytes(&journal::snapshot_dir(&dir))),
                     snap_seq,
                     mb(snap_bytes),
@@ -292,6 +345,8 @@ fn main() {
     });
     let ran = began.elapsed();
     let last_seq = journal_handle.last_seq();
+    // Walks the archive's tree: once, here, not in the per-second rows.
+    let archived = journal_handle.sled_archive().map_or(0, |a| a.len());
     let stopping = Instant::now();
     snapshotter.stop();
     let final_snapshot = stopping.elapsed();
@@ -308,9 +363,32 @@ fn main() {
     let _ = sampler.join();
     drop(journal_handle);
     let data_after = dir_bytes(&dir);
+    {
+        let samples = samples.lock().unwrap_or_else(|p| p.into_inner());
+        let warm = samples.len() / 5;
+        let after: Vec<u64> = samples.iter().skip(warm).map(|s| s.1).collect();
+        if let (Some(lo), Some(hi)) = (after.iter().min(), after.iter().max()) {
+            let mid = (*lo + *hi) as f64 / 2.0;
+            println!(
+                "RSS after warm-up ({} of {} samples): {:.1} to {:.1} MB, +-{:.1}% around {:.1} MB",
+                after.len(),
+                samples.len(),
+                mb(*lo),
+                mb(*hi),
+                (*hi - *lo) as f64 / 2.0 / mid * 100.0,
+                mb(mid as u64),
+            );
+        }
+        if archived > 0 {
+            println!(
+                "{archived} orders archived; data dir {:.0} bytes per archived order",
+                data_after as f64 / archived as f64
+            );
+        }
+    }
     println!(
         "ran {:.1} s: {} orders ({} sold, {} cancelled or expired, {} errors), {} events; \
-         final snapshot {:.2} s ({:?}); data dir {:.1} MB (sled {:.1} MB, snapshots {:.1} MB)",
+         final snapshot {:.2} s ({:?}); data dir {:.1} MB (journal {:.1} MB, archive {:.1} MB, snapshots {:.1} MB)",
         ran.as_secs_f64(),
         counters.started.load(Ordering::Relaxed),
         counters.sold.load(Ordering::Relaxed),
@@ -321,15 +399,27 @@ fn main() {
         report,
         mb(data_after),
         mb(dir_bytes(&journal::journal_dir(&dir))),
+        mb(dir_bytes(&journal::archive_dir(&dir))),
         mb(dir_bytes(&journal::snapshot_dir(&dir))),
     );
 
-    // The restart: open the data dir again, load the snapshot, replay the tail.
+    // The restart as an operator sees it: the server binary started on the
+    // data dir, timed from exec until `/readyz` answers 200 (sled's open,
+    // the snapshot, the tail, the actors), then stopped with SIGTERM.
+    match restart_time(&dir) {
+        Ok(took) => println!(
+            "restart (server exec to ready): {:.3} s",
+            took.as_secs_f64()
+        ),
+        Err(e) => println!("restart failed: {e}"),
+    }
+
+    // And in process, with what recovery found.
     let restarting = Instant::now();
     let reopened = journal::open(&dir, FlushPolicy::Strict, false).expect("reopen");
     let took = restarting.elapsed();
     println!(
-        "restart: {:.3} s (snapshot at {}, {} events replayed, {} orders in memory, last seq {})",
+        "journal::open in process: {:.3} s (snapshot at {}, {} events replayed, {} orders in memory, last seq {})",
         took.as_secs_f64(),
         reopened.recovered.snapshot_seq,
         reopened.recovered.replayed,
@@ -337,4 +427,47 @@ fn main() {
         reopened.recovered.last_seq,
     );
     reopened.journal.close();
+}
+
+/// Starts the server on `dir` and times it to its first ready answer.
+fn restart_time(dir: &Path) -> Result<Duration, String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let started = Instant::now();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flashcore"))
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the server: {e}"))?;
+    let ready = loop {
+        if started.elapsed() > Duration::from_secs(120) {
+            break Err("not ready after 120 s".to_string());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            break Err(format!("the server exited: {status}"));
+        }
+        let answer = TcpStream::connect(&addr).and_then(|mut s| {
+            s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)?;
+            Ok(head)
+        });
+        if matches!(answer, Ok(head) if head.ends_with(b"200")) {
+            break Ok(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: a plain signal to our own child, whose pid is live (not reaped).
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let _ = child.wait();
+    ready
 }

@@ -101,6 +101,15 @@ pub const ARCHIVE_BATCH_MAX: usize = 1_000;
 /// How long an idempotency record is kept (contract: at least 24 hours).
 pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 
+/// How long a read of an archived order waits for the archive's database
+/// to open (it opens beside the start-up; see `journal/archive.rs`) before
+/// it answers `503`.
+pub const ARCHIVE_OPEN_WAIT_MS: u64 = 30_000;
+
+/// Orders moved per durable batch when an archive written inside the
+/// journal's database is moved into its own.
+pub const ARCHIVE_MIGRATE_BATCH: usize = 1_000;
+
 /// How often records past [`IDEMPOTENCY_TTL_MS`] are dropped.
 pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;
 

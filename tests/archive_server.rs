@@ -46,9 +46,8 @@ fn wait_archived(api: &mut Api) {
 /// How many orders the archive holds, read from the data dir of a stopped
 /// server.
 fn archived_on_disk(data_dir: &Path) -> usize {
-    let dir = flashcore::journal::journal_dir(data_dir);
-    let db = flashcore::journal::writer::open_db(&dir).expect("opens");
-    let archive = flashcore::journal::SledArchive::open(&db, &dir).expect("opens");
+    let dir = flashcore::journal::archive_dir(data_dir);
+    let archive = flashcore::journal::SledArchive::open(&dir).expect("opens");
     archive.len()
 }
 

@@ -10,13 +10,22 @@
 //! is live until the event; the next sweep writes the same key again), and
 //! never an order in neither.
 //!
-//! [`SledArchive`] keeps two trees in the journal's own sled database
-//! rather than a second database: one sled instance means one page cache
-//! (sled's cache is sized per database), one set of files in the data dir,
-//! and one durability path already proven by the journal (sled's flush, then
-//! `fdatasync` of its data file, because sled's flush alone does not reach
-//! the drive). The journal's recovery reads only sled's default tree, so the
-//! archive's trees never meet the journal's records.
+//! [`SledArchive`] keeps two trees in a sled database of its own
+//! (`<data dir>/archive`), apart from the journal's: sled 0.34 writes its
+//! page-table snapshot only when a database is opened, and an open reads
+//! every log segment written since the previous open. In the journal's
+//! database the archive made that read grow with the history (11 s after
+//! 1,000,000 orders, `cargo bench --bench soak`), so every restart did too.
+//! On its own, the journal's database holds only the window since the older
+//! snapshot, and the archive is opened by [`OpeningArchive`] on a thread of
+//! its own while the server starts and serves: reads of archived orders
+//! wait for it, nothing else does. Durability is the journal's path: sled's
+//! flush, then `fdatasync` of the data file (sled's flush alone does not
+//! reach the drive).
+//!
+//! Archives written before the split (trees in the journal's database) are
+//! moved over by [`OpeningArchive`] once, in batches, each durable in the
+//! new database before the old trees are dropped.
 //!
 //! - `archive.orders`: big-endian order id -> the order, framed by
 //!   [`codec::encode_order`] (format version, length, CRC, the id again).
@@ -29,12 +38,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::domain::order::Order;
 use crate::domain::{OrderId, UserId};
-use crate::journal::{JournalError, codec};
+use crate::journal::{JournalError, codec, writer};
+use crate::limits::{ARCHIVE_MIGRATE_BATCH, ARCHIVE_OPEN_WAIT_MS};
 
 /// Where finished orders go when they leave memory.
 pub trait Archive: Send + Sync + std::fmt::Debug + 'static {
@@ -108,7 +119,7 @@ fn decode(id: u64, bytes: &[u8]) -> Result<Order, JournalError> {
     codec::decode_order(id, bytes).map_err(|e| storage(&format!("order {id} is damaged"), e))
 }
 
-/// The archive in the journal's sled database (see the module doc).
+/// The archive in its own sled database (see the module doc).
 #[derive(Debug)]
 pub struct SledArchive {
     db: sled::Db,
@@ -119,11 +130,19 @@ pub struct SledArchive {
 }
 
 impl SledArchive {
-    /// Opens the archive's trees in `db`, the database in `dir`.
+    /// Opens (or creates) the archive's database in `dir`, waiting briefly
+    /// for its lock as the journal does.
     ///
     /// # Errors
-    /// `Unavailable` when the trees or the data file cannot be opened.
-    pub fn open(db: &sled::Db, dir: &Path) -> Result<SledArchive, JournalError> {
+    /// `Unavailable` when the database, its trees or its data file cannot
+    /// be opened.
+    pub fn open(dir: &Path) -> Result<SledArchive, JournalError> {
+        let db = writer::open_db(dir)?;
+        SledArchive::in_db(&db, dir)
+    }
+
+    /// The archive's trees in `db`, the database in `dir`.
+    fn in_db(db: &sled::Db, dir: &Path) -> Result<SledArchive, JournalError> {
         let orders = db
             .open_tree(ORDERS_TREE)
             .map_err(|e| storage("opening", e))?;
@@ -141,7 +160,8 @@ impl SledArchive {
         })
     }
 
-    /// How many orders are archived.
+    /// How many orders are archived. Walks the tree: for tools and
+    /// benches, not for a request.
     pub fn len(&self) -> usize {
         self.orders.len()
     }
@@ -149,6 +169,186 @@ impl SledArchive {
     /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.orders.is_empty()
+    }
+
+    /// Moves an archive written before the split (the same two trees in
+    /// the journal's database `old`) into this one: each batch is durable
+    /// here before anything is removed there, and writing an order twice
+    /// stores it once, so a crash at any point loses nothing. Returns how
+    /// many orders moved.
+    fn migrate_from(&self, old: &sled::Db) -> Result<u64, JournalError> {
+        let names = old.tree_names();
+        if !names.iter().any(|n| n.as_ref() == ORDERS_TREE.as_bytes()) {
+            return Ok(0);
+        }
+        let old_orders = old
+            .open_tree(ORDERS_TREE)
+            .map_err(|e| storage("opening the old archive", e))?;
+        let mut moved = 0u64;
+        loop {
+            let mut batch = Vec::with_capacity(ARCHIVE_MIGRATE_BATCH);
+            for entry in old_orders.iter().take(ARCHIVE_MIGRATE_BATCH) {
+                let (key, bytes) = entry.map_err(|e| storage("reading the old archive", e))?;
+                let id = codec::seq_of(&key).map_err(|e| storage("a bad key", e))?;
+                batch.push((key, decode(id, &bytes)?));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let orders: Vec<Order> = batch.iter().map(|(_, order)| order.clone()).collect();
+            self.put_batch(&orders)?;
+            let mut gone = sled::Batch::default();
+            for (key, _) in &batch {
+                gone.remove(key);
+            }
+            old_orders
+                .apply_batch(gone)
+                .map_err(|e| storage("emptying the old archive", e))?;
+            moved += batch.len() as u64;
+        }
+        for name in [ORDERS_TREE, BY_USER_TREE] {
+            old.drop_tree(name)
+                .map_err(|e| storage("dropping the old archive", e))?;
+        }
+        old.flush()
+            .map_err(|e| storage("flushing the journal", e))?;
+        Ok(moved)
+    }
+}
+
+/// What [`OpeningArchive`] holds: not yet, the archive, or why not.
+#[derive(Debug)]
+enum Opening {
+    Pending,
+    Open(Arc<SledArchive>),
+    Failed(String),
+}
+
+/// The [`SledArchive`], opened on a thread of its own (see the module doc):
+/// every call waits for the open, at most [`ARCHIVE_OPEN_WAIT_MS`], then
+/// answers `Unavailable` (a `503` to a read of an archived order).
+#[derive(Debug)]
+pub struct OpeningArchive {
+    state: Mutex<Opening>,
+    opened: Condvar,
+    opener: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl OpeningArchive {
+    /// Starts opening the archive in `dir`, moving in an archive written
+    /// into the journal's database `journal_db` before the split.
+    ///
+    /// # Errors
+    /// `Unavailable` when the thread cannot start.
+    pub fn start(dir: PathBuf, journal_db: sled::Db) -> Result<Arc<OpeningArchive>, JournalError> {
+        let archive = Arc::new(OpeningArchive {
+            state: Mutex::new(Opening::Pending),
+            opened: Condvar::new(),
+            opener: Mutex::new(None),
+        });
+        let opener = {
+            let archive = Arc::clone(&archive);
+            std::thread::Builder::new()
+                .name("flashcore-archive-open".into())
+                .spawn(move || {
+                    let started = std::time::Instant::now();
+                    let opened = SledArchive::open(&dir).and_then(|sled| {
+                        let moved = sled.migrate_from(&journal_db)?;
+                        if moved > 0 {
+                            tracing::info!(
+                                moved,
+                                "moved the archive out of the journal's database"
+                            );
+                        }
+                        Ok(sled)
+                    });
+                    drop(journal_db);
+                    let state = match opened {
+                        Ok(sled) => {
+                            tracing::info!(
+                                took_ms = started.elapsed().as_millis() as u64,
+                                "the order archive is open"
+                            );
+                            Opening::Open(Arc::new(sled))
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the order archive cannot be opened");
+                            Opening::Failed(e.to_string())
+                        }
+                    };
+                    *archive.lock() = state;
+                    archive.opened.notify_all();
+                })
+                .map_err(|e| {
+                    JournalError::Unavailable(format!("cannot start the archive's opener: {e}"))
+                })?
+        };
+        *archive
+            .opener
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(opener);
+        Ok(archive)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Opening> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The open archive, waiting for it at most [`ARCHIVE_OPEN_WAIT_MS`].
+    ///
+    /// # Errors
+    /// `Unavailable` while it is still opening after that, or when it
+    /// could not be opened.
+    pub fn wait(&self) -> Result<Arc<SledArchive>, JournalError> {
+        let state = self.lock();
+        let (state, _) = self
+            .opened
+            .wait_timeout_while(state, Duration::from_millis(ARCHIVE_OPEN_WAIT_MS), |s| {
+                matches!(s, Opening::Pending)
+            })
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &*state {
+            Opening::Open(sled) => Ok(Arc::clone(sled)),
+            Opening::Failed(why) => Err(storage("opening", why)),
+            Opening::Pending => Err(JournalError::Unavailable(
+                "the order archive is still opening; retry shortly".into(),
+            )),
+        }
+    }
+
+    /// Waits for the opener to finish (so that the archive's database can
+    /// be let go of, and opened again by a later start in this process).
+    pub fn join_opener(&self) {
+        let opener = self
+            .opener
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(opener) = opener {
+            if opener.join().is_err() {
+                tracing::error!("the archive's opener panicked");
+            }
+        }
+    }
+}
+
+impl Archive for OpeningArchive {
+    fn put_batch(&self, orders: &[Order]) -> Result<(), JournalError> {
+        self.wait()?.put_batch(orders)
+    }
+
+    fn get(&self, id: OrderId) -> Result<Option<Order>, JournalError> {
+        self.wait()?.get(id)
+    }
+
+    fn list_user(&self, user: &UserId, limit: usize) -> Result<Vec<Order>, JournalError> {
+        self.wait()?.list_user(user, limit)
+    }
+
+    fn list_all(&self, limit: usize) -> Result<Vec<Order>, JournalError> {
+        self.wait()?.list_all(limit)
     }
 }
 
@@ -295,6 +495,93 @@ impl Archive for MemArchive {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::SkuId;
+    use crate::domain::order::ReservedLine;
+
+    fn order(id: u64, user: &str) -> Order {
+        let line = ReservedLine {
+            sku: SkuId::parse("tee").expect("valid"),
+            name: "Tee".into(),
+            qty: 1,
+            unit_price_cents: 1_000,
+        };
+        let user = UserId::parse(user).expect("valid");
+        Order::place(OrderId(id), user, vec![line], None, 1_000, 60_000).expect("places")
+    }
+
+    #[test]
+    fn an_archive_in_the_journals_database_moves_to_its_own_once() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let journal_dir = crate::journal::journal_dir(data.path());
+        let archive_dir = crate::journal::archive_dir(data.path());
+        let orders: Vec<Order> = (1..=2_500)
+            .map(|i| order(i, if i % 2 == 0 { "even" } else { "odd" }))
+            .collect();
+        {
+            // The layout before the split: the trees in the journal's database.
+            let db = writer::open_db(&journal_dir).expect("opens");
+            let old = SledArchive::in_db(&db, &journal_dir).expect("opens");
+            old.put_batch(&orders).expect("stores");
+            db.insert(b"journal-record", b"stays".as_slice())
+                .expect("inserts");
+        }
+        let db = writer::open_db(&journal_dir).expect("opens");
+        let opening = OpeningArchive::start(archive_dir.clone(), db.clone()).expect("starts");
+        let archive = opening.wait().expect("opens");
+        assert_eq!(archive.len(), orders.len());
+        assert_eq!(
+            opening.get(OrderId(1_234)).expect("reads"),
+            Some(orders[1_233].clone())
+        );
+        let odd = opening
+            .list_user(&UserId::parse("odd").expect("valid"), 3)
+            .expect("lists");
+        let ids: Vec<u64> = odd.iter().map(|o| o.id.0).collect();
+        assert_eq!(
+            ids,
+            vec![2_499, 2_497, 2_495],
+            "newest first, only the user's"
+        );
+        assert!(
+            !db.tree_names()
+                .iter()
+                .any(|n| n.as_ref() == ORDERS_TREE.as_bytes()
+                    || n.as_ref() == BY_USER_TREE.as_bytes()),
+            "the old trees are gone"
+        );
+        assert_eq!(
+            db.get(b"journal-record").expect("reads").as_deref(),
+            Some(b"stays".as_slice())
+        );
+        opening.join_opener();
+        drop((archive, opening, db));
+        // Opened again: nothing to move, everything still there.
+        let db = writer::open_db(&journal_dir).expect("opens");
+        let opening = OpeningArchive::start(archive_dir, db).expect("starts");
+        assert_eq!(opening.wait().expect("opens").len(), orders.len());
+        assert_eq!(
+            opening.get(OrderId(1)).expect("reads"),
+            Some(orders[0].clone())
+        );
+    }
+
+    #[test]
+    fn an_archive_that_cannot_open_answers_unavailable() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let db = writer::open_db(&crate::journal::journal_dir(data.path())).expect("opens");
+        // A file where the archive's directory should be.
+        let archive_dir = crate::journal::archive_dir(data.path());
+        std::fs::write(&archive_dir, b"not a directory").expect("writes");
+        let opening = OpeningArchive::start(archive_dir, db).expect("starts");
+        assert!(matches!(
+            opening.get(OrderId(1)),
+            Err(JournalError::Unavailable(_))
+        ));
+        assert!(matches!(
+            opening.put_batch(&[order(1, "u")]),
+            Err(JournalError::Unavailable(_))
+        ));
+    }
 
     #[test]
     fn user_keys_sort_newest_first_and_read_back_their_id() {

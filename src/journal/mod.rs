@@ -24,7 +24,7 @@ pub mod snapshot;
 mod watermark;
 pub mod writer;
 
-pub use archive::{Archive, MemArchive, SledArchive};
+pub use archive::{Archive, MemArchive, OpeningArchive, SledArchive};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};
 pub use snapshot::{
@@ -118,6 +118,11 @@ pub struct Opened {
 /// The journal's directory inside a data dir.
 pub fn journal_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("journal")
+}
+
+/// The order archive's database inside a data dir.
+pub fn archive_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("archive")
 }
 
 /// The snapshots' directory inside a data dir.

@@ -38,7 +38,9 @@ use hdrhistogram::Histogram;
 
 use crate::domain::{Event, State};
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
-use crate::journal::{Archive, Journal, JournalError, Seq, SledArchive, Watermark, codec};
+use crate::journal::{
+    Archive, Journal, JournalError, OpeningArchive, Seq, SledArchive, Watermark, codec,
+};
 
 /// Most events waiting for the writer. At ~8 us per durable event at the
 /// group-commit rate, a full queue is about half a second of work: beyond
@@ -261,7 +263,7 @@ pub struct SledJournal {
     writer: Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
     /// Finished orders, in two trees of the same database.
-    archive: Arc<SledArchive>,
+    archive: Arc<OpeningArchive>,
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -385,7 +387,10 @@ impl SledJournal {
         last_seq: Seq,
         policy: FlushPolicy,
     ) -> Result<SledJournal, JournalError> {
-        let archive = Arc::new(SledArchive::open(&db, dir)?);
+        let archive_dir = dir.parent().map(super::archive_dir).ok_or_else(|| {
+            JournalError::Unavailable(format!("{} has no data dir", dir.display()))
+        })?;
+        let archive = OpeningArchive::start(archive_dir, db.clone())?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| {
             JournalError::Unavailable(format!(
@@ -444,9 +449,12 @@ impl SledJournal {
         &self.db
     }
 
-    /// The archive of finished orders, in this journal's database.
-    pub fn sled_archive(&self) -> &Arc<SledArchive> {
-        &self.archive
+    /// The archive of finished orders, beside this journal, once open.
+    ///
+    /// # Errors
+    /// As [`OpeningArchive::wait`].
+    pub fn sled_archive(&self) -> Result<Arc<SledArchive>, JournalError> {
+        self.archive.wait()
     }
 
     /// What the writer has done (also through [`Journal::stats`]).
@@ -470,6 +478,7 @@ impl SledJournal {
                 tracing::error!("the journal writer panicked");
             }
         }
+        self.archive.join_opener();
     }
 }
 
