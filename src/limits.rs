@@ -106,9 +106,18 @@ pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 /// it answers `503`.
 pub const ARCHIVE_OPEN_WAIT_MS: u64 = 30_000;
 
+/// The archive database's page cache. Archived orders are read rarely (a
+/// customer's old order, a late refund), so it is smaller than the
+/// journal's.
+pub const ARCHIVE_CACHE_BYTES: u64 = 16 << 20;
+
 /// Orders moved per durable batch when an archive written inside the
 /// journal's database is moved into its own.
 pub const ARCHIVE_MIGRATE_BATCH: usize = 1_000;
+
+/// How often the allocator's free pages are given back to the system
+/// (`src/memory.rs`).
+pub const MEMORY_TRIM_EVERY_MS: u64 = 10_000;
 
 /// How often records past [`IDEMPOTENCY_TTL_MS`] are dropped.
 pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;

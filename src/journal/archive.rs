@@ -45,7 +45,7 @@ use std::time::Duration;
 use crate::domain::order::Order;
 use crate::domain::{OrderId, UserId};
 use crate::journal::{JournalError, codec, writer};
-use crate::limits::{ARCHIVE_MIGRATE_BATCH, ARCHIVE_OPEN_WAIT_MS};
+use crate::limits::{ARCHIVE_CACHE_BYTES, ARCHIVE_MIGRATE_BATCH, ARCHIVE_OPEN_WAIT_MS};
 
 /// Where finished orders go when they leave memory.
 pub trait Archive: Send + Sync + std::fmt::Debug + 'static {
@@ -137,7 +137,7 @@ impl SledArchive {
     /// `Unavailable` when the database, its trees or its data file cannot
     /// be opened.
     pub fn open(dir: &Path) -> Result<SledArchive, JournalError> {
-        let db = writer::open_db(dir)?;
+        let db = writer::open_db_cached(dir, ARCHIVE_CACHE_BYTES)?;
         SledArchive::in_db(&db, dir)
     }
 

@@ -286,6 +286,15 @@ impl std::fmt::Debug for SledJournal {
 /// `Unavailable` naming the directory when it cannot be created, opened or
 /// locked (another server may be using it).
 pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
+    open_db_cached(dir, SLED_CACHE_BYTES)
+}
+
+/// [`open_db`] with a page cache of `cache_bytes` (each database has its
+/// own; the order archive, read rarely, takes a smaller one).
+///
+/// # Errors
+/// As [`open_db`].
+pub fn open_db_cached(dir: &Path, cache_bytes: u64) -> Result<sled::Db, JournalError> {
     create_dir_durably(dir).map_err(|e| {
         JournalError::Unavailable(format!(
             "cannot create journal directory {}: {e}",
@@ -295,7 +304,7 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
     ensure_sled_conf(dir)?;
     let config = sled::Config::new()
         .path(dir)
-        .cache_capacity(SLED_CACHE_BYTES)
+        .cache_capacity(cache_bytes)
         .flush_every_ms(None)
         .segment_size(SLED_SEGMENT_BYTES)
         .mode(sled::Mode::LowSpace);

@@ -38,7 +38,9 @@ use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, Front, live};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
-use crate::limits::{CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS};
+use crate::limits::{
+    CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, MEMORY_TRIM_EVERY_MS, STORAGE_PROBE_MS,
+};
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -345,6 +347,7 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
 async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
     let mut reload_failed: Option<String> = None;
     let mut last_eviction = Instant::now();
+    let mut last_trim = Instant::now();
     let mut last_snapshotter_start = Instant::now();
     loop {
         let dead = match storage.backend.engine() {
@@ -366,6 +369,20 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
                 if evicted > 0 {
                     tracing::info!(evicted, "idempotency records past their TTL dropped");
                 }
+            }
+        }
+        if last_trim.elapsed() >= Duration::from_millis(MEMORY_TRIM_EVERY_MS) {
+            last_trim = Instant::now();
+            let trimming = tokio::task::spawn_blocking(|| {
+                let started = Instant::now();
+                (crate::memory::release_free_memory(), started.elapsed())
+            });
+            if let Ok((released, took)) = trimming.await {
+                tracing::debug!(
+                    released,
+                    took_us = took.as_micros() as u64,
+                    "free memory trimmed"
+                );
             }
         }
         let failure = storage
