@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::book::{OrderBook, shard_of};
-use crate::domain::idem::{IdemBook, StoredIdemRecord, StoredIdemRecordV1};
+use crate::domain::idem::{HashedRecord, IdemBook, StoredIdemRecord, StoredIdemRecordV1};
 use crate::domain::promo::Promotions;
 use crate::domain::sku::{SkuState, SkuStateV1};
 use crate::domain::state::{OpenReservation, Part};
@@ -135,8 +135,9 @@ pub struct Capture {
     pub open_reservations: BTreeMap<OrderId, OpenReservation>,
     /// ...as of this sequence number.
     pub reservations_seq: Seq,
-    /// The idempotency records (copied after every other part).
-    pub idem: Vec<StoredIdemRecord>,
+    /// The idempotency records in memory (copied after every other part;
+    /// those moved to disk are in the journal's database already).
+    pub idem: Vec<HashedRecord>,
     /// The next id to hand out (read after every other part).
     pub next_id: u64,
 }
@@ -336,25 +337,56 @@ impl From<WholeBodyV1> for WholeBody {
     }
 }
 
-/// Format 1, borrowed (for writing); the same shape as [`WholeBody`].
-#[derive(Serialize)]
-struct WholeRef<'a> {
-    seq: Seq,
-    skus: &'a BTreeMap<SkuId, SkuState>,
-    orders: &'a OrderBook,
-    promotions: &'a Promotions,
-    idem: Vec<StoredIdemRecord>,
-    open_reservations: &'a BTreeMap<OrderId, OpenReservation>,
-    next_id: u64,
-}
-
-/// Format 2: the parts of a [`Capture`], with the snapshot's own numbers
+/// Format 3: the parts of a [`Capture`], with the snapshot's own numbers
 /// first (checked against the file name and against the parts on load).
 #[derive(Serialize, Deserialize)]
 struct PartsBody {
     top: Seq,
     start: Seq,
     capture: Capture,
+}
+
+/// Format 2: [`PartsBody`] before the compact idempotency records (each
+/// record held its user, key and whole answer). Read only, converted on load.
+#[derive(Deserialize)]
+struct PartsBodyV2 {
+    top: Seq,
+    start: Seq,
+    capture: CaptureV2,
+}
+
+/// [`Capture`] as format 2 wrote it: the same fields, in the same order,
+/// with the records of [`StoredIdemRecord`]'s shape.
+#[derive(Deserialize)]
+struct CaptureV2 {
+    catalog_seq: Seq,
+    skus: Vec<(SkuState, Mark)>,
+    shards: Vec<(OrderBook, Mark)>,
+    promotions: Promotions,
+    promotions_seq: Seq,
+    open_reservations: BTreeMap<OrderId, OpenReservation>,
+    reservations_seq: Seq,
+    idem: Vec<StoredIdemRecord>,
+    next_id: u64,
+}
+
+impl CaptureV2 {
+    /// The capture with compact records (and the stored records apart, to
+    /// be converted by the caller).
+    fn split(self) -> (Capture, Vec<StoredIdemRecord>) {
+        let capture = Capture {
+            catalog_seq: self.catalog_seq,
+            skus: self.skus,
+            shards: self.shards,
+            promotions: self.promotions,
+            promotions_seq: self.promotions_seq,
+            open_reservations: self.open_reservations,
+            reservations_seq: self.reservations_seq,
+            idem: Vec::new(),
+            next_id: self.next_id,
+        };
+        (capture, self.idem)
+    }
 }
 
 /// Which parts of a loaded state hold which events: replay applies an event
@@ -415,56 +447,75 @@ fn decode(seq: Seq, bytes: &[u8]) -> Result<(State, Cut), String> {
                 skus: body.skus,
                 orders: body.orders,
                 promotions: body.promotions,
-                idem: Arc::new(IdemBook::from_snapshot(body.idem)),
+                idem: Arc::new(IdemBook::from_stored(body.idem).map_err(|e| e.to_string())?),
                 open_reservations: body.open_reservations,
                 next_id: body.next_id,
             };
             Ok((state, Cut::whole(seq)))
         }
         Some(codec::SNAPSHOT_FORMAT_PARTS) => {
+            let body: PartsBodyV2 = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
+            let (capture, stored) = body.capture.split();
+            let idem = IdemBook::from_stored(stored).map_err(|e| e.to_string())?;
+            from_parts(seq, body.top, body.start, capture, idem)
+        }
+        Some(codec::SNAPSHOT_FORMAT_COMPACT) => {
             let body: PartsBody = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
-            let capture = body.capture;
-            if body.top != seq || capture.top() != seq || capture.start() != body.start {
-                return Err(format!(
-                    "it names sequence {} (start {}), its parts {} (start {})",
-                    body.top,
-                    body.start,
-                    capture.top(),
-                    capture.start()
-                ));
-            }
-            let mut cut = Cut {
-                start: body.start,
-                top: body.top,
-                skus: HashMap::with_capacity(capture.skus.len()),
-                shards: Vec::with_capacity(capture.shards.len()),
-                reservations: capture.reservations_seq,
-                promotions: capture.promotions_seq,
-            };
-            let mut skus = BTreeMap::new();
-            for (sku, mark) in capture.skus {
-                cut.skus.insert(sku.id(), mark);
-                if skus.insert(sku.id(), sku).is_some() {
-                    return Err("a SKU appears twice".into());
-                }
-            }
-            let books = capture.shards.into_iter().map(|(book, mark)| {
-                cut.shards.push(mark);
-                book
-            });
-            let orders = OrderBook::merge(books.collect::<Vec<_>>());
-            let state = State {
-                skus,
-                orders,
-                promotions: capture.promotions,
-                idem: Arc::new(IdemBook::from_snapshot(capture.idem)),
-                open_reservations: capture.open_reservations,
-                next_id: capture.next_id,
-            };
-            Ok((state, cut))
+            let mut capture = body.capture;
+            let idem = IdemBook::from_snapshot(std::mem::take(&mut capture.idem));
+            from_parts(seq, body.top, body.start, capture, idem)
         }
         _ => Err("not a snapshot (magic)".into()),
     }
+}
+
+/// A state and its cut from a snapshot's parts, checked against the
+/// snapshot's own numbers (`top`, `start`) and its file name (`seq`).
+fn from_parts(
+    seq: Seq,
+    top: Seq,
+    start: Seq,
+    capture: Capture,
+    idem: IdemBook,
+) -> Result<(State, Cut), String> {
+    if top != seq || capture.top() != seq || capture.start() != start {
+        return Err(format!(
+            "it names sequence {} (start {}), its parts {} (start {})",
+            top,
+            start,
+            capture.top(),
+            capture.start()
+        ));
+    }
+    let mut cut = Cut {
+        start,
+        top,
+        skus: HashMap::with_capacity(capture.skus.len()),
+        shards: Vec::with_capacity(capture.shards.len()),
+        reservations: capture.reservations_seq,
+        promotions: capture.promotions_seq,
+    };
+    let mut skus = BTreeMap::new();
+    for (sku, mark) in capture.skus {
+        cut.skus.insert(sku.id(), mark);
+        if skus.insert(sku.id(), sku).is_some() {
+            return Err("a SKU appears twice".into());
+        }
+    }
+    let books = capture.shards.into_iter().map(|(book, mark)| {
+        cut.shards.push(mark);
+        book
+    });
+    let orders = OrderBook::merge(books.collect::<Vec<_>>());
+    let state = State {
+        skus,
+        orders,
+        promotions: capture.promotions,
+        idem: Arc::new(idem),
+        open_reservations: capture.open_reservations,
+        next_id: capture.next_id,
+    };
+    Ok((state, cut))
 }
 
 /// Loads the newest snapshot that decodes; a damaged one is skipped with a
@@ -488,25 +539,15 @@ pub(crate) fn load(store: &dyn SnapshotStore) -> Result<(State, Cut), RecoveryEr
     Ok((State::default(), Cut::whole(0)))
 }
 
-/// Writes a snapshot of a whole `state` at `seq` (format 1) atomically and
-/// durably: tools, tests and benches that hold a whole state use it.
+/// Writes a snapshot of a whole `state` at `seq` (as one capture whose
+/// parts all stand at `seq`) atomically and durably: tools, tests and
+/// benches that hold a whole state use it.
 ///
 /// # Errors
 /// `Storage` on any I/O failure (the previous snapshots stay).
 pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, RecoveryError> {
-    let body = WholeRef {
-        seq,
-        skus: &state.skus,
-        orders: &state.orders,
-        promotions: &state.promotions,
-        idem: state.idem.to_snapshot(),
-        open_reservations: &state.open_reservations,
-        next_id: state.next_id,
-    };
-    let bytes = codec::encode_snapshot(&body)
-        .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
     let store = DirStore::new(dir);
-    store.write(seq, &bytes)?;
+    write_capture(&store, Capture::whole(state, seq))?;
     Ok(store.path(seq))
 }
 
@@ -521,7 +562,7 @@ fn write_capture(
         start,
         capture,
     };
-    let bytes = codec::encode_snapshot_as(codec::SNAPSHOT_FORMAT_PARTS, &body)
+    let bytes = codec::encode_snapshot_as(codec::SNAPSHOT_FORMAT_COMPACT, &body)
         .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
     store.write(top, &bytes)?;
     Ok((top, start, bytes.len()))
@@ -849,7 +890,7 @@ mod format_tests {
         assert_eq!(tee.sale(), SaleWindow::default());
         let records = state.idem.to_sorted_vec();
         assert_eq!(records.len(), 1, "the keyed restock's record");
-        match &records[0].outcome {
+        match &records[0].record.outcome {
             crate::domain::idem::Outcome::Sku(view) => {
                 assert_eq!(view.levels.on_hand, 10);
                 assert_eq!(view.sale, SaleWindow::default());

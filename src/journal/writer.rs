@@ -38,7 +38,9 @@ use hdrhistogram::Histogram;
 
 use crate::domain::{Event, State};
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
-use crate::journal::{Archive, Journal, JournalError, Seq, SledArchive, Watermark, codec};
+use crate::journal::{
+    Archive, IdemStore, Journal, JournalError, Seq, SledArchive, SledIdemStore, Watermark, codec,
+};
 
 /// Most events waiting for the writer. At ~8 us per durable event at the
 /// group-commit rate, a full queue is about half a second of work: beyond
@@ -262,6 +264,8 @@ pub struct SledJournal {
     dir: PathBuf,
     /// Finished orders, in two trees of the same database.
     archive: Arc<SledArchive>,
+    /// Idempotency records moved out of memory, in this journal's database.
+    idem_store: Arc<SledIdemStore>,
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -386,6 +390,7 @@ impl SledJournal {
         policy: FlushPolicy,
     ) -> Result<SledJournal, JournalError> {
         let archive = Arc::new(SledArchive::open(&db, dir)?);
+        let idem_store = Arc::new(SledIdemStore::open(&db, dir)?);
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| {
             JournalError::Unavailable(format!(
@@ -436,6 +441,7 @@ impl SledJournal {
             writer: Mutex::new(Some(writer)),
             dir: dir.to_path_buf(),
             archive,
+            idem_store,
         })
     }
 
@@ -549,6 +555,10 @@ impl Journal for SledJournal {
 
     fn archive(&self) -> Option<Arc<dyn Archive>> {
         Some(Arc::clone(&self.archive) as Arc<dyn Archive>)
+    }
+
+    fn idem_store(&self) -> Option<Arc<dyn IdemStore>> {
+        Some(Arc::clone(&self.idem_store) as Arc<dyn IdemStore>)
     }
 }
 

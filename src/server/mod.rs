@@ -331,7 +331,9 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
             seed(&engine, catalog, data_dir).await?;
         }
     }
-    engine.evict_idempotency();
+    if let Err(error) = engine.evict_idempotency().await {
+        tracing::warn!(%error, "could not drop idempotency records past their TTL; retrying later");
+    }
     *storage.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(journal);
     storage.backend.install(engine);
     tracing::info!("ready");
@@ -341,7 +343,7 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
 /// Watches the journal; after a failure, probes the disk and reloads the
 /// last durable state once it takes writes again, retrying a reload that
 /// fails until one succeeds. Also drops idempotency records past their TTL,
-/// once a minute.
+/// once a minute, and moves records past the book's memory budget to disk.
 async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
     let mut reload_failed: Option<String> = None;
     let mut last_eviction = Instant::now();
@@ -362,10 +364,24 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
         if last_eviction.elapsed() >= Duration::from_millis(IDEMPOTENCY_EVICT_EVERY_MS) {
             last_eviction = Instant::now();
             if let Ok(engine) = storage.backend.engine() {
-                let evicted = engine.evict_idempotency();
-                if evicted > 0 {
-                    tracing::info!(evicted, "idempotency records past their TTL dropped");
+                match engine.evict_idempotency().await {
+                    Ok(0) => {}
+                    Ok(evicted) => {
+                        tracing::info!(evicted, "idempotency records past their TTL dropped");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not drop idempotency records past their TTL");
+                    }
                 }
+            }
+        }
+        if let Ok(engine) = storage.backend.engine() {
+            // Past its memory budget, the key book moves its oldest records
+            // to disk (a length compare when it is not).
+            match engine.spill_idempotency().await {
+                Ok(0) => {}
+                Ok(moved) => tracing::info!(moved, "idempotency records moved to disk"),
+                Err(error) => tracing::warn!(%error, "could not move idempotency records to disk"),
             }
         }
         let failure = storage
