@@ -890,6 +890,83 @@ mod tests {
         }
     }
 
+    fn idem_record() -> impl Strategy<Value = HashedRecord> {
+        use crate::domain::idem::{Outcome, RefundedMark};
+        let outcome = prop_oneof![
+            (any::<u64>(), 1u32..6).prop_map(|(id, history_len)| Outcome::Order {
+                id: OrderId(id),
+                history_len
+            }),
+            (
+                any::<u64>(),
+                1u32..6,
+                any::<u64>(),
+                prop::collection::vec(any::<u32>(), 1..5)
+            )
+                .prop_map(|(id, history_len, refunded_cents, refunded_qty)| {
+                    Outcome::Refunded(Box::new(RefundedMark {
+                        id: OrderId(id),
+                        history_len,
+                        refunded_cents,
+                        refunded_qty,
+                    }))
+                }),
+        ];
+        (any::<[u8; 16]>(), any::<[u8; 16]>(), any::<u64>(), outcome).prop_map(
+            |(key, fingerprint, at_ms, outcome)| HashedRecord {
+                key: KeyHash(key),
+                record: IdemRecord {
+                    fingerprint,
+                    at_ms,
+                    outcome,
+                },
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn idempotency_records_round_trip(hashed in idem_record()) {
+            let bytes = encode_idem_record(&hashed).expect("encodes");
+            prop_assert_eq!(decode_idem_record(&hashed.key, &bytes), Ok(hashed.record));
+        }
+
+        #[test]
+        fn any_byte_flip_of_an_idempotency_record_is_caught(hashed in idem_record(), at in any::<usize>(), bit in 0u8..8) {
+            let mut bytes = encode_idem_record(&hashed).expect("encodes");
+            let at = at % bytes.len();
+            bytes[at] ^= 1 << bit;
+            prop_assert!(decode_idem_record(&hashed.key, &bytes).is_err());
+        }
+
+        #[test]
+        fn any_truncation_of_an_idempotency_record_is_caught(hashed in idem_record(), cut in any::<usize>()) {
+            let bytes = encode_idem_record(&hashed).expect("encodes");
+            let cut = cut % bytes.len();
+            prop_assert!(decode_idem_record(&hashed.key, &bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn an_idempotency_record_under_another_key_is_refused() {
+        let hashed = HashedRecord {
+            key: KeyHash([1; 16]),
+            record: IdemRecord {
+                fingerprint: [2; 16],
+                at_ms: 3,
+                outcome: crate::domain::idem::Outcome::Order {
+                    id: OrderId(4),
+                    history_len: 1,
+                },
+            },
+        };
+        let bytes = encode_idem_record(&hashed).expect("encodes");
+        assert_eq!(
+            decode_idem_record(&KeyHash([9; 16]), &bytes),
+            Err(CodecError::WrongKey)
+        );
+    }
+
     #[test]
     fn an_archived_order_under_another_id_is_refused() {
         let order = Order {
