@@ -32,9 +32,13 @@
 //! - The promotions and the open reservations change under a lock held
 //!   across the journal append, so their copy (taken under the lock) holds
 //!   exactly the events up to the `L` read there.
-//! - The idempotency book is copied last: it holds every record of every
-//!   event a part holds (and maybe more, which replay records again as it
-//!   was: a record is kept, never replaced, within its TTL).
+//! - The idempotency book is copied last: with the records that moved to
+//!   disk (`idem_store.rs`, durable before they left memory, and not part of
+//!   the snapshot) it holds every record of every event a part holds (and
+//!   maybe more, which replay records again as it was: a record is kept,
+//!   never replaced, within its TTL). Snapshots hold the compact records
+//!   (body format 3); formats 1 and 2 held whole answers and are converted
+//!   on load.
 //!
 //! Recovery replays from the lowest mark (or hole) on, applying each event
 //! only to the parts whose mark does not cover it (`State::apply_parts`),
