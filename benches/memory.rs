@@ -1,6 +1,12 @@
 //! `cargo bench --bench memory`: heap bytes held per live order, per
 //! finished order once archived, and per idempotency record.
 //!
+//! Idempotency records are measured twice: through the engine (a keyed
+//! order less a plain one, so everything a key costs), and in the book
+//! alone at a few sizes, since a hash table's slack makes the cost per
+//! record a sawtooth between its resizes (the lowest and highest are
+//! printed).
+//!
 //! A counting global allocator keeps the live heap (bytes allocated less
 //! bytes freed, every thread). An in-process engine on a journal that
 //! numbers events and drops them (so the journal holds nothing) places
@@ -21,6 +27,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use flashcore::clock::ManualClock;
 use flashcore::domain::event::SkuQty;
+use flashcore::domain::idem::{IdemBook, Outcome};
 use flashcore::domain::order::Order;
 use flashcore::domain::{
     Event, IdemStamp, IdempotencyKey, OrderId, PaymentRef, SkuId, State, UserId,
@@ -133,6 +140,32 @@ async fn place(engine: &Engine, users: &[UserId], n: usize, keyed: bool) -> Vec<
     orders
 }
 
+/// Heap bytes per record of an idempotency book holding `n` placement
+/// records under keys like the engine pass's (user and key as a client
+/// sends them; only their hash is kept).
+fn book_bytes_per_record(users: &[UserId], n: usize) -> f64 {
+    let stamps: Vec<IdemStamp> = (0..n)
+        .map(|i| IdemStamp {
+            user: users[i % users.len()],
+            key: IdempotencyKey::parse(&format!("key-{i:08}-0123456789abcdef")).expect("valid"),
+            fingerprint: [7; 16],
+        })
+        .collect();
+    let before = live();
+    let book = IdemBook::default();
+    for (i, stamp) in stamps.iter().enumerate() {
+        let outcome = Outcome::Order {
+            id: OrderId(i as u64),
+            history_len: 1,
+        };
+        book.record(stamp, 1_767_225_600_000 + i as u64, outcome);
+    }
+    let bytes = live() - before;
+    assert_eq!(book.len(), n);
+    drop(book);
+    per(bytes, n)
+}
+
 fn main() {
     let n: usize = std::env::var("BENCH_ORDERS")
         .ok()
@@ -190,6 +223,21 @@ fn main() {
             per(keyed_bytes - order_bytes, n)
         );
 
+        let sizes = [n, n + n / 4, n + n / 2, n + 3 * n / 4];
+        let costs: Vec<f64> = sizes
+            .iter()
+            .map(|&size| book_bytes_per_record(&users, size))
+            .collect();
+        let lowest = costs.iter().copied().fold(f64::INFINITY, f64::min);
+        let highest = costs.iter().copied().fold(0.0, f64::max);
+        println!(
+            "idempotency record:     {:>8.0} bytes each in the book alone at {n} records \
+             ({lowest:.0} to {highest:.0} at {} to {} records)",
+            costs[0],
+            sizes[0],
+            sizes[3]
+        );
+
         let admin = Caller {
             user: UserId::parse("admin").expect("valid"),
             admin: true,
@@ -221,7 +269,7 @@ fn main() {
         );
         println!(
             "left in memory:         {:>8.0} bytes per archived order \
-             (SKU per-user counters and idempotency records stay)",
+             (SKU per-user counters and idempotency records stay; a record no longer keeps its order)",
             per(live() - start, 2 * n)
         );
         engine.shutdown();

@@ -16,9 +16,8 @@
 //! history: the summary gives RSS's range after a warm-up (the first fifth of
 //! the run) and the data dir's size against the orders archived.
 //!
-//! Every 10 s the sampler gives the allocator's free pages back, as the
-//! server's supervisor does (`flashcore::memory`), and the summary gives the
-//! longest of those trims.
+//! The allocator's arenas are capped as the server's `main` caps them
+//! (`flashcore::memory`).
 //!
 //! Environment: `SOAK_ORDERS` (default 60,000), `SOAK_RATE` orders a second
 //! (default 1,000: a ~60 s run), `SOAK_SNAPSHOT_EVENTS` (default 50,000),
@@ -36,7 +35,6 @@ use flashcore::domain::event::SkuQty;
 use flashcore::domain::{PaymentRef, SkuId, UserId};
 use flashcore::engine::{Caller, Engine, EngineConfig, NewSku, SystemClock};
 use flashcore::journal::{self, FlushPolicy, Journal, SnapshotPolicy, Snapshotter};
-use flashcore::limits::MEMORY_TRIM_EVERY_MS;
 
 /// The system allocator, keeping the bytes allocated and not yet freed:
 /// heap in use, apart from RSS (which also holds sled's and the allocator's
@@ -70,9 +68,6 @@ unsafe impl GlobalAlloc for Live {
 
 #[global_allocator]
 static GLOBAL: Live = Live;
-
-/// The longest `malloc_trim`, in microseconds.
-static TRIM_US_MAX: AtomicU64 = AtomicU64::new(0);
 
 const SKUS: usize = 8;
 const USERS: u64 = 20_000;
@@ -170,6 +165,7 @@ struct Counters {
 }
 
 fn main() {
+    flashcore::memory::limit_arenas();
     // `cargo bench` passes `--bench`; nothing else to parse.
     let orders = env_u64("SOAK_ORDERS", 60_000);
     let rate = env_u64("SOAK_RATE", 1_000).max(1);
@@ -283,15 +279,8 @@ fn main() {
             }
         };
         std::thread::spawn(move || {
-            let mut last_trim = Instant::now();
             while !done.load(Ordering::Acquire) {
                 std::thread::sleep(Duration::from_secs(1));
-                if last_trim.elapsed() >= Duration::from_millis(MEMORY_TRIM_EVERY_MS) {
-                    last_trim = Instant::now();
-                    flashcore::memory::release_free_memory();
-                    let took = u64::try_from(last_trim.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    TRIM_US_MAX.fetch_max(took, Ordering::Relaxed);
-                }
                 let (snap_seq, snap_bytes) = last(&dir);
                 let finished =
                     counters.sold.load(Ordering::Relaxed) + counters.unsold.load(Ordering::Relaxed);
@@ -394,10 +383,6 @@ fn main() {
                 mb(mid as u64),
             );
         }
-        println!(
-            "longest trim of free memory: {} us",
-            TRIM_US_MAX.load(Ordering::Relaxed)
-        );
         if archived > 0 {
             println!(
                 "{archived} orders archived; data dir {:.0} bytes per archived order",

@@ -115,17 +115,35 @@ pub const ARCHIVE_CACHE_BYTES: u64 = 16 << 20;
 /// journal's database is moved into its own.
 pub const ARCHIVE_MIGRATE_BATCH: usize = 1_000;
 
-/// How often the allocator's free pages are given back to the system
-/// (`src/memory.rs`).
-pub const MEMORY_TRIM_EVERY_MS: u64 = 10_000;
+/// glibc arenas at most (`src/memory.rs`): the freed pages of a burst stay
+/// in fewer places, so RSS follows the live heap.
+pub const MALLOC_ARENAS_MAX: usize = 2;
 
 /// How often records past [`IDEMPOTENCY_TTL_MS`] are dropped.
 pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;
 
-/// Most idempotency records in memory. When full of records younger than
-/// [`IDEMPOTENCY_TTL_MS`], a request with a new key is shed (`503`) rather
-/// than breaking the promise made to an older key.
-pub const IDEMPOTENCY_RECORDS_MAX: usize = 1_000_000;
+/// The memory budget of the idempotency book, in records. Past it, the
+/// oldest records move to disk (the journal's database, `idem.records`)
+/// and are looked up there; nothing is refused for want of room. A
+/// compact record costs about 56 bytes in the map, 60 to 130 with the
+/// hash table's slack (`benches/memory.rs`): 4 million are under 520 MB at
+/// worst, and hold the last hour of a sale taking over 1,000 keyed orders
+/// a second in memory.
+pub const IDEMPOTENCY_MEMORY_RECORDS_MAX: usize = 4_000_000;
+
+/// Records moved to disk in one durable write (one sled batch, one
+/// flush and `fdatasync`): about 100 bytes each on disk, so a few MB.
+pub const IDEMPOTENCY_SPILL_BATCH_MAX: usize = 32_768;
+
+/// How far below its budget a spill takes the book, as a fraction of the
+/// budget (1/16): a spill then moves many records at once instead of a
+/// few on every check.
+pub const IDEMPOTENCY_SPILL_SLACK_DIVISOR: usize = 16;
+
+/// Expired records dropped from disk per sled batch: the sweep goes on
+/// batch after batch until none is left, so one batch bounds only how
+/// much one write holds.
+pub const IDEMPOTENCY_DISK_EVICT_BATCH_MAX: usize = 10_000;
 
 /// Mailbox of one SKU actor. Sized above the number of requests the HTTP
 /// front lets in at once, so it only fills when callers bypass the front;
@@ -166,6 +184,10 @@ const _: () = assert!(ARCHIVE_SWEEP_MS >= EXPIRY_TICK_MS);
 // One `OrdersArchived` of a full batch (at most 10 bytes an id, varint)
 // stays far below a journal record's bound (`codec::RECORD_BYTES_MAX`).
 const _: () = assert!(ARCHIVE_BATCH_MAX * 10 < 64 * 1024);
+// The slack a spill leaves below the budget is at least one write's worth.
+const _: () = assert!(
+    IDEMPOTENCY_SPILL_BATCH_MAX <= IDEMPOTENCY_MEMORY_RECORDS_MAX / IDEMPOTENCY_SPILL_SLACK_DIVISOR
+);
 
 // ----- The HTTP front -----
 

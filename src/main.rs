@@ -244,6 +244,7 @@ fn jsonwebtoken_now() -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    flashcore::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

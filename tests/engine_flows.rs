@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
-use flashcore::domain::idem::{Lookup, Outcome};
+use flashcore::domain::idem::{FirstAnswer, Lookup, Outcome};
 use flashcore::domain::order::OrderStatus;
 use flashcore::domain::promo::Promotion;
 use flashcore::domain::{DomainError, IdemStamp, IdempotencyKey, PaymentRef, PromoCode, State};
@@ -364,19 +364,27 @@ async fn a_stamped_change_records_its_first_answer() {
         fingerprint: [7; 16],
     };
     assert_eq!(
-        e.idempotency(stamp.user, &stamp.key, stamp.fingerprint),
+        e.idempotency(stamp.user, &stamp.key, stamp.fingerprint)
+            .expect("looked up"),
         Lookup::Fresh
     );
     let order = e
         .place_order(user("ann"), &[line("a", 1)], None, Some(stamp.clone()))
         .await
         .expect("placed");
-    match e.idempotency(stamp.user, &stamp.key, stamp.fingerprint) {
-        Lookup::Replay(outcome) => assert_eq!(*outcome, Outcome::Order(Arc::new(order.clone()))),
+    match e
+        .idempotency(stamp.user, &stamp.key, stamp.fingerprint)
+        .expect("looked up")
+    {
+        Lookup::Replay(outcome) => assert_eq!(
+            e.first_answer(stamp.user, &outcome).await,
+            Ok(FirstAnswer::Order(Arc::new(order.clone())))
+        ),
         other => panic!("expected a replay, got {other:?}"),
     }
     assert_eq!(
-        e.idempotency(stamp.user, &stamp.key, [8; 16]),
+        e.idempotency(stamp.user, &stamp.key, [8; 16])
+            .expect("looked up"),
         Lookup::Conflict
     );
     // A refused change leaves no record.
@@ -389,13 +397,17 @@ async fn a_stamped_change_records_its_first_answer() {
         .await
         .expect_err("out of stock");
     assert_eq!(
-        e.idempotency(refused.user, &refused.key, refused.fingerprint),
+        e.idempotency(refused.user, &refused.key, refused.fingerprint)
+            .expect("looked up"),
         Lookup::Fresh
     );
     let state = assert_replay_matches(&h).await;
     assert_eq!(
         state.idem.lookup(stamp.user, &stamp.key, stamp.fingerprint),
-        Lookup::Replay(Box::new(Outcome::Order(Arc::new(order))))
+        Lookup::Replay(Outcome::Order {
+            id: order.id,
+            history_len: 1
+        })
     );
 }
 
@@ -432,7 +444,7 @@ async fn keyed_sold_out_refusals_record_nothing_and_a_retry_is_decided_afresh() 
                         engine
                             .place_order(user(&who), &[line("drop", 1)], None, stamp)
                             .await
-                            .map(|order| Outcome::Order(Arc::new(order)))
+                            .map(|order| FirstAnswer::Order(Arc::new(order)))
                             .map_err(ApiError::from)
                     },
                 )
@@ -466,7 +478,8 @@ async fn keyed_sold_out_refusals_record_nothing_and_a_retry_is_decided_afresh() 
             user("u0"),
             &IdempotencyKey::parse("click-0").expect("valid"),
             [3; 16]
-        ),
+        )
+        .expect("looked up"),
         Lookup::Fresh
     );
 
@@ -743,7 +756,10 @@ async fn the_replay_check_sees_idempotency_records() {
             fingerprint: [7; 16],
         },
         T0_MS,
-        Outcome::Order(Arc::new(first)),
+        Outcome::Order {
+            id: first.id,
+            history_len: 1,
+        },
     );
     assert_replay_matches(&h).await;
 }

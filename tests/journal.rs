@@ -428,7 +428,11 @@ async fn snapshots_drop_idempotency_records_past_their_ttl() {
     drop(opened.journal);
 
     let (node, ..) = boot(dir.path(), false).expect("reboot");
-    let lookup = |k: &str| node.engine.idempotency(user("ops"), &key(k), [7; 16]);
+    let lookup = |k: &str| {
+        node.engine
+            .idempotency(user("ops"), &key(k), [7; 16])
+            .expect("looked up")
+    };
     assert_eq!(lookup("old"), Lookup::Fresh, "dropped with its TTL");
     assert!(matches!(lookup("new"), Lookup::Replay(_)), "kept");
     stop(node);

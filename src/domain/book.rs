@@ -160,9 +160,16 @@ impl OrderBook {
                 let order = self.orders.get_mut(id).ok_or_else(|| {
                     DomainError::inconsistent(format!("event for unknown order {id}"))
                 })?;
+                // The record refers to the order as the event leaves it;
+                // what could make that fail (a history past `u32` entries)
+                // is checked first, so on `Err` the book is unchanged.
+                if event.idem().is_some() {
+                    u32::try_from(order.history.len().saturating_add(1))
+                        .map_err(|_| DomainError::Overflow { what: "history" })?;
+                }
                 Arc::make_mut(order).apply(&event)?;
                 if let Some(stamp) = event.idem() {
-                    idem.record(stamp, event.at_ms(), Outcome::Order(Arc::clone(order)));
+                    idem.record(stamp, event.at_ms(), Outcome::of_order(order)?);
                 }
                 Ok(())
             }
@@ -292,6 +299,11 @@ impl OrderBook {
             }
             _ => return Err(DomainError::inconsistent("not a placement")),
         };
+        // Taken before anything changes: on `Err` the book is unchanged.
+        let keyed = match stamp {
+            Some(stamp) => Some((stamp, Outcome::of_order(&order)?)),
+            None => None,
+        };
         let ids = self.by_user.entry(order.user).or_default();
         if ids.last().is_some_and(|last| *last > order.id) {
             // Out-of-order ids (a restored snapshot): keep the index sorted.
@@ -303,15 +315,10 @@ impl OrderBook {
         if from_cart {
             self.carts.remove(&order.user);
         }
-        let order = Arc::new(order);
-        if let Some(stamp) = stamp {
-            idem.record(
-                &stamp,
-                order.created_at_ms,
-                Outcome::Order(Arc::clone(&order)),
-            );
+        if let Some((stamp, outcome)) = keyed {
+            idem.record(&stamp, order.created_at_ms, outcome);
         }
-        self.orders.insert(order.id, order);
+        self.orders.insert(order.id, Arc::new(order));
         Ok(())
     }
 }

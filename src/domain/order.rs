@@ -287,6 +287,62 @@ impl Order {
         })
     }
 
+    /// The order as it was when its history had `history_len` entries, its
+    /// `refunded_cents` was `refunded_cents` and its lines had
+    /// `refunded_qty` refunded (empty: none): an idempotent request's first
+    /// answer, rendered again from the order as it is now.
+    ///
+    /// Exact because every later move only appends to the history, sets
+    /// the payment once (leaving `reserved`, so a history without `paid`
+    /// has none) and raises the refunded amounts; the rest of an order
+    /// never changes after it is placed.
+    ///
+    /// # Errors
+    /// `Inconsistent` when this order cannot have grown from that one: a
+    /// history shorter than `history_len` (or `history_len` 0), more
+    /// refunded than now, or another number of lines.
+    pub fn as_of(
+        &self,
+        history_len: usize,
+        refunded_cents: u64,
+        refunded_qty: &[u32],
+    ) -> Result<Order, DomainError> {
+        let bad =
+            |what: &str| DomainError::inconsistent(format!("order {} was never {what}", self.id));
+        let history = self
+            .history
+            .get(..history_len)
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad(&format!("{history_len} steps into its history")))?;
+        let status = history
+            .last()
+            .map(|change| change.status)
+            .ok_or_else(|| bad("without a history"))?;
+        if refunded_cents > self.refunded_cents {
+            return Err(bad(&format!("refunded {refunded_cents} cents")));
+        }
+        if !refunded_qty.is_empty() && refunded_qty.len() != self.lines.len() {
+            return Err(bad(&format!("{} lines long", refunded_qty.len())));
+        }
+        let mut then = self.clone();
+        for (index, line) in then.lines.iter_mut().enumerate() {
+            let qty = refunded_qty.get(index).copied().unwrap_or(0);
+            if qty > line.refunded_qty {
+                return Err(bad(&format!("refunded {qty} units of SKU {}", line.sku)));
+            }
+            line.refunded_qty = qty;
+        }
+        let paid = history.iter().any(|c| c.status == OrderStatus::Paid);
+        if !paid {
+            then.paid_cents = 0;
+            then.payment_ref = None;
+        }
+        then.status = status;
+        then.refunded_cents = refunded_cents;
+        then.history.truncate(history_len);
+        Ok(then)
+    }
+
     /// Whether this order is unpaid past its deadline: it must expire before
     /// anything else happens to it.
     pub fn is_overdue(&self, now_ms: u64) -> bool {
@@ -842,6 +898,76 @@ mod tests {
             stock_of(o.decide_refund(&one, false, None, 4)),
             RefundStock::Keep
         );
+    }
+
+    #[test]
+    fn as_of_renders_every_earlier_moment_exactly() {
+        let mut o = order(&[line("a", 3, 100), line("b", 2, 50)], None);
+        let mark = |o: &Order| {
+            let qty: Vec<u32> = o.lines.iter().map(|l| l.refunded_qty).collect();
+            (o.clone(), o.history.len(), o.refunded_cents, qty)
+        };
+        let mut moments = vec![mark(&o)];
+        let r = PaymentRef::parse("p").expect("valid");
+        if let Ok(Some(e)) = o.decide_pay(r, o.total_cents, None, 2) {
+            o.apply(&e).expect("paid");
+        }
+        moments.push(mark(&o));
+        step(&mut o, |o| {
+            o.decide_refund(
+                &[SkuQty {
+                    sku: sku("a"),
+                    qty: 1,
+                }],
+                false,
+                None,
+                3,
+            )
+        });
+        moments.push(mark(&o));
+        step(&mut o, |o| o.decide_ship(4));
+        step(&mut o, |o| {
+            o.decide_refund(
+                &[SkuQty {
+                    sku: sku("b"),
+                    qty: 1,
+                }],
+                false,
+                None,
+                5,
+            )
+        });
+        moments.push(mark(&o));
+        step(&mut o, |o| o.decide_deliver(6));
+        step(&mut o, |o| {
+            o.decide_refund(
+                &[
+                    SkuQty {
+                        sku: sku("a"),
+                        qty: 2,
+                    },
+                    SkuQty {
+                        sku: sku("b"),
+                        qty: 1,
+                    },
+                ],
+                false,
+                None,
+                7,
+            )
+        });
+        assert_eq!(o.status, OrderStatus::Refunded);
+        moments.push(mark(&o));
+        for (then, history_len, cents, qty) in &moments {
+            assert_eq!(o.as_of(*history_len, *cents, qty).as_ref(), Ok(then));
+        }
+        // A placement's reference: one entry, nothing refunded.
+        assert_eq!(o.as_of(1, 0, &[]), Ok(moments[0].0.clone()));
+        assert!(o.as_of(0, 0, &[]).is_err());
+        assert!(o.as_of(6, 0, &[]).is_err());
+        assert!(o.as_of(2, o.refunded_cents + 1, &[]).is_err());
+        assert!(o.as_of(2, 0, &[4, 0]).is_err());
+        assert!(o.as_of(2, 0, &[0]).is_err());
     }
 
     #[test]

@@ -158,7 +158,7 @@ pub fn moves_reservations(event: &Event) -> bool {
 pub fn apply_to_sku(sku: &mut SkuState, idem: &IdemBook, event: &Event) -> Result<(), DomainError> {
     sku.apply(event)?;
     if let (Event::Restocked { .. }, Some(stamp)) = (event, event.idem()) {
-        idem.record(stamp, event.at_ms(), Outcome::Sku(sku.view()));
+        idem.record(stamp, event.at_ms(), Outcome::Sku(Box::new(sku.view())));
     }
     Ok(())
 }

@@ -33,6 +33,10 @@ pub struct EngineConfig {
     /// journal's archive (`None`: for ever). Only a journal that keeps an
     /// archive ([`Journal::archive`]) archives anything.
     pub archive_after_ms: Option<u64>,
+    /// The idempotency book's memory budget, in records: past it the
+    /// oldest move to the journal's store ([`Journal::idem_store`]) when
+    /// [`Engine::maintain_idempotency`] runs. Without a store they stay.
+    pub idem_memory_records_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +49,7 @@ impl Default for EngineConfig {
             sku_mailbox: SKU_MAILBOX,
             shard_mailbox: ORDER_SHARD_MAILBOX,
             archive_after_ms: Some(ARCHIVE_AFTER_DEFAULT_MS),
+            idem_memory_records_max: IDEMPOTENCY_MEMORY_RECORDS_MAX,
         }
     }
 }

@@ -186,7 +186,12 @@ impl Engine {
         self.answer(rx).await
     }
 
-    async fn act(&self, caller: Caller, id: OrderId, op: OrderOp) -> Result<Order, EngineError> {
+    pub(super) async fn act(
+        &self,
+        caller: Caller,
+        id: OrderId,
+        op: OrderOp,
+    ) -> Result<Order, EngineError> {
         let shard = self.shard_of_order(id)?;
         let (reply, rx) = reply_channel();
         send(

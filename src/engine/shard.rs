@@ -421,6 +421,9 @@ impl Handler<Placed> for OrderShard {
 #[derive(Debug, Clone)]
 pub(crate) enum OrderOp {
     Get,
+    /// A read that changes nothing, not even an overdue order's expiry (an
+    /// idempotency record's answer is rendered from it).
+    Peek,
     Pay {
         payment_ref: PaymentRef,
         amount_cents: u64,
@@ -468,11 +471,11 @@ impl Handler<Act> for OrderShard {
                     self.order_for(msg.order_id, &msg.caller)?;
                 }
             }
-            let admin_only = !matches!(msg.op, OrderOp::Get | OrderOp::Cancel);
+            let admin_only = !matches!(msg.op, OrderOp::Get | OrderOp::Peek | OrderOp::Cancel);
             if admin_only && !msg.caller.admin {
                 return Err(EngineError::Forbidden("this needs an admin".into()));
             }
-            if archived.is_none() {
+            if archived.is_none() && !matches!(msg.op, OrderOp::Peek) {
                 self.expire_if_overdue(msg.order_id, now_ms, Some(&done))?;
             }
             let order = match &archived {
@@ -512,7 +515,7 @@ impl Handler<Act> for OrderShard {
 /// changes nothing.
 fn decide(order: &Order, op: OrderOp, now_ms: u64) -> Result<Option<Event>, EngineError> {
     let event = match op {
-        OrderOp::Get => None,
+        OrderOp::Get | OrderOp::Peek => None,
         OrderOp::Pay {
             payment_ref,
             amount_cents,

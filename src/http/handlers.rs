@@ -11,7 +11,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
 use crate::domain::event::SkuQty;
-use crate::domain::idem::Outcome;
+use crate::domain::idem::FirstAnswer;
 use crate::domain::promo::Promotion;
 use crate::domain::{SkuId, UserId, validate};
 use crate::engine::{NewSku, OrderScope};
@@ -56,10 +56,10 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
 }
 
 /// Renders a first answer (fresh or replayed) with the route's status.
-fn outcome(status: StatusCode, outcome: Outcome) -> Response {
+fn outcome(status: StatusCode, outcome: FirstAnswer) -> Response {
     match outcome {
-        Outcome::Order(order) => json(status, &OrderJson::from(order.as_ref())),
-        Outcome::Sku(sku) => json(status, &SkuJson::from(&sku)),
+        FirstAnswer::Order(order) => json(status, &OrderJson::from(order.as_ref())),
+        FirstAnswer::Sku(sku) => json(status, &SkuJson::from(&sku)),
     }
 }
 
@@ -177,7 +177,7 @@ pub async fn restock(
         .inflight
         .run(&engine, caller.user, key, print, {
             let (engine, qty) = (engine.clone(), body.qty);
-            move |stamp| async move { Ok(Outcome::Sku(engine.restock(sku, qty, stamp).await?)) }
+            move |stamp| async move { Ok(FirstAnswer::Sku(engine.restock(sku, qty, stamp).await?)) }
         })
         .await?;
     Ok(outcome(StatusCode::OK, answer))
@@ -220,7 +220,7 @@ pub async fn place_order(
                 let order = engine
                     .place_order(caller.user, &items, promo, stamp)
                     .await?;
-                Ok(Outcome::Order(Arc::new(order)))
+                Ok(FirstAnswer::Order(Arc::new(order)))
             }
         })
         .await?;
@@ -289,7 +289,7 @@ pub async fn pay(
                 (engine.clone(), body.payment_ref, body.amount_cents);
             move |stamp| async move {
                 let order = engine.pay(caller, id, payment_ref, amount, stamp).await?;
-                Ok(Outcome::Order(Arc::new(order)))
+                Ok(FirstAnswer::Order(Arc::new(order)))
             }
         })
         .await?;
@@ -343,7 +343,7 @@ pub async fn refund(
             let (engine, restock) = (engine.clone(), body.restock);
             move |stamp| async move {
                 let order = engine.refund(caller, id, lines, restock, stamp).await?;
-                Ok(Outcome::Order(Arc::new(order)))
+                Ok(FirstAnswer::Order(Arc::new(order)))
             }
         })
         .await?;
@@ -395,7 +395,7 @@ pub async fn checkout(
             let (engine, promo) = (engine.clone(), body.promo_code);
             move |stamp| async move {
                 let order = engine.checkout(caller.user, promo, stamp).await?;
-                Ok(Outcome::Order(Arc::new(order)))
+                Ok(FirstAnswer::Order(Arc::new(order)))
             }
         })
         .await?;

@@ -21,7 +21,10 @@
 //! bounded by the requests in flight. A leader's change runs in a task of
 //! its own and the key stays taken until the engine has answered, even if
 //! the client went away: a retry can never run the change a second time. A
-//! replayed answer is given once everything journaled before it is durable.
+//! replayed answer is given once everything journaled before it is durable,
+//! rendered again from the order it refers to (`Engine::first_answer`).
+//! No count of keys refuses a new one: records past the memory budget move
+//! to disk (`engine/keyed.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,12 +35,12 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::domain::idem::{Lookup, Outcome};
+use crate::domain::idem::{FirstAnswer, Lookup};
 use crate::domain::{IdemStamp, IdempotencyKey, UserId};
 use crate::engine::Engine;
 use crate::http::error::ApiError;
 
-type Answer = Result<Outcome, ApiError>;
+type Answer = Result<FirstAnswer, ApiError>;
 
 struct Running {
     fingerprint: [u8; 16],
@@ -98,8 +101,8 @@ impl InFlight {
     ///
     /// # Errors
     /// `IdempotencyConflict` for a reused key with another request,
-    /// `Overloaded` when no more keys can be kept, and whatever `change`
-    /// answers.
+    /// `StorageUnavailable` when the records on disk cannot be read, and
+    /// whatever `change` answers.
     pub async fn run<F, Fut>(
         self: &Arc<Self>,
         engine: &Engine,
@@ -134,11 +137,6 @@ impl InFlight {
                     running.get().answer.clone()
                 }
                 Entry::Vacant(vacant) => {
-                    if !engine.idempotency_has_room() {
-                        return Err(ApiError::Overloaded(
-                            "too many idempotency keys are kept; retry shortly".into(),
-                        ));
-                    }
                     let (tx, rx) = watch::channel(None);
                     vacant.insert(Running {
                         fingerprint,
@@ -195,7 +193,11 @@ impl InFlight {
         key: &IdempotencyKey,
         fingerprint: [u8; 16],
     ) -> Option<Answer> {
-        match engine.idempotency(user, key, fingerprint) {
+        let lookup = match engine.idempotency(user, key, fingerprint) {
+            Ok(lookup) => lookup,
+            Err(e) => return Some(Err(e.into())),
+        };
+        match lookup {
             Lookup::Fresh => None,
             Lookup::Conflict => Some(Err(ApiError::IdempotencyConflict)),
             Lookup::Replay(outcome) => {
@@ -203,7 +205,12 @@ impl InFlight {
                 if let Err(e) = engine.settle_everything().await {
                     return Some(Err(e.into()));
                 }
-                Some(Ok(*outcome))
+                Some(
+                    engine
+                        .first_answer(user, &outcome)
+                        .await
+                        .map_err(ApiError::from),
+                )
             }
         }
     }

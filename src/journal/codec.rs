@@ -32,6 +32,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::Event;
+use crate::domain::idem::{HashedRecord, IdemRecord, KeyHash};
 use crate::domain::order::Order;
 use crate::journal::Seq;
 
@@ -54,13 +55,19 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 16 << 30;
 const HEADER_BYTES: usize = 1 + 4 + 4;
 /// The snapshot magic: 7 fixed bytes, then the snapshot body's format
 /// (1: one whole state at one sequence number; 2: parts captured at their
-/// own sequence numbers, see `snapshot.rs`).
+/// own sequence numbers, see `snapshot.rs`; 3: the same with compact
+/// idempotency records).
 const SNAPSHOT_MAGIC: &[u8; 7] = b"FCSNAP\0";
 
 /// The snapshot body format of a whole state at one sequence number.
 pub const SNAPSHOT_FORMAT_WHOLE: u8 = 1;
-/// The snapshot body format of parts captured at their own sequence numbers.
+/// The snapshot body format of parts captured at their own sequence
+/// numbers, with idempotency records holding their user, key and whole
+/// answer (read only).
 pub const SNAPSHOT_FORMAT_PARTS: u8 = 2;
+/// [`SNAPSHOT_FORMAT_PARTS`] with compact idempotency records (a key hash
+/// and a reference to the answer, `domain/idem.rs`): the format written.
+pub const SNAPSHOT_FORMAT_COMPACT: u8 = 3;
 
 /// Why bytes did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +95,9 @@ pub enum CodecError {
     /// More bytes than the format allows.
     #[error("{0} bytes is over the size limit")]
     TooLarge(u64),
+    /// An idempotency record stored under another key than its own.
+    #[error("a record stored under another key")]
+    WrongKey,
 }
 
 #[derive(Serialize)]
@@ -364,6 +374,45 @@ pub fn decode_order(id: u64, bytes: &[u8]) -> Result<Order, CodecError> {
     Ok(archived.order)
 }
 
+/// Encodes an idempotency record moved to disk: the same frame as a journal
+/// record (version, length, CRC) around the bincode encoding of
+/// `{key, record}`, so damage and a record stored under another key are
+/// both caught on reading.
+///
+/// # Errors
+/// `TooLarge` past [`RECORD_BYTES_MAX`] (a record is at most a SKU's view),
+/// `Undecodable` if serde refuses it.
+pub fn encode_idem_record(hashed: &HashedRecord) -> Result<Vec<u8>, CodecError> {
+    let payload = bincode::serde::encode_to_vec(hashed, config())
+        .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if payload.len() > RECORD_BYTES_MAX {
+        return Err(CodecError::TooLarge(payload.len() as u64));
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    frame(&payload, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes an idempotency record stored under `key`.
+///
+/// # Errors
+/// Any [`CodecError`]; `WrongKey` when the record inside is another key's.
+pub fn decode_idem_record(key: &KeyHash, bytes: &[u8]) -> Result<IdemRecord, CodecError> {
+    let (_version, payload) = unframe(bytes, RECORD_BYTES_MAX as u64)?;
+    let (hashed, used): (HashedRecord, usize) =
+        bincode::serde::decode_from_slice(payload, config())
+            .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+    if used != payload.len() {
+        return Err(CodecError::Undecodable(
+            "trailing bytes after the record".into(),
+        ));
+    }
+    if hashed.key != *key {
+        return Err(CodecError::WrongKey);
+    }
+    Ok(hashed.record)
+}
+
 /// Encodes a snapshot body (any serde value) behind the snapshot magic, as
 /// format [`SNAPSHOT_FORMAT_WHOLE`].
 ///
@@ -401,7 +450,12 @@ fn snapshot_payload(bytes: &[u8]) -> Result<(u8, &[u8]), CodecError> {
     let framed = bytes
         .strip_prefix(SNAPSHOT_MAGIC.as_slice())
         .and_then(|rest| rest.split_first())
-        .filter(|(format, _)| matches!(**format, SNAPSHOT_FORMAT_WHOLE | SNAPSHOT_FORMAT_PARTS))
+        .filter(|(format, _)| {
+            matches!(
+                **format,
+                SNAPSHOT_FORMAT_WHOLE | SNAPSHOT_FORMAT_PARTS | SNAPSHOT_FORMAT_COMPACT
+            )
+        })
         .map(|(_, framed)| framed)
         .ok_or(CodecError::Truncated("not a snapshot (magic)"))?;
     unframe(framed, SNAPSHOT_BYTES_MAX)
@@ -834,6 +888,83 @@ mod tests {
             let cut = cut % bytes.len();
             prop_assert!(decode_order(order.id.0, &bytes[..cut]).is_err());
         }
+    }
+
+    fn idem_record() -> impl Strategy<Value = HashedRecord> {
+        use crate::domain::idem::{Outcome, RefundedMark};
+        let outcome = prop_oneof![
+            (any::<u64>(), 1u32..6).prop_map(|(id, history_len)| Outcome::Order {
+                id: OrderId(id),
+                history_len
+            }),
+            (
+                any::<u64>(),
+                1u32..6,
+                any::<u64>(),
+                prop::collection::vec(any::<u32>(), 1..5)
+            )
+                .prop_map(|(id, history_len, refunded_cents, refunded_qty)| {
+                    Outcome::Refunded(Box::new(RefundedMark {
+                        id: OrderId(id),
+                        history_len,
+                        refunded_cents,
+                        refunded_qty,
+                    }))
+                }),
+        ];
+        (any::<[u8; 16]>(), any::<[u8; 16]>(), any::<u64>(), outcome).prop_map(
+            |(key, fingerprint, at_ms, outcome)| HashedRecord {
+                key: KeyHash(key),
+                record: IdemRecord {
+                    fingerprint,
+                    at_ms,
+                    outcome,
+                },
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn idempotency_records_round_trip(hashed in idem_record()) {
+            let bytes = encode_idem_record(&hashed).expect("encodes");
+            prop_assert_eq!(decode_idem_record(&hashed.key, &bytes), Ok(hashed.record));
+        }
+
+        #[test]
+        fn any_byte_flip_of_an_idempotency_record_is_caught(hashed in idem_record(), at in any::<usize>(), bit in 0u8..8) {
+            let mut bytes = encode_idem_record(&hashed).expect("encodes");
+            let at = at % bytes.len();
+            bytes[at] ^= 1 << bit;
+            prop_assert!(decode_idem_record(&hashed.key, &bytes).is_err());
+        }
+
+        #[test]
+        fn any_truncation_of_an_idempotency_record_is_caught(hashed in idem_record(), cut in any::<usize>()) {
+            let bytes = encode_idem_record(&hashed).expect("encodes");
+            let cut = cut % bytes.len();
+            prop_assert!(decode_idem_record(&hashed.key, &bytes[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn an_idempotency_record_under_another_key_is_refused() {
+        let hashed = HashedRecord {
+            key: KeyHash([1; 16]),
+            record: IdemRecord {
+                fingerprint: [2; 16],
+                at_ms: 3,
+                outcome: crate::domain::idem::Outcome::Order {
+                    id: OrderId(4),
+                    history_len: 1,
+                },
+            },
+        };
+        let bytes = encode_idem_record(&hashed).expect("encodes");
+        assert_eq!(
+            decode_idem_record(&KeyHash([9; 16]), &bytes),
+            Err(CodecError::WrongKey)
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 use std::sync::{Arc, Mutex};
 
 use crate::domain::Event;
-use crate::journal::{Archive, Journal, JournalError, MemArchive, Seq, Watermark};
+use crate::journal::{
+    Archive, IdemStore, Journal, JournalError, MemArchive, MemIdemStore, Seq, Watermark,
+};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -24,6 +26,7 @@ pub struct MemJournal {
     keep: bool,
     watermark: Watermark,
     archive: Option<Arc<MemArchive>>,
+    idem_store: Option<Arc<MemIdemStore>>,
 }
 
 impl MemJournal {
@@ -43,6 +46,7 @@ impl MemJournal {
             keep,
             watermark: Watermark::new(0),
             archive: None,
+            idem_store: None,
         }
     }
 
@@ -52,6 +56,15 @@ impl MemJournal {
         MemJournal {
             archive: Some(archive),
             ..MemJournal::new()
+        }
+    }
+
+    /// This journal with a store of idempotency records in memory beside it
+    /// (tests of records moving out of memory).
+    pub fn with_idem_store(self, store: Arc<MemIdemStore>) -> MemJournal {
+        MemJournal {
+            idem_store: Some(store),
+            ..self
         }
     }
 
@@ -111,5 +124,11 @@ impl Journal for MemJournal {
         self.archive
             .as_ref()
             .map(|a| Arc::clone(a) as Arc<dyn Archive>)
+    }
+
+    fn idem_store(&self) -> Option<Arc<dyn IdemStore>> {
+        self.idem_store
+            .as_ref()
+            .map(|s| Arc::clone(s) as Arc<dyn IdemStore>)
     }
 }

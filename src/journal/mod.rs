@@ -18,6 +18,7 @@
 pub mod archive;
 pub mod codec;
 pub mod files;
+pub mod idem_store;
 mod memory;
 pub mod recovery;
 pub mod snapshot;
@@ -25,6 +26,7 @@ mod watermark;
 pub mod writer;
 
 pub use archive::{Archive, MemArchive, OpeningArchive, SledArchive};
+pub use idem_store::{IdemStore, MemIdemStore, SledIdemStore};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};
 pub use snapshot::{
@@ -102,6 +104,13 @@ pub trait Journal: Send + Sync + 'static {
     /// The archive finished orders move to, kept beside this journal (see
     /// `archive.rs`), if it has one. Without one, orders stay in memory.
     fn archive(&self) -> Option<std::sync::Arc<dyn Archive>> {
+        None
+    }
+
+    /// The store idempotency records move to when memory holds too many,
+    /// kept beside this journal (see `idem_store.rs`), if it has one.
+    /// Without one, every record stays in memory.
+    fn idem_store(&self) -> Option<std::sync::Arc<dyn IdemStore>> {
         None
     }
 }

@@ -206,7 +206,9 @@ impl Damage {
         use codec::CodecError as E;
         let kind = match error {
             E::Truncated(_) | E::BadChecksum | E::TooLarge(_) => DamageKind::Torn,
-            E::UnknownVersion(_) | E::Undecodable(_) | E::WrongSeq { .. } => DamageKind::Invalid,
+            E::UnknownVersion(_) | E::Undecodable(_) | E::WrongSeq { .. } | E::WrongKey => {
+                DamageKind::Invalid
+            }
         };
         Damage {
             seq,

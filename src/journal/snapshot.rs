@@ -32,9 +32,13 @@
 //! - The promotions and the open reservations change under a lock held
 //!   across the journal append, so their copy (taken under the lock) holds
 //!   exactly the events up to the `L` read there.
-//! - The idempotency book is copied last: it holds every record of every
-//!   event a part holds (and maybe more, which replay records again as it
-//!   was: a record is kept, never replaced, within its TTL).
+//! - The idempotency book is copied last: with the records that moved to
+//!   disk (`idem_store.rs`, durable before they left memory, and not part of
+//!   the snapshot) it holds every record of every event a part holds (and
+//!   maybe more, which replay records again as it was: a record is kept,
+//!   never replaced, within its TTL). Snapshots hold the compact records
+//!   (body format 3); formats 1 and 2 held whole answers and are converted
+//!   on load.
 //!
 //! Recovery replays from the lowest mark (or hole) on, applying each event
 //! only to the parts whose mark does not cover it (`State::apply_parts`),
@@ -57,7 +61,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::book::{OrderBook, shard_of};
-use crate::domain::idem::{IdemBook, StoredIdemRecord, StoredIdemRecordV1};
+use crate::domain::idem::{HashedRecord, IdemBook, StoredIdemRecord, StoredIdemRecordV1};
 use crate::domain::promo::Promotions;
 use crate::domain::sku::{SkuState, SkuStateV1};
 use crate::domain::state::{OpenReservation, Part};
@@ -135,8 +139,9 @@ pub struct Capture {
     pub open_reservations: BTreeMap<OrderId, OpenReservation>,
     /// ...as of this sequence number.
     pub reservations_seq: Seq,
-    /// The idempotency records (copied after every other part).
-    pub idem: Vec<StoredIdemRecord>,
+    /// The idempotency records in memory (copied after every other part;
+    /// those moved to disk are in the journal's database already).
+    pub idem: Vec<HashedRecord>,
     /// The next id to hand out (read after every other part).
     pub next_id: u64,
 }
@@ -336,25 +341,59 @@ impl From<WholeBodyV1> for WholeBody {
     }
 }
 
-/// Format 1, borrowed (for writing); the same shape as [`WholeBody`].
-#[derive(Serialize)]
-struct WholeRef<'a> {
-    seq: Seq,
-    skus: &'a BTreeMap<SkuId, SkuState>,
-    orders: &'a OrderBook,
-    promotions: &'a Promotions,
-    idem: Vec<StoredIdemRecord>,
-    open_reservations: &'a BTreeMap<OrderId, OpenReservation>,
-    next_id: u64,
-}
-
-/// Format 2: the parts of a [`Capture`], with the snapshot's own numbers
+/// Format 3: the parts of a [`Capture`], with the snapshot's own numbers
 /// first (checked against the file name and against the parts on load).
 #[derive(Serialize, Deserialize)]
 struct PartsBody {
     top: Seq,
     start: Seq,
     capture: Capture,
+}
+
+/// Format 2: [`PartsBody`] before the compact idempotency records (each
+/// record held its user, key and whole answer). Read only, converted on
+/// load (serialisable only for the test that writes one as format 2 did).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct PartsBodyV2 {
+    top: Seq,
+    start: Seq,
+    capture: CaptureV2,
+}
+
+/// [`Capture`] as format 2 wrote it: the same fields, in the same order,
+/// with the records of [`StoredIdemRecord`]'s shape.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct CaptureV2 {
+    catalog_seq: Seq,
+    skus: Vec<(SkuState, Mark)>,
+    shards: Vec<(OrderBook, Mark)>,
+    promotions: Promotions,
+    promotions_seq: Seq,
+    open_reservations: BTreeMap<OrderId, OpenReservation>,
+    reservations_seq: Seq,
+    idem: Vec<StoredIdemRecord>,
+    next_id: u64,
+}
+
+impl CaptureV2 {
+    /// The capture with compact records (and the stored records apart, to
+    /// be converted by the caller).
+    fn split(self) -> (Capture, Vec<StoredIdemRecord>) {
+        let capture = Capture {
+            catalog_seq: self.catalog_seq,
+            skus: self.skus,
+            shards: self.shards,
+            promotions: self.promotions,
+            promotions_seq: self.promotions_seq,
+            open_reservations: self.open_reservations,
+            reservations_seq: self.reservations_seq,
+            idem: Vec::new(),
+            next_id: self.next_id,
+        };
+        (capture, self.idem)
+    }
 }
 
 /// Which parts of a loaded state hold which events: replay applies an event
@@ -415,56 +454,75 @@ fn decode(seq: Seq, bytes: &[u8]) -> Result<(State, Cut), String> {
                 skus: body.skus,
                 orders: body.orders,
                 promotions: body.promotions,
-                idem: Arc::new(IdemBook::from_snapshot(body.idem)),
+                idem: Arc::new(IdemBook::from_stored(body.idem).map_err(|e| e.to_string())?),
                 open_reservations: body.open_reservations,
                 next_id: body.next_id,
             };
             Ok((state, Cut::whole(seq)))
         }
         Some(codec::SNAPSHOT_FORMAT_PARTS) => {
+            let body: PartsBodyV2 = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
+            let (capture, stored) = body.capture.split();
+            let idem = IdemBook::from_stored(stored).map_err(|e| e.to_string())?;
+            from_parts(seq, body.top, body.start, capture, idem)
+        }
+        Some(codec::SNAPSHOT_FORMAT_COMPACT) => {
             let body: PartsBody = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
-            let capture = body.capture;
-            if body.top != seq || capture.top() != seq || capture.start() != body.start {
-                return Err(format!(
-                    "it names sequence {} (start {}), its parts {} (start {})",
-                    body.top,
-                    body.start,
-                    capture.top(),
-                    capture.start()
-                ));
-            }
-            let mut cut = Cut {
-                start: body.start,
-                top: body.top,
-                skus: HashMap::with_capacity(capture.skus.len()),
-                shards: Vec::with_capacity(capture.shards.len()),
-                reservations: capture.reservations_seq,
-                promotions: capture.promotions_seq,
-            };
-            let mut skus = BTreeMap::new();
-            for (sku, mark) in capture.skus {
-                cut.skus.insert(sku.id(), mark);
-                if skus.insert(sku.id(), sku).is_some() {
-                    return Err("a SKU appears twice".into());
-                }
-            }
-            let books = capture.shards.into_iter().map(|(book, mark)| {
-                cut.shards.push(mark);
-                book
-            });
-            let orders = OrderBook::merge(books.collect::<Vec<_>>());
-            let state = State {
-                skus,
-                orders,
-                promotions: capture.promotions,
-                idem: Arc::new(IdemBook::from_snapshot(capture.idem)),
-                open_reservations: capture.open_reservations,
-                next_id: capture.next_id,
-            };
-            Ok((state, cut))
+            let mut capture = body.capture;
+            let idem = IdemBook::from_snapshot(std::mem::take(&mut capture.idem));
+            from_parts(seq, body.top, body.start, capture, idem)
         }
         _ => Err("not a snapshot (magic)".into()),
     }
+}
+
+/// A state and its cut from a snapshot's parts, checked against the
+/// snapshot's own numbers (`top`, `start`) and its file name (`seq`).
+fn from_parts(
+    seq: Seq,
+    top: Seq,
+    start: Seq,
+    capture: Capture,
+    idem: IdemBook,
+) -> Result<(State, Cut), String> {
+    if top != seq || capture.top() != seq || capture.start() != start {
+        return Err(format!(
+            "it names sequence {} (start {}), its parts {} (start {})",
+            top,
+            start,
+            capture.top(),
+            capture.start()
+        ));
+    }
+    let mut cut = Cut {
+        start,
+        top,
+        skus: HashMap::with_capacity(capture.skus.len()),
+        shards: Vec::with_capacity(capture.shards.len()),
+        reservations: capture.reservations_seq,
+        promotions: capture.promotions_seq,
+    };
+    let mut skus = BTreeMap::new();
+    for (sku, mark) in capture.skus {
+        cut.skus.insert(sku.id(), mark);
+        if skus.insert(sku.id(), sku).is_some() {
+            return Err("a SKU appears twice".into());
+        }
+    }
+    let books = capture.shards.into_iter().map(|(book, mark)| {
+        cut.shards.push(mark);
+        book
+    });
+    let orders = OrderBook::merge(books.collect::<Vec<_>>());
+    let state = State {
+        skus,
+        orders,
+        promotions: capture.promotions,
+        idem: Arc::new(idem),
+        open_reservations: capture.open_reservations,
+        next_id: capture.next_id,
+    };
+    Ok((state, cut))
 }
 
 /// Loads the newest snapshot that decodes; a damaged one is skipped with a
@@ -488,25 +546,15 @@ pub(crate) fn load(store: &dyn SnapshotStore) -> Result<(State, Cut), RecoveryEr
     Ok((State::default(), Cut::whole(0)))
 }
 
-/// Writes a snapshot of a whole `state` at `seq` (format 1) atomically and
-/// durably: tools, tests and benches that hold a whole state use it.
+/// Writes a snapshot of a whole `state` at `seq` (as one capture whose
+/// parts all stand at `seq`) atomically and durably: tools, tests and
+/// benches that hold a whole state use it.
 ///
 /// # Errors
 /// `Storage` on any I/O failure (the previous snapshots stay).
 pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, RecoveryError> {
-    let body = WholeRef {
-        seq,
-        skus: &state.skus,
-        orders: &state.orders,
-        promotions: &state.promotions,
-        idem: state.idem.to_snapshot(),
-        open_reservations: &state.open_reservations,
-        next_id: state.next_id,
-    };
-    let bytes = codec::encode_snapshot(&body)
-        .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
     let store = DirStore::new(dir);
-    store.write(seq, &bytes)?;
+    write_capture(&store, Capture::whole(state, seq))?;
     Ok(store.path(seq))
 }
 
@@ -521,7 +569,7 @@ fn write_capture(
         start,
         capture,
     };
-    let bytes = codec::encode_snapshot_as(codec::SNAPSHOT_FORMAT_PARTS, &body)
+    let bytes = codec::encode_snapshot_as(codec::SNAPSHOT_FORMAT_COMPACT, &body)
         .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
     store.write(top, &bytes)?;
     Ok((top, start, bytes.len()))
@@ -849,7 +897,7 @@ mod format_tests {
         assert_eq!(tee.sale(), SaleWindow::default());
         let records = state.idem.to_sorted_vec();
         assert_eq!(records.len(), 1, "the keyed restock's record");
-        match &records[0].outcome {
+        match &records[0].record.outcome {
             crate::domain::idem::Outcome::Sku(view) => {
                 assert_eq!(view.levels.on_hand, 10);
                 assert_eq!(view.sale, SaleWindow::default());
@@ -882,5 +930,85 @@ mod format_tests {
             .get(&SkuId::parse("drop").expect("valid"))
             .expect("there");
         assert_eq!(drop.sale(), sale);
+    }
+
+    /// A format 2 snapshot (parts, records holding user, key and the whole
+    /// order) loads with compact records that render the stored answer.
+    #[test]
+    fn a_format_2_parts_snapshot_loads_its_records_compact() {
+        use crate::domain::idem::{FirstAnswer, Lookup, Refusal, StoredIdemRecord, StoredOutcome};
+        use crate::domain::order::{Order, ReservedLine};
+        use crate::domain::{IdempotencyKey, UserId};
+
+        let ann = UserId::parse("ann").expect("valid");
+        let order = Order::place(
+            OrderId(7),
+            ann,
+            vec![ReservedLine {
+                sku: SkuId::parse("tee").expect("valid"),
+                name: "Tee".into(),
+                qty: 1,
+                unit_price_cents: 1_500,
+            }],
+            None,
+            1_000,
+            60_000,
+        )
+        .expect("placed");
+        let mut book = OrderBook::default();
+        let placed = crate::domain::Event::OrderPlacedAtSku {
+            order: Box::new(order.clone()),
+            idem: None,
+        };
+        book.apply(&IdemBook::default(), &placed).expect("placed");
+        let record = |key: &str, outcome: StoredOutcome| StoredIdemRecord {
+            user: ann,
+            key: IdempotencyKey::parse(key).expect("valid"),
+            fingerprint: [5; 16],
+            at_ms: 1_000,
+            outcome,
+        };
+        let mark = Mark::new(3, Vec::new());
+        let body = PartsBodyV2 {
+            top: 3,
+            start: 3,
+            capture: CaptureV2 {
+                catalog_seq: 3,
+                skus: Vec::new(),
+                shards: vec![(book, mark)],
+                promotions: Promotions::default(),
+                promotions_seq: 3,
+                open_reservations: BTreeMap::new(),
+                reservations_seq: 3,
+                idem: vec![
+                    record("k-place", StoredOutcome::Order(Arc::new(order.clone()))),
+                    record(
+                        "k-refused",
+                        StoredOutcome::Refused(Refusal {
+                            status: 409,
+                            code: "out_of_stock".into(),
+                            message: "gone".into(),
+                        }),
+                    ),
+                ],
+                next_id: 8,
+            },
+        };
+        let bytes =
+            codec::encode_snapshot_as(codec::SNAPSHOT_FORMAT_PARTS, &body).expect("encodes");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirStore::new(dir.path());
+        std::fs::write(store.path(3), bytes).expect("written");
+        let (state, cut) = load(&store).expect("loads");
+        assert_eq!(cut.top, 3);
+        assert_eq!(state.idem.len(), 1, "the refusal is dropped");
+        let key = IdempotencyKey::parse("k-place").expect("valid");
+        let Lookup::Replay(outcome) = state.idem.lookup(ann, &key, [5; 16]) else {
+            panic!("the placement's record is kept");
+        };
+        assert_eq!(
+            outcome.render(state.orders.get(order.id)),
+            Ok(FirstAnswer::Order(Arc::new(order)))
+        );
     }
 }

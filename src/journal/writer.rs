@@ -39,7 +39,8 @@ use hdrhistogram::Histogram;
 use crate::domain::{Event, State};
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::{
-    Archive, Journal, JournalError, OpeningArchive, Seq, SledArchive, Watermark, codec,
+    Archive, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive, SledIdemStore,
+    Watermark, codec,
 };
 
 /// Most events waiting for the writer. At ~8 us per durable event at the
@@ -264,6 +265,8 @@ pub struct SledJournal {
     dir: PathBuf,
     /// Finished orders, in two trees of the same database.
     archive: Arc<OpeningArchive>,
+    /// Idempotency records moved out of memory, in this journal's database.
+    idem_store: Arc<SledIdemStore>,
 }
 
 impl std::fmt::Debug for SledJournal {
@@ -400,6 +403,7 @@ impl SledJournal {
             JournalError::Unavailable(format!("{} has no data dir", dir.display()))
         })?;
         let archive = OpeningArchive::start(archive_dir, db.clone())?;
+        let idem_store = Arc::new(SledIdemStore::open(&db, dir)?);
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| {
             JournalError::Unavailable(format!(
@@ -450,6 +454,7 @@ impl SledJournal {
             writer: Mutex::new(Some(writer)),
             dir: dir.to_path_buf(),
             archive,
+            idem_store,
         })
     }
 
@@ -567,6 +572,10 @@ impl Journal for SledJournal {
 
     fn archive(&self) -> Option<Arc<dyn Archive>> {
         Some(Arc::clone(&self.archive) as Arc<dyn Archive>)
+    }
+
+    fn idem_store(&self) -> Option<Arc<dyn IdemStore>> {
+        Some(Arc::clone(&self.idem_store) as Arc<dyn IdemStore>)
     }
 }
 

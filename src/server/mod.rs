@@ -38,9 +38,7 @@ use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, Front, live};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
-use crate::limits::{
-    CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, MEMORY_TRIM_EVERY_MS, STORAGE_PROBE_MS,
-};
+use crate::limits::{CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS};
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -333,7 +331,9 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
             seed(&engine, catalog, data_dir).await?;
         }
     }
-    engine.evict_idempotency();
+    if let Err(error) = engine.evict_idempotency().await {
+        tracing::warn!(%error, "could not drop idempotency records past their TTL; retrying later");
+    }
     *storage.journal.lock().unwrap_or_else(|p| p.into_inner()) = Some(journal);
     storage.backend.install(engine);
     tracing::info!("ready");
@@ -343,11 +343,10 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
 /// Watches the journal; after a failure, probes the disk and reloads the
 /// last durable state once it takes writes again, retrying a reload that
 /// fails until one succeeds. Also drops idempotency records past their TTL,
-/// once a minute.
+/// once a minute, and moves records past the book's memory budget to disk.
 async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
     let mut reload_failed: Option<String> = None;
     let mut last_eviction = Instant::now();
-    let mut last_trim = Instant::now();
     let mut last_snapshotter_start = Instant::now();
     loop {
         let dead = match storage.backend.engine() {
@@ -365,24 +364,24 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
         if last_eviction.elapsed() >= Duration::from_millis(IDEMPOTENCY_EVICT_EVERY_MS) {
             last_eviction = Instant::now();
             if let Ok(engine) = storage.backend.engine() {
-                let evicted = engine.evict_idempotency();
-                if evicted > 0 {
-                    tracing::info!(evicted, "idempotency records past their TTL dropped");
+                match engine.evict_idempotency().await {
+                    Ok(0) => {}
+                    Ok(evicted) => {
+                        tracing::info!(evicted, "idempotency records past their TTL dropped");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not drop idempotency records past their TTL");
+                    }
                 }
             }
         }
-        if last_trim.elapsed() >= Duration::from_millis(MEMORY_TRIM_EVERY_MS) {
-            last_trim = Instant::now();
-            let trimming = tokio::task::spawn_blocking(|| {
-                let started = Instant::now();
-                (crate::memory::release_free_memory(), started.elapsed())
-            });
-            if let Ok((released, took)) = trimming.await {
-                tracing::debug!(
-                    released,
-                    took_us = took.as_micros() as u64,
-                    "free memory trimmed"
-                );
+        if let Ok(engine) = storage.backend.engine() {
+            // Past its memory budget, the key book moves its oldest records
+            // to disk (a length compare when it is not).
+            match engine.spill_idempotency().await {
+                Ok(0) => {}
+                Ok(moved) => tracing::info!(moved, "idempotency records moved to disk"),
+                Err(error) => tracing::warn!(%error, "could not move idempotency records to disk"),
             }
         }
         let failure = storage
