@@ -33,6 +33,9 @@ pub struct EngineConfig {
     /// journal's archive (`None`: for ever). Only a journal that keeps an
     /// archive ([`Journal::archive`]) archives anything.
     pub archive_after_ms: Option<u64>,
+    /// How long a SKU actor may go without a message before it hands its
+    /// state back to the catalog and stops (woken again by the next one).
+    pub sku_idle_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +48,7 @@ impl Default for EngineConfig {
             sku_mailbox: SKU_MAILBOX,
             shard_mailbox: ORDER_SHARD_MAILBOX,
             archive_after_ms: Some(ARCHIVE_AFTER_DEFAULT_MS),
+            sku_idle_ms: SKU_IDLE_DEFAULT_MS,
         }
     }
 }
