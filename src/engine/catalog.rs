@@ -155,8 +155,8 @@ impl Engine {
         try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await
     }
 
-    /// Reads every SKU, sorted by id, a page at a time (tests, metrics:
-    /// callers that know the catalog is small).
+    /// Reads every SKU, sorted by id, a page at a time (tests: callers
+    /// that know the catalog is small; sleeping SKUs are not woken).
     ///
     /// # Errors
     /// `Overloaded` when a SKU's mailbox is full.

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 use crate::domain::SkuId;
 use crate::domain::idem::IdemBook;
-use crate::domain::sku::{SkuState, SkuView};
+use crate::domain::sku::{IdleSku, SkuState, SkuView};
 use crate::engine::health::Health;
 use crate::engine::runtime::spawn_on;
 use crate::engine::sku::{SkuActor, SkuHint};
@@ -51,8 +51,8 @@ use crate::journal::{Journal, Seq};
 // sleeping SKU an allocation and a pointer.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Life {
-    /// In the catalog: no actor runs.
-    Asleep(SkuState),
+    /// In the catalog, at rest: no actor runs.
+    Asleep(IdleSku),
     /// In a running actor, which has been sent `sent` messages.
     Awake { addr: Addr<SkuActor>, sent: u64 },
     /// Only between taking the state out and storing the new actor's
@@ -165,7 +165,7 @@ impl SkuHandle {
         Arc::new(SkuHandle {
             id: state.id(),
             hint,
-            life: Mutex::new(Life::Asleep(state)),
+            life: Mutex::new(Life::Asleep(state.rest())),
             lives: Arc::clone(lives),
         })
     }
@@ -179,7 +179,7 @@ impl SkuHandle {
                 return None;
             };
             let noting = Some(self.lives.epoch()).filter(|epoch| epoch % 2 == 1);
-            let actor = SkuActor::new(state, Arc::clone(self), noting);
+            let actor = SkuActor::new(state.wake(self.id), Arc::clone(self), noting);
             let addr = spawn_on(arbiter, self.lives.mailbox, actor);
             lock(&self.lives.awake).insert(self.id);
             self.lives.wakes.fetch_add(1, Ordering::Relaxed);
@@ -265,7 +265,7 @@ impl SkuHandle {
         match &mut *life {
             Life::Asleep(state) => {
                 let _ = reply.send(Answer {
-                    result: Ok(state.view()),
+                    result: Ok(state.view(self.id)),
                     seen: self.hint.last_seq(),
                 });
             }
@@ -292,7 +292,7 @@ impl SkuHandle {
         match &mut *life {
             // Under the lock: no actor runs, so the copy holds every event
             // this SKU applied, all journaled before this read.
-            Life::Asleep(state) => Some((state.clone(), self.lives.journal.last_seq())),
+            Life::Asleep(state) => Some((state.to_state(self.id), self.lives.journal.last_seq())),
             Life::Awake { addr, sent } => {
                 addr.do_send(make());
                 *sent += 1;
@@ -310,7 +310,7 @@ impl SkuHandle {
             Life::Awake { sent, .. } if *sent == handled => {}
             _ => return false,
         }
-        *life = Life::Asleep(state.clone());
+        *life = Life::Asleep(state.clone().rest());
         lock(&self.lives.awake).remove(&self.id);
         true
     }

@@ -2,7 +2,9 @@
 //! its own sequence number, and the snapshot thread does the rest (see
 //! `journal/snapshot.rs` for why this is exact).
 //!
-//! Three rounds, each a message to every SKU actor and order shard:
+//! Three rounds, each a message to every awake SKU actor and order shard (a
+//! sleeping SKU is copied in round 1 under its lock, without an actor; see
+//! `slot.rs` and [`capture_parts`]):
 //!
 //! 1. **Capture**: the actor clones its part and reads the journal's last
 //!    sequence number `L` in the same handler; from then on it notes every
