@@ -158,8 +158,13 @@ async fn load(n: usize, woken: usize) {
     // resident memory shows what the catalog holds.
     trim();
     let (heap0, rss0) = (live(), rss());
-    let engine = Engine::start(config, Arc::new(MemJournal::counting()), clock, State::default())
-        .expect("starts");
+    let engine = Engine::start(
+        config,
+        Arc::new(MemJournal::counting()),
+        clock,
+        State::default(),
+    )
+    .expect("starts");
     let started = Instant::now();
     for i in 0..n {
         engine.create_sku(new_sku(i)).await.expect("created");
