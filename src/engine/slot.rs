@@ -8,12 +8,13 @@
 //! Invariant: at any moment a SKU's state lives in exactly one place, its
 //! handle's `life` (asleep) or one running actor (awake), and every change
 //! to its stock goes through that place. Both moves happen under the
-//! handle's lock, and every message to the actor is sent under that lock
-//! too and counted (`sent`); the actor counts what it handled. It may go to
-//! sleep only when the two counts are equal under the lock: its mailbox is
-//! then empty, and no one can put a message in it, because the next sender
-//! takes the lock, finds the SKU asleep and starts a new actor. So no
-//! message is lost and no two actors of one SKU ever run.
+//! handle's lock held exclusively; every message to the actor is sent under
+//! that lock held shared (senders do not wait for each other) and counted
+//! (`sent`); the actor counts what it handled. It may go to sleep only when
+//! the two counts are equal under the exclusive lock: no sender is then
+//! half-way, its mailbox is empty, and no one can put a message in it,
+//! because the next sender finds the SKU asleep and starts a new actor. So
+//! no message is lost and no two actors of one SKU ever run.
 //!
 //! A sleeping SKU answers reads from its state under the lock, without
 //! waking; its [`SkuHint`] stays in the handle, so sold-out and sale-window
@@ -30,7 +31,7 @@ use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use actix::prelude::SendError;
 use actix::{Addr, ArbiterHandle, Handler, Message};
@@ -53,8 +54,8 @@ use crate::journal::{Journal, Seq};
 pub(crate) enum Life {
     /// In the catalog, at rest: no actor runs.
     Asleep(IdleSku),
-    /// In a running actor, which has been sent `sent` messages.
-    Awake { addr: Addr<SkuActor>, sent: u64 },
+    /// In a running actor.
+    Awake { addr: Addr<SkuActor> },
     /// Only between taking the state out and storing the new actor's
     /// address, under the lock; never seen by anyone else.
     Moving,
@@ -65,7 +66,10 @@ pub(crate) struct SkuHandle {
     pub(crate) id: SkuId,
     /// Published by the actor (and set at load): read without any lock.
     pub(crate) hint: SkuHint,
-    life: Mutex<Life>,
+    life: RwLock<Life>,
+    /// Messages sent to the awake actor, each counted under `life`'s lock
+    /// (shared) once it is in the mailbox; reset when an actor starts.
+    sent: AtomicU64,
     pub(crate) lives: Arc<Lives>,
 }
 
@@ -165,14 +169,29 @@ impl SkuHandle {
         Arc::new(SkuHandle {
             id: state.id(),
             hint,
-            life: Mutex::new(Life::Asleep(state.rest())),
+            life: RwLock::new(Life::Asleep(state.rest())),
+            sent: AtomicU64::new(0),
             lives: Arc::clone(lives),
         })
     }
 
-    /// The actor's address, starting it if the SKU sleeps; `None` when
-    /// the actor cannot be started (the engine stopped).
-    fn wake<'a>(self: &Arc<Self>, life: &'a mut Life) -> Option<(&'a Addr<SkuActor>, &'a mut u64)> {
+    /// Shared: senders to an awake actor, reads and copies of a sleeping
+    /// SKU. The lock is never held across anything that blocks.
+    fn shared(&self) -> RwLockReadGuard<'_, Life> {
+        // `life` changes in single assignments: a poisoned lock still
+        // guards a whole value.
+        self.life.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Exclusive: waking and sleeping.
+    fn exclusive(&self) -> RwLockWriteGuard<'_, Life> {
+        self.life.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the actor if the SKU sleeps (under the exclusive lock) and
+    /// gives its address; `None` when it cannot be started (the engine
+    /// stopped).
+    fn wake<'a>(self: &Arc<Self>, life: &'a mut Life) -> Option<&'a Addr<SkuActor>> {
         if matches!(life, Life::Asleep(_)) {
             let arbiter = self.lives.arbiter()?;
             let Life::Asleep(state) = std::mem::replace(life, Life::Moving) else {
@@ -181,13 +200,43 @@ impl SkuHandle {
             let noting = Some(self.lives.epoch()).filter(|epoch| epoch % 2 == 1);
             let actor = SkuActor::new(state.wake(self.id), Arc::clone(self), noting);
             let addr = spawn_on(arbiter, self.lives.mailbox, actor);
+            // No sender holds the lock: the new actor has been sent nothing.
+            self.sent.store(0, Ordering::SeqCst);
             lock(&self.lives.awake).insert(self.id);
             self.lives.wakes.fetch_add(1, Ordering::Relaxed);
-            *life = Life::Awake { addr, sent: 0 };
+            *life = Life::Awake { addr };
         }
         match life {
-            Life::Awake { addr, sent } => Some((addr, sent)),
+            Life::Awake { addr } => Some(addr),
             Life::Asleep(_) | Life::Moving => None,
+        }
+    }
+
+    /// Sends with `send` to the awake actor under the shared lock, or, if
+    /// the SKU sleeps, wakes it and sends under the exclusive lock; counts
+    /// the message once `send` took it.
+    fn deliver<M, E>(
+        self: &Arc<Self>,
+        msg: M,
+        send: impl FnOnce(&Addr<SkuActor>, M) -> Result<(), E>,
+        closed: impl FnOnce(M) -> E,
+    ) -> Result<(), E> {
+        {
+            let life = self.shared();
+            if let Life::Awake { addr } = &*life {
+                send(addr, msg)?;
+                self.sent.fetch_add(1, Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+        let mut life = self.exclusive();
+        match self.wake(&mut life) {
+            Some(addr) => {
+                send(addr, msg)?;
+                self.sent.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            None => Err(closed(msg)),
         }
     }
 
@@ -198,13 +247,7 @@ impl SkuHandle {
         SkuActor: Handler<M>,
         M: Message<Result = ()> + Send + 'static,
     {
-        let mut life = lock(&self.life);
-        let Some((addr, sent)) = self.wake(&mut life) else {
-            return Err(SendError::Closed(msg));
-        };
-        addr.try_send(msg)?;
-        *sent += 1;
-        Ok(())
+        self.deliver(msg, |addr, msg| addr.try_send(msg), SendError::Closed)
     }
 
     /// [`SkuHandle::try_send`], a full mailbox as `Overloaded`.
@@ -226,10 +269,16 @@ impl SkuHandle {
         SkuActor: Handler<M>,
         M: Message<Result = ()> + Send + 'static,
     {
-        let mut life = lock(&self.life);
-        if let Some((addr, sent)) = self.wake(&mut life) {
-            addr.do_send(msg);
-            *sent += 1;
+        let sent: Result<(), ()> = self.deliver(
+            msg,
+            |addr, msg| {
+                addr.do_send(msg);
+                Ok(())
+            },
+            |_| (),
+        );
+        if sent.is_err() {
+            tracing::debug!(sku = %self.id, "a message to a SKU of a stopped engine was dropped");
         }
     }
 
@@ -240,10 +289,10 @@ impl SkuHandle {
         SkuActor: Handler<M>,
         M: Message<Result = ()> + Send + 'static,
     {
-        match &mut *lock(&self.life) {
-            Life::Awake { addr, sent } => {
+        match &*self.shared() {
+            Life::Awake { addr } => {
                 addr.do_send(msg);
-                *sent += 1;
+                self.sent.fetch_add(1, Ordering::SeqCst);
                 true
             }
             Life::Asleep(_) | Life::Moving => false,
@@ -261,20 +310,19 @@ impl SkuHandle {
         M: Message<Result = ()> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        let mut life = lock(&self.life);
-        match &mut *life {
+        match &*self.shared() {
             Life::Asleep(state) => {
                 let _ = reply.send(Answer {
                     result: Ok(state.view(self.id)),
                     seen: self.hint.last_seq(),
                 });
             }
-            Life::Awake { addr, sent } => {
+            Life::Awake { addr } => {
                 addr.try_send(make(reply)).map_err(|error| match error {
                     SendError::Full(_) => EngineError::Overloaded,
                     SendError::Closed(_) => EngineError::Stopped,
                 })?;
-                *sent += 1;
+                self.sent.fetch_add(1, Ordering::SeqCst);
             }
             Life::Moving => return Err(EngineError::Stopped),
         }
@@ -288,14 +336,13 @@ impl SkuHandle {
         SkuActor: Handler<M>,
         M: Message<Result = ()> + Send + 'static,
     {
-        let mut life = lock(&self.life);
-        match &mut *life {
+        match &*self.shared() {
             // Under the lock: no actor runs, so the copy holds every event
             // this SKU applied, all journaled before this read.
             Life::Asleep(state) => Some((state.to_state(self.id), self.lives.journal.last_seq())),
-            Life::Awake { addr, sent } => {
+            Life::Awake { addr } => {
                 addr.do_send(make());
-                *sent += 1;
+                self.sent.fetch_add(1, Ordering::SeqCst);
                 None
             }
             Life::Moving => None,
@@ -303,12 +350,13 @@ impl SkuHandle {
     }
 
     /// The actor hands `state` back and may stop, if every message sent to
-    /// it was handled (`handled`). Called by the actor itself.
+    /// it was handled (`handled`). Called by the actor itself. Under the
+    /// exclusive lock no sender is half-way, so an equal count means an
+    /// empty mailbox that no one can reach any more.
     pub(crate) fn put_to_sleep(&self, handled: u64, state: &SkuState) -> bool {
-        let mut life = lock(&self.life);
-        match &*life {
-            Life::Awake { sent, .. } if *sent == handled => {}
-            _ => return false,
+        let mut life = self.exclusive();
+        if !matches!(&*life, Life::Awake { .. }) || self.sent.load(Ordering::SeqCst) != handled {
+            return false;
         }
         *life = Life::Asleep(state.clone().rest());
         lock(&self.lives.awake).remove(&self.id);
@@ -317,7 +365,7 @@ impl SkuHandle {
 
     /// Whether the SKU's actor runs.
     pub(crate) fn is_awake(&self) -> bool {
-        matches!(&*lock(&self.life), Life::Awake { .. })
+        matches!(&*self.shared(), Life::Awake { .. })
     }
 }
 
