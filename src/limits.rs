@@ -43,10 +43,29 @@ pub const ORDER_CENTS_MAX: u64 = QTY_MAX as u64 * LINES_MAX as u64 * PRICE_CENTS
 /// Highest promotion threshold and discount: no order can be worth more.
 pub const PROMO_CENTS_MAX: u64 = ORDER_CENTS_MAX;
 
-/// Most SKUs in the catalog. Each SKU is an actor with its own mailbox, so
-/// the bound is memory and actor count; `GET /v1/skus` is paged and reads
-/// only its page, so the listing does not limit the catalog.
-pub const SKUS_MAX: usize = 10_000;
+/// Most SKUs in the catalog. An idle SKU is plain state in the catalog (no
+/// actor, no mailbox; `benches/catalog.rs` measures what it costs, a few
+/// hundred bytes), so the bound is memory: ten million idle SKUs are a few
+/// GiB. Nothing walks every SKU per request or per second: `GET /v1/skus`
+/// is paged, metrics and the dashboard read a bounded head, and only a
+/// snapshot (once a minute at most) copies them all.
+pub const SKUS_MAX: usize = 10_000_000;
+
+/// How long a SKU actor may go without a message before it hands its state
+/// back to the catalog and stops (`EngineConfig::sku_idle_ms`). A drop's
+/// SKUs get orders every moment and stay awake; a catalog's long tail,
+/// touched once in a while, costs no actor. A minute keeps a SKU awake
+/// across the pauses of a browsing customer, and waking one again costs a
+/// spawn (microseconds).
+pub const SKU_IDLE_DEFAULT_MS: u64 = 60_000;
+/// How often, at most, an awake SKU actor looks whether it has been idle
+/// long enough (it looks every half idle time when that is shorter).
+pub const SKU_IDLE_CHECK_MS_MAX: u64 = 1_000;
+
+/// Most SKUs `/metrics` shows one by one: the awake ones first (the SKUs a
+/// sale is touching), then the first by id. A scrape must not walk a
+/// catalog of millions.
+pub const METRICS_SKUS_MAX: usize = 100;
 
 /// Default `?limit=` of `GET /v1/skus` (contract).
 pub const SKUS_PAGE_DEFAULT: usize = 100;
@@ -268,6 +287,11 @@ pub const STORAGE_PROBE_MS: u64 = 1_000;
 /// Largest catalog file seeded at start.
 pub const CATALOG_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
+/// SKUs of the catalog file created at once while seeding: their creations
+/// share journal flushes (group commit) instead of costing an fsync each,
+/// and the batch stays far below what the journal queue holds.
+pub const CATALOG_SEED_IN_FLIGHT: usize = 256;
+
 const _: () = assert!(HEADER_BYTES_MAX >= 8 * 1024, "hyper's minimum read buffer");
 const _: () =
     assert!(REQUESTS_IN_FLIGHT_MAX < SKU_MAILBOX && REQUESTS_IN_FLIGHT_MAX < ORDER_SHARD_MAILBOX);
@@ -302,4 +326,6 @@ pub const DASHBOARD_SKUS_MAX: usize = 50;
 
 const _: () = assert!(STREAM_CLIENTS_MAX < CONNECTIONS_DEFAULT);
 const _: () = assert!(DASHBOARD_SKUS_MAX <= SKUS_MAX && DASHBOARD_SKUS_MAX < SKU_MAILBOX);
+const _: () = assert!(METRICS_SKUS_MAX <= SKUS_PAGE_MAX);
+const _: () = assert!(SKU_IDLE_CHECK_MS_MAX <= SKU_IDLE_DEFAULT_MS);
 const _: () = assert!(STREAM_RETRY_MS < STREAM_LIFETIME_MS && LIVE_SAMPLE_MS < STREAM_LIFETIME_MS);

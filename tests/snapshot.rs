@@ -92,6 +92,18 @@ async fn buyer(e: Engine, who: usize, rounds: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_taken_under_load_rebuild_exactly_the_live_state() {
+    snapshots_under_load(false).await;
+}
+
+/// The same, while the SKU actors are put to sleep again and again: a
+/// snapshot meets SKUs asleep in the catalog, awake, and waking or falling
+/// asleep between its rounds, and must still hold each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_skus_that_sleep_and_wake_rebuild_exactly_the_live_state() {
+    snapshots_under_load(true).await;
+}
+
+async fn snapshots_under_load(churn: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     // Several actor threads, so SKUs and shards really run side by side.
     // Finished orders archived at once, so snapshots and replay also meet
@@ -132,6 +144,17 @@ async fn snapshots_taken_under_load_rebuild_exactly_the_live_state() {
     let buyers: Vec<_> = (0..32)
         .map(|who| tokio::spawn(buyer(node.engine.clone(), who, 400)))
         .collect();
+    let wakes_before = node.engine.sku_wakes();
+    let stop_sleeper = Arc::new(std::sync::atomic::AtomicBool::new(!churn));
+    let sleeper = {
+        let (e, stop) = (node.engine.clone(), Arc::clone(&stop_sleeper));
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = e.sleep_skus().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
     let mut mid_load = Vec::new();
     while !buyers.iter().all(tokio::task::JoinHandle::is_finished) {
         if let Some(report) = snapshotter.last() {
@@ -143,6 +166,13 @@ async fn snapshots_taken_under_load_rebuild_exactly_the_live_state() {
     }
     for b in buyers {
         b.await.expect("buyer");
+    }
+    stop_sleeper.store(true, std::sync::atomic::Ordering::SeqCst);
+    sleeper.await.expect("sleeper");
+    if churn {
+        let wakes = node.engine.sku_wakes() - wakes_before;
+        eprintln!("SKU wake-ups during the load: {wakes}");
+        assert!(wakes > 3, "the SKUs slept and woke ({wakes} wake-ups)");
     }
     eprintln!("mid-load snapshots: {mid_load:?}");
     let archived = node.engine.archive_due().await.expect("archive sweep");

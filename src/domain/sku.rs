@@ -96,7 +96,74 @@ pub struct SkuState {
     sale: SaleWindow,
 }
 
+/// A SKU at rest: its [`SkuState`] without the id (its catalog entry
+/// keeps that) and with every field at its smallest (a boxed name, the
+/// per-user counts boxed and absent when empty), so a catalog of millions
+/// of idle SKUs costs a few hundred bytes each. Nothing changes it: it is
+/// turned back into a `SkuState` to be changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleSku {
+    name: Box<str>,
+    price_cents: u64,
+    per_user_limit: Option<u32>,
+    levels: StockLevels,
+    sale: SaleWindow,
+    /// Boxed: 8 bytes (a pointer, null when no one holds units) instead
+    /// of an empty map's 48, for each of millions of idle SKUs; the extra
+    /// allocation is paid only by a SKU with buyers.
+    #[allow(clippy::box_collection)]
+    user_units: Option<Box<HashMap<UserId, u64>>>,
+}
+
+impl IdleSku {
+    /// The SKU `id` as a [`SkuState`] again, moving every field.
+    pub fn wake(self, id: SkuId) -> SkuState {
+        SkuState {
+            id,
+            name: self.name.into_string(),
+            price_cents: self.price_cents,
+            per_user_limit: self.per_user_limit,
+            levels: self.levels,
+            user_units: self.user_units.map(|units| *units).unwrap_or_default(),
+            sale: self.sale,
+        }
+    }
+
+    /// A copy as the [`SkuState`] of `id` (a snapshot's).
+    pub fn to_state(&self, id: SkuId) -> SkuState {
+        self.clone().wake(id)
+    }
+
+    /// What a client sees of the SKU `id`.
+    pub fn view(&self, id: SkuId) -> SkuView {
+        SkuView {
+            sku: id,
+            name: self.name.to_string(),
+            price_cents: self.price_cents,
+            per_user_limit: self.per_user_limit,
+            sale: self.sale,
+            levels: self.levels,
+        }
+    }
+}
+
 impl SkuState {
+    /// The SKU at rest (see [`IdleSku`]), moving every field.
+    pub fn rest(self) -> IdleSku {
+        IdleSku {
+            name: self.name.into_boxed_str(),
+            price_cents: self.price_cents,
+            per_user_limit: self.per_user_limit,
+            levels: self.levels,
+            sale: self.sale,
+            user_units: if self.user_units.is_empty() {
+                None
+            } else {
+                Some(Box::new(self.user_units))
+            },
+        }
+    }
+
     /// Decides the creation of a SKU (the registry checks the id is free).
     /// Without a sale window it is a `SkuCreated`, which format 1 readers
     /// know too; with one, a `SkuCreatedWithSale`.
@@ -506,6 +573,19 @@ mod tests {
 
     fn user(u: &str) -> UserId {
         UserId::parse(u).expect("valid")
+    }
+
+    #[test]
+    fn a_sku_at_rest_wakes_exactly_as_it_was() {
+        let mut s = sku_with(9, Some(4));
+        let e = s.decide_reserve(OrderId(1), user("a"), 3, 1).expect("fits");
+        s.apply(&e).expect("applied");
+        let idle = s.clone().rest();
+        assert_eq!(idle.view(s.id()), s.view());
+        assert_eq!(idle.to_state(s.id()), s);
+        assert_eq!(idle.wake(s.id()), s);
+        let empty = sku_with(1, None);
+        assert_eq!(empty.clone().rest().wake(empty.id()), empty);
     }
 
     #[test]

@@ -12,7 +12,7 @@ impl Engine {
     pub async fn create_sku(&self, new: NewSku) -> Result<SkuView, EngineError> {
         let (view, seq) = {
             let serial = lock(&self.inner.create_lock);
-            let refused = if self.inner.skus.contains_key(&new.sku) {
+            let refused = if self.inner.skus.contains(&new.sku) {
                 Some(EngineError::AlreadyExists {
                     what: "SKU",
                     id: new.sku.to_string(),
@@ -40,12 +40,12 @@ impl Engine {
             let seq = self.inner.journal.append(&event)?;
             let state = SkuState::from_created(&event)?;
             let view = state.view();
-            self.spawn_sku(state, seq);
-            self.inner
-                .sku_index
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .insert(new.sku);
+            // Asleep: its actor starts with its first order.
+            let handle = SkuHandle::asleep(state, seq, &self.inner.lives);
+            if !self.inner.skus.insert(handle) {
+                // Checked above under the same lock.
+                return Err(DomainError::inconsistent("a SKU id taken twice").into());
+            }
             (view, seq)
         };
         self.settle(seq).await?;
@@ -67,16 +67,13 @@ impl Engine {
     ) -> Result<SkuView, EngineError> {
         let handle = self.sku_handle(&sku)?;
         let (reply, rx) = reply_channel();
-        send(
-            &handle.addr,
-            Update {
-                name,
-                price_cents,
-                per_user_limit,
-                sale,
-                reply,
-            },
-        )?;
+        handle.send(Update {
+            name,
+            price_cents,
+            per_user_limit,
+            sale,
+            reply,
+        })?;
         self.answer(rx).await
     }
 
@@ -92,7 +89,7 @@ impl Engine {
     ) -> Result<SkuView, EngineError> {
         let handle = self.sku_handle(&sku)?;
         let (reply, rx) = reply_channel();
-        send(&handle.addr, Restock { qty, idem, reply })?;
+        handle.send(Restock { qty, idem, reply })?;
         self.answer(rx).await
     }
 
@@ -107,8 +104,8 @@ impl Engine {
 
     async fn sku_now(&self, sku: SkuId) -> Result<SkuView, EngineError> {
         let handle = self.sku_handle(&sku)?;
-        let (reply, rx) = reply_channel();
-        send(&handle.addr, View { reply })?;
+        // A sleeping SKU answers from the catalog, without waking.
+        let rx = handle.read(|reply| View { reply })?;
         self.answer(rx).await
     }
 
@@ -134,31 +131,12 @@ impl Engine {
         after: Option<SkuId>,
         limit: usize,
     ) -> Result<(Vec<SkuView>, Option<SkuId>), EngineError> {
-        use std::ops::Bound;
         let limit = limit.max(1);
-        // One id past the page tells whether there is a next page.
-        let ids: Vec<SkuId> = {
-            let index = self
-                .inner
-                .sku_index
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-            index
-                .range((from, Bound::Unbounded))
-                .take(limit.saturating_add(1))
-                .copied()
-                .collect()
-        };
-        let more = ids.len() > limit;
-        let mut pending = Vec::with_capacity(limit.min(ids.len()));
-        for id in ids.iter().take(limit) {
-            let handle = self.sku_handle(id)?;
-            let (reply, rx) = reply_channel();
-            send(&handle.addr, View { reply })?;
-            pending.push(rx);
-        }
-        let views = try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await?;
+        // One SKU past the page tells whether there is a next page.
+        let mut handles = self.inner.skus.page(after, limit.saturating_add(1));
+        let more = handles.len() > limit;
+        handles.truncate(limit);
+        let views = self.views_of(&handles).await?;
         let next = if more {
             views.last().map(|v| v.sku)
         } else {
@@ -167,8 +145,18 @@ impl Engine {
         Ok((views, next))
     }
 
-    /// Reads every SKU, sorted by id, a page at a time (tests, metrics:
-    /// callers that know the catalog is small).
+    /// Reads `handles`: the sleeping ones from the catalog (none is woken),
+    /// the awake ones from their actors, all at once.
+    async fn views_of(&self, handles: &[Arc<SkuHandle>]) -> Result<Vec<SkuView>, EngineError> {
+        let mut pending = Vec::with_capacity(handles.len());
+        for handle in handles {
+            pending.push(handle.read(|reply| View { reply })?);
+        }
+        try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await
+    }
+
+    /// Reads every SKU, sorted by id, a page at a time (tests: callers
+    /// that know the catalog is small; sleeping SKUs are not woken).
     ///
     /// # Errors
     /// `Overloaded` when a SKU's mailbox is full.
@@ -201,23 +189,85 @@ impl Engine {
     }
 
     async fn skus_head_now(&self, limit: usize) -> Result<(Vec<SkuView>, usize), EngineError> {
-        let mut handles: Vec<Arc<SkuHandle>> = self
-            .inner
-            .skus
+        let handles = self.inner.skus.page(None, limit);
+        let views = self.views_of(&handles).await?;
+        Ok((views, self.inner.skus.len()))
+    }
+
+    /// At most `limit` SKUs for `/metrics`: the awake ones (those a sale
+    /// is touching) first, then the first by id; and how many SKUs there
+    /// are and are awake. Bounded, whatever the catalog's size.
+    ///
+    /// # Errors
+    /// `Overloaded` when one of those SKUs' mailbox is full.
+    pub async fn skus_watched(
+        &self,
+        limit: usize,
+    ) -> Result<(Vec<SkuView>, usize, usize), EngineError> {
+        let awake = self.inner.lives.awake_ids(limit);
+        let mut handles: Vec<Arc<SkuHandle>> = awake
             .iter()
-            .map(|h| Arc::clone(h.value()))
+            .filter_map(|id| self.inner.skus.get(id))
             .collect();
-        let total = handles.len();
-        handles.sort_unstable_by_key(|h| h.id);
-        handles.truncate(limit);
-        let mut pending = Vec::with_capacity(handles.len());
-        for handle in &handles {
-            let (reply, rx) = reply_channel();
-            send(&handle.addr, View { reply })?;
-            pending.push(rx);
+        if handles.len() < limit {
+            let head = self.inner.skus.page(None, limit);
+            let more: Vec<Arc<SkuHandle>> = head
+                .into_iter()
+                .filter(|h| !awake.contains(&h.id))
+                .take(limit - handles.len())
+                .collect();
+            handles.extend(more);
         }
-        let views = try_join_all(pending.into_iter().map(|rx| self.answer(rx))).await?;
-        Ok((views, total))
+        handles.sort_unstable_by_key(|h| h.id);
+        let views = self.views_of(&handles).await?;
+        Ok((views, self.inner.skus.len(), self.inner.lives.awake_count()))
+    }
+
+    /// How many SKU actors run (the rest of the catalog sleeps).
+    pub fn awake_skus(&self) -> usize {
+        self.inner.lives.awake_count()
+    }
+
+    /// How many times a sleeping SKU's actor was started.
+    pub fn sku_wakes(&self) -> u64 {
+        self.inner.lives.wakes()
+    }
+
+    /// Whether the actor of `sku` runs.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn is_awake(&self, sku: SkuId) -> Result<bool, EngineError> {
+        Ok(self.sku_handle(&sku)?.is_awake())
+    }
+
+    /// Puts every awake SKU actor to sleep now, as if its idle time had
+    /// passed, unless something holds it awake (a message in its mailbox, a
+    /// release to retry, a snapshot under way); answers how many slept.
+    /// For tests and operators: the actors also sleep by themselves.
+    ///
+    /// # Errors
+    /// `Overloaded`, `Stopped`.
+    pub async fn sleep_skus(&self) -> Result<usize, EngineError> {
+        let awake = self.inner.lives.awake_ids(usize::MAX);
+        let mut pending = Vec::with_capacity(awake.len());
+        for id in awake {
+            let Some(handle) = self.inner.skus.get(&id) else {
+                continue;
+            };
+            let (reply, rx) = reply_channel();
+            if handle.do_send_if_awake(Sleep { reply }) {
+                pending.push(rx);
+            }
+        }
+        let mut slept = 0;
+        for rx in pending {
+            let answer = rx.await.map_err(|_| EngineError::Stopped)?;
+            if answer.result? {
+                slept += 1;
+            }
+        }
+        Ok(slept)
     }
 
     /// Creates a promotion.

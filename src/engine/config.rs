@@ -37,6 +37,9 @@ pub struct EngineConfig {
     /// oldest move to the journal's store ([`Journal::idem_store`]) when
     /// [`Engine::maintain_idempotency`] runs. Without a store they stay.
     pub idem_memory_records_max: usize,
+    /// How long a SKU actor may go without a message before it hands its
+    /// state back to the catalog and stops (woken again by the next one).
+    pub sku_idle_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +53,7 @@ impl Default for EngineConfig {
             shard_mailbox: ORDER_SHARD_MAILBOX,
             archive_after_ms: Some(ARCHIVE_AFTER_DEFAULT_MS),
             idem_memory_records_max: IDEMPOTENCY_MEMORY_RECORDS_MAX,
+            sku_idle_ms: SKU_IDLE_DEFAULT_MS,
         }
     }
 }

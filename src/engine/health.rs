@@ -82,6 +82,7 @@ impl Health {
         Alive {
             health: Arc::clone(self),
             what,
+            armed: true,
         }
     }
 }
@@ -91,11 +92,21 @@ impl Health {
 pub(crate) struct Alive {
     health: Arc<Health>,
     what: String,
+    /// Cleared by a planned stop of this one actor (a SKU going to sleep).
+    armed: bool,
+}
+
+impl Alive {
+    /// The actor is stopping by plan (a SKU actor handing its state back to
+    /// the catalog): its drop means nothing.
+    pub(crate) fn planned(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for Alive {
     fn drop(&mut self) {
-        if self.health.stopping.load(Ordering::SeqCst) {
+        if !self.armed || self.health.stopping.load(Ordering::SeqCst) {
             return;
         }
         let how = if std::thread::panicking() {

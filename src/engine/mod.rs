@@ -23,7 +23,9 @@
 //! By concern: `config.rs` (how it runs), `reply.rs` (how actors answer),
 //! `archiving.rs` (the shards' archive sweep),
 //! `catalog.rs`, `orders.rs`, `carts.rs` and `keyed.rs` (the handle's
-//! methods), `sku.rs` and `shard.rs` (the actors), `health.rs` (a dead actor
+//! methods), `sku.rs` and `shard.rs` (the actors), `slot.rs` (the catalog:
+//! a SKU sleeps there as plain state until a message starts its actor, and
+//! goes back when the actor is idle), `health.rs` (a dead actor
 //! marks the engine dead), `durable.rs` (reads from the last durable state
 //! while the journal refuses changes), `runtime.rs` (the actor threads),
 //! `snapshot.rs` (every actor copies its own part for a snapshot).
@@ -41,10 +43,10 @@ mod reply;
 mod runtime;
 mod shard;
 mod sku;
+mod slot;
 mod snapshot;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use actix::Addr;
@@ -72,7 +74,8 @@ use crate::limits::{
     ACTOR_THREADS_DEFAULT, ARCHIVE_AFTER_DEFAULT_MS, CHECKOUT_ATTEMPTS_MAX,
     IDEMPOTENCY_MEMORY_RECORDS_MAX, IDEMPOTENCY_SPILL_BATCH_MAX, IDEMPOTENCY_SPILL_SLACK_DIVISOR,
     IDEMPOTENCY_TTL_MS, ORDER_SHARD_MAILBOX, ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX,
-    ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX, SKUS_PAGE_MAX,
+    ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_IDLE_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX,
+    SKUS_PAGE_MAX,
 };
 use archiving::ArchiveDue;
 use health::Health;
@@ -83,18 +86,16 @@ use shard::{
     Act, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard, ShardContext,
     SkuRegistry,
 };
-use sku::{Placement, Reserve, Restock, SkuActor, SkuHandle, SkuHint, Update, View, reply_channel};
+use sku::{Placement, Reserve, Restock, SkuActor, Sleep, Update, View, reply_channel};
+use slot::{Lives, SkuHandle};
 
 struct Inner {
     config: EngineConfig,
     journal: Arc<dyn Journal>,
+    /// Every SKU, in id order (lookups and pages); SKUs are never removed.
     skus: Arc<SkuRegistry>,
-    /// Every SKU id in order, for paged listing without walking (or
-    /// cloning) the registry. SKUs are never removed.
-    ///
-    /// Invariant: holds exactly the registry's keys once `create_sku`
-    /// returns (it is added to under `create_lock`, after the registry).
-    sku_index: RwLock<BTreeSet<SkuId>>,
+    /// What waking a SKU needs, and which SKUs are awake.
+    lives: Arc<Lives>,
     routes: Arc<OrderRoutes>,
     shards: Vec<Arc<Addr<OrderShard>>>,
     shared: Arc<ShardContext>,
@@ -103,7 +104,6 @@ struct Inner {
     next_id: AtomicU64,
     /// Serialises SKU creation (the registry's bound and id check).
     create_lock: Mutex<()>,
-    next_slot: AtomicUsize,
     threads: Mutex<ActorThreads>,
     /// Whether every actor is alive.
     health: Arc<Health>,
@@ -142,9 +142,10 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded values stay consistent across a panic (a unit and the
-    // actor threads' handle), so a poisoned lock is still usable.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded values stay consistent across a panic (a unit, the actor
+    // threads' handle, a SKU's life, which changes in one assignment), so
+    // a poisoned lock is still usable.
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -196,32 +197,30 @@ impl Engine {
             ..
         } = state;
 
-        // The SKU actors first: a shard may move units (an expiry) as soon
-        // as it runs, and every SKU it names must be registered by then.
-        let registry: Arc<SkuRegistry> = Arc::new(SkuRegistry::new());
-        let sku_count = skus.len();
-        let sku_index: BTreeSet<SkuId> = skus.keys().copied().collect();
+        // The SKUs first, asleep (no actor runs until a message wakes one):
+        // a shard may move units (an expiry) as soon as it runs, and every
+        // SKU it names must be registered by then.
         // Empty: `settle_state` released what the state held.
         let open = Arc::new(snapshot::OpenReservations::default());
-        {
-            let deps = SkuDeps {
-                journal: &journal,
-                idem: &idem,
-                clock: &clock,
-                open: &open,
-                health: &health,
-                mailbox: config.sku_mailbox,
-            };
-            for (slot, (_, sku)) in skus.into_iter().enumerate() {
-                spawn_sku_actor(&threads, slot, &deps, &registry, sku, seq);
-            }
-        }
-        let inner_skus = Arc::clone(&registry);
+        let lives = Arc::new(Lives::new(
+            threads.arbiters(),
+            Arc::clone(&journal),
+            Arc::clone(&idem),
+            Arc::clone(&clock),
+            Arc::clone(&open),
+            Arc::clone(&health),
+            config.sku_mailbox,
+            config.sku_idle_ms.max(1),
+        ));
+        let registry: Arc<SkuRegistry> = Arc::new(SkuRegistry::from_handles(
+            skus.into_values()
+                .map(|sku| SkuHandle::asleep(sku, seq, &lives)),
+        ));
         let shared = Arc::new(ShardContext {
             journal: Arc::clone(&journal),
             idem: Arc::clone(&idem),
             clock: Arc::clone(&clock),
-            skus: inner_skus,
+            skus: Arc::clone(&registry),
             routes: Arc::new(OrderRoutes::new()),
             ttl_ms: config.reservation_ttl_ms,
             open,
@@ -247,14 +246,13 @@ impl Engine {
             config,
             journal,
             skus: registry,
-            sku_index: RwLock::new(sku_index),
+            lives,
             shards,
             shared,
             promotions: RwLock::new(promotions),
             idem,
             next_id: AtomicU64::new(next_id.max(1)),
             create_lock: Mutex::new(()),
-            next_slot: AtomicUsize::new(sku_count),
             threads: Mutex::new(threads),
             health,
             read_only,
@@ -263,22 +261,6 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(inner),
         })
-    }
-
-    /// Starts the actor of a SKU and registers it.
-    fn spawn_sku(&self, state: SkuState, seq: Seq) {
-        let inner = &self.inner;
-        let slot = inner.next_slot.fetch_add(1, Ordering::Relaxed);
-        let threads = lock(&inner.threads);
-        let deps = SkuDeps {
-            journal: &inner.journal,
-            idem: &inner.idem,
-            clock: &inner.shared.clock,
-            open: &inner.shared.open,
-            health: &inner.health,
-            mailbox: inner.config.sku_mailbox,
-        };
-        spawn_sku_actor(&threads, slot, &deps, &inner.skus, state, seq);
     }
 
     /// Stops the actors. Calls made afterwards fail with `Stopped`.
@@ -394,41 +376,6 @@ impl Engine {
             .get(index)
             .ok_or_else(|| EngineError::order_not_found(id))
     }
-}
-
-/// What a SKU actor is started with, besides its state.
-struct SkuDeps<'a> {
-    journal: &'a Arc<dyn Journal>,
-    idem: &'a Arc<IdemBook>,
-    clock: &'a Arc<dyn Clock>,
-    open: &'a Arc<snapshot::OpenReservations>,
-    health: &'a Arc<Health>,
-    mailbox: usize,
-}
-
-/// Starts the actor of a SKU on the arbiter for `slot` and registers it.
-fn spawn_sku_actor(
-    threads: &ActorThreads,
-    slot: usize,
-    deps: &SkuDeps<'_>,
-    registry: &SkuRegistry,
-    state: SkuState,
-    seq: Seq,
-) {
-    let id = state.id();
-    let hint = Arc::new(SkuHint::default());
-    hint.publish(state.levels().available, state.sale(), seq);
-    let actor = SkuActor::new(
-        state,
-        Arc::clone(&hint),
-        Arc::clone(deps.journal),
-        Arc::clone(deps.idem),
-        Arc::clone(deps.clock),
-        Arc::clone(deps.open),
-        deps.health.guard(format!("the actor of SKU {id}")),
-    );
-    let addr = threads.spawn(slot, deps.mailbox, actor);
-    registry.insert(id, Arc::new(SkuHandle { id, addr, hint }));
 }
 
 /// Which shard holds `user`'s orders and cart.

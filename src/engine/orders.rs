@@ -68,7 +68,7 @@ impl Engine {
             qty,
             reply,
         };
-        send(&handle.addr, reserve)?;
+        handle.send(reserve)?;
         let answer = rx.await.map_err(|_| EngineError::Stopped)?;
         match answer.result {
             // The order that takes it waits for durability; waiting here too
@@ -182,7 +182,7 @@ impl Engine {
             ttl_ms: self.inner.config.reservation_ttl_ms,
             reply,
         };
-        send(&first.addr, placement)?;
+        first.send(placement)?;
         self.answer(rx).await
     }
 

@@ -60,19 +60,17 @@ impl ActorThreads {
         &self.arbiters[index % self.arbiters.len()]
     }
 
-    /// Starts `actor` on the arbiter for slot `index`, with a mailbox of
-    /// `capacity` messages that is bounded from the first message on (a
-    /// capacity set in `started` would only apply once the actor runs, and
-    /// the first callers would meet actix's default of 16).
+    /// Starts `actor` on the arbiter for slot `index` (see [`spawn_on`]).
     pub(crate) fn spawn<A>(&self, index: usize, capacity: usize, actor: A) -> Addr<A>
     where
         A: Actor<Context = Context<A>> + Send,
     {
-        let (tx, rx) = channel::channel(capacity);
-        self.arbiter(index).spawn_fn(move || {
-            Context::with_receiver(rx).run(actor);
-        });
-        Addr::new(tx)
+        spawn_on(self.arbiter(index), capacity, actor)
+    }
+
+    /// The arbiters, for whoever starts actors later (a SKU waking up).
+    pub(crate) fn arbiters(&self) -> Vec<ArbiterHandle> {
+        self.arbiters.clone()
     }
 
     /// Stops every actor and joins the threads.
@@ -82,6 +80,22 @@ impl ActorThreads {
             let _ = thread.join();
         }
     }
+}
+
+/// Starts `actor` on `arbiter`, with a mailbox of `capacity` messages that
+/// is bounded from the first message on (a capacity set in `started` would
+/// only apply once the actor runs, and the first callers would meet actix's
+/// default of 16). On a stopped arbiter the actor never runs and its
+/// mailbox is closed: sends fail as `Closed`.
+pub(crate) fn spawn_on<A>(arbiter: &ArbiterHandle, capacity: usize, actor: A) -> Addr<A>
+where
+    A: Actor<Context = Context<A>> + Send,
+{
+    let (tx, rx) = channel::channel(capacity);
+    arbiter.spawn_fn(move || {
+        Context::with_receiver(rx).run(actor);
+    });
+    Addr::new(tx)
 }
 
 impl Drop for ActorThreads {

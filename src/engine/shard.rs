@@ -42,7 +42,8 @@ use crate::domain::promo::Promotion;
 use crate::domain::state::moves_reservations;
 use crate::domain::{Event, IdemStamp, OrderId, PaymentRef, SkuId, UserId};
 use crate::engine::health::Alive;
-use crate::engine::sku::{ApplyEvent, Reservation, SkuHandle};
+use crate::engine::sku::{ApplyEvent, Reservation};
+use crate::engine::slot::Catalog;
 use crate::engine::snapshot::{Holes, OpenReservations};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
 use crate::faults;
@@ -50,7 +51,7 @@ use crate::journal::{Archive, Journal, Seq};
 use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
 
 /// Every SKU's handle, by id.
-pub(crate) type SkuRegistry = DashMap<SkuId, Arc<SkuHandle>>;
+pub(crate) type SkuRegistry = Catalog;
 
 /// Which shard holds each order.
 pub(crate) type OrderRoutes = DashMap<OrderId, u16>;
@@ -167,7 +168,7 @@ impl OrderShard {
         let event = Arc::new(event);
         for sku in event.touched_skus() {
             match self.shared.skus.get(&sku) {
-                Some(handle) => handle.addr.do_send(ApplyEvent {
+                Some(handle) => handle.do_send(ApplyEvent {
                     event: Arc::clone(&event),
                     seq,
                     done: done.cloned(),

@@ -1,7 +1,9 @@
-//! `SkuActor`: the one owner of a SKU's stock. Every reservation, release,
-//! allocation, shipment, refund and restock of the SKU passes through its
-//! mailbox, one at a time, so no two changes can race and no unit can be
-//! granted twice.
+//! `SkuActor`: the one owner of a SKU's stock while it is awake. Every
+//! reservation, release, allocation, shipment, refund and restock of the
+//! SKU passes through its mailbox, one at a time, so no two changes can race
+//! and no unit can be granted twice. An idle SKU has no actor: its state
+//! sleeps in the catalog, and the next message starts an actor with it
+//! (`slot.rs` says how the hand-over keeps exactly one owner).
 //!
 //! A change is: pure decide (an `Err` changes nothing), append the event to
 //! the journal (a full or failed journal changes nothing), apply, answer.
@@ -33,10 +35,12 @@ use crate::domain::state::{apply_to_sku, moves_reservations};
 use crate::domain::{DomainError, Event, IdemStamp, OrderId, SkuId, UserId};
 use crate::engine::health::Alive;
 use crate::engine::shard::{OrderShard, Place, Placed};
+use crate::engine::slot::SkuHandle;
 use crate::engine::snapshot::{Holes, OpenReservations};
 use crate::engine::{Answer, Clock, Completion, EngineError, Reply};
 use crate::faults;
 use crate::journal::{Journal, Seq};
+use crate::limits::SKU_IDLE_CHECK_MS_MAX;
 
 /// A release the journal could not take is retried, 10 ms after the first
 /// refusal, doubling to at most a second apart, for as long as the actor
@@ -119,13 +123,6 @@ impl SkuHint {
     }
 }
 
-/// The registry's entry for a SKU: its mailbox and its hint.
-pub(crate) struct SkuHandle {
-    pub(crate) id: SkuId,
-    pub(crate) addr: actix::Addr<SkuActor>,
-    pub(crate) hint: Arc<SkuHint>,
-}
-
 /// Units of one SKU held for an order that is being placed.
 ///
 /// Dropping a `Reservation` that no order has taken releases its units (a
@@ -189,7 +186,7 @@ impl Drop for Reservation {
         if self.armed {
             // Must reach the actor even when its mailbox is full: these units
             // are already held, and only this message gives them back.
-            self.handle.addr.do_send(ReleaseReservation {
+            self.handle.do_send(ReleaseReservation {
                 reservation: self.id,
                 user: self.user,
                 qty: self.qty,
@@ -199,10 +196,12 @@ impl Drop for Reservation {
     }
 }
 
-/// The actor owning one SKU.
+/// The actor owning one SKU while it is awake (see `slot.rs`).
 pub(crate) struct SkuActor {
     pub(super) state: SkuState,
-    hint: Arc<SkuHint>,
+    /// Its place in the catalog: the hint it publishes, where its state
+    /// goes when it sleeps.
+    handle: Arc<SkuHandle>,
     pub(super) journal: Arc<dyn Journal>,
     idem: Arc<IdemBook>,
     clock: Arc<dyn Clock>,
@@ -210,29 +209,97 @@ pub(crate) struct SkuActor {
     open: Arc<OpenReservations>,
     /// Events from shards applied after a snapshot copied this SKU.
     pub(super) holes: Holes,
-    /// Marks the engine dead if this actor is dropped outside a shutdown.
-    _alive: Alive,
+    /// The snapshot epoch `holes` notes for (see `slot.rs`).
+    pub(super) holes_epoch: u64,
+    /// Messages handled from the mailbox; equal to the handle's count of
+    /// messages sent exactly when the mailbox is empty.
+    handled: u64,
+    /// Releases waiting to be retried (timers, outside the mailbox): the
+    /// actor must not sleep while one is pending.
+    retries: u32,
+    /// When the last message was handled, by the engine's clock.
+    last_active_ms: u64,
+    /// Set once the state went back to the catalog: nothing may change it.
+    asleep: bool,
+    /// Marks the engine dead if this actor is dropped outside a shutdown
+    /// or a sleep.
+    alive: Option<Alive>,
 }
 
 impl SkuActor {
-    pub(crate) fn new(
-        state: SkuState,
-        hint: Arc<SkuHint>,
-        journal: Arc<dyn Journal>,
-        idem: Arc<IdemBook>,
-        clock: Arc<dyn Clock>,
-        open: Arc<OpenReservations>,
-        alive: Alive,
-    ) -> SkuActor {
+    /// The actor of `handle`'s SKU with `state`; `noting` is the epoch of
+    /// a snapshot running while it starts (it notes holes from the start).
+    pub(crate) fn new(state: SkuState, handle: Arc<SkuHandle>, noting: Option<u64>) -> SkuActor {
+        let lives = Arc::clone(&handle.lives);
+        let mut holes = Holes::default();
+        if noting.is_some() {
+            // Whatever this copy holds, an event applied from now on that a
+            // snapshot copy of this SKU (taken asleep, before this start)
+            // lacks is a hole; `Mark::new` keeps only those below the mark.
+            holes.start(Seq::MAX);
+        }
         SkuActor {
+            alive: Some(
+                lives
+                    .health
+                    .guard(format!("the actor of SKU {}", state.id())),
+            ),
+            last_active_ms: lives.clock.now_ms(),
             state,
-            hint,
-            journal,
-            idem,
-            clock,
-            open,
-            holes: Holes::default(),
-            _alive: alive,
+            handle,
+            journal: Arc::clone(&lives.journal),
+            idem: Arc::clone(&lives.idem),
+            clock: Arc::clone(&lives.clock),
+            open: Arc::clone(&lives.open),
+            holes,
+            holes_epoch: noting.unwrap_or(0),
+            handled: 0,
+            retries: 0,
+            asleep: false,
+        }
+    }
+
+    /// Counts a message taken from the mailbox.
+    pub(super) fn took(&mut self) {
+        self.handled += 1;
+        self.last_active_ms = self.clock.now_ms();
+    }
+
+    /// Hands the state back to the catalog and stops, if nothing holds the
+    /// actor awake: a message in its mailbox, a pending retry, or holes
+    /// noted for the snapshot that runs.
+    fn try_sleep(&mut self, ctx: &mut Context<Self>) -> bool {
+        if self.asleep {
+            return true;
+        }
+        if self.holes.is_noting() && self.holes_epoch != self.handle.lives.epoch() {
+            // A snapshot that ended (this actor woke after its last round).
+            self.holes.forget();
+        }
+        if self.retries > 0 || self.holes.is_noting() {
+            return false;
+        }
+        if !self.handle.put_to_sleep(self.handled, &self.state) {
+            return false;
+        }
+        self.asleep = true;
+        if let Some(alive) = self.alive.take() {
+            alive.planned();
+        }
+        ctx.stop();
+        true
+    }
+
+    /// Sleeps once idle for the configured time. Holes noted for a
+    /// snapshot that has ended are dropped here too, idle or not, so they
+    /// cannot pile up in a busy actor.
+    fn idle_check(&mut self, ctx: &mut Context<Self>) {
+        if self.holes.is_noting() && self.holes_epoch != self.handle.lives.epoch() {
+            self.holes.forget();
+        }
+        let idle_ms = self.clock.now_ms().saturating_sub(self.last_active_ms);
+        if idle_ms >= self.handle.lives.idle_ms {
+            self.try_sleep(ctx);
         }
     }
 
@@ -249,6 +316,7 @@ impl SkuActor {
 
     /// Applies an event that is already journaled.
     fn apply(&mut self, event: &Event, seq: Seq) {
+        debug_assert!(!self.asleep, "a sleeping actor's state changed");
         if let Err(error) = apply_to_sku(&mut self.state, &self.idem, event) {
             // The decision ruled this out; a journaled event that does not
             // apply is a bug, and limping on would serve wrong stock.
@@ -257,20 +325,44 @@ impl SkuActor {
                 self.state.id()
             );
         }
-        self.hint
+        self.handle
+            .hint
             .publish(self.state.levels().available, self.state.sale(), seq);
     }
 
     fn answer<T>(&self, reply: Reply<T>, result: Result<T, EngineError>) {
         let _ = reply.send(Answer {
             result,
-            seen: self.hint.last_seq(),
+            seen: self.handle.hint.last_seq(),
         });
     }
 }
 
 impl Actor for SkuActor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let every_ms = (self.handle.lives.idle_ms / 2).clamp(1, SKU_IDLE_CHECK_MS_MAX);
+        ctx.run_interval(Duration::from_millis(every_ms), Self::idle_check);
+    }
+}
+
+/// Sleep now if nothing holds the actor awake, idle or not (tests and
+/// operators); answers whether it did.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Sleep {
+    pub(crate) reply: Reply<bool>,
+}
+
+impl Handler<Sleep> for SkuActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Sleep, ctx: &mut Context<Self>) {
+        self.took();
+        let slept = self.try_sleep(ctx);
+        self.answer(msg.reply, Ok(slept));
+    }
 }
 
 /// Hold `qty` units for `user` under a new reservation id.
@@ -288,6 +380,7 @@ impl Handler<Reserve> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) {
+        self.took();
         faults::panic_if("panic-sku", self.state.id().as_str());
         if faults::is_set("stop-sku", self.state.id().as_str()) {
             ctx.stop();
@@ -346,7 +439,7 @@ impl Placement {
         let refused = match self.pending.last() {
             Some((next, ..)) => {
                 let next = Arc::clone(next);
-                match next.addr.try_send(self) {
+                match next.try_send(self) {
                     Ok(()) => return,
                     Err(SendError::Full(back) | SendError::Closed(back)) => back.reply,
                 }
@@ -427,6 +520,7 @@ impl Handler<Placement> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, mut msg: Placement, _: &mut Context<Self>) {
+        self.took();
         faults::panic_if("panic-sku", self.state.id().as_str());
         if let [(_, qty, _)] = msg.pending.as_slice() {
             if msg.held.is_empty() && msg.from_cart.is_none() {
@@ -436,7 +530,7 @@ impl Handler<Placement> for SkuActor {
             }
         }
         let Some((handle, qty, reservation)) = msg.pending.pop() else {
-            msg.forward(self.hint.last_seq());
+            msg.forward(self.handle.hint.last_seq());
             return;
         };
         debug_assert_eq!(
@@ -461,7 +555,7 @@ impl Handler<Placement> for SkuActor {
                     unit_price_cents: self.state.price_cents(),
                     armed: true,
                 });
-                msg.forward(self.hint.last_seq());
+                msg.forward(self.handle.hint.last_seq());
             }
             Err(error) => {
                 let Placement { reply, held, .. } = msg;
@@ -486,6 +580,12 @@ impl Handler<ReleaseReservation> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: ReleaseReservation, ctx: &mut Context<Self>) {
+        if msg.attempt == 0 {
+            self.took();
+        } else {
+            // A retry comes from this actor's own timer, not the mailbox.
+            self.retries = self.retries.saturating_sub(1);
+        }
         let event = Event::ReservationReleased {
             sku: self.state.id(),
             reservation: msg.reservation,
@@ -507,6 +607,7 @@ impl Handler<ReleaseReservation> for SkuActor {
                 attempt: msg.attempt.saturating_add(1),
                 ..msg
             };
+            self.retries = self.retries.saturating_add(1);
             ctx.notify_later(retry, Duration::from_millis(delay_ms));
         }
     }
@@ -526,6 +627,7 @@ impl Handler<ApplyEvent> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyEvent, _: &mut Context<Self>) {
+        self.took();
         self.holes.applying(msg.seq);
         self.apply(&msg.event, msg.seq);
         drop(msg.done);
@@ -543,6 +645,7 @@ impl Handler<View> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: View, _: &mut Context<Self>) {
+        self.took();
         let view = self.state.view();
         self.answer(msg.reply, Ok(view));
     }
@@ -563,6 +666,7 @@ impl Handler<Update> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: Update, _: &mut Context<Self>) {
+        self.took();
         let now_ms = self.clock.now_ms();
         let result = self
             .state
@@ -593,6 +697,7 @@ impl Handler<Restock> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: Restock, _: &mut Context<Self>) {
+        self.took();
         let now_ms = self.clock.now_ms();
         let result = self
             .state

@@ -2,7 +2,9 @@
 //! its own sequence number, and the snapshot thread does the rest (see
 //! `journal/snapshot.rs` for why this is exact).
 //!
-//! Three rounds, each a message to every SKU actor and order shard:
+//! Three rounds, each a message to every awake SKU actor and order shard (a
+//! sleeping SKU is copied in round 1 under its lock, without an actor; see
+//! `slot.rs` and [`capture_parts`]):
 //!
 //! 1. **Capture**: the actor clones its part and reads the journal's last
 //!    sequence number `L` in the same handler; from then on it notes every
@@ -77,9 +79,21 @@ pub(crate) struct Holes {
 impl Holes {
     /// Starts noting after a copy at `mark` (forgetting an earlier snapshot
     /// that never finished).
-    fn start(&mut self, mark: Seq) {
+    pub(crate) fn start(&mut self, mark: Seq) {
         self.mark = Some(mark);
         self.seqs.clear();
+    }
+
+    /// Whether it notes holes (a snapshot is between its copy and its last
+    /// round).
+    pub(crate) fn is_noting(&self) -> bool {
+        self.mark.is_some()
+    }
+
+    /// Stops noting and forgets what was noted (a snapshot that ended).
+    pub(crate) fn forget(&mut self) {
+        self.mark = None;
+        self.seqs = Vec::new();
     }
 
     /// Notes that the event at `seq` came from another actor and is being
@@ -96,10 +110,10 @@ impl Holes {
     }
 }
 
-/// Round 1 for a SKU actor.
+/// Round 1 for a SKU actor, in a snapshot's epoch.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct CaptureSku(oneshot::Sender<(SkuState, Seq)>);
+pub(crate) struct CaptureSku(oneshot::Sender<(SkuState, Seq)>, u64);
 
 /// Round 1 for an order shard.
 #[derive(Message)]
@@ -120,8 +134,10 @@ impl Handler<CaptureSku> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: CaptureSku, _: &mut Context<Self>) {
+        self.took();
         let seq = self.journal.last_seq();
         self.holes.start(seq);
+        self.holes_epoch = msg.1;
         let _ = msg.0.send((self.state.clone(), seq));
     }
 }
@@ -140,6 +156,7 @@ impl Handler<Flush> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: Flush, _: &mut Context<Self>) {
+        self.took();
         let _ = msg.0.send(());
     }
 }
@@ -156,6 +173,7 @@ impl Handler<Finish> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: Finish, _: &mut Context<Self>) {
+        self.took();
         let _ = msg.0.send(self.holes.finish());
     }
 }
@@ -185,24 +203,82 @@ where
             rx
         })
         .collect();
+    answers.into_iter().map(wait).collect()
+}
+
+fn wait<T>(rx: oneshot::Receiver<T>) -> Result<T, String> {
+    rx.blocking_recv()
+        .map_err(|_| "an actor stopped during the snapshot".to_string())
+}
+
+/// Sends one message to each awake SKU actor (`do_send`, through its
+/// handle), and waits for every answer, by SKU.
+fn ask_awake<M, T>(
+    inner: &Inner,
+    make: impl Fn(oneshot::Sender<T>) -> M,
+) -> Result<Vec<(SkuId, T)>, String>
+where
+    SkuActor: Handler<M>,
+    M: Message<Result = ()> + Send + 'static,
+{
+    let awake = inner.lives.awake_ids(usize::MAX);
+    let mut answers = Vec::with_capacity(awake.len());
+    for id in awake {
+        let Some(handle) = inner.skus.get(&id) else {
+            continue;
+        };
+        let (tx, rx) = oneshot::channel();
+        if handle.do_send_if_awake(make(tx)) {
+            answers.push((id, rx));
+        }
+    }
     answers
         .into_iter()
-        .map(|rx| {
-            rx.blocking_recv()
-                .map_err(|_| "an actor stopped during the snapshot".to_string())
-        })
+        .map(|(id, rx)| wait(rx).map(|answer| (id, answer)))
+        .collect()
+}
+
+/// Round 1 for the SKUs: a sleeping SKU is copied under its lock (see
+/// `slot.rs`), an awake one copies itself.
+fn capture_skus(skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Vec<(SkuState, Seq)>, String> {
+    let mut parts: Vec<Option<(SkuState, Seq)>> = Vec::with_capacity(skus.len());
+    let mut asked = Vec::new();
+    for handle in skus {
+        let (tx, rx) = oneshot::channel();
+        match handle.capture(|| CaptureSku(tx, epoch)) {
+            Some(part) => parts.push(Some(part)),
+            None => {
+                asked.push((parts.len(), rx));
+                parts.push(None);
+            }
+        }
+    }
+    for (index, rx) in asked {
+        if let Some(part) = parts.get_mut(index) {
+            *part = Some(wait(rx)?);
+        }
+    }
+    parts
+        .into_iter()
+        .map(|part| part.ok_or_else(|| "a SKU could not be copied".to_string()))
         .collect()
 }
 
 /// The three rounds of the module doc, plus the engine's own parts.
+///
+/// With sleeping SKUs (`slot.rs`): round 1 copies a sleeping SKU under its
+/// lock; rounds 2 and 3 go to every SKU awake by then. Every actor that
+/// may still be sending an event at or below the highest mark is awake at
+/// round 2 (an actor sleeps only between messages, after its sends), and
+/// every SKU that notes holes is awake at round 3 (it does not sleep while
+/// it notes for the running snapshot).
 fn capture_parts(inner: &Inner) -> Result<Capture, String> {
     let journal = inner.journal.as_ref();
     // Listed under the creation lock: a SKU missing from the list is
     // journaled after `catalog_seq`, and replay creates it.
     let (catalog_seq, skus) = {
         let _serial = lock(&inner.create_lock);
-        let skus: Vec<Arc<SkuHandle>> = inner.skus.iter().map(|h| Arc::clone(&h)).collect();
-        (journal.last_seq(), skus)
+        (journal.last_seq(), inner.skus.all())
     };
     let (promotions, promotions_seq) = {
         let promotions = inner.promotions.read().unwrap_or_else(|p| p.into_inner());
@@ -210,14 +286,10 @@ fn capture_parts(inner: &Inner) -> Result<Capture, String> {
     };
     let (open_reservations, reservations_seq) = inner.shared.open.capture(journal);
 
-    let sku_addrs = || skus.iter().map(|handle| handle.addr.clone());
-    let shard_addrs = || inner.shards.iter().map(|addr| Addr::clone(addr));
-    let sku_parts = ask_all(sku_addrs(), CaptureSku)?;
-    let shard_parts = ask_all(shard_addrs(), CaptureShard)?;
-    ask_all(sku_addrs(), Flush)?;
-    ask_all(shard_addrs(), Flush)?;
-    let sku_holes = ask_all(sku_addrs(), Finish)?;
-    let shard_holes = ask_all(shard_addrs(), Finish)?;
+    let epoch = inner.lives.begin_snapshot();
+    let rounds = capture_rounds(inner, &skus, epoch);
+    inner.lives.end_snapshot();
+    let (sku_parts, shard_parts, mut sku_holes, shard_holes) = rounds?;
 
     // Last: a superset of the records of every event a part holds.
     inner.idem.evict_expired(inner.shared.clock.now_ms());
@@ -227,8 +299,10 @@ fn capture_parts(inner: &Inner) -> Result<Capture, String> {
         catalog_seq,
         skus: sku_parts
             .into_iter()
-            .zip(sku_holes)
-            .map(|((sku, seq), holes)| (sku, Mark::new(seq, holes)))
+            .map(|(sku, seq)| {
+                let holes = sku_holes.remove(&sku.id()).unwrap_or_default();
+                (sku, Mark::new(seq, holes))
+            })
             .collect(),
         shards: shard_parts
             .into_iter()
@@ -242,6 +316,24 @@ fn capture_parts(inner: &Inner) -> Result<Capture, String> {
         idem,
         next_id,
     })
+}
+
+type Rounds = (
+    Vec<(SkuState, Seq)>,
+    Vec<(OrderBook, Seq)>,
+    std::collections::HashMap<SkuId, Vec<Seq>>,
+    Vec<Vec<Seq>>,
+);
+
+fn capture_rounds(inner: &Inner, skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Rounds, String> {
+    let shard_addrs = || inner.shards.iter().map(|addr| Addr::clone(addr));
+    let sku_parts = capture_skus(skus, epoch)?;
+    let shard_parts = ask_all(shard_addrs(), CaptureShard)?;
+    ask_awake(inner, Flush)?;
+    ask_all(shard_addrs(), Flush)?;
+    let sku_holes = ask_awake(inner, Finish)?.into_iter().collect();
+    let shard_holes = ask_all(shard_addrs(), Finish)?;
+    Ok((sku_parts, shard_parts, sku_holes, shard_holes))
 }
 
 impl SnapshotSource for Engine {

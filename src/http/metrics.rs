@@ -19,6 +19,7 @@ use prometheus::{
 };
 
 use crate::engine::{Engine, JournalReport};
+use crate::limits::METRICS_SKUS_MAX;
 
 /// Bucket bounds of the request latency histogram, in seconds.
 const LATENCY_BUCKETS_S: [f64; 16] = [
@@ -192,7 +193,20 @@ impl Metrics {
                     let _ = writeln!(text, "flashcore_orders{{status=\"{status}\"}} {count}");
                 }
             }
-            if let Ok(skus) = engine.skus().await {
+            // A bounded read: the awake SKUs first, never the whole catalog.
+            if let Ok((skus, total, awake)) = engine.skus_watched(METRICS_SKUS_MAX).await {
+                write_gauge(
+                    &mut text,
+                    "flashcore_skus",
+                    "SKUs in the catalog",
+                    total as u64,
+                );
+                write_gauge(
+                    &mut text,
+                    "flashcore_skus_awake",
+                    "SKUs whose actor runs (the rest sleep in the catalog)",
+                    awake as u64,
+                );
                 for (name, help) in [
                     ("on_hand", "units in the warehouse"),
                     ("available", "units a new order can take"),

@@ -502,12 +502,19 @@ fn from_parts(
         reservations: capture.reservations_seq,
         promotions: capture.promotions_seq,
     };
-    let mut skus = BTreeMap::new();
-    for (sku, mark) in capture.skus {
-        cut.skus.insert(sku.id(), mark);
-        if skus.insert(sku.id(), sku).is_some() {
-            return Err("a SKU appears twice".into());
-        }
+    let listed = capture.skus.len();
+    // Listed in id order (the catalog's), so the map is built in bulk,
+    // with full nodes, rather than one insert at a time.
+    let skus: BTreeMap<SkuId, SkuState> = capture
+        .skus
+        .into_iter()
+        .map(|(sku, mark)| {
+            cut.skus.insert(sku.id(), mark);
+            (sku.id(), sku)
+        })
+        .collect();
+    if skus.len() != listed {
+        return Err("a SKU appears twice".into());
     }
     let books = capture.shards.into_iter().map(|(book, mark)| {
         cut.shards.push(mark);

@@ -38,7 +38,9 @@ use crate::http::auth::{JwtKeys, SecretError, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, Front, live};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
-use crate::limits::{CATALOG_BYTES_MAX, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS};
+use crate::limits::{
+    CATALOG_BYTES_MAX, CATALOG_SEED_IN_FLIGHT, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS,
+};
 
 /// How `serve` runs.
 #[derive(Debug, Clone)]
@@ -291,21 +293,30 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
         Err(EngineError::AlreadyExists { .. }) => Ok(()),
         other => other,
     };
-    for sku in catalog.skus {
-        let id = sku.sku_id;
-        let sale = sku.sale().map_err(|e| bad(format!("SKU {id}: {e}")))?;
-        let created = engine
-            .create_sku(NewSku {
+    // Many creations at once share the journal's flushes (group commit):
+    // a large catalog seeds in seconds, not one fsync per SKU.
+    let mut skus = catalog.skus.into_iter();
+    loop {
+        let mut batch = Vec::with_capacity(CATALOG_SEED_IN_FLIGHT);
+        for sku in skus.by_ref().take(CATALOG_SEED_IN_FLIGHT) {
+            let id = sku.sku_id;
+            let sale = sku.sale().map_err(|e| bad(format!("SKU {id}: {e}")))?;
+            let new = NewSku {
                 sku: sku.sku_id,
                 name: sku.name,
                 price_cents: sku.price_cents,
                 stock: sku.stock,
                 per_user_limit: sku.per_user_limit,
                 sale,
-            })
-            .await
-            .map(|_| ());
-        kept(created).map_err(|e| bad(format!("SKU {id}: {e}")))?;
+            };
+            batch.push(async move { (id, engine.create_sku(new).await.map(|_| ())) });
+        }
+        if batch.is_empty() {
+            break;
+        }
+        for (id, created) in futures_util::future::join_all(batch).await {
+            kept(created).map_err(|e| bad(format!("SKU {id}: {e}")))?;
+        }
     }
     for promo in catalog.promotions {
         let promotion = Promotion::new(promo.code, promo.threshold_cents, promo.off_cents)
