@@ -37,14 +37,14 @@
 //! archiving twice stores it once.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::domain::order::Order;
 use crate::domain::{OrderId, UserId};
-use crate::journal::{JournalError, codec, writer};
+use crate::journal::writer::{self, DurableDb};
+use crate::journal::{JournalError, codec};
 use crate::limits::{ARCHIVE_CACHE_BYTES, ARCHIVE_MIGRATE_BATCH, ARCHIVE_OPEN_WAIT_MS};
 
 /// Where finished orders go when they leave memory.
@@ -122,11 +122,9 @@ fn decode(id: u64, bytes: &[u8]) -> Result<Order, JournalError> {
 /// The archive in its own sled database (see the module doc).
 #[derive(Debug)]
 pub struct SledArchive {
-    db: sled::Db,
+    db: DurableDb,
     orders: sled::Tree,
     by_user: sled::Tree,
-    /// sled's data file, synced after sled's flush (as the journal does).
-    data_file: Mutex<File>,
 }
 
 impl SledArchive {
@@ -149,14 +147,10 @@ impl SledArchive {
         let by_user = db
             .open_tree(BY_USER_TREE)
             .map_err(|e| storage("opening", e))?;
-        let data_path = dir.join("db");
-        let data_file = File::open(&data_path)
-            .map_err(|e| storage(&format!("opening {}", data_path.display()), e))?;
         Ok(SledArchive {
-            db: db.clone(),
+            db: DurableDb::new(db, dir)?,
             orders,
             by_user,
-            data_file: Mutex::new(data_file),
         })
     }
 
@@ -370,13 +364,7 @@ impl Archive for SledArchive {
         self.by_user
             .apply_batch(by_user)
             .map_err(|e| storage("writing", e))?;
-        self.db.flush().map_err(|e| storage("flushing", e))?;
-        let file = self
-            .data_file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.sync_data().map_err(|e| storage("syncing", e))?;
-        Ok(())
+        self.db.flush().map_err(|e| storage("writing", e))
     }
 
     fn get(&self, id: OrderId) -> Result<Option<Order>, JournalError> {

@@ -12,9 +12,11 @@
 //! is durable in the journal, so the store never holds the record of a
 //! change a failed batch took back.
 //!
-//! [`SledIdemStore`] keeps two trees in the journal's sled database, beside
-//! the order archive and for the same reasons (one cache, one set of files,
-//! one durability path: sled's flush, then `fdatasync` of its data file):
+//! [`SledIdemStore`] keeps two trees in the journal's sled database (one
+//! cache and one set of files with the journal; the records are bounded by
+//! their TTL, so sled's open, which reads what was written since the last
+//! one, stays bounded too). Writes are made durable as the archive's are
+//! ([`DurableDb`]: sled's flush, then `fdatasync` of its data file):
 //!
 //! - `idem.records`: the 16-byte key hash -> the record, framed by
 //!   [`codec::encode_idem_record`] (format version, length, CRC, the key
@@ -27,11 +29,11 @@
 //! points at a newer record and is dropped alone when its time comes.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Mutex;
 
 use crate::domain::idem::{HashedRecord, IdemRecord, KeyHash};
+use crate::journal::writer::DurableDb;
 use crate::journal::{JournalError, codec};
 use crate::limits::IDEMPOTENCY_DISK_EVICT_BATCH_MAX;
 
@@ -100,11 +102,9 @@ fn decode(key: &KeyHash, bytes: &[u8]) -> Result<IdemRecord, JournalError> {
 /// The store in the journal's sled database (see the module doc).
 #[derive(Debug)]
 pub struct SledIdemStore {
-    db: sled::Db,
+    db: DurableDb,
     records: sled::Tree,
     by_time: sled::Tree,
-    /// sled's data file, synced after sled's flush (as the journal does).
-    data_file: Mutex<File>,
 }
 
 impl SledIdemStore {
@@ -119,14 +119,10 @@ impl SledIdemStore {
         let by_time = db
             .open_tree(BY_TIME_TREE)
             .map_err(|e| storage("opening", e))?;
-        let data_path = dir.join("db");
-        let data_file = File::open(&data_path)
-            .map_err(|e| storage(&format!("opening {}", data_path.display()), e))?;
         Ok(SledIdemStore {
-            db: db.clone(),
+            db: DurableDb::new(db, dir)?,
             records,
             by_time,
-            data_file: Mutex::new(data_file),
         })
     }
 }
@@ -152,13 +148,7 @@ impl IdemStore for SledIdemStore {
         self.records
             .apply_batch(by_key)
             .map_err(|e| storage("writing", e))?;
-        self.db.flush().map_err(|e| storage("flushing", e))?;
-        let file = self
-            .data_file
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.sync_data().map_err(|e| storage("syncing", e))?;
-        Ok(())
+        self.db.flush().map_err(|e| storage("writing", e))
     }
 
     fn get(&self, key: &KeyHash) -> Result<Option<IdemRecord>, JournalError> {
