@@ -292,9 +292,42 @@ fn chromium() -> PathBuf {
     path
 }
 
+/// What one Chromium run printed.
+struct Rendered {
+    /// Its stdout: the page with `--dump-dom`.
+    stdout: String,
+    /// The page's console (errors, CSP violations), one message a line.
+    console: String,
+}
+
+/// The page's console messages in Chromium's log (`--enable-logging`),
+/// each once (an error in the event handler repeats every second).
+fn console_of(log: &str) -> String {
+    let mut messages: Vec<&str> = Vec::new();
+    for line in log.lines().filter(|line| line.contains(":CONSOLE")) {
+        // `[pid:tid:time:INFO:CONSOLE:line] "message", source: url (line)`
+        let message = line.split_once("] ").map_or(line, |(_, m)| m);
+        if !messages.contains(&message) {
+            messages.push(message);
+        }
+    }
+    messages.join("\n")
+}
+
 /// Runs headless Chromium on `url` with `extra` arguments; its stdout.
 fn run_chromium(url: &str, extra: &[&str]) -> String {
+    render(url, extra).stdout
+}
+
+/// Runs headless Chromium on `url` with `extra` arguments. A page that never
+/// closes its stream keeps virtual time from running out (Chromium waits for
+/// open requests), so a run past 90 s fails, showing the page's console.
+fn render(url: &str, extra: &[&str]) -> Rendered {
     let profile = tempfile::tempdir().expect("tempdir");
+    // A file, not a pipe: nothing reads the log until Chromium is done.
+    let log_path = profile.path().join("chromium.log");
+    let log_file = std::fs::File::create(&log_path).expect("the log file");
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let mut child = Command::new(chromium())
         .args([
             "--headless",
@@ -305,6 +338,9 @@ fn run_chromium(url: &str, extra: &[&str]) -> String {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            // The page's console goes to stderr, as `INFO:CONSOLE` lines.
+            "--enable-logging=stderr",
+            "--v=0",
             // Timers run ahead, but the page's stream is real: it closes
             // itself after `?events=N`, and then the budget runs out.
             "--virtual-time-budget=20000",
@@ -314,7 +350,7 @@ fn run_chromium(url: &str, extra: &[&str]) -> String {
         .arg(url)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log_file)
         .spawn()
         .expect("chromium starts");
     let started = Instant::now();
@@ -325,18 +361,25 @@ fn run_chromium(url: &str, extra: &[&str]) -> String {
         if started.elapsed() > Duration::from_secs(90) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("chromium did not finish within 90 s on {url}");
+            panic!(
+                "chromium did not finish within 90 s on {url} (the page never \
+                 closed its stream); its console:\n{}",
+                console_of(&read_log())
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let output = child.wait_with_output().expect("chromium output");
+    let log = read_log();
     assert!(
         output.status.success(),
-        "chromium failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+        "chromium failed ({}): {log}",
+        output.status
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    Rendered {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        console: console_of(&log),
+    }
 }
 
 /// The text of the element with `attrs` (as the page writes them, in
@@ -421,5 +464,80 @@ fn the_dashboard_in_a_browser_shows_what_the_api_says() {
         png.len() > 10_000,
         "a {} byte screenshot is blank",
         png.len()
+    );
+}
+
+/// SKU ids that are also built-in property names of a JavaScript object,
+/// and an ordinary one: a page that keys plain objects by id breaks on them.
+const PROPERTY_NAMED: [&str; 5] = [
+    "__proto__",
+    "constructor",
+    "hasOwnProperty",
+    "plain",
+    "toString",
+];
+
+#[test]
+fn the_dashboard_draws_skus_named_like_object_properties_under_a_hash_csp() {
+    let browser = chromium();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    // Different numbers per SKU, so a card showing another SKU's row fails.
+    for (i, sku) in (1_u32..).zip(PROPERTY_NAMED) {
+        let r = api.create_sku(sku, 100, 20 + u64::from(i), None);
+        assert_eq!(r.status, 201, "{sku}: {}", String::from_utf8_lossy(&r.body));
+        let orders = buy(&mut api, &server, sku, i, &["u1", "u2"]);
+        assert!(orders.iter().all(|o| o["_status"] == 201), "{orders:?}");
+        pay(&mut api, &server, &orders[0]);
+    }
+    let want = api_levels(&server);
+    let ids: Vec<&str> = want.iter().map(|(id, _)| id.as_str()).collect();
+    let mut sorted = PROPERTY_NAMED;
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "GET /v1/skus lists every SKU");
+
+    // The page's headers: scripts and styles admitted by hash only.
+    let r = api.call("GET", "/dashboard", None, None, None);
+    assert_eq!(r.status, 200);
+    let csp = r.header("content-security-policy").expect("a CSP");
+    assert!(!csp.contains("'unsafe-inline'"), "{csp}");
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(csp.contains("style-src 'sha256-"), "{csp}");
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(r.header("referrer-policy"), Some("no-referrer"));
+
+    let mut stream = Stream::open(server.addr);
+    event_showing(&mut stream, &want);
+    drop(stream);
+
+    // The numbers are written by the page's script: drawn numbers prove
+    // that Chromium ran it under the hash policy above.
+    let url = format!("http://{}/dashboard?events=2", server.addr);
+    let Rendered {
+        stdout: dom,
+        console,
+    } = render(&url, &["--dump-dom"]);
+    assert!(
+        dom.contains(r#"data-state="done""#) && dom.contains(r#"data-events="2""#),
+        "the page did not take its 2 events from {browser:?} (a script error, \
+         or a policy that blocked the script):\n{console}\n{dom}"
+    );
+    // Nothing was refused: not the script, not the style block, no attribute.
+    assert!(
+        !console.contains("Content Security Policy") && !console.contains("Uncaught"),
+        "the page's console:\n{console}"
+    );
+    for (sku, [available, reserved, sold]) in &want {
+        let card = format!(r#"class="panel sku" data-sku="{sku}""#);
+        assert_eq!(dom.matches(&card).count(), 1, "one card for {sku}");
+        assert_eq!(number_of(&dom, sku, "available"), *available, "{sku}");
+        assert_eq!(number_of(&dom, sku, "reserved"), *reserved, "{sku}");
+        assert_eq!(number_of(&dom, sku, "sold"), *sold, "{sku}");
+    }
+    assert_eq!(
+        text_of(&dom, r#"data-server="skus_total""#),
+        PROPERTY_NAMED.len().to_string()
     );
 }

@@ -30,15 +30,19 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
@@ -56,11 +60,67 @@ use crate::limits::{
 /// The page, built into the binary: it fetches nothing but `/v1/stream`.
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 
-/// What the page may load: only itself and the stream from this server
-/// (inline script and style, no other origin), so the browser enforces
-/// "nothing fetched from outside".
-const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
-     style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:";
+/// The dashboard's policy apart from its two hashes: nothing from another
+/// origin ("nothing fetched from outside", enforced by the browser), the
+/// stream from this server, never inside another site's frame, no `<base>`
+/// or form that could send the page elsewhere.
+const DASHBOARD_CSP_REST: &str = "connect-src 'self'; img-src 'self' data:; \
+     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// The policy when the page's script or style cannot be told apart (not
+/// exactly one bare `<script>` and one `<style>`): nothing inline runs or
+/// applies, so a page edited that way fails closed, never open. The unit
+/// tests keep the embedded page out of this branch.
+const DASHBOARD_CSP_CLOSED: &str = "default-src 'none'; script-src 'none'; style-src 'none'; \
+     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+/// The text between the page's only `<tag>` and its `</tag>`, byte for byte
+/// what the browser hashes, or `None` unless the page has exactly one such
+/// element, opened without attributes (a `src` or `nonce` would change what
+/// the hash covers). A `\r` is refused too: the browser hashes the text after
+/// turning CRLF into LF, so a checkout with CRLF would not match.
+fn inline_text<'a>(html: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    if html.matches(&format!("<{tag}")).count() != 1 || html.matches(&close).count() != 1 {
+        return None;
+    }
+    let start = html.find(&open)? + open.len();
+    let end = start + html[start..].find(&close)?;
+    let text = &html[start..end];
+    (!text.contains('\r')).then_some(text)
+}
+
+/// A CSP hash source for inline `text`: `'sha256-<base64 of its SHA-256>'`.
+fn csp_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+/// The Content-Security-Policy for `html`: its one inline script and one
+/// inline style admitted by hash, no `'unsafe-inline'` (an injected script
+/// or style would not match), and [`DASHBOARD_CSP_REST`].
+fn dashboard_csp_for(html: &str) -> String {
+    match (inline_text(html, "script"), inline_text(html, "style")) {
+        (Some(script), Some(style)) => format!(
+            "default-src 'none'; script-src {}; style-src {}; {DASHBOARD_CSP_REST}",
+            csp_hash(script),
+            csp_hash(style)
+        ),
+        _ => DASHBOARD_CSP_CLOSED.to_owned(),
+    }
+}
+
+/// The embedded page's policy, hashed once, on the first request: the hash
+/// always follows the page it is built with.
+fn dashboard_csp() -> &'static str {
+    static CSP: OnceLock<String> = OnceLock::new();
+    CSP.get_or_init(|| dashboard_csp_for(DASHBOARD_HTML))
+}
 
 /// Outcome classes, the index into [`Live`]'s counters.
 const CLASS_2XX: usize = 0;
@@ -552,13 +612,16 @@ pub async fn stream(State(state): State<AppState>) -> Result<Response, ApiError>
     Ok(Sse::new(events).into_response())
 }
 
-/// `GET /dashboard`: the page.
+/// `GET /dashboard`: the page, with its policy; `nosniff` so the answer is
+/// only ever read as the HTML it says it is, and no `Referer` leaves it.
 pub async fn dashboard() -> Response {
     (
         [
             (CONTENT_TYPE, "text/html; charset=utf-8"),
             (CACHE_CONTROL, "no-cache"),
-            (CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+            (CONTENT_SECURITY_POLICY, dashboard_csp()),
+            (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (REFERRER_POLICY, "no-referrer"),
         ],
         DASHBOARD_HTML,
     )
@@ -637,6 +700,81 @@ mod tests {
         assert_eq!(latency[bucket_of(300)], 2);
         assert_eq!(latency[bucket_of(3_000_000)], 1);
         assert_eq!(latency.iter().sum::<u64>(), 3);
+    }
+
+    /// The directive `name` of `csp`, without its name.
+    fn directive<'a>(csp: &'a str, name: &str) -> &'a str {
+        let found: Vec<&str> = csp
+            .split(';')
+            .map(str::trim)
+            .filter_map(|d| d.strip_prefix(name)?.strip_prefix(' '))
+            .collect();
+        assert_eq!(found.len(), 1, "{name} once in {csp}");
+        found[0]
+    }
+
+    /// What is between `open` and the next `close` in `html`, found
+    /// independently of [`inline_text`].
+    fn between<'a>(html: &'a str, open: &str, close: &str) -> &'a str {
+        let (_, rest) = html.split_once(open).expect("opens");
+        rest.split_once(close).expect("closes").0
+    }
+
+    #[test]
+    fn the_csp_admits_exactly_the_pages_script_and_style_by_hash() {
+        let csp = dashboard_csp();
+        assert!(!csp.contains("unsafe"), "{csp}");
+        for (name, open, close) in [
+            ("script-src", "<script>", "</script>"),
+            ("style-src", "<style>", "</style>"),
+        ] {
+            // Recomputed here from the page as the browser sees it.
+            let text = between(DASHBOARD_HTML, open, close);
+            let digest = Sha256::digest(text.as_bytes());
+            let want = format!(
+                "'sha256-{}'",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            );
+            assert_eq!(directive(csp, name), want, "{name}");
+        }
+        assert_eq!(directive(csp, "default-src"), "'none'");
+        assert_eq!(directive(csp, "frame-ancestors"), "'none'");
+        assert_eq!(directive(csp, "connect-src"), "'self'");
+    }
+
+    #[test]
+    fn the_page_has_nothing_inline_that_the_hashes_do_not_cover() {
+        // Attributes are not covered by a hash: a style attribute would not
+        // apply and an event handler attribute would not run.
+        let lower = DASHBOARD_HTML.to_ascii_lowercase();
+        for banned in [
+            " style=",
+            " onload=",
+            " onclick=",
+            " onerror=",
+            "javascript:",
+        ] {
+            assert!(!lower.contains(banned), "{banned} in the page");
+        }
+        assert!(inline_text(DASHBOARD_HTML, "script").is_some());
+        assert!(inline_text(DASHBOARD_HTML, "style").is_some());
+    }
+
+    #[test]
+    fn a_page_it_cannot_hash_gets_a_policy_that_runs_nothing() {
+        for html in [
+            "<style>a{}</style><script>1</script><script>2</script>",
+            "<style>a{}</style><script src=x></script>",
+            "<style>a{}</style>",
+            "<style>a{}</style><script>1\r\n</script>",
+        ] {
+            assert_eq!(dashboard_csp_for(html), DASHBOARD_CSP_CLOSED, "{html}");
+        }
+        let csp = dashboard_csp_for("<style></style><script></script>");
+        // SHA-256 of nothing, a known vector.
+        let empty = "'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='";
+        assert_eq!(directive(&csp, "script-src"), empty);
+        assert_eq!(directive(&csp, "style-src"), empty);
     }
 
     #[test]
