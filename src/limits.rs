@@ -329,3 +329,22 @@ const _: () = assert!(DASHBOARD_SKUS_MAX <= SKUS_MAX && DASHBOARD_SKUS_MAX < SKU
 const _: () = assert!(METRICS_SKUS_MAX <= SKUS_PAGE_MAX);
 const _: () = assert!(SKU_IDLE_CHECK_MS_MAX <= SKU_IDLE_DEFAULT_MS);
 const _: () = assert!(STREAM_RETRY_MS < STREAM_LIFETIME_MS && LIVE_SAMPLE_MS < STREAM_LIFETIME_MS);
+
+// ----- Tokens and the secret (issue 17) -----
+
+/// Furthest a token's `exp` may be ahead of now, and the longest `--ttl`
+/// of `flashcore token`: a year (365 days). A token is a bearer credential
+/// with no revocation list; one that never expires is a leaked key for
+/// ever, so the server refuses it even when its signature is good.
+pub const TOKEN_TTL_MAX_S: u64 = 365 * 24 * 60 * 60;
+
+/// Fewest distinct byte values a JWT secret must hold. Not an entropy
+/// measure (a human-chosen secret can pass it): it catches placeholders,
+/// one byte repeated ("aaaa...") or a short word repeated to reach the
+/// length ("changeme", "password" and "secret" have 7 or fewer distinct
+/// letters), while a random secret passes for certain in practice (32 random
+/// hex digits have fewer than 8 distinct values with odds of about 4 in
+/// 10^8; the 96 the server generates, never in practice).
+pub const JWT_SECRET_DISTINCT_BYTES_MIN: usize = 8;
+
+const _: () = assert!(JWT_SECRET_DISTINCT_BYTES_MIN <= JWT_SECRET_BYTES_MIN);

@@ -16,7 +16,7 @@ use flashcore::journal::recovery::SNAPSHOT_EVERY_EVENTS;
 use flashcore::limits::{
     ACTOR_THREADS_MAX, ARCHIVE_AFTER_MAX_MS, CONNECTIONS_DEFAULT, CONNECTIONS_MAX,
     ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX,
-    RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_MS,
+    RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_S,
 };
 use flashcore::server::{ServeConfig, run};
 
@@ -108,7 +108,7 @@ struct TokenArgs {
     /// Make it an admin token.
     #[arg(long)]
     admin: bool,
-    /// How long it is valid.
+    /// How long it is valid (at most 365 days: the server refuses longer).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     ttl: Duration,
     /// Data directory holding the secret (when FLASHCORE_JWT_SECRET is unset).
@@ -225,9 +225,15 @@ async fn shutdown_signal() {
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     let user = UserId::parse(&args.user).map_err(|e| anyhow::anyhow!("--user: {e}"))?;
-    let ttl_ms = u64::try_from(args.ttl.as_millis()).unwrap_or(u64::MAX);
-    if ttl_ms == 0 || ttl_ms > TOKEN_TTL_MAX_MS {
-        bail!("--ttl must be between 1s and a year");
+    // The server refuses a token whose `exp` is more than a year ahead, so
+    // a longer one would be printed only to be refused.
+    if args.ttl.is_zero() || args.ttl > Duration::from_secs(TOKEN_TTL_MAX_S) {
+        bail!(
+            "--ttl must be between 1s and a year ({} days): the server refuses a token \
+             whose exp is further ahead; got {:.2} days",
+            TOKEN_TTL_MAX_S / 86_400,
+            args.ttl.as_secs_f64() / 86_400.0
+        );
     }
     let secret = load_secret(std::env::var(SECRET_ENV).ok(), &args.data_dir)?;
     let keys = JwtKeys::new(&secret);
@@ -244,6 +250,9 @@ fn jsonwebtoken_now() -> u64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything is created: the data dir and all in it are the
+    // server's user's alone (contract: "Authentication").
+    flashcore::memory::restrict_new_files();
     flashcore::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(

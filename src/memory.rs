@@ -1,4 +1,9 @@
-//! How much memory the allocator keeps.
+//! Process settings made through libc, the crate's only `unsafe` code: how
+//! much memory the allocator keeps, and the mode of the files the process
+//! creates. Each call is wrapped in a safe function here so that no other
+//! module needs `unsafe`.
+//!
+//! ## The allocator's arenas
 //!
 //! glibc's allocator gives each thread that contends for it an arena of its
 //! own, up to eight per core, and keeps what was freed in an arena for
@@ -15,6 +20,13 @@
 //! it). Periodic `malloc_trim(0)` was tried instead: RSS 184 to 315 MB over
 //! the same run, but one trim held the allocator for up to 119 ms, a stall
 //! a trading core cannot have.
+//!
+//! ## The file-creation mask
+//!
+//! [`restrict_new_files`] sets the umask to 0o077, so that
+//! every file and directory the server creates (journal, snapshots, sled's
+//! databases, the secret) is its user's alone (contract: "Authentication",
+//! data at rest), including what libraries create with their own modes.
 
 /// Caps glibc's arenas, unless `MALLOC_ARENA_MAX` is set. Call first thing
 /// in `main`, before any thread starts. Does nothing with an allocator
@@ -29,5 +41,17 @@ pub fn limit_arenas() {
         // SAFETY: `mallopt` takes two integers and only sets an allocator
         // parameter; called before other threads exist.
         let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+    }
+}
+
+/// Sets the process umask to 0o077 (no permission for group or others).
+/// Call first thing in `main`, before any thread starts and before anything
+/// is created: the umask is process-wide. Does nothing off Unix.
+pub fn restrict_new_files() {
+    #[cfg(unix)]
+    {
+        // SAFETY: `umask` only swaps the process's file-creation mask and
+        // cannot fail; it touches no memory of ours.
+        let _previous = unsafe { libc::umask(0o077) };
     }
 }

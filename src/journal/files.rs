@@ -10,6 +10,11 @@
 //!
 //! Never: rename over a file before the new contents are synced, or
 //! answer anything that depends on an entry before its directory is synced.
+//!
+//! Also here: [`restrict_to_owner`], which takes group and other
+//! permissions off the data dir and what is in it (contract:
+//! "Authentication", data at rest), for a data dir an earlier build made
+//! with the default umask.
 
 use std::fs::File;
 use std::io::Write;
@@ -156,6 +161,124 @@ fn unique_suffix() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Most entries [`restrict_to_owner`] looks at under the data dir. The data
+/// dir holds a handful of entries and sled's directories (a few dozen files
+/// each); a walk past this many is in the wrong directory or a tree nobody
+/// should have put there, and stops rather than run for minutes.
+const RESTRICT_WALK_ENTRIES_MAX: u64 = 100_000;
+
+/// What [`restrict_to_owner`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restricted {
+    /// The directory's own mode before, when it was looser than 0700.
+    pub dir_mode_was: Option<u32>,
+    /// Entries under it that lost group or other permissions.
+    pub entries_tightened: u64,
+    /// Entries looked at (symbolic links included, never followed).
+    pub entries_seen: u64,
+    /// The walk stopped at [`RESTRICT_WALK_ENTRIES_MAX`] entries.
+    pub capped: bool,
+}
+
+/// Takes every permission of group and others off `dir` and everything
+/// under it (`mode & 0o700`: a 0755 directory becomes 0700, a 0644 file
+/// 0600, and the owner's own bits stay as they were). Symbolic links are
+/// neither followed nor changed. `dir` goes first, so no other user can
+/// swap entries under it while the walk runs. The walk is iterative and
+/// stops after [`RESTRICT_WALK_ENTRIES_MAX`] entries (`capped`). Logs a
+/// warning for whatever it changed. Does nothing off Unix.
+///
+/// # Errors
+/// The I/O error of the first listing or `chmod` that failed (an entry
+/// that vanished meanwhile is skipped).
+pub fn restrict_to_owner(dir: &Path) -> std::io::Result<Restricted> {
+    let done = restrict_to_owner_capped(dir, RESTRICT_WALK_ENTRIES_MAX)?;
+    if let Some(mode) = done.dir_mode_was {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = %format!("{mode:03o}"),
+            "the data dir was open to group or others; it is now its owner's alone"
+        );
+    }
+    if done.entries_tightened > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            entries = done.entries_tightened,
+            "entries in the data dir were open to group or others; those permissions are removed"
+        );
+    }
+    if done.capped {
+        tracing::warn!(
+            dir = %dir.display(),
+            entries = done.entries_seen,
+            "the data dir holds more entries than the permission walk looks at; the rest are unchecked"
+        );
+    }
+    Ok(done)
+}
+
+#[cfg(unix)]
+fn restrict_to_owner_capped(dir: &Path, entries_max: u64) -> std::io::Result<Restricted> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut done = Restricted::default();
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        done.dir_mode_was = Some(mode & 0o7777);
+    }
+    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    // Directories still to list, each already tightened.
+    let mut pending: Vec<PathBuf> = vec![dir.to_path_buf()];
+    while let Some(listing) = pending.pop() {
+        let entries = match std::fs::read_dir(&listing) {
+            Ok(entries) => entries,
+            Err(e) if vanished(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            if done.entries_seen >= entries_max {
+                done.capped = true;
+                return Ok(done);
+            }
+            done.entries_seen += 1;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            // Not followed: `DirEntry::metadata` is the link's own.
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if metadata.file_type().is_symlink() {
+                continue;
+            }
+            let path = entry.path();
+            let mode = metadata.permissions().mode();
+            if mode & 0o077 != 0 {
+                match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                {
+                    Ok(()) => done.entries_tightened += 1,
+                    Err(e) if vanished(&e) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if metadata.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    assert!(done.entries_seen <= entries_max && !done.capped);
+    Ok(done)
+}
+
+#[cfg(not(unix))]
+fn restrict_to_owner_capped(_dir: &Path, _entries_max: u64) -> std::io::Result<Restricted> {
+    Ok(Restricted::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +306,58 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("f")], "no temp left");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn restrict_to_owner_takes_group_and_other_bits_off_everything_but_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .expect("exists")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let chmod = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+        };
+        let root = tempfile::tempdir().expect("tempdir");
+        let data = root.path().join("data");
+        let sled = data.join("archive").join("blobs");
+        std::fs::create_dir_all(&sled).expect("dirs");
+        std::fs::write(data.join("conf"), b"x").expect("file");
+        std::fs::write(sled.join("1"), b"x").expect("file");
+        std::fs::write(data.join("mine"), b"x").expect("file");
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"x").expect("file");
+        std::os::unix::fs::symlink(&outside, data.join("link")).expect("symlink");
+        chmod(&data, 0o755);
+        chmod(&data.join("archive"), 0o775);
+        chmod(&sled, 0o777);
+        chmod(&data.join("conf"), 0o644);
+        chmod(&sled.join("1"), 0o466);
+        chmod(&data.join("mine"), 0o600);
+        chmod(&outside, 0o644);
+
+        let done = restrict_to_owner(&data).expect("restricted");
+        assert_eq!(done.dir_mode_was, Some(0o755));
+        assert_eq!(done.entries_tightened, 4, "{done:?}");
+        assert_eq!(done.entries_seen, 6, "{done:?}");
+        assert!(!done.capped);
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("archive")), 0o700);
+        assert_eq!(mode(&sled), 0o700);
+        assert_eq!(mode(&data.join("conf")), 0o600);
+        assert_eq!(mode(&sled.join("1")), 0o400, "the owner's bits kept");
+        assert_eq!(mode(&data.join("mine")), 0o600);
+        assert_eq!(mode(&outside), 0o644, "a link is not followed");
+
+        let again = restrict_to_owner(&data).expect("restricted");
+        assert_eq!((again.dir_mode_was, again.entries_tightened), (None, 0));
+
+        chmod(&data.join("conf"), 0o644);
+        let capped = restrict_to_owner_capped(&data, 2).expect("restricted");
+        assert!(capped.capped && capped.entries_seen == 2, "{capped:?}");
     }
 }

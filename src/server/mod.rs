@@ -1,6 +1,8 @@
 //! `flashcore serve`: start-up, the storage supervisor, and shutdown.
 //!
-//! Start-up order: raise the open-file limit, check the data dir, load the
+//! Start-up order: raise the open-file limit, check the data dir (a
+//! `jwt-secret` others may read stops the start before anything changes;
+//! then group and other permissions come off the rest), load the
 //! JWT secret, bind the listener (so `/healthz` answers and `/readyz` says
 //! 503 while recovering), recover the state (newest snapshot + journal tail,
 //! then release what a crash left held and expire what passed its deadline,
@@ -34,7 +36,7 @@ use crate::engine::{
     Clock, DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock,
 };
 use crate::fatal;
-use crate::http::auth::{JwtKeys, SecretError, load_secret};
+use crate::http::auth::{JwtKeys, SecretError, check_secret_file, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
 use crate::http::{AppState, Backend, Front, live};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
@@ -472,6 +474,16 @@ pub async fn run(
     journal::files::create_dir_durably(&config.data_dir).map_err(|e| {
         ServerError::Io(format!(
             "cannot create the data dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    // A secret others may have read refuses the start before anything in
+    // the data dir is changed; then what an earlier build left readable is
+    // made the server's user's alone.
+    check_secret_file(&config.data_dir)?;
+    journal::files::restrict_to_owner(&config.data_dir).map_err(|e| {
+        ServerError::Io(format!(
+            "cannot make the data dir {} its owner's alone: {e}",
             config.data_dir.display()
         ))
     })?;

@@ -478,3 +478,51 @@ impl<'a> Api<'a> {
         (skus, orders)
     }
 }
+
+/// Runs `flashcore serve` on `data_dir` (with the test secret, overridden by
+/// `env`) expecting it to refuse to start: waits up to `patience` for it to
+/// exit and returns its exit status and everything it wrote to stderr. A
+/// server still running then did not refuse: it is killed, and that panics.
+pub fn refused_start(
+    data_dir: &Path,
+    env: &[(&str, &str)],
+    patience: Duration,
+) -> (ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashcore"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--catalog")
+        .arg(data_dir.join("no-catalog.json"))
+        .env("FLASHCORE_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .env_remove("FLASHCORE_CATALOG")
+        .env_remove("FLASHCORE_FAULTS")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waits") {
+            break status;
+        }
+        if started.elapsed() > patience {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = reader.join().unwrap_or_default();
+            panic!("still running after {patience:?}, so it did not refuse to start:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().expect("stderr read"))
+}
