@@ -23,7 +23,7 @@ use flashcore::domain::UserId;
 use flashcore::domain::sale::SaleWindow;
 use flashcore::engine::{Engine, EngineConfig, NewSku};
 use flashcore::http::auth::JwtKeys;
-use flashcore::http::{AppState, Backend, Front};
+use flashcore::http::{AppState, Backend, Front, FrontConfig};
 use flashcore::journal::{self, FlushPolicy};
 
 /// Counts every allocation and its bytes, then asks the system allocator.
@@ -209,7 +209,7 @@ fn main() {
                 })
                 .collect(),
         );
-        let app = Front::new(AppState::new(backend, keys, 10_000, None).expect("state"));
+        let app = Front::new(AppState::new(backend, keys, FrontConfig::new(10_000)).expect("state"));
         println!(
             "alloc bench: {requests} requests per scenario, {CALLERS} callers, front in process, strict journal"
         );

@@ -231,8 +231,51 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
 /// is shed (`503 overloaded`).
 pub const BODY_READS_MAX: usize = 1_024;
 
+/// How long a body may take before the minimum rate applies: a body that
+/// came with its head, or a few packets behind it, is never timed.
+pub const BODY_READ_GRACE_MS: u64 = 2_000;
+
+/// The slowest a body may arrive once the grace is over (Apache's
+/// `mod_reqtimeout` `MinRate` default): each byte received buys the body
+/// 1/500 s more, up to [`BODY_READ_TIMEOUT_MS`] in all. A client that
+/// sends one byte and stops is cut after the grace, not after 10 s, so a
+/// body-read place is held for seconds, not for the whole limit.
+pub const BODY_MIN_BYTES_PER_S: u64 = 500;
+
+/// Each pool's share for one client (a verified user, else an address;
+/// IPv6 by /64): at most 1/this of the pool, so no single client can hold
+/// more than a small fraction of it and the rest stay open to everyone
+/// else (contract, guarantee 6). Admins are not bound by shares.
+pub const CLIENT_SHARE_DIVISOR: usize = 16;
+
+/// A client's share of open connections, by default: 1/8 of
+/// `--max-connections` (1,250 of the default 10,000). Connections are
+/// shared more generously than the other pools because an address may be
+/// a household or an office behind one NAT; `--max-connections-per-client`
+/// sets it. Connections from a trusted proxy are not counted per address.
+pub const CONNECTIONS_CLIENT_SHARE_DIVISOR: usize = 8;
+
+/// Most addresses `--trusted-proxies` may name.
+pub const TRUSTED_PROXIES_MAX: usize = 64;
+
+/// Most `X-Forwarded-For` entries looked at, from the right: the
+/// proxies in front of the server are few.
+pub const FORWARDED_HOPS_MAX: usize = 16;
+
+/// How long a `/metrics` scrape's text is served again: a scrape asks
+/// every order shard and SKU actors (up to [`DASHBOARD_SKUS_MAX`]), so
+/// scrapes in a loop must not reach the actors more than once a second.
+pub const METRICS_CACHE_MS: u64 = 1_000;
+
 /// Default bound on open connections (contract: `--max-connections`).
 pub const CONNECTIONS_DEFAULT: usize = 10_000;
+/// The accept queue asked of the kernel (which caps it at
+/// `net.core.somaxconn`, 4096 by default on current Linux): a flash sale
+/// opens with a burst of connections, and a handshake the full queue drops
+/// leaves a client that believes it is connected to a server that never
+/// saw it (`listener::bind`).
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
 /// Highest `--max-connections`: each connection holds a file descriptor and
 /// buffers, and the open-file limit is raised to fit this many.
 pub const CONNECTIONS_MAX: usize = 1_000_000;
@@ -260,8 +303,10 @@ pub const RATE_LIMIT_EVICT_EVERY_MS: u64 = 1_000;
 
 /// Most rate-limit buckets kept (about 100 bytes each, 10 MiB). Callers of
 /// the last two seconds stay far below it (the server answers ~10,000
-/// requests a second); past it, the buckets start afresh rather than grow
-/// without bound under a million distinct callers.
+/// requests a second); past it, the buckets of the callers seen longest
+/// ago are dropped first, down to nine tenths of the bound, never all at
+/// once (a dropped bucket starts full again, so eviction is lenient only
+/// to the callers least active).
 pub const RATE_LIMIT_KEYS_MAX: usize = 100_000;
 
 /// Shortest JWT secret (contract: at least 32 bytes).
@@ -274,9 +319,6 @@ pub const TOKEN_BYTES_MAX: usize = 4 * 1024;
 /// hundred thousand buyers fits; beyond, the memory is cleared and filled
 /// again.
 pub const VERIFIED_TOKENS_MAX: usize = 100_000;
-
-/// Longest `--ttl` of a token printed by `flashcore token`: a year.
-pub const TOKEN_TTL_MAX_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 
 /// How long shutdown waits for requests in flight before closing anyway.
 pub const SHUTDOWN_GRACE_MS: u64 = 30_000;

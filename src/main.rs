@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use flashcore::domain::UserId;
 use flashcore::engine::{DurabilityMode, EngineConfig};
+use flashcore::http::admission::TrustedProxies;
 use flashcore::http::auth::{JwtKeys, SECRET_ENV, load_secret};
 use flashcore::journal::SnapshotPolicy;
 use flashcore::journal::recovery::SNAPSHOT_EVERY_EVENTS;
@@ -81,6 +82,15 @@ struct ServeArgs {
     /// `off` or `N/s`. Admins are not limited.
     #[arg(long, env = "FLASHCORE_RATE_LIMIT", default_value = "off", value_parser = parse_rate_limit)]
     rate_limit: RateLimit,
+    /// Proxies whose `X-Forwarded-For` is believed: `CIDR,...` (default
+    /// none). Only then does a client behind them count as its own address
+    /// for rate limits and shares.
+    #[arg(long, env = "FLASHCORE_TRUSTED_PROXIES", default_value = "", value_parser = TrustedProxies::parse)]
+    trusted_proxies: TrustedProxies,
+    /// Most open connections from one address (IPv6 by /64); default an
+    /// eighth of --max-connections. A trusted proxy is not bound by it.
+    #[arg(long, env = "FLASHCORE_MAX_CONNECTIONS_PER_CLIENT")]
+    max_connections_per_client: Option<usize>,
     /// Cut a journal damaged before its tail instead of refusing to start
     /// (every change from the damage on is lost).
     #[arg(long)]
@@ -141,6 +151,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !(1..=REQUESTS_IN_FLIGHT_MAX).contains(&args.max_in_flight) {
         bail!("--max-in-flight must be 1 to {REQUESTS_IN_FLIGHT_MAX}");
     }
+    if args
+        .max_connections_per_client
+        .is_some_and(|n| n == 0 || n > args.max_connections)
+    {
+        bail!("--max-connections-per-client must be between 1 and --max-connections");
+    }
     if args.max_connections == 0 || args.max_connections > CONNECTIONS_MAX {
         bail!("--max-connections must be 1 to {CONNECTIONS_MAX}");
     }
@@ -171,6 +187,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
         max_connections: args.max_connections,
+        max_connections_per_client: args.max_connections_per_client,
         max_in_flight: args.max_in_flight,
         repair: args.repair,
         snapshots: SnapshotPolicy {
@@ -179,6 +196,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         jwt_secret: std::env::var(SECRET_ENV).ok(),
         rate_limit: args.rate_limit.0,
+        trusted_proxies: args.trusted_proxies,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.http_threads)

@@ -13,7 +13,7 @@ use flashcore::domain::sale::SaleWindow;
 use flashcore::domain::{SkuId, State, UserId};
 use flashcore::engine::{Engine, EngineConfig, NewSku};
 use flashcore::http::auth::JwtKeys;
-use flashcore::http::{AppState, Backend, Front, router};
+use flashcore::http::{AppState, Backend, Front, FrontConfig, router};
 use flashcore::journal::MemJournal;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -107,7 +107,7 @@ async fn setup() -> Setup {
     let admin = keys
         .issue(UserId::parse("ops").expect("user"), true, now, 3_600)
         .expect("token");
-    let state = AppState::new(backend, keys, 1_000, None).expect("state");
+    let state = AppState::new(backend, keys, FrontConfig::new(1_000)).expect("state");
     Setup {
         engine,
         state,

@@ -13,8 +13,9 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::{IdempotencyKey, OrderId};
 use crate::engine::Caller;
-use crate::http::AppState;
+use crate::http::auth::JwtKeys;
 use crate::http::error::ApiError;
+use crate::http::{AppState, Verified};
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -125,7 +126,26 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
     }
 }
 
-/// The caller, from `Authorization: Bearer <JWT>`.
+/// The caller named by `Authorization: Bearer <JWT>` in `headers`.
+///
+/// # Errors
+/// `Unauthorized` for a missing, malformed or refused token.
+pub fn bearer_caller(headers: &HeaderMap, keys: &JwtKeys) -> Result<Caller, ApiError> {
+    let header = headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer token".into()))?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("malformed Authorization header".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::Unauthorized("expected Authorization: Bearer <token>".into()))?;
+    keys.verify(token.trim())
+}
+
+/// The caller, from `Authorization: Bearer <JWT>` (verified once, by
+/// admission, when the request came through the front).
 #[derive(Debug, Clone, Copy)]
 pub struct Auth(pub Caller);
 
@@ -133,20 +153,10 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or_else(|| ApiError::Unauthorized("missing Authorization: Bearer token".into()))?;
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::Unauthorized("malformed Authorization header".into()))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or_else(|| {
-                ApiError::Unauthorized("expected Authorization: Bearer <token>".into())
-            })?;
-        state.keys.verify(token.trim()).map(Auth)
+        if let Some(Verified(caller)) = parts.extensions.get::<Verified>() {
+            return Ok(Auth(*caller));
+        }
+        bearer_caller(&parts.headers, &state.keys).map(Auth)
     }
 }
 

@@ -3,8 +3,10 @@
 //! or admin) is the engine's; role checks are the extractors'.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
@@ -26,7 +28,9 @@ use crate::http::views::{
     PatchSkuBody, PayBody, PlaceOrderBody, PromotionBody, PromotionJson, RefundBody, RestockBody,
     SkuJson, SkuListJson, SkuListQuery,
 };
-use crate::limits::{ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX, SKUS_PAGE_DEFAULT, SKUS_PAGE_MAX};
+use crate::limits::{
+    METRICS_CACHE_MS, ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX, SKUS_PAGE_DEFAULT, SKUS_PAGE_MAX,
+};
 
 type Answer = Result<Response, ApiError>;
 
@@ -77,9 +81,26 @@ pub async fn readyz(State(state): State<AppState>) -> Answer {
 }
 
 /// `GET /metrics`.
+///
+/// A render asks every order shard and the watched SKU actors, so its text
+/// is kept for [`METRICS_CACHE_MS`]: scrapes in a loop, or many at once,
+/// reach the actors at most once in that time.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let engine = state.backend.engine().ok();
-    let text = state.metrics.render(engine.as_ref()).await;
+    let text = {
+        let mut cached = state.metrics_text.lock().await;
+        match &*cached {
+            Some((at, text)) if at.elapsed() < Duration::from_millis(METRICS_CACHE_MS) => {
+                text.clone()
+            }
+            _ => {
+                let engine = state.backend.engine().ok();
+                state.metrics.renders.inc();
+                let text = Bytes::from(state.metrics.render(engine.as_ref()).await);
+                *cached = Some((Instant::now(), text.clone()));
+                text
+            }
+        }
+    };
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         text,

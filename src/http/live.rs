@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header::{
@@ -43,18 +44,20 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::{Clock, SystemClock};
 use crate::domain::SkuId;
 use crate::domain::sku::SkuView;
 use crate::engine::Engine;
-use crate::http::AppState;
+use crate::http::admission::{ClientKey, Permit, Pool, Refused};
 use crate::http::error::ApiError;
 use crate::http::views::rfc3339;
+use crate::http::{Admitted, AppState};
 use crate::limits::{
-    DASHBOARD_SKUS_MAX, LIVE_SAMPLE_MS, STREAM_CLIENTS_MAX, STREAM_LIFETIME_MS, STREAM_RETRY_MS,
+    CLIENT_SHARE_DIVISOR, DASHBOARD_SKUS_MAX, LIVE_SAMPLE_MS, STREAM_CLIENTS_MAX,
+    STREAM_LIFETIME_MS, STREAM_RETRY_MS,
 };
 
 /// The page, built into the binary: it fetches nothing but `/v1/stream`.
@@ -213,8 +216,8 @@ pub struct Live {
     outcomes: [AtomicU64; CLASSES],
     /// Answers by latency bucket, since start.
     latency: [AtomicU64; LATENCY_BUCKETS],
-    /// A permit per open stream.
-    streams: Arc<Semaphore>,
+    /// A place per open stream, with per-client shares.
+    streams: Pool,
     /// The latest serialized snapshot; empty until the first sample.
     latest: watch::Receiver<Arc<str>>,
     /// The sender, until the sampler takes it (it alone publishes, and its
@@ -236,7 +239,7 @@ impl Default for Live {
         Live {
             outcomes: std::array::from_fn(|_| AtomicU64::new(0)),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
-            streams: Arc::new(Semaphore::new(STREAM_CLIENTS_MAX)),
+            streams: Pool::new(STREAM_CLIENTS_MAX, CLIENT_SHARE_DIVISOR),
             latest,
             publisher: Mutex::new(Some(publisher)),
         }
@@ -254,7 +257,7 @@ impl Live {
 
     /// Streams open now.
     pub fn streams_open(&self) -> usize {
-        STREAM_CLIENTS_MAX.saturating_sub(self.streams.available_permits())
+        STREAM_CLIENTS_MAX.saturating_sub(self.streams.available())
     }
 
     fn outcome_counts(&self) -> [u64; CLASSES] {
@@ -568,7 +571,7 @@ struct Follower {
     ends_at: tokio::time::Instant,
     first: bool,
     /// Held for the life of the stream (dropped with it).
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 /// The next event: the latest snapshot once it changes (the current one
@@ -598,10 +601,24 @@ async fn next_event(mut f: Follower) -> Option<(Result<Event, Infallible>, Follo
 ///
 /// # Errors
 /// `Overloaded` when [`STREAM_CLIENTS_MAX`] streams are open.
-pub async fn stream(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let permit = Arc::clone(&state.live.streams)
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded("too many live streams are open; retry later".into()))?;
+pub async fn stream(
+    State(state): State<AppState>,
+    admitted: Option<Extension<Admitted>>,
+) -> Result<Response, ApiError> {
+    // Through the front, admission names the client; a request that did
+    // not come through it counts as one anonymous client.
+    let client = match admitted {
+        Some(Extension(admitted)) => admitted.client,
+        None => Some(ClientKey::addr(std::net::Ipv4Addr::UNSPECIFIED.into())),
+    };
+    let permit = state.live.streams.try_acquire(client).map_err(|why| {
+        ApiError::Overloaded(match why {
+            Refused::Full => "too many live streams are open; retry later".into(),
+            Refused::ShareUsed => {
+                "this client has its whole share of live streams open; close one".into()
+            }
+        })
+    })?;
     let follower = Follower {
         latest: state.live.latest.clone(),
         ends_at: tokio::time::Instant::now() + Duration::from_millis(STREAM_LIFETIME_MS),

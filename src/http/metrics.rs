@@ -102,6 +102,9 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Requests shed with `503 overloaded` before any work.
     pub shed: IntCounter,
+    /// `/metrics` texts rendered (the rest of the scrapes were served the
+    /// last text again).
+    pub renders: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -143,7 +146,12 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        let renders = IntCounter::new(
+            "flashcore_metrics_renders_total",
+            "metrics texts rendered from the engine (scrapes within a second share one)",
+        )?;
         registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(renders.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -151,6 +159,7 @@ impl Metrics {
             routes: RwLock::new(HashMap::new()),
             in_flight,
             shed,
+            renders,
         })
     }
 

@@ -1,15 +1,30 @@
 //! The HTTP front: exactly the contract of `../shared/API.md`, thin over the
 //! [`Engine`].
 //!
-//! Layers, outside in: metrics (per matched route), the body limit (a
-//! declared `Content-Length` over 64 KiB is a `413` before any byte is read),
-//! the body read (the whole body, at most 64 KiB, within 10 s, else `413` or
-//! a bare `408`; before the request holds a slot, so a client trickling its
-//! body cannot hold one), load shedding (a bound on requests in flight;
-//! beyond it a `503 overloaded` with `Retry-After` at once), then the routes. Unknown routes and methods, bad JSON,
-//! wrong content types and bad parameters all answer with the JSON error
-//! body (`error.rs`). Nothing here blocks a worker thread.
+//! Every route goes through admission (contract, guarantee 6), in an order
+//! a hostile client cannot turn against others, each step before anything
+//! is held:
+//!
+//! 1. who the client is (`admission.rs`): the token, verified from the
+//!    head alone, else the address (IPv6 by /64, `--trusted-proxies`);
+//! 2. its rate (`ratelimit.rs`, when on; not the health probes, whose
+//!    answer costs no more than a `429`);
+//! 3. on a route that needs a token, `401` for a missing or bad one;
+//! 4. the body limit (a declared `Content-Length` over 64 KiB is a `413`);
+//! 5. the body read, in a place of the body-read pool and of the client's
+//!    share of it: the whole body, at most 64 KiB, at a minimum rate after
+//!    a short grace and within 10 s in all, else `413` or a bare `408`.
+//!    It comes before the request holds a slot, so a client trickling its
+//!    body holds no slot;
+//! 6. a slot (requests in flight), within the client's share of them;
+//!    beyond either bound `503 overloaded` with `Retry-After` at once;
+//! 7. the route, then the metrics.
+//!
+//! Unknown routes and methods, bad JSON, wrong content types and bad
+//! parameters all answer with the JSON error body (`error.rs`). Nothing
+//! here blocks a worker thread.
 
+pub mod admission;
 pub mod auth;
 pub mod error;
 pub mod extract;
@@ -25,26 +40,30 @@ pub mod views;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, HttpBody};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use crate::engine::Engine;
+use crate::engine::{Caller, Engine};
+use crate::http::admission::{ClientKey, Pool, Refused, TrustedProxies};
 use crate::http::auth::JwtKeys;
 use crate::http::error::ApiError;
 use crate::http::idempotency::InFlight;
 use crate::http::live::Live;
 use crate::http::metrics::{Metrics, RouteMetrics};
-use crate::limits::{BODY_BYTES_MAX, BODY_READ_TIMEOUT_MS, BODY_READS_MAX, REQUESTS_IN_FLIGHT_MAX};
+use crate::http::routes::Access;
+use crate::limits::{
+    BODY_BYTES_MAX, BODY_MIN_BYTES_PER_S, BODY_READ_GRACE_MS, BODY_READ_TIMEOUT_MS, BODY_READS_MAX,
+    CLIENT_SHARE_DIVISOR, REQUESTS_IN_FLIGHT_MAX,
+};
+use http_body_util::BodyExt;
 
 /// What the front talks to: the [`Engine`], its only door to the state and
 /// the storage. The server swaps the engine when it goes back to its last
@@ -143,14 +162,43 @@ pub struct Shared {
     pub inflight: Arc<InFlight>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Requests in flight (load shedding).
-    pub slots: Arc<Semaphore>,
-    /// Request bodies being read (before a slot is taken).
-    pub body_reads: Arc<Semaphore>,
+    /// Requests in flight (load shedding), with per-client shares.
+    pub slots: Pool,
+    /// Request bodies being read (before a slot is taken), with per-client
+    /// shares.
+    pub body_reads: Pool,
     /// The live dashboard's counters and snapshot (`live.rs`).
     pub live: Arc<Live>,
     /// Per-caller rate limits, when on (`--rate-limit`).
     pub rate_limiter: Option<Arc<ratelimit::RateLimiter>>,
+    /// Whose `X-Forwarded-For` is believed (`--trusted-proxies`).
+    pub trusted_proxies: TrustedProxies,
+    /// The last `/metrics` text and when it was rendered: scrapes within
+    /// [`crate::limits::METRICS_CACHE_MS`] get it again, and concurrent
+    /// scrapes wait for one render instead of each asking the actors.
+    pub metrics_text: tokio::sync::Mutex<Option<(Instant, axum::body::Bytes)>>,
+}
+
+/// How the front admits requests (`serve`'s flags).
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    /// Most requests handled at once (`--max-in-flight`).
+    pub max_in_flight: usize,
+    /// Requests a second per caller (`--rate-limit`), or `None` for off.
+    pub rate_limit: Option<std::num::NonZeroU32>,
+    /// Whose `X-Forwarded-For` is believed (`--trusted-proxies`).
+    pub trusted_proxies: TrustedProxies,
+}
+
+impl FrontConfig {
+    /// `max_in_flight` requests at once, no rate limit, no proxy trusted.
+    pub fn new(max_in_flight: usize) -> FrontConfig {
+        FrontConfig {
+            max_in_flight,
+            rate_limit: None,
+            trusted_proxies: TrustedProxies::default(),
+        }
+    }
 }
 
 impl AppState {
@@ -161,45 +209,72 @@ impl AppState {
     pub fn new(
         backend: Arc<Backend>,
         keys: JwtKeys,
-        max_in_flight: usize,
-        rate_limit: Option<std::num::NonZeroU32>,
+        config: FrontConfig,
     ) -> Result<AppState, prometheus::Error> {
+        let max_in_flight = config.max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX);
         Ok(AppState(Arc::new(Shared {
             backend,
             keys: Arc::new(keys),
             inflight: Arc::new(InFlight::default()),
             metrics: Arc::new(Metrics::new()?),
-            slots: Arc::new(Semaphore::new(
-                max_in_flight.clamp(1, REQUESTS_IN_FLIGHT_MAX),
-            )),
-            body_reads: Arc::new(Semaphore::new(BODY_READS_MAX)),
+            slots: Pool::new(max_in_flight, CLIENT_SHARE_DIVISOR),
+            body_reads: Pool::new(BODY_READS_MAX, CLIENT_SHARE_DIVISOR),
             live: Arc::new(Live::default()),
-            rate_limiter: rate_limit.map(|rate| Arc::new(ratelimit::RateLimiter::new(rate))),
+            rate_limiter: config
+                .rate_limit
+                .map(|rate| Arc::new(ratelimit::RateLimiter::new(rate))),
+            trusted_proxies: config.trusted_proxies,
+            metrics_text: tokio::sync::Mutex::new(None),
         })))
     }
 }
 
-/// The one middleware: sheds load on the API routes (a request that finds
-/// every slot taken is answered `503` at once, and a declared body over the
-/// limit `413`, before any work), then records the route, status and
-/// latency of every request.
-async fn front(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let (route, api) = {
-        let path = request
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", MatchedPath::as_str);
-        (state.metrics.route(path), path.starts_with("/v1/"))
-    };
-    observed(&state, &route, api, request, |request| next.run(request)).await
+/// What admission learned of a request, for the handlers: the client it
+/// counts as (`None`: an admin, exempt from shares).
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    /// The client, for the shares a handler takes itself (event streams).
+    pub client: Option<ClientKey>,
+}
+
+/// A caller whose token admission verified, so the extractors do not
+/// verify it again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verified(pub(crate) Caller);
+
+/// What the front knows of a route: its metrics, who may call it, and
+/// whether it is a health probe (not rate limited).
+#[derive(Debug)]
+pub(crate) struct RouteInfo {
+    metrics: Arc<RouteMetrics>,
+    access: Access,
+    probe: bool,
+}
+
+impl RouteInfo {
+    fn new(state: &AppState, path: &str, access: Access) -> RouteInfo {
+        RouteInfo {
+            metrics: state.metrics.route(path),
+            access,
+            probe: matches!(path, "/healthz" | "/readyz"),
+        }
+    }
+}
+
+/// The one middleware, per route: admission, then the metrics.
+async fn front(
+    State((state, info)): State<(AppState, Arc<RouteInfo>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    observed(&state, &info, request, |request| next.run(request)).await
 }
 
 /// [`front`]'s work around `inner`, for the router and the direct route
-/// alike: admission on API routes, then the metrics.
+/// alike: admission, then the metrics.
 async fn observed<F, Fut>(
     state: &AppState,
-    route: &RouteMetrics,
-    api: bool,
+    route: &RouteInfo,
     request: Request,
     inner: F,
 ) -> Response
@@ -209,26 +284,77 @@ where
 {
     let started = Instant::now();
     let method = request.method().clone();
-    let response = if api {
-        admit(state, request, inner).await
-    } else {
-        inner(request).await
-    };
+    let response = admit(state, route, request, inner).await;
     let took = started.elapsed();
-    route.observe(&state.metrics, &method, response.status().as_u16(), took);
+    route
+        .metrics
+        .observe(&state.metrics, &method, response.status().as_u16(), took);
     state.live.record(response.status(), took);
     response
 }
 
-async fn admit<F, Fut>(state: &AppState, request: Request, inner: F) -> Response
+/// The caller of a request that sent `Authorization`, verified from the
+/// head alone; `None` without the header.
+fn caller_of(state: &AppState, request: &Request) -> Option<Result<Caller, ApiError>> {
+    request.headers().get(axum::http::header::AUTHORIZATION)?;
+    Some(extract::bearer_caller(request.headers(), &state.keys))
+}
+
+/// A refusal of `pool` as an answer, counted.
+fn refused(state: &AppState, why: Refused) -> Response {
+    state.metrics.shed.inc();
+    match why {
+        Refused::Full => ApiError::overloaded().into_response(),
+        Refused::ShareUsed => ApiError::Overloaded(
+            "this client holds its whole share of the server; retry shortly".into(),
+        )
+        .into_response(),
+    }
+}
+
+async fn admit<F, Fut>(
+    state: &AppState,
+    route: &RouteInfo,
+    mut request: Request,
+    inner: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
+    let caller = caller_of(state, &request);
+    let verified = caller.as_ref().and_then(|c| c.as_ref().ok()).copied();
+    let client = match verified {
+        Some(caller) if caller.admin => None,
+        Some(caller) => Some(ClientKey::User(caller.user)),
+        None => {
+            let peer = ratelimit::peer_of(&request);
+            let addr = state.trusted_proxies.client_addr(peer, request.headers());
+            Some(ClientKey::addr(addr))
+        }
+    };
     // Over its rate: answered before anything else (`ratelimit.rs`).
-    if let Some(refused) = ratelimit::refuse(state, &request) {
+    if !route.probe
+        && let Some(refused) = ratelimit::refuse(state, client)
+    {
         return refused;
     }
+    // A route that needs a token refuses a request without a good one
+    // before it reads a byte of its body or holds a place.
+    if route.access != Access::Public {
+        match caller {
+            None => {
+                return ApiError::Unauthorized("missing Authorization: Bearer token".into())
+                    .into_response();
+            }
+            Some(Err(refused)) => return refused.into_response(),
+            Some(Ok(_)) => {}
+        }
+    }
+    if let Some(caller) = verified {
+        request.extensions_mut().insert(Verified(caller));
+    }
+    request.extensions_mut().insert(Admitted { client });
     let declared = request
         .headers()
         .get(CONTENT_LENGTH)
@@ -237,13 +363,13 @@ where
     if declared.is_some_and(|len| len > BODY_BYTES_MAX as u64) {
         return ApiError::PayloadTooLarge.into_response();
     }
-    let request = match read_body(state, request, declared).await {
+    let request = match read_body(state, client, request, declared).await {
         Ok(request) => request,
         Err(refused) => return refused,
     };
-    let Ok(_slot) = Arc::clone(&state.slots).try_acquire_owned() else {
-        state.metrics.shed.inc();
-        return ApiError::overloaded().into_response();
+    let _slot = match state.slots.try_acquire(client) {
+        Ok(slot) => slot,
+        Err(why) => return refused(state, why),
     };
     state.metrics.in_flight.inc();
     let response = inner(request).await;
@@ -251,11 +377,17 @@ where
     response
 }
 
-/// Reads the whole body into memory (at most [`BODY_BYTES_MAX`], within
-/// [`BODY_READ_TIMEOUT_MS`]) and gives the request back with it. A request
-/// without a body passes untouched.
+/// Reads the whole body into memory (at most [`BODY_BYTES_MAX`]) in a
+/// place of the body-read pool within `client`'s share, and gives the
+/// request back with it. A request without a body passes untouched.
+///
+/// A body has [`BODY_READ_GRACE_MS`], then must keep arriving at
+/// [`BODY_MIN_BYTES_PER_S`] on average, and gets [`BODY_READ_TIMEOUT_MS`]
+/// in all: a client that sends a byte and stops holds its place for the
+/// grace, not the whole limit.
 async fn read_body(
     state: &AppState,
+    client: Option<ClientKey>,
     request: Request,
     declared: Option<u64>,
 ) -> Result<Request, Response> {
@@ -271,41 +403,65 @@ async fn read_body(
     if !has_body {
         return Ok(request);
     }
-    let Ok(_reading) = Arc::clone(&state.body_reads).try_acquire_owned() else {
-        state.metrics.shed.inc();
-        return Err(ApiError::overloaded().into_response());
-    };
-    let (parts, body) = request.into_parts();
-    let mut read = std::pin::pin!(axum::body::to_bytes(body, BODY_BYTES_MAX));
-    // A small body usually came in with its head: then it is read at the
-    // first poll, and no timer is armed for it.
-    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
-    let read = match first {
-        Poll::Ready(read) => Ok(read),
-        Poll::Pending => {
-            let limit = Duration::from_millis(BODY_READ_TIMEOUT_MS);
-            tokio::time::timeout(limit, read).await
-        }
-    };
-    match read {
-        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
-        Ok(Err(error)) => {
-            let too_large = error
-                .into_inner()
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            Err(if too_large {
-                ApiError::PayloadTooLarge.into_response()
-            } else {
-                ApiError::invalid("cannot read the body").into_response()
-            })
-        }
-        // The contract lets the HTTP layer answer 408 bare; what is left of
-        // the body is unread, so the connection cannot carry another request.
-        Err(_elapsed) => {
-            Err((StatusCode::REQUEST_TIMEOUT, [(CONNECTION, "close")]).into_response())
+    let _reading = state
+        .body_reads
+        .try_acquire(client)
+        .map_err(|why| refused(state, why))?;
+    let (parts, mut body) = request.into_parts();
+    let started = tokio::time::Instant::now();
+    // One frame (the usual case) is kept as it came; more are gathered.
+    let mut bytes = axum::body::Bytes::new();
+    let mut gathered: Option<Vec<u8>> = None;
+    loop {
+        // A small body usually came in with its head: then it is read at
+        // the first poll, and no timer is armed for it.
+        let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
+            Some(frame) => frame,
+            None => {
+                let received = gathered.as_ref().map_or(bytes.len(), Vec::len);
+                let received = u64::try_from(received).unwrap_or(u64::MAX);
+                let allowed_ms = BODY_READ_GRACE_MS
+                    .saturating_add(received.saturating_mul(1_000) / BODY_MIN_BYTES_PER_S)
+                    .min(BODY_READ_TIMEOUT_MS);
+                let deadline = started + Duration::from_millis(allowed_ms);
+                match tokio::time::timeout_at(deadline, body.frame()).await {
+                    Ok(frame) => frame,
+                    // The contract lets the HTTP layer answer 408 bare; what
+                    // is left of the body is unread, so the connection
+                    // cannot carry another request.
+                    Err(_elapsed) => {
+                        return Err(
+                            (StatusCode::REQUEST_TIMEOUT, [(CONNECTION, "close")]).into_response()
+                        );
+                    }
+                }
+            }
+        };
+        match frame {
+            None => break,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    let received = gathered.as_ref().map_or(bytes.len(), Vec::len);
+                    if received.saturating_add(data.len()) > BODY_BYTES_MAX {
+                        return Err(ApiError::PayloadTooLarge.into_response());
+                    }
+                    if let Some(gathered) = gathered.as_mut() {
+                        gathered.extend_from_slice(&data);
+                    } else if bytes.is_empty() {
+                        bytes = data;
+                    } else {
+                        let mut all = Vec::with_capacity(bytes.len() + data.len());
+                        all.extend_from_slice(&bytes);
+                        all.extend_from_slice(&data);
+                        gathered = Some(all);
+                    }
+                }
+            }
+            Some(Err(_)) => return Err(ApiError::invalid("cannot read the body").into_response()),
         }
     }
+    let bytes = gathered.map_or(bytes, axum::body::Bytes::from);
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 /// The path of the flash sale's hot route.
@@ -324,9 +480,9 @@ const ORDERS_PATH: &str = "/v1/orders";
 #[derive(Clone)]
 pub struct Front {
     router: Router,
-    /// The state and the hot route's metrics; `None` serves everything
-    /// through the router.
-    direct: Option<(AppState, Arc<RouteMetrics>)>,
+    /// The state and the hot route's admission and metrics; `None` serves
+    /// everything through the router.
+    direct: Option<(AppState, Arc<RouteInfo>)>,
 }
 
 impl std::fmt::Debug for Front {
@@ -349,7 +505,7 @@ impl From<Router> for Front {
 impl Front {
     /// The router of `state`, with the hot route served directly.
     pub fn new(state: AppState) -> Front {
-        let orders = state.metrics.route(ORDERS_PATH);
+        let orders = Arc::new(RouteInfo::new(&state, ORDERS_PATH, Access::Signed));
         Front {
             router: router(state.clone()),
             direct: Some((state, orders)),
@@ -367,7 +523,7 @@ impl Front {
             && request.uri().path() == ORDERS_PATH
         {
             let request = request.map(Body::new);
-            return observed(state, orders, true, request, |request| {
+            return observed(state, orders, request, |request| {
                 place_order_direct(state.clone(), request)
             })
             .await;
@@ -408,9 +564,15 @@ pub fn router(state: AppState) -> Router {
     let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
         std::collections::BTreeMap::new();
     for route in routes::table() {
+        // Each method of each path is admitted by what it is (its access,
+        // whether it is a probe) and counted under its own metrics.
+        let info = Arc::new(RouteInfo::new(&state, route.doc.path, route.doc.access));
+        let handler = route
+            .handler
+            .route_layer(middleware::from_fn_with_state((state.clone(), info), front));
         let merged = match by_path.remove(route.doc.path) {
-            Some(earlier) => earlier.merge(route.handler),
-            None => route.handler,
+            Some(earlier) => earlier.merge(handler),
+            None => handler,
         };
         by_path.insert(route.doc.path, merged);
     }
@@ -419,7 +581,6 @@ pub fn router(state: AppState) -> Router {
         router = router.route(path, methods);
     }
     router
-        .route_layer(middleware::from_fn_with_state(state.clone(), front))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))

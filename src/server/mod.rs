@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::domain::promo::Promotion;
@@ -36,12 +35,14 @@ use crate::engine::{
     Clock, DurabilityMode, Engine, EngineConfig, EngineError, NewSku, SystemClock,
 };
 use crate::fatal;
+use crate::http::admission::TrustedProxies;
 use crate::http::auth::{JwtKeys, SecretError, check_secret_file, load_secret};
 use crate::http::views::{NewSkuBody, PromotionBody};
-use crate::http::{AppState, Backend, Front, live};
+use crate::http::{AppState, Backend, Front, FrontConfig, live};
 use crate::journal::{self, FlushPolicy, RecoveryError, SledJournal, SnapshotPolicy, Snapshotter};
 use crate::limits::{
-    CATALOG_BYTES_MAX, CATALOG_SEED_IN_FLIGHT, IDEMPOTENCY_EVICT_EVERY_MS, STORAGE_PROBE_MS,
+    CATALOG_BYTES_MAX, CATALOG_SEED_IN_FLIGHT, CONNECTIONS_CLIENT_SHARE_DIVISOR,
+    IDEMPOTENCY_EVICT_EVERY_MS, LISTEN_BACKLOG, STORAGE_PROBE_MS,
 };
 
 /// How `serve` runs.
@@ -57,6 +58,9 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// Most open connections.
     pub max_connections: usize,
+    /// Most open connections from one address (IPv6 by /64); `None` is an
+    /// eighth of `max_connections`.
+    pub max_connections_per_client: Option<usize>,
     /// Most requests handled at once; beyond, `503 overloaded`.
     pub max_in_flight: usize,
     /// Cut a damaged journal instead of refusing to start.
@@ -67,6 +71,8 @@ pub struct ServeConfig {
     pub jwt_secret: Option<String>,
     /// Requests a second per caller (`--rate-limit`), or `None` for off.
     pub rate_limit: Option<std::num::NonZeroU32>,
+    /// Whose `X-Forwarded-For` is believed (`--trusted-proxies`).
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Why the server could not start or run.
@@ -498,15 +504,17 @@ pub async fn run(
     let state = AppState::new(
         Arc::clone(&backend),
         JwtKeys::new(&secret),
-        config.max_in_flight,
-        config.rate_limit,
+        FrontConfig {
+            max_in_flight: config.max_in_flight,
+            rate_limit: config.rate_limit,
+            trusted_proxies: config.trusted_proxies.clone(),
+        },
     )
     .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
     if let Some(limiter) = &state.rate_limiter {
         limiter.spawn_evictor();
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = listener::bind(config.listen, LISTEN_BACKLOG)
         .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
     let address = listener
         .local_addr()
@@ -517,10 +525,17 @@ pub async fn run(
     // Stops with the same signal, and its end ends every open live stream,
     // so the listener's drain below does not wait on dashboards.
     let sampler = live::spawn_sampler(state.clone(), stop_rx.clone());
+    let connections = listener::ConnectionLimits {
+        max: config.max_connections,
+        per_client: config
+            .max_connections_per_client
+            .unwrap_or(config.max_connections / CONNECTIONS_CLIENT_SHARE_DIVISOR),
+        trusted_proxies: config.trusted_proxies.clone(),
+    };
     let server = tokio::spawn(listener::serve(
         listener,
         Front::new(state),
-        config.max_connections,
+        connections,
         stop_rx.clone(),
     ));
     let storage = Arc::new(Storage {
