@@ -267,6 +267,11 @@ pub const FORWARDED_HOPS_MAX: usize = 16;
 /// scrapes in a loop must not reach the actors more than once a second.
 pub const METRICS_CACHE_MS: u64 = 1_000;
 
+/// Longest a `/metrics` render may wait on the actors; past it the last
+/// text is served again (an actor that does not answer must not blind the
+/// monitoring).
+pub const METRICS_RENDER_TIMEOUT_MS: u64 = 2_000;
+
 /// Default bound on open connections (contract: `--max-connections`).
 pub const CONNECTIONS_DEFAULT: usize = 10_000;
 /// The accept queue asked of the kernel (which caps it at

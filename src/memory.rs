@@ -1,6 +1,6 @@
 //! Process settings made through libc, the crate's only `unsafe` code: how
-//! much memory the allocator keeps, and the mode of the files the process
-//! creates. Each call is wrapped in a safe function here so that no other
+//! much memory the allocator keeps, the mode of the files the process
+//! creates, and the priority of background threads. Each call is wrapped in a safe function here so that no other
 //! module needs `unsafe`.
 //!
 //! ## The allocator's arenas
@@ -54,4 +54,35 @@ pub fn restrict_new_files() {
         // cannot fail; it touches no memory of ours.
         let _previous = unsafe { libc::umask(0o077) };
     }
+}
+
+/// Lowers the calling thread's scheduling priority to nice 19, the lowest
+/// that still runs when the CPU is busy (`SCHED_IDLE` would starve it under
+/// a steady load, and a snapshot that never finishes lets the journal grow
+/// without bound). For background work such as writing snapshots, which
+/// must not take a core from the request path. Returns whether it took.
+pub fn lower_thread_priority() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `gettid` takes nothing and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        let Ok(tid) = libc::id_t::try_from(tid) else {
+            return false;
+        };
+        // SAFETY: `setpriority` on our own thread id only changes that
+        // thread's nice value (a per-thread attribute on Linux); it touches
+        // no memory of ours.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// The process's effective user id (who owns what it creates).
+#[cfg(unix)]
+pub fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` takes nothing, cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
 }

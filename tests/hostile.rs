@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use support::server::{Api, Client, Server};
 
-/// A runtime for opening bursts of connections.
+/// A runtime for opening bursts of connections (and room for them: a test
+/// holds up to ~2,200 sockets, and tests run two at a time).
 fn runtime() -> tokio::runtime::Runtime {
+    let _ = rlimit::increase_nofile_limit(16_384);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -199,8 +201,11 @@ fn stalled_bodies_of_one_client_leave_room_for_honest_orders() {
         }
     }
     assert!(other.is_empty(), "unexpected answers: {other:?}");
+    // The share is 64 at once. On a loaded machine the last heads may
+    // arrive after the first 408s (2 s) freed places, which they may take
+    // again: that is still a share, so allow one more round of it.
     assert!(
-        timed_out <= 1_024 / 16,
+        timed_out <= 2 * (1_024 / 16),
         "one client held {timed_out} body reads"
     );
     assert_eq!(shed + timed_out, 1_100);
@@ -316,15 +321,15 @@ fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(
         dir.path(),
-        &["--rate-limit", "2/s", "--trusted-proxies", "127.0.0.2/32"],
+        &["--rate-limit", "1/s", "--trusted-proxies", "127.0.0.2/32"],
     );
     let rt = runtime();
-    // Through the trusted proxy, each forwarded client has its own bucket.
-    let first: Vec<u16> = (0..4)
+    // Through the trusted proxy, each forwarded client has its own bucket
+    // (one request a second: the second within the second is refused).
+    let first: Vec<u16> = (0..2)
         .map(|_| skus_from(&rt, &server, 2, "203.0.113.5"))
         .collect();
-    assert_eq!(&first[..2], &[200, 200]);
-    assert!(first[2..].contains(&429), "{first:?}");
+    assert_eq!(first, [200, 429]);
     assert_eq!(
         skus_from(&rt, &server, 2, "203.0.113.6"),
         200,
@@ -338,10 +343,10 @@ fn forwarded_for_is_believed_only_from_trusted_proxies() {
     );
     // From an address that is not a trusted proxy the header is ignored:
     // changing it does not buy a fresh bucket.
-    let direct: Vec<u16> = (0..4)
+    let direct: Vec<u16> = (0..2)
         .map(|i| skus_from(&rt, &server, 3, &format!("203.0.113.{}", 20 + i)))
         .collect();
-    assert!(direct.contains(&429), "{direct:?}");
+    assert_eq!(direct, [200, 429]);
 }
 
 #[test]

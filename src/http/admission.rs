@@ -134,6 +134,15 @@ impl TrustedProxies {
             if prefix_bits > max_bits {
                 return Err(bad());
             }
+            // An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is the
+            // IPv4 network it maps: peers are compared unmapped.
+            let (addr, prefix_bits) = match addr {
+                IpAddr::V6(v6) if prefix_bits >= 96 => match v6.to_ipv4_mapped() {
+                    Some(v4) => (IpAddr::V4(v4), prefix_bits - 96),
+                    None => (addr, prefix_bits),
+                },
+                _ => (addr, prefix_bits),
+            };
             entries.push(Cidr { addr, prefix_bits });
         }
         Ok(TrustedProxies(entries))
@@ -159,25 +168,46 @@ impl TrustedProxies {
             return peer;
         }
         let mut client = peer;
-        let hops = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .rev()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.rsplit(','))
-            .take(FORWARDED_HOPS_MAX);
-        for hop in hops {
-            let Ok(addr) = hop.trim().parse::<IpAddr>() else {
-                // Not an address: what lies left of it cannot be trusted.
-                break;
+        let mut looked = 0;
+        // Right to left: each trusted hop appended what it saw. Anything
+        // that is not an address (a header line that is not text
+        // included) ends the walk: what lies left of it cannot be trusted.
+        for value in headers.get_all("x-forwarded-for").iter().rev() {
+            let Ok(value) = value.to_str() else {
+                return client;
             };
-            client = addr;
-            if !self.contains(addr) {
-                break;
+            for hop in value.rsplit(',') {
+                looked += 1;
+                if looked > FORWARDED_HOPS_MAX {
+                    return client;
+                }
+                let Some(addr) = parse_hop(hop) else {
+                    return client;
+                };
+                client = addr;
+                if !self.contains(addr) {
+                    return client;
+                }
             }
         }
         client
     }
+}
+
+/// One `X-Forwarded-For` entry as an address: bare (`203.0.113.9`,
+/// `2001:db8::1`), with a port (`203.0.113.9:5678`, `[2001:db8::1]:443`)
+/// or in brackets (`[2001:db8::1]`), as proxies write them.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(addr) = hop.parse::<IpAddr>() {
+        return Some(addr);
+    }
+    if let Ok(with_port) = hop.parse::<std::net::SocketAddr>() {
+        return Some(with_port.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .and_then(|inner| inner.parse::<IpAddr>().ok())
 }
 
 /// Each client's count of places held in one pool, bounded per client.
@@ -411,6 +441,32 @@ mod tests {
             trusted.client_addr(ip("10.0.0.5"), &headers),
             ip("10.2.2.2")
         );
+        // Ports and brackets, as proxies write them.
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("[2001:db8::7]:443, 203.0.113.9:5678"),
+        );
+        assert_eq!(
+            trusted.client_addr(ip("10.0.0.5"), &headers),
+            ip("203.0.113.9")
+        );
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("[2001:db8::7], 10.3.3.3"),
+        );
+        assert_eq!(
+            trusted.client_addr(ip("10.0.0.5"), &headers),
+            ip("2001:db8::7")
+        );
+        // A header line that is not text ends the walk too: an earlier
+        // line, the client's own, is not believed.
+        let mut lines = HeaderMap::new();
+        lines.append("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        lines.append(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"\xff\xfe").expect("opaque bytes"),
+        );
+        assert_eq!(trusted.client_addr(ip("10.0.0.5"), &lines), ip("10.0.0.5"));
         // No proxy trusted: never believed.
         assert_eq!(
             TrustedProxies::default().client_addr(ip("10.0.0.5"), &headers),

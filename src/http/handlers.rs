@@ -29,7 +29,8 @@ use crate::http::views::{
     SkuJson, SkuListJson, SkuListQuery,
 };
 use crate::limits::{
-    METRICS_CACHE_MS, ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX, SKUS_PAGE_DEFAULT, SKUS_PAGE_MAX,
+    METRICS_CACHE_MS, METRICS_RENDER_TIMEOUT_MS, ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX,
+    SKUS_PAGE_DEFAULT, SKUS_PAGE_MAX,
 };
 
 type Answer = Result<Response, ApiError>;
@@ -92,12 +93,27 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             Some((at, text)) if at.elapsed() < Duration::from_millis(METRICS_CACHE_MS) => {
                 text.clone()
             }
-            _ => {
+            stale => {
                 let engine = state.backend.engine().ok();
                 state.metrics.renders.inc();
-                let text = Bytes::from(state.metrics.render(engine.as_ref()).await);
-                *cached = Some((Instant::now(), text.clone()));
-                text
+                let limit = Duration::from_millis(METRICS_RENDER_TIMEOUT_MS);
+                match tokio::time::timeout(limit, state.metrics.render(engine.as_ref())).await {
+                    Ok(text) => {
+                        let text = Bytes::from(text);
+                        *cached = Some((Instant::now(), text.clone()));
+                        text
+                    }
+                    // An actor that does not answer must not blind the
+                    // monitoring that would show it: the last text again
+                    // (or nothing yet), and the next scrape tries anew.
+                    Err(_elapsed) => {
+                        tracing::warn!("rendering the metrics timed out; serving the last text");
+                        stale
+                            .as_ref()
+                            .map(|(_, text)| text.clone())
+                            .unwrap_or_default()
+                    }
+                }
             }
         }
     };

@@ -242,22 +242,48 @@ pub struct Admitted {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Verified(pub(crate) Caller);
 
-/// What the front knows of a route: its metrics, who may call it, and
-/// whether it is a health probe (not rate limited).
+/// What the front knows of a route: its metrics, who may call it, whether
+/// it takes a body, and whether it is a health probe (not rate limited).
 #[derive(Debug)]
 pub(crate) struct RouteInfo {
     metrics: Arc<RouteMetrics>,
     access: Access,
+    /// Only a route that takes a body reads one (in a place of the
+    /// body-read pool); every such route needs a token, so an anonymous
+    /// client never holds a place.
+    takes_body: bool,
     probe: bool,
 }
 
 impl RouteInfo {
-    fn new(state: &AppState, path: &str, access: Access) -> RouteInfo {
+    fn new(state: &AppState, doc: &routes::RouteDoc) -> RouteInfo {
+        debug_assert!(
+            doc.request.is_none() || doc.access != Access::Public,
+            "a public route that reads a body would let anyone hold body reads"
+        );
         RouteInfo {
-            metrics: state.metrics.route(path),
-            access,
-            probe: matches!(path, "/healthz" | "/readyz"),
+            metrics: state.metrics.route(doc.path),
+            access: doc.access,
+            takes_body: doc.request.is_some(),
+            probe: matches!(doc.path, "/healthz" | "/readyz"),
         }
+    }
+}
+
+/// The `in_flight` gauge up while held, down when dropped (also when the
+/// request's future is dropped mid-handler by a client that went away).
+struct InFlightGauge<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlightGauge<'a> {
+    fn up(gauge: &'a prometheus::IntGauge) -> InFlightGauge<'a> {
+        gauge.inc();
+        InFlightGauge(gauge)
+    }
+}
+
+impl Drop for InFlightGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -363,18 +389,23 @@ where
     if declared.is_some_and(|len| len > BODY_BYTES_MAX as u64) {
         return ApiError::PayloadTooLarge.into_response();
     }
-    let request = match read_body(state, client, request, declared).await {
-        Ok(request) => request,
-        Err(refused) => return refused,
+    // A route that takes no body never reads one: what a client sent
+    // anyway is left unread (hyper closes the connection after the answer)
+    // and holds no place.
+    let request = if route.takes_body {
+        match read_body(state, client, request, declared).await {
+            Ok(request) => request,
+            Err(refused) => return refused,
+        }
+    } else {
+        request
     };
     let _slot = match state.slots.try_acquire(client) {
         Ok(slot) => slot,
         Err(why) => return refused(state, why),
     };
-    state.metrics.in_flight.inc();
-    let response = inner(request).await;
-    state.metrics.in_flight.dec();
-    response
+    let _gauge = InFlightGauge::up(&state.metrics.in_flight);
+    inner(request).await
 }
 
 /// Reads the whole body into memory (at most [`BODY_BYTES_MAX`]) in a
@@ -505,7 +536,12 @@ impl From<Router> for Front {
 impl Front {
     /// The router of `state`, with the hot route served directly.
     pub fn new(state: AppState) -> Front {
-        let orders = Arc::new(RouteInfo::new(&state, ORDERS_PATH, Access::Signed));
+        let doc = routes::table()
+            .into_iter()
+            .map(|route| route.doc)
+            .find(|doc| doc.method == Method::POST && doc.path == ORDERS_PATH)
+            .expect("the route table has POST /v1/orders");
+        let orders = Arc::new(RouteInfo::new(&state, &doc));
         Front {
             router: router(state.clone()),
             direct: Some((state, orders)),
@@ -566,7 +602,7 @@ pub fn router(state: AppState) -> Router {
     for route in routes::table() {
         // Each method of each path is admitted by what it is (its access,
         // whether it is a probe) and counted under its own metrics.
-        let info = Arc::new(RouteInfo::new(&state, route.doc.path, route.doc.access));
+        let info = Arc::new(RouteInfo::new(&state, &route.doc));
         let handler = route
             .handler
             .route_layer(middleware::from_fn_with_state((state.clone(), info), front));

@@ -181,9 +181,11 @@ pub struct Restricted {
 }
 
 /// Takes every permission of group and others off `dir` and everything
-/// under it (`mode & 0o700`: a 0755 directory becomes 0700, a 0644 file
-/// 0600, and the owner's own bits stay as they were). Symbolic links are
-/// neither followed nor changed. `dir` goes first, so no other user can
+/// under it that the server's user owns (a 0755 directory becomes 0700, a
+/// 0644 file 0600; the owner's own bits and setuid, setgid and sticky stay).
+/// A `dir` another user owns is left alone (with a warning), and so is
+/// anything in it owned by another user. Symbolic links are neither
+/// followed nor changed. `dir` goes first, so no other user can
 /// swap entries under it while the walk runs. The walk is iterative and
 /// stops after [`RESTRICT_WALK_ENTRIES_MAX`] entries (`capped`). Logs a
 /// warning for whatever it changed. Does nothing off Unix.
@@ -219,11 +221,25 @@ pub fn restrict_to_owner(dir: &Path) -> std::io::Result<Restricted> {
 
 #[cfg(unix)]
 fn restrict_to_owner_capped(dir: &Path, entries_max: u64) -> std::io::Result<Restricted> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut done = Restricted::default();
-    let mode = std::fs::metadata(dir)?.permissions().mode();
+    let me = crate::memory::effective_uid();
+    let top = std::fs::metadata(dir)?;
+    if top.uid() != me {
+        // A volume another user owns (a mount with a group for the
+        // server, say): its permissions are that owner's business, and a
+        // chmod would fail. The files the server creates in it are still
+        // its own (umask 077).
+        tracing::warn!(
+            dir = %dir.display(),
+            "the data dir belongs to another user; its permissions are left as they are"
+        );
+        return Ok(done);
+    }
+    let mode = top.permissions().mode();
     if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        // The owner's bits and setuid, setgid and sticky stay.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & !0o077))?;
         done.dir_mode_was = Some(mode & 0o7777);
     }
     let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
@@ -252,14 +268,18 @@ fn restrict_to_owner_capped(dir: &Path, entries_max: u64) -> std::io::Result<Res
                 Err(e) if vanished(&e) => continue,
                 Err(e) => return Err(e),
             };
-            if metadata.file_type().is_symlink() {
+            // Only what the server's user owns: never another user's file
+            // that a mistaken --data-dir happened to hold.
+            if metadata.file_type().is_symlink() || metadata.uid() != me {
                 continue;
             }
             let path = entry.path();
             let mode = metadata.permissions().mode();
             if mode & 0o077 != 0 {
-                match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
-                {
+                match std::fs::set_permissions(
+                    &path,
+                    std::fs::Permissions::from_mode(mode & !0o077),
+                ) {
                     Ok(()) => done.entries_tightened += 1,
                     Err(e) if vanished(&e) => continue,
                     Err(e) => return Err(e),
