@@ -351,19 +351,25 @@ impl Archive for SledArchive {
         if orders.is_empty() {
             return Ok(());
         }
-        let mut by_id = sled::Batch::default();
-        let mut by_user = sled::Batch::default();
+        // Single inserts, never a sled batch: a batch takes sled's one
+        // process-wide write lock, which every insert and flush of the
+        // journal writer would wait on for the whole batch. Atomicity is
+        // not needed: an order leaves memory only after this returns (and
+        // its `OrdersArchived` is journaled), and until then it is read
+        // from memory first, so a crash that keeps part of a batch leaves
+        // orders that are both live and archived, which reads and listings
+        // already take (the live copy wins), and which the next sweep
+        // writes again. Each order's record goes before its index key, so
+        // an index key always finds its order.
         for order in orders {
             let bytes = codec::encode_order(order).map_err(|e| storage("encoding", e))?;
-            by_id.insert(&order_key(order.id), bytes);
-            by_user.insert(user_key(&order.user, order.id), &[] as &[u8]);
+            self.orders
+                .insert(order_key(order.id), bytes)
+                .map_err(|e| storage("writing", e))?;
+            self.by_user
+                .insert(user_key(&order.user, order.id), &[] as &[u8])
+                .map_err(|e| storage("writing", e))?;
         }
-        self.orders
-            .apply_batch(by_id)
-            .map_err(|e| storage("writing", e))?;
-        self.by_user
-            .apply_batch(by_user)
-            .map_err(|e| storage("writing", e))?;
         self.db.flush().map_err(|e| storage("writing", e))
     }
 

@@ -160,39 +160,40 @@ impl IdemStore for SledIdemStore {
     }
 
     fn evict_before(&self, cutoff_ms: u64) -> Result<usize, JournalError> {
+        // One remove at a time, never a sled batch: a batch takes sled's
+        // process-wide write lock, which the journal writer's every insert
+        // and flush would wait on. A crash between the record's removal and
+        // its index entry's leaves an index entry without its record,
+        // dropped alone when its time comes again.
         let end = time_key(cutoff_ms, &KeyHash([0; 16]));
         let mut evicted = 0;
         loop {
-            let mut doomed_times = sled::Batch::default();
-            let mut doomed_records = sled::Batch::default();
-            let mut seen = 0;
-            for entry in self
+            let doomed: Vec<sled::IVec> = self
                 .by_time
                 .range(..end)
+                .keys()
                 .take(IDEMPOTENCY_DISK_EVICT_BATCH_MAX)
-            {
-                let (time, _) = entry.map_err(|e| storage("reading", e))?;
+                .collect::<Result<_, _>>()
+                .map_err(|e| storage("reading", e))?;
+            if doomed.is_empty() {
+                return Ok(evicted);
+            }
+            for time in doomed {
                 let (at_ms, key) = of_time_key(&time)?;
-                seen += 1;
-                doomed_times.remove(time);
                 // The key may hold a newer record (used again after its
                 // TTL): that one stays.
                 if let Some(record) = self.get(&key)? {
                     if record.at_ms == at_ms {
-                        doomed_records.remove(&key.0);
+                        self.records
+                            .remove(key.0)
+                            .map_err(|e| storage("writing", e))?;
                         evicted += 1;
                     }
                 }
+                self.by_time
+                    .remove(time)
+                    .map_err(|e| storage("writing", e))?;
             }
-            if seen == 0 {
-                return Ok(evicted);
-            }
-            self.records
-                .apply_batch(doomed_records)
-                .map_err(|e| storage("writing", e))?;
-            self.by_time
-                .apply_batch(doomed_times)
-                .map_err(|e| storage("writing", e))?;
         }
     }
 
