@@ -12,7 +12,11 @@
 //!   hyper) and to note when the connection last became idle, and the
 //!   watchdog drops the connection once it has been idle for the limit. A
 //!   request in progress (a slow handler, a strict order waiting for its
-//!   flush, a body being read) is never cut.
+//!   flush, a body being read) is never cut; but an answer being written
+//!   (a live stream, say) whose body has not made progress for the limit is:
+//!   hyper asks for the next frame only once it could write the last, so a
+//!   client that asks and then stops reading holds its connection (and its
+//!   stream's place) for the limit, not for good.
 //! - A request head over 16 KiB is refused with `431`.
 //! - Accept errors (such as running out of file descriptors) are logged and
 //!   retried after a short pause instead of ending the loop.
@@ -223,6 +227,15 @@ struct ActivityState {
     ///
     /// Invariant: only read as an idle start while `in_progress == 0`.
     idle_since: Instant,
+    /// Answers handed to hyper whose body it has not finished (a stream
+    /// lives here for its whole life).
+    answering: u32,
+    /// When an answer's body last gave hyper a frame, or the latest answer
+    /// was handed over: hyper asks for the next frame only once it could
+    /// write the last, so a client that stops reading stops this clock.
+    ///
+    /// Invariant: only read as a stall start while `answering > 0`.
+    answer_progress: Instant,
 }
 
 impl Activity {
@@ -231,6 +244,8 @@ impl Activity {
             state: Mutex::new(ActivityState {
                 in_progress: 0,
                 idle_since: Instant::now(),
+                answering: 0,
+                answer_progress: Instant::now(),
             }),
         }
     }
@@ -251,11 +266,36 @@ impl Activity {
         InProgress(Arc::clone(self))
     }
 
-    /// When the connection may be closed for idleness, or `None` while a
-    /// request is in progress.
-    fn idle_deadline(&self, limit: Duration) -> Option<Instant> {
+    /// When the connection may be closed: `limit` after it became idle,
+    /// or `limit` after an answer last made progress (a client that does
+    /// not read what it asked for); `None` while a request is handled and
+    /// no answer is being written.
+    fn deadline(&self, limit: Duration) -> Option<Instant> {
         let state = self.lock();
-        (state.in_progress == 0).then(|| state.idle_since + limit)
+        if state.in_progress == 0 {
+            Some(state.idle_since + limit)
+        } else if state.answering > 0 {
+            Some(state.answer_progress + limit)
+        } else {
+            None
+        }
+    }
+
+    /// An answer was handed to hyper; until the returned guard is dropped
+    /// its body counts as being written.
+    fn answer(self: &Arc<Activity>) -> Answering {
+        let mut state = self.lock();
+        state.answering = state
+            .answering
+            .checked_add(1)
+            .expect("fewer answers being written than u32::MAX on one connection");
+        state.answer_progress = Instant::now();
+        Answering(Arc::clone(self))
+    }
+
+    /// An answer's body gave hyper a frame.
+    fn progressed(&self) {
+        self.lock().answer_progress = Instant::now();
     }
 }
 
@@ -275,10 +315,24 @@ impl Drop for InProgress {
     }
 }
 
+/// An answer being written; dropped with its body.
+#[derive(Debug)]
+struct Answering(Arc<Activity>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        assert!(state.answering > 0, "an answer ended twice");
+        state.answering -= 1;
+    }
+}
+
 /// An answer's body that keeps its request in progress until hyper drops
-/// it, which it does once the last byte is written (or the connection went).
+/// it, which it does once the last byte is written (or the connection went),
+/// and notes each frame it hands over.
 struct Tracked {
     body: Body,
+    answering: Answering,
     _in_progress: InProgress,
 }
 
@@ -290,7 +344,12 @@ impl HttpBody for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            this.answering.0.progressed();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -321,11 +380,14 @@ fn tracked_service(
             .extensions_mut()
             .insert(axum::extract::ConnectInfo(peer));
         let app = app.clone();
+        let activity = Arc::clone(&activity);
         async move {
             let response = app.call(request).await;
+            let answering = activity.answer();
             Ok::<_, Infallible>(response.map(|body| {
                 Body::new(Tracked {
                     body,
+                    answering,
                     _in_progress: in_progress,
                 })
             }))
@@ -348,10 +410,12 @@ async fn close_when_idle<F: Future>(
             output = &mut connection => return Some(output),
             () = tokio::time::sleep_until(check_at) => {
                 let now = Instant::now();
-                check_at = match activity.idle_deadline(limit) {
+                check_at = match activity.deadline(limit) {
                     Some(deadline) if deadline <= now => return None,
                     Some(deadline) => deadline,
-                    // Busy: the earliest it can be idle long enough.
+                    // A request being handled (a slow handler, a strict
+                    // order waiting for its flush): never cut; look again
+                    // a limit later.
                     None => now + limit,
                 };
             }
@@ -431,6 +495,73 @@ mod tests {
         assert_eq!(declared, body.len());
         let json: serde_json::Value = serde_json::from_str(body).expect("JSON");
         assert_eq!(json["error"]["code"], "overloaded");
+    }
+
+    /// An endless answer, a frame every `every`.
+    fn endless(every: Duration, frame_bytes: usize) -> axum::body::Body {
+        let frames = futures_util::stream::unfold((), move |()| async move {
+            tokio::time::sleep(every).await;
+            let frame = Bytes::from(vec![b'x'; frame_bytes]);
+            Some((Ok::<_, std::convert::Infallible>(frame), ()))
+        });
+        axum::body::Body::from_stream(frames)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_an_endless_answer_is_cut_and_a_reader_is_not() {
+        let app = Router::new()
+            .route(
+                "/flood",
+                get(|| async { endless(Duration::from_millis(1), 64 * 1024) }),
+            )
+            .route("/trickle", get(|| async { endless(LIMIT / 4, 16) }));
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), LISTEN_BACKLOG).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve_with_idle_limit(
+            listener,
+            app.into(),
+            ConnectionLimits::new(100, 100),
+            shutdown,
+            LIMIT,
+        ));
+        // A reader of a slow endless answer stays, well past the limit.
+        let reader = tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /trickle HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let until = Instant::now() + LIMIT * 4;
+            let mut buf = [0u8; 4096];
+            while Instant::now() < until {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "a reading client was cut");
+            }
+        });
+        // Asks for a flood and never reads: the buffers fill, the body
+        // stops making progress, and the connection is closed.
+        let mut stalled = TcpStream::connect(addr).await.expect("connect");
+        stalled
+            .write_all(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(LIMIT * 6).await;
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let closed = loop {
+            match tokio::time::timeout(LIMIT * 4, stalled.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break true,
+                Ok(Ok(n)) => received += n,
+                Err(_) => break false,
+            }
+            // Only what the buffers held: an open connection would
+            // stream on for ever.
+            if received > 64 << 20 {
+                break false;
+            }
+        };
+        assert!(closed, "still streaming after {received} bytes");
+        reader.await.expect("the reader was served throughout");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
