@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::server::{Api, Client, Server};
+use support::server::{Api, Client, Server, closed_by_server};
 
 /// A runtime for opening bursts of connections (and room for them: a test
 /// holds up to ~2,200 sockets, and tests run two at a time).
@@ -52,23 +52,6 @@ fn burst(
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
-}
-
-/// Whether the server closed `stream` (EOF or reset), without waiting.
-fn closed_by_server(stream: &TcpStream) -> bool {
-    stream.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0u8; 512];
-    let mut s = stream;
-    let closed = loop {
-        match s.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
-            Err(_) => break true,
-        }
-    };
-    stream.set_nonblocking(false).expect("blocking");
-    closed
 }
 
 /// The status of the first answer on `stream`, waiting at most `patience`;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::server::{Api, Client, Server};
+use support::server::{Api, Client, Server, closed_by_server};
 
 fn body_str(r: &support::server::Response) -> String {
     String::from_utf8_lossy(&r.body).into_owned()
@@ -1463,24 +1463,6 @@ fn a_catalog_seed_cut_short_is_completed_on_the_next_start() {
         api.call("GET", "/v1/skus/four", None, None, None).status,
         404
     );
-}
-
-/// Whether the server closed `stream` (EOF or reset), looking without
-/// waiting. Bytes it sent first (a bare `408`, say) are read and skipped.
-fn closed_by_server(stream: &std::net::TcpStream) -> bool {
-    stream.set_nonblocking(true).expect("nonblocking");
-    let mut buf = [0u8; 512];
-    let mut s = stream;
-    let closed = loop {
-        match s.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
-            Err(_) => break true,
-        }
-    };
-    stream.set_nonblocking(false).expect("blocking");
-    closed
 }
 
 /// Blocks until the server closes `stream` (EOF or reset) or `limit`

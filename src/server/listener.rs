@@ -442,6 +442,11 @@ mod tests {
                 "done"
             }),
         );
+        serve_app(app)
+    }
+
+    /// Serves `app` on a free port with the test's idle limit.
+    fn serve_app(app: Router) -> (std::net::SocketAddr, watch::Sender<bool>) {
         let listener = bind("127.0.0.1:0".parse().expect("addr"), LISTEN_BACKLOG).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, shutdown) = watch::channel(false);
@@ -515,16 +520,7 @@ mod tests {
                 get(|| async { endless(Duration::from_millis(1), 64 * 1024) }),
             )
             .route("/trickle", get(|| async { endless(LIMIT / 4, 16) }));
-        let listener = bind("127.0.0.1:0".parse().expect("addr"), LISTEN_BACKLOG).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(serve_with_idle_limit(
-            listener,
-            app.into(),
-            ConnectionLimits::new(100, 100),
-            shutdown,
-            LIMIT,
-        ));
+        let (addr, _stop) = serve_app(app);
         // A reader of a slow endless answer stays, well past the limit.
         let reader = tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.expect("connect");

@@ -47,28 +47,7 @@ impl Server {
         wait_ready: bool,
         patience: Duration,
     ) -> Result<Server, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flashcore"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(if args.contains(&"--catalog") {
-                Vec::new()
-            } else {
-                vec![
-                    "--catalog".to_string(),
-                    data_dir.join("no-catalog.json").display().to_string(),
-                ]
-            })
-            .args(args)
-            .env("FLASHCORE_JWT_SECRET", SECRET)
-            .env("RUST_LOG", "info")
-            .env_remove("FLASHCORE_CATALOG")
-            .env_remove("FLASHCORE_FAULTS")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+        let mut child = serve_command(data_dir, args, env)
             .spawn()
             .map_err(|e| format!("spawn: {e}"))?;
         let log = Arc::new(Mutex::new(String::new()));
@@ -488,23 +467,7 @@ pub fn refused_start(
     env: &[(&str, &str)],
     patience: Duration,
 ) -> (ExitStatus, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flashcore"))
-        .arg("serve")
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--catalog")
-        .arg(data_dir.join("no-catalog.json"))
-        .env("FLASHCORE_JWT_SECRET", SECRET)
-        .env("RUST_LOG", "info")
-        .env_remove("FLASHCORE_CATALOG")
-        .env_remove("FLASHCORE_FAULTS")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawns");
+    let mut child = serve_command(data_dir, &[], env).spawn().expect("spawns");
     let mut stderr = child.stderr.take().expect("stderr");
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -525,4 +488,49 @@ pub fn refused_start(
         std::thread::sleep(Duration::from_millis(20));
     };
     (status, reader.join().expect("stderr read"))
+}
+
+/// `flashcore serve` on a free loopback port with `data_dir`, the test
+/// secret, no catalog unless `args` names one, `args` and `env`; stderr
+/// piped, the rest closed.
+fn serve_command(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_flashcore"));
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir);
+    if !args.contains(&"--catalog") {
+        command
+            .arg("--catalog")
+            .arg(data_dir.join("no-catalog.json"));
+    }
+    command
+        .args(args)
+        .env("FLASHCORE_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .env_remove("FLASHCORE_CATALOG")
+        .env_remove("FLASHCORE_FAULTS")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Whether the server closed `stream` (EOF or reset), without waiting.
+pub fn closed_by_server(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 512];
+    let mut s = stream;
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    stream.set_nonblocking(false).expect("blocking");
+    closed
 }
