@@ -20,15 +20,17 @@
 //! removed with the last one, so the map never holds more entries than the
 //! pool has places.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::domain::UserId;
+use crate::engine::Caller;
 use crate::limits::{FORWARDED_HOPS_MAX, TRUSTED_PROXIES_MAX};
 
 /// Who a request comes from, for shares and rate limits.
@@ -48,18 +50,44 @@ impl ClientKey {
     }
 }
 
+/// The client a request counts as: its verified caller (`None` for an
+/// admin, who is bound by no share), else its address: the peer's, or the
+/// one a trusted proxy forwarded ([`TrustedProxies::client_addr`]).
+pub fn client_of(
+    verified: Option<Caller>,
+    request: &Request,
+    trusted: &TrustedProxies,
+) -> Option<ClientKey> {
+    match verified {
+        Some(caller) if caller.admin => None,
+        Some(caller) => Some(ClientKey::User(caller.user)),
+        None => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+            Some(ClientKey::addr(
+                trusted.client_addr(peer, request.headers()),
+            ))
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it maps; any other as
+/// it is.
+fn unmapped(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// The network an address counts as: an IPv4 address itself (an
 /// IPv4-mapped IPv6 address as its IPv4 address), an IPv6 address's /64.
 pub fn network_of(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(prefix))
-            }
-        },
+    match unmapped(addr) {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
     }
 }
 
@@ -73,11 +101,7 @@ struct Cidr {
 
 impl Cidr {
     fn contains(&self, addr: IpAddr) -> bool {
-        let addr = match addr {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, addr) {
+        match (self.addr, unmapped(addr)) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix_bits))
@@ -225,11 +249,6 @@ impl Shares {
             held: DashMap::new(),
             per_client: u32::try_from(per_client.max(1)).unwrap_or(u32::MAX),
         }
-    }
-
-    /// The most places one client may hold.
-    pub fn per_client(&self) -> u32 {
-        self.per_client
     }
 
     /// Takes a place for `key`, or `None` when it holds its whole share.

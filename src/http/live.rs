@@ -70,14 +70,6 @@ const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DASHBOARD_CSP_REST: &str = "connect-src 'self'; img-src 'self' data:; \
      base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// The policy when the page's script or style cannot be told apart (not
-/// exactly one bare `<script>` and one `<style>`): nothing inline runs or
-/// applies, so a page edited that way fails closed, never open. The unit
-/// tests keep the embedded page out of this branch.
-const DASHBOARD_CSP_CLOSED: &str = "default-src 'none'; script-src 'none'; style-src 'none'; \
-     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-     frame-ancestors 'none'";
-
 /// The text between the page's only `<tag>` and its `</tag>`, byte for byte
 /// what the browser hashes, or `None` unless the page has exactly one such
 /// element, opened without attributes (a `src` or `nonce` would change what
@@ -107,15 +99,17 @@ fn csp_hash(text: &str) -> String {
 /// The Content-Security-Policy for `html`: its one inline script and one
 /// inline style admitted by hash, no `'unsafe-inline'` (an injected script
 /// or style would not match), and [`DASHBOARD_CSP_REST`].
+///
+/// When the page's script or style cannot be told apart (not exactly one
+/// bare `<script>` and one `<style>`), both sources are `'none'`: nothing
+/// inline runs or applies, so a page edited that way fails closed, never
+/// open. The unit tests keep the embedded page out of that branch.
 fn dashboard_csp_for(html: &str) -> String {
-    match (inline_text(html, "script"), inline_text(html, "style")) {
-        (Some(script), Some(style)) => format!(
-            "default-src 'none'; script-src {}; style-src {}; {DASHBOARD_CSP_REST}",
-            csp_hash(script),
-            csp_hash(style)
-        ),
-        _ => DASHBOARD_CSP_CLOSED.to_owned(),
-    }
+    let (script, style) = match (inline_text(html, "script"), inline_text(html, "style")) {
+        (Some(script), Some(style)) => (csp_hash(script), csp_hash(style)),
+        _ => ("'none'".to_owned(), "'none'".to_owned()),
+    };
+    format!("default-src 'none'; script-src {script}; style-src {style}; {DASHBOARD_CSP_REST}")
 }
 
 /// The embedded page's policy, hashed once, on the first request: the hash
@@ -785,7 +779,13 @@ mod tests {
             "<style>a{}</style>",
             "<style>a{}</style><script>1\r\n</script>",
         ] {
-            assert_eq!(dashboard_csp_for(html), DASHBOARD_CSP_CLOSED, "{html}");
+            assert_eq!(
+                dashboard_csp_for(html),
+                "default-src 'none'; script-src 'none'; style-src 'none'; \
+                 connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+                 frame-ancestors 'none'",
+                "{html}"
+            );
         }
         let csp = dashboard_csp_for("<style></style><script></script>");
         // SHA-256 of nothing, a known vector.

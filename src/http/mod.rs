@@ -350,15 +350,7 @@ where
 {
     let caller = caller_of(state, &request);
     let verified = caller.as_ref().and_then(|c| c.as_ref().ok()).copied();
-    let client = match verified {
-        Some(caller) if caller.admin => None,
-        Some(caller) => Some(ClientKey::User(caller.user)),
-        None => {
-            let peer = ratelimit::peer_of(&request);
-            let addr = state.trusted_proxies.client_addr(peer, request.headers());
-            Some(ClientKey::addr(addr))
-        }
-    };
+    let client = admission::client_of(verified, &request, &state.trusted_proxies);
     // Over its rate: answered before anything else (`ratelimit.rs`).
     if !route.probe
         && let Some(refused) = ratelimit::refuse(state, client)
@@ -440,16 +432,15 @@ async fn read_body(
         .map_err(|why| refused(state, why))?;
     let (parts, mut body) = request.into_parts();
     let started = tokio::time::Instant::now();
-    // One frame (the usual case) is kept as it came; more are gathered.
-    let mut bytes = axum::body::Bytes::new();
-    let mut gathered: Option<Vec<u8>> = None;
+    // The frames as they came: one (the usual case) is passed on as it is.
+    let mut frames: Vec<axum::body::Bytes> = Vec::with_capacity(1);
+    let mut received = 0usize;
     loop {
         // A small body usually came in with its head: then it is read at
         // the first poll, and no timer is armed for it.
         let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
             Some(frame) => frame,
             None => {
-                let received = gathered.as_ref().map_or(bytes.len(), Vec::len);
                 let received = u64::try_from(received).unwrap_or(u64::MAX);
                 let allowed_ms = BODY_READ_GRACE_MS
                     .saturating_add(received.saturating_mul(1_000) / BODY_MIN_BYTES_PER_S)
@@ -472,26 +463,20 @@ async fn read_body(
             None => break,
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    let received = gathered.as_ref().map_or(bytes.len(), Vec::len);
-                    if received.saturating_add(data.len()) > BODY_BYTES_MAX {
+                    received = received.saturating_add(data.len());
+                    if received > BODY_BYTES_MAX {
                         return Err(ApiError::PayloadTooLarge.into_response());
                     }
-                    if let Some(gathered) = gathered.as_mut() {
-                        gathered.extend_from_slice(&data);
-                    } else if bytes.is_empty() {
-                        bytes = data;
-                    } else {
-                        let mut all = Vec::with_capacity(bytes.len() + data.len());
-                        all.extend_from_slice(&bytes);
-                        all.extend_from_slice(&data);
-                        gathered = Some(all);
-                    }
+                    frames.push(data);
                 }
             }
             Some(Err(_)) => return Err(ApiError::invalid("cannot read the body").into_response()),
         }
     }
-    let bytes = gathered.map_or(bytes, axum::body::Bytes::from);
+    let bytes = match frames.len() {
+        1 => frames.swap_remove(0),
+        _ => axum::body::Bytes::from(frames.concat()),
+    };
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 

@@ -20,13 +20,11 @@
 //! request path itself evicts too once the map is twice the bound, so a
 //! flood between two evictions cannot grow it further.
 
-use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
 use dashmap::DashMap;
 use governor::Quota;
@@ -276,17 +274,10 @@ pub fn refuse(state: &AppState, client: Option<ClientKey>) -> Option<Response> {
     }
 }
 
-/// The peer address the accept loop noted on `request` (unspecified in
-/// process, where there is none).
-pub fn peer_of(request: &Request) -> IpAddr {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
     use crate::domain::UserId;
 

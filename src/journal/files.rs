@@ -146,26 +146,10 @@ pub fn write_file_durably(
         // so a snapshot written whole, or synced a slice at a time with an
         // fdatasync (a commit) each, stalled every strict answer behind it.
         // Then one fdatasync for the lot.
-        let large = bytes.len() > WRITE_SYNC_CHUNK_BYTES;
-        let started = std::time::Instant::now();
-        let mut offset = 0u64;
-        for chunk in bytes.chunks(WRITE_SYNC_CHUNK_BYTES) {
-            file.write_all(chunk)?;
-            let len = chunk.len() as u64;
-            // Only pacing: the fdatasync below is what makes it durable, so
-            // a file system that cannot do it (FUSE, say) still writes.
-            if large && let Err(error) = crate::memory::write_back(&file, offset, len) {
-                tracing::debug!(%error, "cannot write a slice back; the final sync covers it");
-            }
-            offset += len;
-            if large {
-                let due = std::time::Duration::from_secs_f64(
-                    offset as f64 / WRITE_BACK_BYTES_PER_S as f64,
-                );
-                if let Some(early) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(early);
-                }
-            }
+        if bytes.len() > WRITE_SYNC_CHUNK_BYTES {
+            write_paced(&mut file, bytes)?;
+        } else {
+            file.write_all(bytes)?;
         }
         file.sync_all()?;
     }
@@ -178,6 +162,30 @@ pub fn write_file_durably(
         }
     }
     sync_dir(dir)
+}
+
+/// Writes `bytes` to `file` a slice of [`WRITE_SYNC_CHUNK_BYTES`] at a
+/// time, each written back and waited for before the next, at most
+/// [`WRITE_BACK_BYTES_PER_S`] (see [`write_file_durably`]). Not durable by
+/// itself: the caller's fdatasync is.
+fn write_paced(file: &mut std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    let started = std::time::Instant::now();
+    let mut offset = 0u64;
+    for chunk in bytes.chunks(WRITE_SYNC_CHUNK_BYTES) {
+        file.write_all(chunk)?;
+        let len = chunk.len() as u64;
+        // Only pacing: a file system that cannot do it (FUSE, say) still
+        // writes, and the final sync covers it.
+        if let Err(error) = crate::memory::write_back(file, offset, len) {
+            tracing::debug!(%error, "cannot write a slice back; the final sync covers it");
+        }
+        offset += len;
+        let due = std::time::Duration::from_secs_f64(offset as f64 / WRITE_BACK_BYTES_PER_S as f64);
+        if let Some(early) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(early);
+        }
+    }
+    Ok(())
 }
 
 /// A number no other call in this process gets.
