@@ -79,6 +79,8 @@ const TTL: Duration = Duration::ZERO;
 /// How long a stalled fsync waits at most before it fails with `EIO`, so a
 /// test that forgets to release it cannot hang.
 pub const STALL_MAX: Duration = Duration::from_secs(120);
+/// How long a remount waits for the files still open to be released.
+const RELEASE_WAIT_MAX: Duration = Duration::from_secs(10);
 /// The mount's source name is this and the pid, so a later run can find and
 /// lazily unmount the mounts of a test process that died.
 const FS_NAME_PREFIX: &str = "powercut-";
@@ -142,10 +144,37 @@ impl PowerCutFs {
     /// # Errors
     /// When the unmount fails (a file is still open) or the mount does.
     pub fn remount(&mut self) -> std::io::Result<()> {
+        // A process's close() returns before the kernel's release reaches
+        // us (and sled's own threads close their files a moment after the
+        // database is dropped): wait for every file to be released.
+        self.wait_closed(RELEASE_WAIT_MAX)?;
         if let Some(session) = self.session.take() {
             session.umount_and_join()?;
         }
         self.session = Some(spawn_session(&self.shared, &self.mountpoint)?);
+        Ok(())
+    }
+}
+
+impl PowerCutFs {
+    fn wait_closed(&self, max: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + max;
+        let mut inner = self.shared.lock();
+        while inner.open_files > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ResourceBusy,
+                    format!("{} files still open after {max:?}", inner.open_files),
+                ));
+            }
+            inner = self
+                .shared
+                .power
+                .wait_timeout(inner, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
         Ok(())
     }
 }
@@ -212,7 +241,7 @@ fn lazy_unmount(mountpoint: &Path) {
 /// The state and the condition stalled fsyncs wait on.
 struct Shared {
     inner: Mutex<Inner>,
-    /// Signalled when `frozen`, `stalled` or `epoch` change.
+    /// Signalled when `frozen`, `stalled`, `epoch` or `open_files` change.
     power: Condvar,
 }
 
@@ -436,7 +465,10 @@ impl Filesystem for Fs {
         let result = inner
             .powered()
             .and_then(|()| match inner.node(ino.0)?.body {
-                Body::File(_) => Ok(inner.open_handle()),
+                Body::File(_) => {
+                    inner.open_files += 1;
+                    Ok(inner.open_handle())
+                }
                 Body::Dir(_) => Err(Errno::EISDIR),
             });
         match result {
@@ -470,7 +502,9 @@ impl Filesystem for Fs {
                 }
                 Err(_) => inner.make(req, parent.0, name, mode & !umask, false)?,
             };
-            Ok((inner.attr(ino)?, inner.open_handle()))
+            let attr = inner.attr(ino)?;
+            inner.open_files += 1;
+            Ok((attr, inner.open_handle()))
         });
         match result {
             Ok((attr, fh)) => {
@@ -527,6 +561,23 @@ impl Filesystem for Fs {
             Ok(()) => reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX)),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Counted even without power: the kernel closes what it closes.
+        let mut inner = self.shared.lock();
+        inner.open_files = inner.open_files.saturating_sub(1);
+        self.shared.power.notify_all();
+        reply.ok();
     }
 
     fn flush(

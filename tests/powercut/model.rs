@@ -181,6 +181,9 @@ pub struct Inner {
     /// Bumped by every cut; a file handle carries the epoch it was opened in.
     pub epoch: u64,
     pub next_fh: u64,
+    /// File handles opened and not yet released: the kernel refuses an
+    /// unmount while any is open.
+    pub open_files: u64,
 }
 
 pub const ROOT: u64 = INodeNo::ROOT.0;
@@ -253,6 +256,7 @@ impl Inner {
             stalled: false,
             epoch: 0,
             next_fh: 1,
+            open_files: 0,
         }
     }
 
