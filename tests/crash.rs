@@ -33,8 +33,11 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let book: Book = Arc::new(Mutex::new(HashMap::new()));
     let users: Users = Arc::default();
     load::create_skus(&Server::start(dir.path(), &["--reservation-ttl", "2s"]));
+    // Snapshots every 500 events: kills land in captures, epoch switches,
+    // epoch drops and snapshot writes too.
+    let args = ["--reservation-ttl", "2s", "--snapshot-every-events", "500"];
     for round in 0..rounds {
-        let mut server = Server::start(dir.path(), &["--reservation-ttl", "2s"]);
+        let mut server = Server::start(dir.path(), &args);
         load::verify(&server, &book, &users, &format!("round {round}"));
         let workers = load::spawn_workers(&server, round, &mut rng, &book, &users);
         std::thread::sleep(Duration::from_millis(rng.random_range(30..400)));

@@ -7,6 +7,7 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use flashcore::domain::idem::Lookup;
 use flashcore::domain::order::OrderStatus;
@@ -188,10 +189,10 @@ async fn a_missing_record_in_the_middle_is_damage_too() {
     // The block holding record 3 goes; it must be in the middle: blocks
     // with later records remain after it (else this would be a torn tail).
     let db = journal::writer::open_db(&journal::journal_dir(dir.path())).expect("open");
-    let blocks: Vec<u64> = db
-        .iter()
-        .keys()
-        .map(|k| codec::seq_of(&k.expect("readable")).expect("key"))
+    let blocks: Vec<u64> = journal::Epochs::new(&db)
+        .blocks_from(0)
+        .expect("readable")
+        .map(|entry| codec::seq_of(&entry.expect("readable").0).expect("key"))
         .collect();
     drop(db);
     let holding = blocks
@@ -324,11 +325,10 @@ async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
     };
     let first_key = |node: &Node| {
         node.journal
-            .db()
-            .first()
+            .epochs()
+            .first_seq()
             .ok()
             .flatten()
-            .and_then(|(k, _)| codec::seq_of(&k).ok())
             .unwrap_or(0)
     };
     some_history(&node.engine, 30).await;
@@ -350,10 +350,9 @@ async fn the_snapshotter_keeps_the_journal_short_and_recovery_exact() {
     let last = node.journal.last_seq();
     let first_kept = node
         .journal
-        .db()
-        .first()
+        .epochs()
+        .first_seq()
         .expect("first")
-        .map(|(k, _)| codec::seq_of(&k).expect("key"))
         .expect("some records");
     let files: Vec<_> = std::fs::read_dir(journal::snapshot_dir(dir.path()))
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
@@ -435,5 +434,146 @@ async fn snapshots_drop_idempotency_records_past_their_ttl() {
     };
     assert_eq!(lookup("old"), Lookup::Fresh, "dropped with its TTL");
     assert!(matches!(lookup("new"), Lookup::Replay(_)), "kept");
+    stop(node);
+}
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| match entry.metadata() {
+                    Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+                    Ok(meta) => meta.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// At least fifty snapshots under a steady stream of orders (relaxed, so
+/// the journal passes several of sled's 16 MiB segments): the writer moves
+/// to a new epoch at each capture and the epochs below the snapshot before
+/// go whole, so the number of epochs and the journal's size on disk stay
+/// flat (sled reuses the segments of dropped epochs), and a restart across
+/// the epochs left rebuilds exactly the live books.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_snapshots_keep_the_journal_bounded_and_recovery_exact() {
+    const SNAPSHOTS: usize = 50;
+    // sled's segments are 16 MiB, and sled keeps five before it reuses
+    // freed ones (measured: a journal that drops old epochs stays at 5
+    // segments, 83,886,080 bytes, however long it runs). The run writes
+    // seven segments' worth, so a journal that kept everything would be
+    // past the bound below.
+    const SEGMENT_BYTES: u64 = 16 << 20;
+    const WRITTEN_MIN_BYTES: u64 = 7 * SEGMENT_BYTES;
+    const JOURNAL_MAX_BYTES: u64 = 11 * SEGMENT_BYTES / 2;
+    const TASKS: usize = 64;
+    const ORDERS_PER_TASK: usize = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let boot_relaxed = |dir: &Path| {
+        let opened = journal::open(dir, FlushPolicy::Relaxed, false).expect("open");
+        let config = EngineConfig {
+            durability: flashcore::engine::DurabilityMode::Relaxed,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::start(
+            config,
+            opened.journal.clone(),
+            Arc::new(ManualClock::new(T0_MS)),
+            opened.recovered.state,
+        )
+        .expect("engine starts");
+        let node = Node {
+            engine,
+            journal: opened.journal,
+        };
+        (node, opened.recovered.last_seq)
+    };
+    let (node, _) = boot_relaxed(dir.path());
+    create(&node.engine, "z", 100, 100_000_000, None).await;
+    let mut snapshotter = Snapshotter::start(
+        Arc::new(node.engine.clone()),
+        node.journal.clone(),
+        journal::snapshot_dir(dir.path()),
+        SnapshotPolicy {
+            every_events: 8_000,
+            every_ms: 60_000,
+        },
+    );
+    let journal_dir = journal::journal_dir(dir.path());
+    // (epochs, journal bytes, first sequence number kept) after each snapshot.
+    let mut seen: Vec<(usize, u64, u64)> = Vec::new();
+    let mut last_top = 0;
+    let mut round = 0usize;
+    let written = |node: &Node| node.journal.stats().bytes.load(Ordering::Relaxed);
+    while seen.len() < SNAPSHOTS || written(&node) < WRITTEN_MIN_BYTES {
+        round += 1;
+        assert!(round < SNAPSHOTS * 8, "snapshots stopped coming: {seen:?}");
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let e = node.engine.clone();
+                tokio::spawn(async move {
+                    for i in 0..ORDERS_PER_TASK {
+                        let who = user(&format!("r{round}t{t}i{i}"));
+                        let o = e
+                            .place_order(who, &[line("z", 1)], None, None)
+                            .await
+                            .expect("placed");
+                        if i % 2 == 0 {
+                            e.cancel(admin(), o.id).await.expect("cancelled");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        for _ in 0..500 {
+            if snapshotter.last().is_some_and(|r| r.top > last_top) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if let Some(report) = snapshotter.last().filter(|r| r.top > last_top) {
+            last_top = report.top;
+            let epochs = node.journal.epochs().list().expect("epochs").len();
+            let first = node
+                .journal
+                .epochs()
+                .first_seq()
+                .expect("first")
+                .unwrap_or(0);
+            seen.push((epochs, dir_bytes(&journal_dir), first));
+        }
+    }
+    eprintln!("(epochs, journal bytes, first kept) after each snapshot: {seen:?}");
+    assert!(snapshotter.healthy());
+    // Epoch 0 and at most the epochs of the last three captures.
+    let most_epochs = seen[3..].iter().map(|s| s.0).max().unwrap_or(0);
+    assert!(most_epochs <= 4, "old epochs were dropped: {seen:?}");
+    // The journal does not grow with history.
+    let size = seen.last().map_or(0, |s| s.1);
+    assert!(
+        size <= JOURNAL_MAX_BYTES,
+        "{} bytes written, the journal holds {size}",
+        written(&node)
+    );
+    let firsts: Vec<u64> = seen.iter().map(|s| s.2).collect();
+    assert!(
+        firsts.windows(2).all(|w| w[0] <= w[1]) && firsts[SNAPSHOTS - 1] > firsts[5],
+        "the journal's start moves forward: {firsts:?}"
+    );
+
+    let before = books(&node.engine).await;
+    let last = node.journal.last_seq();
+    snapshotter.stop();
+    stop(node);
+    let (node, recovered_last) = boot_relaxed(dir.path());
+    assert_eq!(recovered_last, last);
+    assert_eq!(books(&node.engine).await, before);
     stop(node);
 }

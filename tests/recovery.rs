@@ -138,15 +138,18 @@ fn a_torn_tail_record_is_still_cut() {
     );
     // Tear the last record: keep half of its bytes.
     let db = writer::open_db(&journal::journal_dir(dir.path())).expect("open");
-    let (key, block) = db.iter().next_back().expect("a block").expect("readable");
+    let (tree, key, block) = journal::Epochs::new(&db)
+        .holding(last)
+        .expect("readable")
+        .expect("a block");
     let first = codec::seq_of(&key).expect("key");
     let records: Vec<_> = codec::block_records(first, &block).collect();
     let start = records.last().expect("records").offset;
     let mut bytes = block.to_vec();
     bytes.truncate(start + (block.len() - start) / 2);
-    db.insert(&key, bytes).expect("insert");
+    tree.insert(&key, bytes).expect("insert");
     db.flush().expect("flush");
-    drop(db);
+    drop((tree, db));
     assert_eq!(
         recover_within(dir.path(), false, Duration::from_secs(60)).expect("cut"),
         last - 1

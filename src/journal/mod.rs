@@ -17,6 +17,7 @@
 
 pub mod archive;
 pub mod codec;
+pub mod epochs;
 pub mod files;
 pub mod idem_store;
 mod memory;
@@ -25,6 +26,7 @@ pub mod snapshot;
 mod watermark;
 pub mod writer;
 
+pub use epochs::Epochs;
 pub use archive::{Archive, MemArchive, OpeningArchive, SledArchive};
 pub use idem_store::{IdemStore, MemIdemStore, SledIdemStore};
 pub use memory::MemJournal;

@@ -26,7 +26,7 @@ use std::path::Path;
 
 use crate::domain::{Event, State};
 use crate::journal::snapshot::{self, Cut, DirStore, TRUNCATE_BATCH, remove_keys};
-use crate::journal::{Seq, codec};
+use crate::journal::{Epochs, Seq, codec};
 
 pub use crate::journal::snapshot::{
     SNAPSHOT_EVERY_EVENTS, SNAPSHOT_EVERY_MS, SnapshotPolicy, Snapshotter, write_snapshot,
@@ -68,16 +68,10 @@ pub struct Recovered {
     pub cut_at: Option<Seq>,
 }
 
-/// Reads the journal's blocks from the one holding `from + 1` on.
-fn blocks_from(db: &sled::Db, from: Seq) -> Result<sled::Iter, RecoveryError> {
-    let want = codec::key(from.saturating_add(1));
-    // The block holding `from + 1` starts at or before it.
-    let start = match db.range(..=want).next_back() {
-        Some(Ok((key, _))) => key.to_vec(),
-        Some(Err(e)) => return Err(RecoveryError::Storage(format!("reading the journal: {e}"))),
-        None => want.to_vec(),
-    };
-    Ok(db.range(start..))
+/// Reads the journal's blocks from the one holding `from + 1` on, across
+/// its epochs.
+fn blocks_from(epochs: &Epochs, from: Seq) -> Result<crate::journal::epochs::Blocks, RecoveryError> {
+    epochs.blocks_from(from).map_err(read_error)
 }
 
 fn read_error(e: sled::Error) -> RecoveryError {
@@ -107,7 +101,7 @@ const DECODE_CHUNKS_AHEAD: usize = 8;
 /// The decoding stage: reads blocks after `from` (up to `until`) and
 /// decodes their records, until done or the apply stage hangs up.
 fn decode_stage(
-    db: &sled::Db,
+    epochs: &Epochs,
     from: Seq,
     until: Seq,
     out: &crossbeam_channel::Sender<Vec<Decoded>>,
@@ -120,7 +114,7 @@ fn decode_stage(
         }
         true
     };
-    let blocks = match blocks_from(db, from) {
+    let blocks = match blocks_from(epochs, from) {
         Ok(blocks) => blocks,
         Err(e) => {
             let _ = out.send(vec![Decoded::Storage(e.to_string())]);
@@ -227,7 +221,7 @@ const EVENT_TEXT_CHARS_MAX: usize = 600;
 /// thread of its own, a stage ahead of applying, so a replay keeps two
 /// cores busy.
 fn replay(
-    db: &sled::Db,
+    epochs: &Epochs,
     state: &mut State,
     cut: &Cut,
     until: Seq,
@@ -239,20 +233,20 @@ fn replay(
         // blocked on a full channel gets an error and stops instead of
         // waiting for ever.
         let (tx, rx) = crossbeam_channel::bounded(DECODE_CHUNKS_AHEAD);
-        scope.spawn(move || decode_stage(db, from, until, &tx));
+        scope.spawn(move || decode_stage(epochs, from, until, &tx));
         apply_stage(&rx, state, cut)
     })
-    .map(|(last, damage)| (last, damage.map(|d| describe_event(db, d))))
+    .map(|(last, damage)| (last, damage.map(|d| describe_event(epochs, d))))
 }
 
 /// Fills in the text of the event a [`DamageKind::DoesNotApply`] names, read
 /// again from the journal: replay moves each event into the state, so the
 /// text is only made on this rare path.
-fn describe_event(db: &sled::Db, mut damage: Damage) -> Damage {
+fn describe_event(epochs: &Epochs, mut damage: Damage) -> Damage {
     let DamageKind::DoesNotApply { event } = &mut damage.kind else {
         return damage;
     };
-    let found = blocks_from(db, damage.seq.saturating_sub(1))
+    let found = blocks_from(epochs, damage.seq.saturating_sub(1))
         .ok()
         .and_then(|mut blocks| blocks.next())
         .and_then(Result::ok)
@@ -339,8 +333,8 @@ fn event_text(event: &Event) -> String {
 
 /// The first good record after `damaged`, if any: then the damage is not a
 /// tail.
-fn good_record_after(db: &sled::Db, damaged: Seq) -> Result<Option<Seq>, RecoveryError> {
-    for entry in blocks_from(db, damaged)? {
+fn good_record_after(epochs: &Epochs, damaged: Seq) -> Result<Option<Seq>, RecoveryError> {
+    for entry in blocks_from(epochs, damaged)? {
         let (key, block) = entry.map_err(read_error)?;
         let Ok(first) = codec::seq_of(&key) else {
             continue;
@@ -365,12 +359,12 @@ struct Dropped {
 }
 
 /// Counts the records from `seq` on (what a cut there drops).
-fn records_from(db: &sled::Db, seq: Seq) -> Result<Dropped, RecoveryError> {
+fn records_from(epochs: &Epochs, seq: Seq) -> Result<Dropped, RecoveryError> {
     let mut dropped = Dropped {
         records: 0,
         last: seq,
     };
-    for entry in blocks_from(db, seq.saturating_sub(1))? {
+    for entry in blocks_from(epochs, seq.saturating_sub(1))? {
         let (key, block) = entry.map_err(read_error)?;
         let Ok(first) = codec::seq_of(&key) else {
             continue;
@@ -385,53 +379,54 @@ fn records_from(db: &sled::Db, seq: Seq) -> Result<Dropped, RecoveryError> {
 
 /// Deletes every record from `seq` on, durably: the blocks after it go, and
 /// the block holding it keeps only the records before it.
-fn cut(db: &sled::Db, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> {
+fn cut(epochs: &Epochs, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> {
     let storage = |e: sled::Error| RecoveryError::Storage(format!("cutting the journal: {e}"));
-    let dropped = records_from(db, seq)?;
+    let dropped = records_from(epochs, seq)?;
     // The blocks after the damage go first, newest first, and the block
     // holding it last: a cut interrupted (a crash, a signal) leaves the
     // damage where it was, with a contiguous journal before it, so the next
-    // start judges it exactly as this one did.
-    loop {
-        let keys: Vec<sled::IVec> = db
-            .range(codec::key(seq.saturating_add(1))..)
-            .keys()
-            .rev()
-            .take(TRUNCATE_BATCH)
-            .collect::<Result<_, _>>()
-            .map_err(storage)?;
-        if keys.is_empty() {
-            break;
+    // start judges it exactly as this one did. (At start-up, before any
+    // request: sled batches are fine here.)
+    for epoch in epochs.list().map_err(storage)?.into_iter().rev() {
+        loop {
+            let keys: Vec<sled::IVec> = epoch
+                .tree
+                .range(codec::key(seq.saturating_add(1))..)
+                .keys()
+                .rev()
+                .take(TRUNCATE_BATCH)
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            if keys.is_empty() {
+                break;
+            }
+            remove_keys(&epoch.tree, &keys).map_err(storage)?;
         }
-        remove_keys(db, &keys).map_err(storage)?;
     }
-    let holder = match db.range(..=codec::key(seq)).next_back() {
-        Some(entry) => Some(entry.map_err(storage)?),
-        None => None,
-    };
-    if let Some((key, block)) = holder {
+    if let Some((tree, key, block)) = epochs.holding(seq).map_err(storage)? {
         let first = codec::seq_of(&key).map_err(|e| RecoveryError::Storage(e.to_string()))?;
         let keep = codec::block_records(first, &block)
             .find(|r| r.seq == seq)
             .map(|r| r.offset);
         match keep {
             Some(0) => {
-                db.remove(&key).map_err(storage)?;
+                tree.remove(&key).map_err(storage)?;
             }
             Some(offset) => {
-                db.insert(&key, &block[..offset]).map_err(storage)?;
+                tree.insert(&key, &block[..offset]).map_err(storage)?;
             }
             None => {} // the cut starts after this block
         }
     }
-    db.flush().map_err(storage)?;
+    epochs.flush().map_err(storage)?;
     std::fs::File::open(dir.join("db"))
         .and_then(|f| f.sync_data())
         .map_err(|e| RecoveryError::Storage(format!("syncing the cut: {e}")))?;
     Ok(dropped)
 }
 
-/// Rebuilds the state from `snapshots` and the journal in `db` (stored in
+/// Rebuilds the state from `snapshots` and the journal in `db`, all its
+/// epochs (stored in
 /// `journal_dir`), cutting a torn tail. With `repair`, damage before the
 /// tail is cut too instead of refusing.
 ///
@@ -444,9 +439,10 @@ pub fn recover(
     snapshots: &Path,
     repair: bool,
 ) -> Result<Recovered, RecoveryError> {
+    let epochs = Epochs::new(db);
     let (mut state, from) = snapshot::load(&DirStore::new(snapshots))?;
     let snapshot_seq = from.top;
-    let (last_seq, damage) = replay(db, &mut state, &from, Seq::MAX)?;
+    let (last_seq, damage) = replay(&epochs, &mut state, &from, Seq::MAX)?;
     if last_seq < from.top && damage.is_none() {
         // The snapshot holds events the journal does not: it was written
         // only once they were durable, so the journal lost them.
@@ -461,17 +457,17 @@ pub fn recover(
     let mut cut_at = None;
     if let Some(damage) = damage {
         let seq = damage.seq;
-        let good_after = good_record_after(db, seq)?;
+        let good_after = good_record_after(&epochs, seq)?;
         let torn_tail = damage.kind == DamageKind::Torn && good_after.is_none();
         let why = match good_after {
             Some(good) => format!("{}; record {good} after it is good", damage.why),
             None => damage.why.clone(),
         };
         if torn_tail {
-            let dropped = cut(db, journal_dir, seq)?;
+            let dropped = cut(&epochs, journal_dir, seq)?;
             tracing::warn!(seq, records = dropped.records, %why, "cut a torn journal tail");
         } else if repair {
-            let dropped = cut(db, journal_dir, seq)?;
+            let dropped = cut(&epochs, journal_dir, seq)?;
             tracing::error!(
                 seq,
                 records = dropped.records,
@@ -507,7 +503,7 @@ pub fn recover(
 /// `Corrupt` when the records up to `durable` do not replay, `Storage`
 /// when they cannot be read.
 pub fn durable_state(
-    db: &sled::Db,
+    epochs: &Epochs,
     snapshots: &Path,
     durable: Seq,
 ) -> Result<State, RecoveryError> {
@@ -518,7 +514,7 @@ pub fn durable_state(
             "the newest snapshot ({snapshot_seq}) is past the durable journal ({durable})"
         )));
     }
-    let (last, damage) = replay(db, &mut state, &cut, durable)?;
+    let (last, damage) = replay(epochs, &mut state, &cut, durable)?;
     if let Some(damage) = damage {
         return Err(RecoveryError::Corrupt {
             seq: damage.seq,

@@ -47,9 +47,11 @@
 //! once its highest mark is durable (a snapshot must never hold an event a
 //! crash could take back), atomically and durably (`write_file_durably`).
 //!
-//! After writing snapshot N, the journal records below snapshot N-1's
-//! replay start are dropped, so a damaged newest snapshot can always fall
-//! back to the one before; older snapshot files are deleted.
+//! At each capture the journal writer moves to a new epoch (`epochs.rs`).
+//! After writing snapshot N, the epochs wholly below snapshot N-1's replay
+//! start are dropped (whole sled trees, no block deletes), so a damaged
+//! newest snapshot can always fall back to the one before; older snapshot
+//! files are deleted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -66,6 +68,7 @@ use crate::domain::promo::Promotions;
 use crate::domain::sku::{SkuState, SkuStateV1};
 use crate::domain::state::{OpenReservation, Part};
 use crate::domain::{OrderId, SkuId, State};
+use crate::journal::epochs::Dropped;
 use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
 use crate::journal::recovery::RecoveryError;
 use crate::journal::{Journal, Seq, SledJournal, codec};
@@ -76,17 +79,9 @@ pub const SNAPSHOT_EVERY_EVENTS: u64 = 250_000;
 pub const SNAPSHOT_EVERY_MS: u64 = 60_000;
 /// How often the snapshotter looks whether a snapshot is due.
 const SNAPSHOT_POLL_MS: u64 = 250;
-/// Journal blocks listed at a time when truncating the journal (and
-/// removed per sled batch when recovery cuts a tail).
+/// Journal blocks removed per sled batch when recovery cuts a tail (at
+/// start-up, before any request).
 pub(crate) const TRUNCATE_BATCH: usize = 10_000;
-/// The truncation after a snapshot removes blocks one by one, resting
-/// [`TRUNCATE_REST_US`] after each this many: a sled batch would take
-/// sled's one process-wide write lock, which every insert and flush of the
-/// journal writer waits on for the whole batch (about 27,000 blocks after a
-/// snapshot of 450,000 orders), while a single remove takes it shared.
-const TRUNCATE_REMOVES_PER_REST: u64 = 512;
-/// See [`TRUNCATE_REMOVES_PER_REST`].
-const TRUNCATE_REST_US: u64 = 1_000;
 /// Snapshot files kept: the newest, and the one before as a fallback.
 pub const SNAPSHOTS_KEPT: usize = 2;
 /// How long a snapshot waits for its highest mark to become durable. In
@@ -591,48 +586,8 @@ fn write_capture(
     Ok((top, start, bytes.len()))
 }
 
-/// Removes the journal blocks whose records all lie at or below `seq`
-/// (covered by a snapshot); returns how many blocks went. Not synced: if the
-/// removal is lost in a crash, recovery simply skips what the snapshot
-/// covers. Blocks go one by one, oldest first (so what is left is always a
-/// suffix of the journal), never in a sled batch, and with a rest every
-/// [`TRUNCATE_REMOVES_PER_REST`]: the journal writer never waits on sled's
-/// write lock for the truncation.
-fn truncate_through(db: &sled::Db, seq: Seq) -> Result<u64, sled::Error> {
-    if seq == 0 {
-        return Ok(0);
-    }
-    let mut removed = 0u64;
-    loop {
-        // A block ends where the next one starts; the block holding `seq`
-        // itself may hold later records too, so it stays.
-        let keys: Vec<sled::IVec> = db
-            .range(..=codec::key(seq.saturating_add(1)))
-            .keys()
-            .take(TRUNCATE_BATCH + 1)
-            .collect::<Result<_, _>>()?;
-        let mut doomed = Vec::new();
-        for pair in keys.windows(2) {
-            let next_first = codec::seq_of(&pair[1]).unwrap_or(0);
-            if next_first.saturating_sub(1) <= seq {
-                doomed.push(pair[0].clone());
-            }
-        }
-        if doomed.is_empty() {
-            return Ok(removed);
-        }
-        for key in &doomed {
-            db.remove(key)?;
-            removed += 1;
-            if removed % TRUNCATE_REMOVES_PER_REST == 0 {
-                std::thread::sleep(Duration::from_micros(TRUNCATE_REST_US));
-            }
-        }
-    }
-}
-
 /// Removes `keys` in one sled batch; returns how many.
-pub(crate) fn remove_keys(db: &sled::Db, keys: &[sled::IVec]) -> Result<u64, sled::Error> {
+pub(crate) fn remove_keys(db: &sled::Tree, keys: &[sled::IVec]) -> Result<u64, sled::Error> {
     let mut batch = sled::Batch::default();
     for key in keys {
         batch.remove(key);
@@ -737,15 +692,22 @@ impl Taker {
             .capture()
             .map_err(|e| RecoveryError::Storage(format!("capturing the state: {e}")))?;
         let capture_ms = elapsed_ms(started);
+        // The capture point: the writer starts a new epoch, so that once a
+        // later snapshot covers this one's start, the epochs before it go
+        // whole (`epochs.rs`) instead of block by block.
+        self.journal.next_epoch();
         // A snapshot must never hold an event a crash could take back.
         self.wait_durable(capture.top())?;
         let (top, start, bytes) = write_capture(self.store.as_ref(), capture)?;
         // The snapshot before this one stays as a fallback, with the records
         // after its start; what lies below can go.
-        let removed = match self.start {
-            Some(previous) => truncate_through(self.journal.db(), previous)
+        let dropped = match self.start {
+            Some(previous) => self
+                .journal
+                .epochs()
+                .drop_through(previous)
                 .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?,
-            None => 0,
+            None => Dropped::default(),
         };
         for seq in self.store.list()?.into_iter().skip(SNAPSHOTS_KEPT) {
             if let Err(e) = self.store.remove(seq) {
@@ -763,7 +725,8 @@ impl Taker {
             seq = top,
             start,
             bytes,
-            removed_blocks = removed,
+            dropped_epochs = dropped.epochs,
+            removed_blocks = dropped.blocks,
             capture_ms,
             took_ms = report.total_ms,
             "snapshot written"

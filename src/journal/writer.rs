@@ -38,9 +38,10 @@ use hdrhistogram::Histogram;
 
 use crate::domain::{Event, State};
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
+use crate::journal::epochs::Epoch;
 use crate::journal::{
-    Archive, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive, SledIdemStore,
-    Watermark, codec,
+    Archive, Epochs, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive,
+    SledIdemStore, Watermark, codec,
 };
 
 /// Most events waiting for the writer. At ~8 us per durable event at the
@@ -131,6 +132,8 @@ pub struct JournalStats {
     pub events: AtomicU64,
     /// Bytes written (record bytes).
     pub bytes: AtomicU64,
+    /// The epoch the writer appends to (see `epochs.rs`).
+    pub epoch: AtomicU64,
 }
 
 impl JournalStats {
@@ -145,6 +148,7 @@ impl JournalStats {
             batches: AtomicU64::new(0),
             events: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 }
@@ -229,6 +233,9 @@ struct Shared {
     stats: JournalStats,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
+    /// Set by a snapshot: the writer starts a new epoch before its next
+    /// batch.
+    next_epoch: AtomicBool,
 }
 
 impl Shared {
@@ -259,6 +266,7 @@ impl Shared {
 /// The durable journal.
 pub struct SledJournal {
     db: sled::Db,
+    epochs: Epochs,
     append: Mutex<AppendSide>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -452,6 +460,10 @@ impl SledJournal {
             JournalError::Unavailable(format!("{} has no data dir", dir.display()))
         })?;
         let archive = OpeningArchive::start(archive_dir, db.clone())?;
+        let epochs = Epochs::new(&db);
+        let epoch = epochs.for_writer().map_err(|e| {
+            JournalError::Unavailable(format!("cannot open the journal's epoch: {e}"))
+        })?;
         let idem_store = Arc::new(SledIdemStore::open(&db, dir)?);
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| {
@@ -466,7 +478,9 @@ impl SledJournal {
             stats: JournalStats::new(),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
+            next_epoch: AtomicBool::new(false),
         });
+        shared.stats.epoch.store(epoch.number, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_EVENTS_MAX);
         let (sync_tx, sync_rx) = crossbeam_channel::bounded(SYNC_QUEUE_BATCHES_MAX);
         let spawn_error = |e: std::io::Error| {
@@ -481,11 +495,17 @@ impl SledJournal {
                 .map_err(spawn_error)?
         };
         let writer = {
-            let (db, shared) = (db.clone(), Arc::clone(&shared));
+            let (epochs, shared) = (epochs.clone(), Arc::clone(&shared));
             std::thread::Builder::new()
                 .name("flashcore-journal".into())
                 .spawn(move || {
-                    write_loop(&rx, &db, &sync_tx, &shared, policy);
+                    let stages = Stages {
+                        rx: &rx,
+                        to_sync: &sync_tx,
+                        shared: &shared,
+                        epochs: &epochs,
+                    };
+                    write_loop(&stages, epoch, policy);
                     drop(sync_tx);
                     if syncer.join().is_err() {
                         tracing::error!("the journal sync thread panicked");
@@ -495,6 +515,7 @@ impl SledJournal {
         };
         Ok(SledJournal {
             db,
+            epochs,
             append: Mutex::new(AppendSide {
                 last_seq,
                 tx: Some(tx),
@@ -510,6 +531,18 @@ impl SledJournal {
     /// The sled database (the snapshotter and recovery read it).
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The journal's epochs (the snapshotter drops the old ones).
+    pub fn epochs(&self) -> &Epochs {
+        &self.epochs
+    }
+
+    /// Asks the writer to start a new epoch before its next batch: a
+    /// snapshot does at its capture point, so the epochs before it can be
+    /// dropped whole once a later snapshot covers them.
+    pub fn next_epoch(&self) {
+        self.shared.next_epoch.store(true, Ordering::SeqCst);
     }
 
     /// The archive of finished orders, beside this journal, once open.
@@ -610,7 +643,7 @@ impl Journal for SledJournal {
             JournalError::Unavailable(format!("{} has no data dir", self.dir.display()))
         })?;
         let durable = self.shared.watermark.durable();
-        let state = super::recovery::durable_state(&self.db, &snapshots, durable)
+        let state = super::recovery::durable_state(&self.epochs, &snapshots, durable)
             .map_err(|e| JournalError::Unavailable(format!("rebuilding the durable state: {e}")))?;
         Ok((state, durable))
     }
@@ -652,7 +685,7 @@ fn gather(rx: &Receiver<Item>, batch: &mut Vec<Item>, policy: FlushPolicy) -> bo
 /// Inserts a batch as blocks of consecutive records (each at most
 /// [`BLOCK_BYTES_MAX`], under its first sequence number) and flushes sled,
 /// which writes them to its data file (and `sync_file_range`s it).
-fn write_batch(batch: &[Item], db: &sled::Db) -> Result<u64, String> {
+fn write_batch(batch: &[Item], db: &sled::Tree) -> Result<u64, String> {
     let mut bytes = 0u64;
     let mut block: Vec<u8> = Vec::new();
     let mut first: Option<Seq> = None;
@@ -675,18 +708,22 @@ fn write_batch(batch: &[Item], db: &sled::Db) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// What the write stage works with.
+struct Stages<'a> {
+    rx: &'a Receiver<Item>,
+    to_sync: &'a Sender<(Seq, Seq, u64, usize, Instant)>,
+    shared: &'a Shared,
+    epochs: &'a Epochs,
+}
+
 /// The write stage: batches, blocks, sled flush; then hands the batch's last
 /// sequence number to the sync stage and goes on with the next batch while
-/// that one is being synced.
-fn write_loop(
-    rx: &Receiver<Item>,
-    db: &sled::Db,
-    to_sync: &Sender<(Seq, Seq, u64, usize, Instant)>,
-    shared: &Shared,
-    policy: FlushPolicy,
-) {
+/// that one is being synced. Between two batches it moves to a new epoch
+/// when a snapshot asked.
+fn write_loop(stages: &Stages<'_>, mut epoch: Epoch, policy: FlushPolicy) {
+    let shared = stages.shared;
     let mut batch: Vec<Item> = Vec::with_capacity(BATCH_EVENTS_MAX);
-    while gather(rx, &mut batch, policy) {
+    while gather(stages.rx, &mut batch, policy) {
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             continue;
         };
@@ -700,10 +737,24 @@ fn write_loop(
             batch.clear();
             continue;
         }
+        if shared.next_epoch.swap(false, Ordering::SeqCst) {
+            match stages.epochs.open_after(epoch.number) {
+                Ok(next) => {
+                    epoch = next;
+                    shared.stats.epoch.store(epoch.number, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    shared.fail(first, format!("cannot start a journal epoch: {e}"));
+                    batch.clear();
+                    continue;
+                }
+            }
+        }
         let started = Instant::now();
-        match write_batch(&batch, db) {
+        match write_batch(&batch, &epoch.tree) {
             Ok(bytes) => {
-                if to_sync
+                if stages
+                    .to_sync
                     .send((first, last, bytes, batch.len(), started))
                     .is_err()
                 {

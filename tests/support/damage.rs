@@ -18,11 +18,10 @@ pub enum Damage {
 pub fn damage(dir: &Path, seq: u64, how: Damage) {
     let db =
         flashcore::journal::writer::open_db(&flashcore::journal::journal_dir(dir)).expect("open");
-    let (key, block) = db
-        .range(..=flashcore::journal::codec::key(seq))
-        .next_back()
-        .expect("a block")
-        .expect("readable");
+    let (tree, key, block) = flashcore::journal::Epochs::new(&db)
+        .holding(seq)
+        .expect("readable")
+        .expect("a block");
     let first = flashcore::journal::codec::seq_of(&key).expect("key");
     let records: Vec<_> = flashcore::journal::codec::block_records(first, &block).collect();
     let index = records
@@ -38,9 +37,9 @@ pub fn damage(dir: &Path, seq: u64, how: Damage) {
         Damage::DropBlock => bytes.clear(),
     }
     if bytes.is_empty() {
-        db.remove(&key).expect("remove");
+        tree.remove(&key).expect("remove");
     } else {
-        db.insert(&key, bytes).expect("insert");
+        tree.insert(&key, bytes).expect("insert");
     }
     db.flush().expect("flush");
 }
