@@ -4,10 +4,18 @@
 //! one book holds everyone. The same [`OrderBook::apply`] serves both. Orders
 //! are kept by id (ids grow with time, so id order is age order) with a
 //! per-user index for listings.
+//!
+//! Every map is persistent (`imbl`: a B-tree for the orders, hash tries for
+//! the index and the carts): a copy of the book shares every node with the
+//! live one, so a snapshot's copy, taken inside the shard's handler, costs
+//! a few pointer copies however many orders the shard holds; a node the
+//! live book changes after a copy is copied then, alone. The maps serialise
+//! as plain maps, byte for byte what the `std` maps they replaced wrote.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+use imbl::{HashMap, OrdMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,12 +40,12 @@ pub fn shard_of(user: &UserId, parts: usize) -> usize {
 /// Orders and carts of some users.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderBook {
-    /// Shared, so that a copy of the book (a snapshot's, taken inside the
-    /// shard's handler) costs a pointer per order rather than a deep copy
-    /// that would stall the actor thread; an order changed after a copy is
-    /// copied then, alone (`Arc::make_mut`).
-    orders: BTreeMap<OrderId, Arc<Order>>,
-    by_user: HashMap<UserId, Vec<OrderId>>,
+    /// Each order shared too, so that changing one order after a copy
+    /// copies that order alone (`Arc::make_mut`).
+    orders: OrdMap<OrderId, Arc<Order>>,
+    /// A user's order ids, ascending; shared, so a copy's list is copied
+    /// only when the live one changes it.
+    by_user: HashMap<UserId, Arc<Vec<OrderId>>>,
     carts: HashMap<UserId, Cart>,
 }
 
@@ -103,8 +111,8 @@ impl OrderBook {
             }
             all.orders.extend(book.orders);
             for (user, ids) in book.by_user {
-                let index = all.by_user.entry(user).or_default();
-                index.extend(ids);
+                let index = Arc::make_mut(all.by_user.entry(user).or_default());
+                index.extend(ids.iter().copied());
                 index.sort_unstable();
             }
             for (user, cart) in book.carts {
@@ -120,7 +128,7 @@ impl OrderBook {
         let count = books.len();
         for (id, order) in self.orders {
             let book = &mut books[part_of(&order.user) % count];
-            book.by_user.entry(order.user).or_default().push(id);
+            Arc::make_mut(book.by_user.entry(order.user).or_default()).push(id);
             book.orders.insert(id, order);
         }
         for (user, cart) in self.carts {
@@ -219,7 +227,7 @@ impl OrderBook {
             };
             if let Some(user_ids) = self.by_user.get_mut(&order.user) {
                 if let Ok(at) = user_ids.binary_search(id) {
-                    user_ids.remove(at);
+                    Arc::make_mut(user_ids).remove(at);
                 }
                 if user_ids.is_empty() {
                     self.by_user.remove(&order.user);
@@ -245,7 +253,7 @@ impl OrderBook {
         }
         let ids = self.by_user.entry(order.user).or_default();
         if let Err(at) = ids.binary_search(&order.id) {
-            ids.insert(at, order.id);
+            Arc::make_mut(ids).insert(at, order.id);
         }
         self.orders.insert(order.id, Arc::new(order.clone()));
         Ok(())
@@ -304,7 +312,7 @@ impl OrderBook {
             Some(stamp) => Some((stamp, Outcome::of_order(&order)?)),
             None => None,
         };
-        let ids = self.by_user.entry(order.user).or_default();
+        let ids = Arc::make_mut(self.by_user.entry(order.user).or_default());
         if ids.last().is_some_and(|last| *last > order.id) {
             // Out-of-order ids (a restored snapshot): keep the index sorted.
             ids.push(order.id);

@@ -76,11 +76,14 @@ impl From<SkuStateV1> for SkuState {
             price_cents: v.price_cents,
             per_user_limit: v.per_user_limit,
             levels: v.levels,
-            user_units: v.user_units,
+            user_units: v.user_units.into_iter().collect(),
             sale: SaleWindow::default(),
         }
     }
 }
+
+/// Units held per buyer of one SKU.
+type UserUnits = imbl::HashMap<UserId, u64>;
 
 /// A SKU and everything that changes with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +93,11 @@ pub struct SkuState {
     price_cents: u64,
     per_user_limit: Option<u32>,
     levels: StockLevels,
-    user_units: HashMap<UserId, u64>,
+    /// Units each buyer holds. Persistent (a hash trie): a snapshot's copy
+    /// of a SKU with a hundred thousand buyers is a root clone, not a walk
+    /// while the SKU's mailbox waits; serialised as a plain map, as the
+    /// `std` map it replaced was.
+    user_units: UserUnits,
     /// When it sells. Last, so the snapshot shape of the fields above is
     /// format 1's ([`SkuStateV1`]).
     sale: SaleWindow,
@@ -112,7 +119,7 @@ pub struct IdleSku {
     /// of an empty map's 48, for each of millions of idle SKUs; the extra
     /// allocation is paid only by a SKU with buyers.
     #[allow(clippy::box_collection)]
-    user_units: Option<Box<HashMap<UserId, u64>>>,
+    user_units: Option<Box<UserUnits>>,
 }
 
 impl IdleSku {
@@ -225,7 +232,7 @@ impl SkuState {
                 price_cents: *price_cents,
                 per_user_limit: *per_user_limit,
                 levels: StockLevels::new(*stock),
-                user_units: HashMap::new(),
+                user_units: UserUnits::new(),
                 sale: SaleWindow::default(),
             }),
             Event::SkuCreatedWithSale {
@@ -242,7 +249,7 @@ impl SkuState {
                 price_cents: *price_cents,
                 per_user_limit: *per_user_limit,
                 levels: StockLevels::new(*stock),
-                user_units: HashMap::new(),
+                user_units: UserUnits::new(),
                 sale: *sale,
             }),
             _ => Err(DomainError::inconsistent(

@@ -356,7 +356,8 @@ mod tests {
     use super::*;
 
     fn block(tree: &sled::Tree, first: Seq) {
-        tree.insert(codec::key(first), vec![0u8; 4]).expect("insert");
+        tree.insert(codec::key(first), vec![0u8; 4])
+            .expect("insert");
     }
 
     fn keys(epochs: &Epochs, from: Seq) -> Vec<Seq> {
@@ -395,7 +396,8 @@ mod tests {
         block(&three.tree, 41);
         assert_eq!(keys(&epochs, 0), vec![1, 11, 21, 31, 41]);
         assert_eq!(keys(&epochs, 25), vec![21, 31, 41]);
-        assert_eq!(keys(&epochs, 30), vec![21, 31, 41]);
+        assert_eq!(keys(&epochs, 29), vec![21, 31, 41]);
+        assert_eq!(keys(&epochs, 30), vec![31, 41]);
         assert_eq!(keys(&epochs, 31), vec![31, 41]);
         assert_eq!(keys(&epochs, 45), vec![41]);
         assert_eq!(epochs.first_seq().expect("first"), Some(1));
@@ -404,12 +406,24 @@ mod tests {
 
         // Through 15: epoch 0 loses block 1 only (11..20 may hold 16..20).
         let dropped = epochs.drop_through(15).expect("drop");
-        assert_eq!(dropped, Dropped { epochs: 0, blocks: 1 });
+        assert_eq!(
+            dropped,
+            Dropped {
+                epochs: 0,
+                blocks: 1
+            }
+        );
         assert_eq!(keys(&epochs, 0), vec![11, 21, 31, 41]);
         // Through 40: epoch 1 (21..40) and the empty epoch 2 go; epoch 0
         // is emptied, and the newest stays.
         let dropped = epochs.drop_through(40).expect("drop");
-        assert_eq!(dropped, Dropped { epochs: 2, blocks: 1 });
+        assert_eq!(
+            dropped,
+            Dropped {
+                epochs: 2,
+                blocks: 1
+            }
+        );
         assert_eq!(keys(&epochs, 0), vec![41]);
         assert_eq!(epochs.first_seq().expect("first"), Some(41));
         // The newest epoch is never dropped, even when wholly covered.

@@ -26,8 +26,8 @@ pub mod snapshot;
 mod watermark;
 pub mod writer;
 
-pub use epochs::Epochs;
 pub use archive::{Archive, MemArchive, OpeningArchive, SledArchive};
+pub use epochs::Epochs;
 pub use idem_store::{IdemStore, MemIdemStore, SledIdemStore};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};

@@ -70,7 +70,10 @@ pub struct Recovered {
 
 /// Reads the journal's blocks from the one holding `from + 1` on, across
 /// its epochs.
-fn blocks_from(epochs: &Epochs, from: Seq) -> Result<crate::journal::epochs::Blocks, RecoveryError> {
+fn blocks_from(
+    epochs: &Epochs,
+    from: Seq,
+) -> Result<crate::journal::epochs::Blocks, RecoveryError> {
     epochs.blocks_from(from).map_err(read_error)
 }
 

@@ -37,8 +37,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hdrhistogram::Histogram;
 
 use crate::domain::{Event, State};
-use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::epochs::Epoch;
+use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::{
     Archive, Epochs, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive,
     SledIdemStore, Watermark, codec,
