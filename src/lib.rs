@@ -39,3 +39,4 @@ pub mod limits;
 #[allow(unsafe_code)]
 pub mod memory;
 pub mod server;
+pub mod steps;

@@ -249,6 +249,20 @@ fn the_stream_sends_public_counters_every_second_and_matches_the_api() {
     assert!(journal["batches_per_s"].is_number(), "{next}");
     assert!(journal.get("batch_events_mean").is_some(), "{next}");
     assert!(journal.get("flush_ms_mean").is_some(), "{next}");
+    // Every background step's longest run in the last second, by name.
+    let steps = next["steps_max_ms"].as_object().expect("steps_max_ms");
+    for step in [
+        "journal_write",
+        "journal_sync",
+        "capture",
+        "epoch_drop",
+        "expiry",
+    ] {
+        assert!(
+            steps.get(step).is_some_and(serde_json::Value::is_number),
+            "{next}"
+        );
+    }
     let text = next.to_string();
     for private in ["u1", "user", "order_id", "payment_ref", "pay-"] {
         assert!(!text.contains(private), "{private} in {text}");

@@ -393,8 +393,19 @@ fn every_endpoint_works_as_the_contract_says() {
         "flashcore_journal_flush_seconds_bucket",
         "flashcore_journal_durable_lag_events",
         "process_resident_memory_bytes",
+        "flashcore_step_last_second_max_seconds{step=\"capture\"}",
     ] {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+    // The journal's steps ran for every change above, and are counted.
+    for step in ["journal_write", "journal_sync"] {
+        let prefix = format!("flashcore_step_seconds_count{{step=\"{step}\"}} ");
+        let count: u64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metrics lack {prefix}:\n{text}"));
+        assert!(count > 0, "{step} ran: {text}");
     }
 }
 

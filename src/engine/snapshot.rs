@@ -36,6 +36,7 @@ use super::*;
 use crate::domain::book::OrderBook;
 use crate::domain::state::{OpenReservation, track_open_reservations};
 use crate::journal::{Capture, JournalError, Mark, SnapshotSource};
+use crate::steps::{self, Step};
 
 /// The reservations that no order has taken yet, as the journal has them.
 #[derive(Debug, Default)]
@@ -134,11 +135,14 @@ impl Handler<CaptureSku> for SkuActor {
     type Result = ();
 
     fn handle(&mut self, msg: CaptureSku, _: &mut Context<Self>) {
+        let started = std::time::Instant::now();
         self.took();
         let seq = self.journal.last_seq();
         self.holes.start(seq);
         self.holes_epoch = msg.1;
-        let _ = msg.0.send((self.state.clone(), seq));
+        let part = self.state.clone();
+        steps::record(Step::ActorCapture, started.elapsed());
+        let _ = msg.0.send((part, seq));
     }
 }
 
@@ -146,9 +150,13 @@ impl Handler<CaptureShard> for OrderShard {
     type Result = ();
 
     fn handle(&mut self, msg: CaptureShard, _: &mut Context<Self>) {
+        let started = std::time::Instant::now();
         let seq = self.shared.journal.last_seq();
         self.holes.start(seq);
-        let _ = msg.0.send((self.book.clone(), seq));
+        // A root clone: the book's maps are persistent (`book.rs`).
+        let part = self.book.clone();
+        steps::record(Step::ActorCapture, started.elapsed());
+        let _ = msg.0.send((part, seq));
     }
 }
 

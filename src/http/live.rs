@@ -27,7 +27,7 @@
 //! Only public counters go out: the SKUs' stock (as `GET /v1/skus` shows it)
 //! and server-wide counts. Nothing about users or orders.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -341,6 +341,9 @@ struct Snapshot {
     shed_per_s: f64,
     shed_total: u64,
     journal: Option<JournalLive>,
+    /// The longest run of each background step in the last whole second,
+    /// ms, by step name (`steps.rs`): a stall beside its cause.
+    steps_max_ms: BTreeMap<&'static str, f64>,
     stream_clients: usize,
     /// SKUs in the catalog; `skus` holds the first [`DASHBOARD_SKUS_MAX`].
     skus_total: usize,
@@ -510,6 +513,14 @@ impl Sampler {
             shed_per_s: rate(shed_now, elapsed_s),
             shed_total: shed,
             journal,
+            steps_max_ms: crate::steps::report()
+                .into_iter()
+                .map(|r| {
+                    #[allow(clippy::cast_precision_loss)] // microseconds of one step
+                    let ms = (r.last_second_max_us as f64 / 10.0).round() / 100.0;
+                    (r.step.name(), ms)
+                })
+                .collect(),
             stream_clients: state.live.streams_open(),
             skus_total: self.skus_total,
             skus_stale,

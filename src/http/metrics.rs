@@ -243,6 +243,7 @@ impl Metrics {
         if let Some(report) = engine.map(Engine::journal_report) {
             write_journal(&mut text, &report);
         }
+        write_steps(&mut text);
         if let Some(rss) = resident_bytes() {
             write_gauge(
                 &mut text,
@@ -294,6 +295,49 @@ fn write_histogram(
         text,
         "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {sum}\n{name}_count {total}"
     );
+}
+
+/// Bounds of the background steps' histograms, microseconds: 100 us to
+/// 10 s.
+const STEP_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000, 10_000_000,
+];
+
+/// Every background step (`steps.rs`): a histogram of its runs and the
+/// longest run in the last whole second, labelled by step.
+fn write_steps(text: &mut String) {
+    let reports = crate::steps::report();
+    let name = "flashcore_step_seconds";
+    let _ = writeln!(
+        text,
+        "# HELP {name} background steps (journal write and sync, snapshot capture and write, epoch drop, sweeps)\n# TYPE {name} histogram"
+    );
+    for report in &reports {
+        let step = report.step.name();
+        for bound in STEP_BUCKETS_US {
+            let count = report.hist.count_between(0, bound);
+            #[allow(clippy::cast_precision_loss)] // bucket bounds
+            let le = bound as f64 * 1e-6;
+            let _ = writeln!(text, "{name}_bucket{{step=\"{step}\",le=\"{le}\"}} {count}");
+        }
+        let total = report.hist.len();
+        #[allow(clippy::cast_precision_loss)] // a sum for Prometheus
+        let sum = report.hist.mean() * total as f64 * 1e-6;
+        let _ = writeln!(
+            text,
+            "{name}_bucket{{step=\"{step}\",le=\"+Inf\"}} {total}\n{name}_sum{{step=\"{step}\"}} {sum}\n{name}_count{{step=\"{step}\"}} {total}"
+        );
+    }
+    let name = "flashcore_step_last_second_max_seconds";
+    let _ = writeln!(
+        text,
+        "# HELP {name} longest run of each background step in the last whole second\n# TYPE {name} gauge"
+    );
+    for report in &reports {
+        #[allow(clippy::cast_precision_loss)] // microseconds of one step
+        let seconds = report.last_second_max_us as f64 * 1e-6;
+        let _ = writeln!(text, "{name}{{step=\"{}\"}} {seconds}", report.step.name());
+    }
 }
 
 /// Resident memory from `/proc/self/statm` (Linux), in bytes.

@@ -72,6 +72,7 @@ use crate::journal::epochs::Dropped;
 use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
 use crate::journal::recovery::RecoveryError;
 use crate::journal::{Journal, Seq, SledJournal, codec};
+use crate::steps::{self, Step};
 
 /// Take a snapshot after this many new durable events...
 pub const SNAPSHOT_EVERY_EVENTS: u64 = 250_000;
@@ -623,8 +624,12 @@ pub struct SnapshotReport {
     pub start: Seq,
     /// Its size on disk.
     pub bytes: u64,
-    /// How long copying the parts took (what actors paused for, summed).
+    /// How long copying the parts took (every actor's turn, the key book
+    /// and the rest, one after another).
     pub capture_ms: u64,
+    /// The longest any one actor paused for its copy (its handler), in
+    /// microseconds: what a request queued behind it waited.
+    pub pause_us_max: u64,
     /// How long it took in all (copy, wait for the disk, encode, write).
     pub total_ms: u64,
 }
@@ -687,26 +692,30 @@ impl Taker {
 
     fn snapshot(&mut self) -> Result<(), RecoveryError> {
         let started = Instant::now();
+        let pauses_before = steps::histogram(Step::ActorCapture);
         let capture = self
             .source
             .capture()
             .map_err(|e| RecoveryError::Storage(format!("capturing the state: {e}")))?;
+        steps::record(Step::Capture, started.elapsed());
         let capture_ms = elapsed_ms(started);
+        let pause_us_max = steps::longest_since(Step::ActorCapture, &pauses_before);
         // The capture point: the writer starts a new epoch, so that once a
         // later snapshot covers this one's start, the epochs before it go
         // whole (`epochs.rs`) instead of block by block.
         self.journal.next_epoch();
         // A snapshot must never hold an event a crash could take back.
         self.wait_durable(capture.top())?;
-        let (top, start, bytes) = write_capture(self.store.as_ref(), capture)?;
+        let (top, start, bytes) = steps::timed(Step::SnapshotWrite, || {
+            write_capture(self.store.as_ref(), capture)
+        })?;
         // The snapshot before this one stays as a fallback, with the records
         // after its start; what lies below can go.
         let dropped = match self.start {
-            Some(previous) => self
-                .journal
-                .epochs()
-                .drop_through(previous)
-                .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?,
+            Some(previous) => steps::timed(Step::EpochDrop, || {
+                self.journal.epochs().drop_through(previous)
+            })
+            .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?,
             None => Dropped::default(),
         };
         for seq in self.store.list()?.into_iter().skip(SNAPSHOTS_KEPT) {
@@ -719,6 +728,7 @@ impl Taker {
             start,
             bytes: bytes as u64,
             capture_ms,
+            pause_us_max,
             total_ms: elapsed_ms(started),
         };
         tracing::info!(
@@ -728,6 +738,7 @@ impl Taker {
             dropped_epochs = dropped.epochs,
             removed_blocks = dropped.blocks,
             capture_ms,
+            pause_us_max,
             took_ms = report.total_ms,
             "snapshot written"
         );

@@ -751,7 +751,9 @@ fn write_loop(stages: &Stages<'_>, mut epoch: Epoch, policy: FlushPolicy) {
             }
         }
         let started = Instant::now();
-        match write_batch(&batch, &epoch.tree) {
+        let written = write_batch(&batch, &epoch.tree);
+        crate::steps::record(crate::steps::Step::JournalWrite, started.elapsed());
+        match written {
             Ok(bytes) => {
                 if stages
                     .to_sync
@@ -820,10 +822,12 @@ fn sync_loop(
             shared.watermark.fail_from(first);
             continue;
         }
+        let sync_started = Instant::now();
         let synced = data_file
             .sync_data()
             .map_err(|e| format!("fdatasync of the journal: {e}"))
             .and_then(|()| sync_new_blobs(blobs, &mut synced_blobs));
+        crate::steps::record(crate::steps::Step::JournalSync, sync_started.elapsed());
         if let Err(why) = synced {
             shared.fail(first, why);
             continue;
