@@ -110,6 +110,22 @@ pub fn write_file_durably(
     mode: Option<u32>,
     existing: Existing,
 ) -> std::io::Result<()> {
+    write_file_durably_with(path, mode, existing, &mut |out| out.write_all(bytes))
+}
+
+/// [`write_file_durably`] for a file produced as it is written: `fill`
+/// writes its bytes into a [`PacedWriter`] (a snapshot is encoded straight
+/// into the file, never whole in memory). A `fill` that fails leaves no
+/// file at `path` (and removes the temporary one).
+///
+/// # Errors
+/// As [`write_file_durably`], or `fill`'s error.
+pub fn write_file_durably_with(
+    path: &Path,
+    mode: Option<u32>,
+    existing: Existing,
+    fill: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -137,21 +153,14 @@ pub fn write_file_durably(
         }
         #[cfg(not(unix))]
         let _ = mode;
-        let mut file = options.open(&tmp)?;
-        // A large file (a snapshot) goes to the disk a slice at a time, each
-        // written back and waited for before the next (no metadata commit
-        // per slice), at most [`WRITE_BACK_BYTES_PER_S`]: ext4 (ordered
-        // data) makes the journal's next fdatasync wait for every dirty
-        // block of a file whose blocks were allocated in the same commit,
-        // so a snapshot written whole, or synced a slice at a time with an
-        // fdatasync (a commit) each, stalled every strict answer behind it.
-        // Then one fdatasync for the lot.
-        if bytes.len() > WRITE_SYNC_CHUNK_BYTES {
-            write_paced(&mut file, bytes)?;
-        } else {
-            file.write_all(bytes)?;
+        let file = options.open(&tmp)?;
+        let mut out = PacedWriter::new(file);
+        let written = fill(&mut out).and_then(|()| out.finish());
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(error);
         }
-        file.sync_all()?;
+        out.file.sync_all()?;
     }
     match existing {
         Existing::Replace => std::fs::rename(&tmp, path)?,
@@ -164,28 +173,81 @@ pub fn write_file_durably(
     sync_dir(dir)
 }
 
-/// Writes `bytes` to `file` a slice of [`WRITE_SYNC_CHUNK_BYTES`] at a
-/// time, each written back and waited for before the next, at most
-/// [`WRITE_BACK_BYTES_PER_S`] (see [`write_file_durably`]). Not durable by
-/// itself: the caller's fdatasync is.
-fn write_paced(file: &mut std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
-    let started = std::time::Instant::now();
-    let mut offset = 0u64;
-    for chunk in bytes.chunks(WRITE_SYNC_CHUNK_BYTES) {
-        file.write_all(chunk)?;
-        let len = chunk.len() as u64;
-        // Only pacing: a file system that cannot do it (FUSE, say) still
-        // writes, and the final sync covers it.
-        if let Err(error) = crate::memory::write_back(file, offset, len) {
-            tracing::debug!(%error, "cannot write a slice back; the final sync covers it");
-        }
-        offset += len;
-        let due = std::time::Duration::from_secs_f64(offset as f64 / WRITE_BACK_BYTES_PER_S as f64);
-        if let Some(early) = due.checked_sub(started.elapsed()) {
-            std::thread::sleep(early);
+/// A file written a slice of [`WRITE_SYNC_CHUNK_BYTES`] at a time, each
+/// slice written back and waited for before the next (`sync_file_range`: no
+/// metadata commit), at most [`WRITE_BACK_BYTES_PER_S`]. ext4 (ordered
+/// data) makes the journal's next fdatasync wait for every dirty block of a
+/// file whose blocks were allocated in the same commit, so a snapshot
+/// written whole, or synced a slice at a time with an fdatasync (a commit)
+/// each, stalled every strict answer behind it. Not durable by itself: the
+/// caller's fdatasync is.
+pub struct PacedWriter {
+    file: std::fs::File,
+    /// Bytes not yet handed to the file (less than a slice).
+    slice: Vec<u8>,
+    /// Bytes handed to the file so far.
+    offset: u64,
+    started: std::time::Instant,
+}
+
+impl PacedWriter {
+    fn new(file: std::fs::File) -> PacedWriter {
+        PacedWriter {
+            file,
+            slice: Vec::new(),
+            offset: 0,
+            started: std::time::Instant::now(),
         }
     }
-    Ok(())
+
+    /// Writes the slice held, writes it back, and rests if ahead of the
+    /// rate.
+    fn write_slice(&mut self) -> std::io::Result<()> {
+        if self.slice.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.slice)?;
+        let len = self.slice.len() as u64;
+        self.slice.clear();
+        // Only pacing: a file system that cannot do it (FUSE, say) still
+        // writes, and the final sync covers it.
+        if let Err(error) = crate::memory::write_back(&self.file, self.offset, len) {
+            tracing::debug!(%error, "cannot write a slice back; the final sync covers it");
+        }
+        self.offset += len;
+        #[allow(clippy::cast_precision_loss)] // a pacing delay
+        let due =
+            std::time::Duration::from_secs_f64(self.offset as f64 / WRITE_BACK_BYTES_PER_S as f64);
+        if let Some(early) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(early);
+        }
+        Ok(())
+    }
+
+    /// Hands the last bytes to the file.
+    fn finish(&mut self) -> std::io::Result<()> {
+        self.write_slice()
+    }
+}
+
+impl Write for PacedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.slice.capacity() == 0 {
+            self.slice.reserve_exact(WRITE_SYNC_CHUNK_BYTES);
+        }
+        let room = WRITE_SYNC_CHUNK_BYTES.saturating_sub(self.slice.len());
+        let taken = buf.len().min(room);
+        self.slice.extend_from_slice(&buf[..taken]);
+        if self.slice.len() >= WRITE_SYNC_CHUNK_BYTES {
+            self.write_slice()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Slices go out whole; `finish` writes the last one.
+        Ok(())
+    }
 }
 
 /// A number no other call in this process gets.

@@ -69,7 +69,7 @@ use crate::domain::sku::{SkuState, SkuStateV1};
 use crate::domain::state::{OpenReservation, Part};
 use crate::domain::{OrderId, SkuId, State};
 use crate::journal::epochs::Dropped;
-use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
+use crate::journal::files::{Existing, create_dir_durably, write_file_durably_with};
 use crate::journal::recovery::RecoveryError;
 use crate::journal::{Journal, Seq, SledJournal, codec};
 use crate::steps::{self, Step};
@@ -223,11 +223,25 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// # Errors
     /// The I/O error, as text.
     fn read(&self, seq: Seq) -> Result<Vec<u8>, String>;
-    /// Writes a snapshot atomically and durably.
+    /// Writes a snapshot atomically and durably, its bytes produced by
+    /// `fill` as they are written (a snapshot is never whole in memory).
     ///
     /// # Errors
-    /// `Storage` on any failure (the snapshots before it stay).
-    fn write(&self, seq: Seq, bytes: &[u8]) -> Result<(), RecoveryError>;
+    /// `Storage` on any failure, `fill`'s included (the snapshots before it
+    /// stay).
+    fn write_with(
+        &self,
+        seq: Seq,
+        fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(), RecoveryError>;
+
+    /// Writes a snapshot's bytes atomically and durably.
+    ///
+    /// # Errors
+    /// As [`SnapshotStore::write_with`].
+    fn write(&self, seq: Seq, bytes: &[u8]) -> Result<(), RecoveryError> {
+        self.write_with(seq, &mut |out| out.write_all(bytes))
+    }
     /// Deletes a snapshot.
     ///
     /// # Errors
@@ -287,12 +301,16 @@ impl SnapshotStore for DirStore {
         std::fs::read(self.path(seq)).map_err(|e| e.to_string())
     }
 
-    fn write(&self, seq: Seq, bytes: &[u8]) -> Result<(), RecoveryError> {
+    fn write_with(
+        &self,
+        seq: Seq,
+        fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(), RecoveryError> {
         let io = |what: &str, e: std::io::Error| RecoveryError::Storage(format!("{what}: {e}"));
         // The directory's own entry (in the data dir) must be durable before
         // the journal below the snapshot is dropped.
         create_dir_durably(&self.dir).map_err(|e| io("creating the snapshot dir", e))?;
-        write_file_durably(&self.path(seq), bytes, None, Existing::Replace)
+        write_file_durably_with(&self.path(seq), None, Existing::Replace, fill)
             .map_err(|e| io("writing a snapshot", e))
     }
 
@@ -471,7 +489,7 @@ fn decode(seq: Seq, bytes: &[u8]) -> Result<(State, Cut), String> {
             let idem = IdemBook::from_stored(stored).map_err(|e| e.to_string())?;
             from_parts(seq, body.top, body.start, capture, idem)
         }
-        Some(codec::SNAPSHOT_FORMAT_COMPACT) => {
+        Some(codec::SNAPSHOT_FORMAT_COMPACT | codec::SNAPSHOT_FORMAT_STREAMED) => {
             let body: PartsBody = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
             let mut capture = body.capture;
             let idem = IdemBook::from_snapshot(std::mem::take(&mut capture.idem));
@@ -581,10 +599,15 @@ fn write_capture(
         start,
         capture,
     };
-    let bytes = codec::encode_snapshot_as(codec::SNAPSHOT_FORMAT_COMPACT, &body)
-        .map_err(|e| RecoveryError::Storage(format!("encoding a snapshot: {e}")))?;
-    store.write(top, &bytes)?;
-    Ok((top, start, bytes.len()))
+    // Encoded straight into the file, a slice at a time (`files.rs`): no
+    // buffer of the whole state.
+    let mut written = 0u64;
+    store.write_with(top, &mut |out| {
+        written = codec::encode_snapshot_streamed(&body, out)
+            .map_err(|e| std::io::Error::other(format!("encoding a snapshot: {e}")))?;
+        Ok(())
+    })?;
+    Ok((top, start, usize::try_from(written).unwrap_or(usize::MAX)))
 }
 
 /// Removes `keys` in one sled batch; returns how many.
