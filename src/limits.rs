@@ -97,6 +97,21 @@ pub const EXPIRY_TICK_MS: u64 = 100;
 /// stall the shard's mailbox; the rest wait for the next tick.
 pub const EXPIRY_BATCH_MAX: usize = 2_000;
 
+/// The longest one sweep may run on an actor thread in one tick (issue 18:
+/// sweeps bounded by time, not by count): the order expiry and the archive
+/// sweep's pick each stop after this long and leave the rest for the next
+/// tick, so a request queued behind a sweep waits about this long at most
+/// for it. A tick comes every [`EXPIRY_TICK_MS`], so a sweep takes at
+/// most 0.2% of a core per shard.
+pub const SWEEP_SLICE_US: u64 = 200;
+
+/// Items a sweep handles between two looks at the monotonic clock
+/// ([`crate::clock::SliceBudget`]). A look costs about 25 ns (vDSO); an
+/// expiry (a journal append, an apply, a message to each SKU) or an archive
+/// pick (a copy of the order) costs a microsecond or more, so looking every
+/// 8 items costs little and overshoots the slice by 8 items at most.
+pub const SWEEP_CLOCK_EVERY: u32 = 8;
+
 /// How long a finished order (`delivered`, `cancelled`, `expired`,
 /// `refunded`) stays in memory before it moves to the archive on disk
 /// (`--archive-after`). Ten minutes keeps the orders people look at right
