@@ -165,8 +165,9 @@ pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;
 /// a second in memory.
 pub const IDEMPOTENCY_MEMORY_RECORDS_MAX: usize = 4_000_000;
 
-/// Records moved to disk in one durable write (one sled batch, one
-/// flush and `fdatasync`): about 100 bytes each on disk, so a few MB.
+/// Records moved to disk in one durable write (single inserts, paced by
+/// [`IDEMPOTENCY_DISK_SLICE_US`], then one flush and `fdatasync`): about
+/// 100 bytes each on disk, so a few MB.
 pub const IDEMPOTENCY_SPILL_BATCH_MAX: usize = 32_768;
 
 /// How far below its budget a spill takes the book, as a fraction of the
@@ -174,10 +175,25 @@ pub const IDEMPOTENCY_SPILL_BATCH_MAX: usize = 32_768;
 /// few on every check.
 pub const IDEMPOTENCY_SPILL_SLACK_DIVISOR: usize = 16;
 
-/// Expired records dropped from disk per sled batch: the sweep goes on
-/// batch after batch until none is left, so one batch bounds only how
-/// much one write holds.
+/// Expired records the disk eviction reads ahead at once (their time keys,
+/// 24 bytes each); it goes on, read after read, until none is left. Each is
+/// then dropped by single removals in paced slices.
 pub const IDEMPOTENCY_DISK_EVICT_BATCH_MAX: usize = 10_000;
+
+/// How long the idempotency store's disk work (a spill's inserts, the TTL
+/// eviction's removals) runs before it rests. Single sled operations only:
+/// a sled batch takes sled's process-wide write lock (`concurrency_control`),
+/// which every journal insert and flush waits on, while a single insert or
+/// removal takes it shared. The slice bounds how long this work holds the
+/// cores the request path shares it with (2 on the target machine).
+pub const IDEMPOTENCY_DISK_SLICE_US: u64 = 200;
+
+/// How long the idempotency store's disk work rests between two slices:
+/// four slices' worth, so it takes at most a fifth of a core. A spill of
+/// [`IDEMPOTENCY_SPILL_BATCH_MAX`] records (two inserts each, a few
+/// microseconds) then takes about a second; the disk eviction of a day's
+/// burst of a million records, about a minute, once.
+pub const IDEMPOTENCY_DISK_REST_US: u64 = 800;
 
 /// Mailbox of one SKU actor. Sized above the number of requests the HTTP
 /// front lets in at once, so it only fills when callers bypass the front;
