@@ -159,10 +159,11 @@ pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;
 /// The memory budget of the idempotency book, in records. Past it, the
 /// oldest records move to disk (the journal's database, `idem.records`)
 /// and are looked up there; nothing is refused for want of room. A
-/// compact record costs about 56 bytes in the map, 60 to 130 with the
-/// hash table's slack (`benches/memory.rs`): 4 million are under 520 MB at
-/// worst, and hold the last hour of a sale taking over 1,000 keyed orders
-/// a second in memory.
+/// compact record costs 56 bytes in its part's map and a 20-byte entry in
+/// its part's time queue, 100 to 145 with the hash tables' slack
+/// (`benches/memory.rs`): 4 million are under 600 MB at worst, and hold
+/// the last hour of a sale taking over 1,000 keyed orders a second in
+/// memory.
 pub const IDEMPOTENCY_MEMORY_RECORDS_MAX: usize = 4_000_000;
 
 /// Records moved to disk in one durable write (single inserts, paced by
@@ -194,6 +195,24 @@ pub const IDEMPOTENCY_DISK_SLICE_US: u64 = 200;
 /// microseconds) then takes about a second; the disk eviction of a day's
 /// burst of a million records, about a minute, once.
 pub const IDEMPOTENCY_DISK_REST_US: u64 = 800;
+
+/// Parts of the idempotency book (`domain/idem.rs`), each under its own
+/// lock: a lookup or a `record` on an actor thread locks its key's part
+/// only, and waits only for a sweep's slice of that part. A power of two
+/// up to 256 (a part is picked by one byte of the key's hash).
+pub const IDEMPOTENCY_BOOK_PARTS: usize = 64;
+
+/// Queue entries one slice of a sweep of the idempotency book looks at
+/// under one part's lock (the TTL eviction, a snapshot's copy, the pick of
+/// the oldest records for a spill); the lock is released between slices.
+/// Sized so a slice stays well under the sweeps' 200 us
+/// ([`SWEEP_SLICE_US`]) with room for a slower or busier machine: the
+/// dearest walk, the copy (a lookup and a clone an entry), costs about
+/// 110 ns an entry at a million records on the 2-core target machine, so a
+/// slice holds a lock about 55 us (median; p99 about 150 us on a loaded
+/// machine), the eviction's about 27 us (`measure_lock_holds` in
+/// `domain/idem.rs`).
+pub const IDEMPOTENCY_SWEEP_SLICE_ENTRIES: usize = 512;
 
 /// Mailbox of one SKU actor. Sized above the number of requests the HTTP
 /// front lets in at once, so it only fills when callers bypass the front;
