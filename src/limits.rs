@@ -97,6 +97,21 @@ pub const EXPIRY_TICK_MS: u64 = 100;
 /// stall the shard's mailbox; the rest wait for the next tick.
 pub const EXPIRY_BATCH_MAX: usize = 2_000;
 
+/// The longest one sweep may run on an actor thread in one tick (issue 18:
+/// sweeps bounded by time, not by count): the order expiry and the archive
+/// sweep's pick each stop after this long and leave the rest for the next
+/// tick, so a request queued behind a sweep waits about this long at most
+/// for it. A tick comes every [`EXPIRY_TICK_MS`], so a sweep takes at
+/// most 0.2% of a core per shard.
+pub const SWEEP_SLICE_US: u64 = 200;
+
+/// Items a sweep handles between two looks at the monotonic clock
+/// ([`crate::clock::SliceBudget`]). A look costs about 25 ns (vDSO); an
+/// expiry (a journal append, an apply, a message to each SKU) or an archive
+/// pick (a copy of the order) costs a microsecond or more, so looking every
+/// 8 items costs little and overshoots the slice by 8 items at most.
+pub const SWEEP_CLOCK_EVERY: u32 = 8;
+
 /// How long a finished order (`delivered`, `cancelled`, `expired`,
 /// `refunded`) stays in memory before it moves to the archive on disk
 /// (`--archive-after`). Ten minutes keeps the orders people look at right
@@ -144,14 +159,16 @@ pub const IDEMPOTENCY_EVICT_EVERY_MS: u64 = 60_000;
 /// The memory budget of the idempotency book, in records. Past it, the
 /// oldest records move to disk (the journal's database, `idem.records`)
 /// and are looked up there; nothing is refused for want of room. A
-/// compact record costs about 56 bytes in the map, 60 to 130 with the
-/// hash table's slack (`benches/memory.rs`): 4 million are under 520 MB at
-/// worst, and hold the last hour of a sale taking over 1,000 keyed orders
-/// a second in memory.
+/// compact record costs 56 bytes in its part's map and a 20-byte entry in
+/// its part's time queue, 100 to 145 with the hash tables' slack
+/// (`benches/memory.rs`): 4 million are under 600 MB at worst, and hold
+/// the last hour of a sale taking over 1,000 keyed orders a second in
+/// memory.
 pub const IDEMPOTENCY_MEMORY_RECORDS_MAX: usize = 4_000_000;
 
-/// Records moved to disk in one durable write (one sled batch, one
-/// flush and `fdatasync`): about 100 bytes each on disk, so a few MB.
+/// Records moved to disk in one durable write (single inserts, paced by
+/// [`IDEMPOTENCY_DISK_SLICE_US`], then one flush and `fdatasync`): about
+/// 100 bytes each on disk, so a few MB.
 pub const IDEMPOTENCY_SPILL_BATCH_MAX: usize = 32_768;
 
 /// How far below its budget a spill takes the book, as a fraction of the
@@ -159,10 +176,43 @@ pub const IDEMPOTENCY_SPILL_BATCH_MAX: usize = 32_768;
 /// few on every check.
 pub const IDEMPOTENCY_SPILL_SLACK_DIVISOR: usize = 16;
 
-/// Expired records dropped from disk per sled batch: the sweep goes on
-/// batch after batch until none is left, so one batch bounds only how
-/// much one write holds.
+/// Expired records the disk eviction reads ahead at once (their time keys,
+/// 24 bytes each); it goes on, read after read, until none is left. Each is
+/// then dropped by single removals in paced slices.
 pub const IDEMPOTENCY_DISK_EVICT_BATCH_MAX: usize = 10_000;
+
+/// How long the idempotency store's disk work (a spill's inserts, the TTL
+/// eviction's removals) runs before it rests. Single sled operations only:
+/// a sled batch takes sled's process-wide write lock (`concurrency_control`),
+/// which every journal insert and flush waits on, while a single insert or
+/// removal takes it shared. The slice bounds how long this work holds the
+/// cores the request path shares it with (2 on the target machine).
+pub const IDEMPOTENCY_DISK_SLICE_US: u64 = 200;
+
+/// How long the idempotency store's disk work rests between two slices:
+/// four slices' worth, so it takes at most a fifth of a core. A spill of
+/// [`IDEMPOTENCY_SPILL_BATCH_MAX`] records (two inserts each, a few
+/// microseconds) then takes about a second; the disk eviction of a day's
+/// burst of a million records, about a minute, once.
+pub const IDEMPOTENCY_DISK_REST_US: u64 = 800;
+
+/// Parts of the idempotency book (`domain/idem.rs`), each under its own
+/// lock: a lookup or a `record` on an actor thread locks its key's part
+/// only, and waits only for a sweep's slice of that part. A power of two
+/// up to 256 (a part is picked by one byte of the key's hash).
+pub const IDEMPOTENCY_BOOK_PARTS: usize = 64;
+
+/// Queue entries one slice of a sweep of the idempotency book looks at
+/// under one part's lock (the TTL eviction, a snapshot's copy, the pick of
+/// the oldest records for a spill); the lock is released between slices.
+/// Sized so a slice stays well under the sweeps' 200 us
+/// ([`SWEEP_SLICE_US`]) with room for a slower or busier machine: the
+/// dearest walk, the copy (a lookup and a clone an entry), costs about
+/// 110 ns an entry at a million records on the 2-core target machine, so a
+/// slice holds a lock about 55 us (median; p99 about 150 us on a loaded
+/// machine), the eviction's about 27 us (`measure_lock_holds` in
+/// `domain/idem.rs`).
+pub const IDEMPOTENCY_SWEEP_SLICE_ENTRIES: usize = 512;
 
 /// Mailbox of one SKU actor. Sized above the number of requests the HTTP
 /// front lets in at once, so it only fills when callers bypass the front;

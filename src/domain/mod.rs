@@ -12,6 +12,7 @@ pub mod book;
 pub mod cart;
 pub mod event;
 pub mod idem;
+mod idem_part;
 pub mod ids;
 pub mod order;
 pub mod promo;

@@ -8,21 +8,24 @@ use std::cmp::Reverse;
 
 use actix::{ActorFutureExt, AsyncContext, Context, Handler, Message, WrapFuture};
 
+use crate::clock::SliceBudget;
 use crate::domain::order::Order;
 use crate::domain::{Event, OrderId};
-use crate::engine::shard::{OrderShard, finished_at_ms};
+use crate::engine::shard::{OrderShard, finished_at_ms, sweep_budget};
 use crate::engine::{EngineError, Reply};
 use crate::limits::{ARCHIVE_BATCH_MAX, ARCHIVE_SWEEP_MS};
 
 impl OrderShard {
     /// Takes up to [`ARCHIVE_BATCH_MAX`] finished orders past the retention
-    /// window off the queue, as copies to write to the archive.
-    fn due_for_archive(&mut self, now_ms: u64) -> Vec<Order> {
+    /// window off the queue, oldest first, until `budget` is spent, as
+    /// copies to write to the archive.
+    fn due_for_archive(&mut self, now_ms: u64, budget: &mut SliceBudget) -> Vec<Order> {
         let Some(after_ms) = self.shared.archive_after_ms else {
             return Vec::new();
         };
         let mut due = Vec::new();
-        while due.len() < ARCHIVE_BATCH_MAX {
+        // Each turn pops an entry or stops: bounded by the queue.
+        while due.len() < ARCHIVE_BATCH_MAX && !budget.spent() {
             let Some(Reverse((at_ms, id))) = self.finished.peek().copied() else {
                 break;
             };
@@ -89,7 +92,7 @@ impl OrderShard {
             return;
         };
         self.next_sweep_ms = now_ms.saturating_add(ARCHIVE_SWEEP_MS);
-        let batch = self.due_for_archive(now_ms);
+        let batch = self.due_for_archive(now_ms, &mut sweep_budget());
         if batch.is_empty() {
             return;
         }
@@ -155,7 +158,8 @@ impl Handler<ArchiveDue> for OrderShard {
             }
             let mut archived = 0;
             loop {
-                let batch = self.due_for_archive(now_ms);
+                // Driven by hand: bounded by count only.
+                let batch = self.due_for_archive(now_ms, &mut SliceBudget::unlimited());
                 if batch.is_empty() {
                     break;
                 }

@@ -10,14 +10,18 @@
 //! that cancels and then reads the SKU sees its units back.
 //!
 //! Each shard keeps a deadline heap of its reserved orders and expires the
-//! overdue ones on a timer; an overdue order is also expired before any other
-//! move or read of it, so it never reads as reserved past its deadline.
+//! overdue ones on a timer, earliest first, for at most
+//! [`SWEEP_SLICE_US`](crate::limits::SWEEP_SLICE_US) and
+//! [`EXPIRY_BATCH_MAX`](crate::limits::EXPIRY_BATCH_MAX) orders a tick; an
+//! overdue order is also expired before any other move or read of it, so it
+//! never reads as reserved past its deadline.
 //!
 //! On the same timer (at most every
 //! [`ARCHIVE_SWEEP_MS`](crate::limits::ARCHIVE_SWEEP_MS)) a shard moves
 //! finished orders older than the retention window to the archive, in
 //! batches of at most
-//! [`ARCHIVE_BATCH_MAX`](crate::limits::ARCHIVE_BATCH_MAX): the archive write and its sync
+//! [`ARCHIVE_BATCH_MAX`](crate::limits::ARCHIVE_BATCH_MAX) picked in at most
+//! [`SWEEP_SLICE_US`](crate::limits::SWEEP_SLICE_US): the archive write and its sync
 //! run on a blocking thread, so the shard's mailbox keeps moving; once they
 //! are durable the shard journals `OrdersArchived` for the orders still as
 //! they were written, which drops them from memory. One batch per shard is
@@ -33,6 +37,7 @@ use std::time::Duration;
 use actix::{Actor, AsyncContext, Context, Handler, Message};
 use dashmap::DashMap;
 
+use crate::clock::SliceBudget;
 use crate::domain::book::OrderBook;
 use crate::domain::cart::Cart;
 use crate::domain::event::{ReleaseReason, SkuQty};
@@ -48,7 +53,14 @@ use crate::engine::snapshot::{Holes, OpenReservations};
 use crate::engine::{Answer, Caller, Clock, Completion, EngineError, Reply};
 use crate::faults;
 use crate::journal::{Archive, Journal, Seq};
-use crate::limits::{EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX};
+use crate::limits::{
+    EXPIRY_BATCH_MAX, EXPIRY_TICK_MS, LINES_MAX, SWEEP_CLOCK_EVERY, SWEEP_SLICE_US,
+};
+
+/// The time budget of one sweep in one tick ([`SWEEP_SLICE_US`]).
+pub(super) fn sweep_budget() -> SliceBudget {
+    SliceBudget::new(Duration::from_micros(SWEEP_SLICE_US), SWEEP_CLOCK_EVERY)
+}
 
 /// Every SKU's handle, by id.
 pub(crate) type SkuRegistry = Catalog;
@@ -265,10 +277,18 @@ impl OrderShard {
         self.commit(event, done).map(|_| ())
     }
 
-    /// Expires up to [`EXPIRY_BATCH_MAX`] overdue orders; returns how many.
-    fn expire_due(&mut self, now_ms: u64, done: Option<&Arc<Completion>>) -> usize {
+    /// Expires up to [`EXPIRY_BATCH_MAX`] overdue orders, earliest deadline
+    /// first, until `budget` is spent; returns how many. The rest wait for
+    /// the next tick.
+    fn expire_due(
+        &mut self,
+        now_ms: u64,
+        done: Option<&Arc<Completion>>,
+        budget: &mut SliceBudget,
+    ) -> usize {
         let mut expired = 0;
-        while expired < EXPIRY_BATCH_MAX {
+        // Each turn pops a deadline or stops: bounded by the heap.
+        while expired < EXPIRY_BATCH_MAX && !budget.spent() {
             let Some(Reverse((deadline, id))) = self.deadlines.peek().copied() else {
                 break;
             };
@@ -316,7 +336,7 @@ impl Actor for OrderShard {
         }
         ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, ctx| {
             let now_ms = shard.shared.clock.now_ms();
-            shard.expire_due(now_ms, None);
+            shard.expire_due(now_ms, None, &mut sweep_budget());
             shard.sweep_archive(now_ms, ctx);
         });
     }
@@ -630,7 +650,9 @@ impl Handler<ExpireDue> for OrderShard {
     fn handle(&mut self, msg: ExpireDue, _: &mut Context<Self>) {
         let now_ms = self.shared.clock.now_ms();
         let (done, applied) = Completion::new();
-        let expired = self.expire_due(now_ms, Some(&done));
+        // Driven by hand (tests): bounded by count only, so it is the same
+        // on a slow machine.
+        let expired = self.expire_due(now_ms, Some(&done), &mut SliceBudget::unlimited());
         drop(done);
         self.answer(msg.reply, Ok((expired, applied)));
     }

@@ -16,7 +16,14 @@
 //! cache and one set of files with the journal; the records are bounded by
 //! their TTL, so sled's open, which reads what was written since the last
 //! one, stays bounded too). Writes are made durable as the archive's are
-//! ([`DurableDb`]: sled's flush, then `fdatasync` of its data file):
+//! ([`DurableDb`]: sled's flush, then `fdatasync` of its data file).
+//!
+//! Every write is a single sled insert or removal, in slices of at most
+//! [`IDEMPOTENCY_DISK_SLICE_US`] with rests between them, never a sled
+//! batch: `apply_batch` takes sled's process-wide write lock
+//! (`concurrency_control::write`, one static for every database in the
+//! process), which stops the journal writer's inserts and flushes for the
+//! whole batch, while a single operation takes it shared. The trees:
 //!
 //! - `idem.records`: the 16-byte key hash -> the record, framed by
 //!   [`codec::encode_idem_record`] (format version, length, CRC, the key
@@ -31,11 +38,17 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::clock::SliceBudget;
 
 use crate::domain::idem::{HashedRecord, IdemRecord, KeyHash};
 use crate::journal::writer::DurableDb;
 use crate::journal::{JournalError, codec};
-use crate::limits::IDEMPOTENCY_DISK_EVICT_BATCH_MAX;
+use crate::limits::{
+    IDEMPOTENCY_DISK_EVICT_BATCH_MAX, IDEMPOTENCY_DISK_REST_US, IDEMPOTENCY_DISK_SLICE_US,
+    SWEEP_CLOCK_EVERY,
+};
 
 /// Where idempotency records go when they leave memory.
 pub trait IdemStore: Send + Sync + std::fmt::Debug + 'static {
@@ -91,6 +104,33 @@ fn of_time_key(bytes: &[u8]) -> Result<(u64, KeyHash), JournalError> {
     Ok((u64::from_be_bytes(at), KeyHash(key)))
 }
 
+/// Paces the store's disk work: slices of at most
+/// [`IDEMPOTENCY_DISK_SLICE_US`], each followed by a rest of
+/// [`IDEMPOTENCY_DISK_REST_US`] (the work runs on a blocking thread, never
+/// on the request path, and shares the cores with it).
+struct Pacer {
+    budget: SliceBudget,
+}
+
+impl Pacer {
+    fn new() -> Pacer {
+        Pacer {
+            budget: SliceBudget::new(
+                Duration::from_micros(IDEMPOTENCY_DISK_SLICE_US),
+                SWEEP_CLOCK_EVERY,
+            ),
+        }
+    }
+
+    /// Counts one record done; rests when the slice is spent.
+    fn done_one(&mut self) {
+        if self.budget.spent() {
+            std::thread::sleep(Duration::from_micros(IDEMPOTENCY_DISK_REST_US));
+            self.budget.restart();
+        }
+    }
+}
+
 fn storage(what: &str, e: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(format!("idempotency store: {what}: {e}"))
 }
@@ -132,22 +172,22 @@ impl IdemStore for SledIdemStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut by_key = sled::Batch::default();
-        let mut by_time = sled::Batch::default();
+        // Single inserts in paced slices, never a sled batch (see the
+        // module doc); one flush for them all.
+        let mut pacer = Pacer::new();
         for hashed in records {
             let bytes = codec::encode_idem_record(hashed).map_err(|e| storage("encoding", e))?;
-            by_key.insert(&hashed.key.0, bytes);
-            by_time.insert(&time_key(hashed.record.at_ms, &hashed.key), &[] as &[u8]);
+            // The time index first: a crash between the two leaves an
+            // index entry without its record (dropped alone when its time
+            // comes), never a record that no sweep would find.
+            self.by_time
+                .insert(time_key(hashed.record.at_ms, &hashed.key), &[] as &[u8])
+                .map_err(|e| storage("writing", e))?;
+            self.records
+                .insert(hashed.key.0, bytes)
+                .map_err(|e| storage("writing", e))?;
+            pacer.done_one();
         }
-        // The time index first: a crash between the two leaves an index
-        // entry without its record (dropped alone when its time comes),
-        // never a record that no sweep would find.
-        self.by_time
-            .apply_batch(by_time)
-            .map_err(|e| storage("writing", e))?;
-        self.records
-            .apply_batch(by_key)
-            .map_err(|e| storage("writing", e))?;
         self.db.flush().map_err(|e| storage("writing", e))
     }
 
@@ -167,6 +207,7 @@ impl IdemStore for SledIdemStore {
         // dropped alone when its time comes again.
         let end = time_key(cutoff_ms, &KeyHash([0; 16]));
         let mut evicted = 0;
+        let mut pacer = Pacer::new();
         loop {
             let doomed: Vec<sled::IVec> = self
                 .by_time
@@ -193,6 +234,7 @@ impl IdemStore for SledIdemStore {
                 self.by_time
                     .remove(time)
                     .map_err(|e| storage("writing", e))?;
+                pacer.done_one();
             }
         }
     }
