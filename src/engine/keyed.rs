@@ -13,8 +13,9 @@
 //! rendered again from the order as it is now, in memory or in the archive
 //! ([`Engine::first_answer`]).
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
+#[allow(clippy::wildcard_imports)]
+use crate::steps::{self, Step};
 
 use crate::domain::idem::{FirstAnswer, KeyHash, Outcome};
 
@@ -101,17 +102,21 @@ impl Engine {
     pub async fn evict_idempotency(&self) -> Result<usize, EngineError> {
         let now_ms = self.now_ms();
         let book = Arc::clone(&self.inner.idem);
-        let mut evicted = tokio::task::spawn_blocking(move || book.evict_expired(now_ms))
-            .await
-            .map_err(|e| join_error("evicting idempotency records", e))?;
+        let mut evicted = tokio::task::spawn_blocking(move || {
+            steps::timed(Step::KeyEviction, || book.evict_expired(now_ms))
+        })
+        .await
+        .map_err(|e| join_error("evicting idempotency records", e))?;
         if self.inner.read_only {
             return Ok(evicted);
         }
         if let Some(store) = self.inner.journal.idem_store() {
             let cutoff_ms = now_ms.saturating_sub(IDEMPOTENCY_TTL_MS);
-            evicted += tokio::task::spawn_blocking(move || store.evict_before(cutoff_ms))
-                .await
-                .map_err(|e| join_error("evicting idempotency records", e))??;
+            evicted += tokio::task::spawn_blocking(move || {
+                steps::timed(Step::KeyEviction, || store.evict_before(cutoff_ms))
+            })
+            .await
+            .map_err(|e| join_error("evicting idempotency records", e))??;
         }
         Ok(evicted)
     }
@@ -151,9 +156,11 @@ impl Engine {
                 break;
             }
             let picker = Arc::clone(book);
-            let batch = tokio::task::spawn_blocking(move || picker.oldest(count))
-                .await
-                .map_err(|e| join_error("picking idempotency records", e))?;
+            let batch = tokio::task::spawn_blocking(move || {
+                steps::timed(Step::Spill, || picker.oldest(count))
+            })
+            .await
+            .map_err(|e| join_error("picking idempotency records", e))?;
             if batch.is_empty() {
                 break;
             }
@@ -163,10 +170,11 @@ impl Engine {
             let journal = &self.inner.journal;
             journal.watermark().wait(journal.last_seq()).await?;
             let writer = Arc::clone(&store);
-            let batch =
-                tokio::task::spawn_blocking(move || writer.put_batch(&batch).map(|()| batch))
-                    .await
-                    .map_err(|e| join_error("writing idempotency records", e))??;
+            let batch = tokio::task::spawn_blocking(move || {
+                steps::timed(Step::Spill, || writer.put_batch(&batch)).map(|()| batch)
+            })
+            .await
+            .map_err(|e| join_error("writing idempotency records", e))??;
             moved += book.remove_moved(&batch);
         }
         Ok(moved)

@@ -336,8 +336,12 @@ impl Actor for OrderShard {
         }
         ctx.run_interval(Duration::from_millis(EXPIRY_TICK_MS), |shard, ctx| {
             let now_ms = shard.shared.clock.now_ms();
-            shard.expire_due(now_ms, None, &mut sweep_budget());
-            shard.sweep_archive(now_ms, ctx);
+            crate::steps::timed(crate::steps::Step::Expiry, || {
+                shard.expire_due(now_ms, None, &mut sweep_budget())
+            });
+            crate::steps::timed(crate::steps::Step::Archive, || {
+                shard.sweep_archive(now_ms, ctx);
+            });
         });
     }
 }
