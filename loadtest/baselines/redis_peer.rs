@@ -361,7 +361,10 @@ impl Tokens {
             }
         }
         let user: Arc<str> = data.claims.sub.into();
-        let mut verified = self.verified.write().unwrap_or_else(PoisonError::into_inner);
+        let mut verified = self
+            .verified
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if verified.len() >= VERIFIED_TOKENS_MAX {
             verified.clear();
         }
@@ -437,8 +440,8 @@ async fn place_order(State(app): State<Arc<App>>, request: Request) -> Result<Re
     let user = app.tokens.verify(&parts.headers)?;
     let key = idempotency_key(&parts.headers)?;
     let body = read_body(body).await?;
-    let request: PlaceOrderBody<'_> =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))?;
+    let request: PlaceOrderBody<'_> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Invalid(format!("invalid JSON body: {e}")))?;
     let lines = merge_lines(request.items)?;
     if let Some(code) = request.promo_code {
         return Err(ApiError::NotFound(format!("promotion {code} not found")));
@@ -482,7 +485,9 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     match Limited::new(body, BODY_BYTES_MAX).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::PayloadTooLarge),
-        Err(e) => Err(ApiError::Invalid(format!("the body could not be read: {e}"))),
+        Err(e) => Err(ApiError::Invalid(format!(
+            "the body could not be read: {e}"
+        ))),
     }
 }
 
@@ -517,7 +522,10 @@ async fn reserve(
     let mut redis = app.redis.clone();
     let reply = match call.query_async(&mut redis).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            app.script.load_async(&mut redis).await.map_err(redis_error)?;
+            app.script
+                .load_async(&mut redis)
+                .await
+                .map_err(redis_error)?;
             call.query_async(&mut redis).await
         }
         reply => reply,
