@@ -192,3 +192,25 @@ lib_wrk_parse() {
     END { printf "%s %.3f %.3f %d %d %d\n", rps, p50, p99, total, non2xx, errors }
   '
 }
+
+# lib_cpu_ticks PID...: user + system CPU of the processes, in clock ticks
+# (getconf CLK_TCK a second), summed over all their threads, gone ones too
+# (/proc/PID/stat fields 14 and 15).
+lib_cpu_ticks() {
+  local pid fields total=0
+  for pid in "$@"; do
+    # Fields after "pid (comm) " start at field 3, the state.
+    read -r -a fields < <(sed 's/^.*) //' "/proc/$pid/stat")
+    total=$((total + fields[11] + fields[12]))
+  done
+  echo "$total"
+}
+
+# lib_ctx_switches PID...: voluntary + involuntary context switches of the
+# processes, summed over their live threads (a thread that exits takes its
+# count with it; the servers here keep theirs).
+lib_ctx_switches() {
+  local pid
+  for pid in "$@"; do cat "/proc/$pid/task/"*/status 2>/dev/null; done \
+    | awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
+}
