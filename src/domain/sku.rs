@@ -116,7 +116,7 @@ pub struct IdleSku {
     levels: StockLevels,
     sale: SaleWindow,
     /// Boxed: 8 bytes (a pointer, null when no one holds units) instead
-    /// of an empty map's 40 (imbl's: a size, a root, the hasher, a pool), for each
+    /// of an empty map's 40 (imbl's: a size, a root and its hasher), for each
     /// of millions of idle SKUs; the extra allocation is paid only by a SKU
     /// with buyers.
     #[allow(clippy::box_collection)]
