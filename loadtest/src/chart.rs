@@ -316,6 +316,8 @@ mod tests {
             p99_ms: 2.0 + t_s / 10.0,
             granted_units: units,
             server_rss_kib: None,
+            server_steps_samples: 0,
+            server_steps_max_ms: std::collections::BTreeMap::new(),
         }
     }
 

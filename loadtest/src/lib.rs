@@ -11,7 +11,10 @@
 //!    every answer into its own [`stats::Recorder`]; a run stops by itself at
 //!    `--duration` or `--max-requests`, whichever comes first.
 //! 4. [`progress`] drains the recorders a few times a second into a live view
-//!    and a per-second [`stats::TimelinePoint`] series.
+//!    and a per-second [`stats::TimelinePoint`] series; meanwhile
+//!    [`server_steps`] scrapes the server's `/metrics` once a second for its
+//!    background steps (snapshot capture, journal sync, ...), merged into that
+//!    series so each p99 stall shows beside its cause.
 //! 5. [`books`] reads every acknowledged order and every SKU back and counts
 //!    violations; [`report`] writes `report.json` and prints the end table;
 //!    [`chart`] draws `latency.svg`.
@@ -32,6 +35,7 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod scenario;
+pub mod server_steps;
 pub mod stats;
 pub mod target;
 pub mod token;

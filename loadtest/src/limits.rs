@@ -106,3 +106,30 @@ pub const MIXED_SKUS: u32 = 20;
 pub const MIXED_SKU_STOCK: u64 = 100_000_000;
 /// Largest qty a mixed buyer puts on a line.
 pub const MIXED_QTY_MAX: u32 = 3;
+
+/// The server's background steps (`/metrics`, `server_steps.rs`): after each
+/// answer the poller waits this long before the next scrape. The server serves
+/// a cached `/metrics` text to scrapes less than 1 s after its last render, so
+/// a fixed 1 s ticker would get every other text from the cache; waiting a
+/// little over a second after the answer lands each scrape on a fresh render.
+pub const METRICS_POLL_GAP: Duration = Duration::from_millis(1_010);
+/// One scrape that takes longer counts as failed (the run goes on).
+pub const METRICS_POLL_TIMEOUT: Duration = Duration::from_millis(500);
+/// A scrape reports the longest run of each step in the server's last whole
+/// second; that second's middle lies, on average, this long before the scrape.
+pub const METRICS_SAMPLE_LAG: Duration = Duration::from_secs(1);
+/// Scrapes in one run: one a second over the longest run, with room to spare.
+pub const METRICS_POLLS_MAX: u64 = DURATION_MAX.as_secs() + 60;
+/// A step's name longer than this (or not `[a-z0-9_]`) is a bad line: the
+/// server's names are short, and the report keys them.
+pub const STEP_NAME_BYTES_MAX: usize = 64;
+/// Seconds with the worst p99 that the stall table always lists.
+pub const STALL_WORST_SECONDS: usize = 5;
+/// Rows of the stall table, so a day-long soak with a snapshot every minute
+/// still prints a readable table (the timeline keeps every second).
+pub const STALL_ROWS_MAX: usize = 40;
+const _: () = assert!(STALL_WORST_SECONDS <= STALL_ROWS_MAX);
+const _: () = assert!(
+    METRICS_POLL_TIMEOUT.as_millis() < METRICS_POLL_GAP.as_millis(),
+    "a scrape ends before the next is due"
+);

@@ -124,6 +124,8 @@ impl Collector {
             p99_ms,
             granted_units: acc.granted_units,
             server_rss_kib: self.rss_pid.and_then(rss_kib),
+            server_steps_samples: 0,
+            server_steps_max_ms: std::collections::BTreeMap::new(),
         }
     }
 

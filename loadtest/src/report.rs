@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::books::BookReport;
+use crate::server_steps::{self, StepsSummary};
 use crate::stats::{Counts, EndpointStats, LatencyMs, TimelinePoint};
 
 /// `report.json`.
@@ -53,6 +54,11 @@ pub struct Report {
     pub detail: serde_json::Map<String, serde_json::Value>,
     /// Throughput and latency over time.
     pub timeline: Vec<TimelinePoint>,
+    /// The server's background steps beside the per-second p99: the stall
+    /// table and p99 with and without a snapshot phase (absent in reports
+    /// written before it).
+    #[serde(default)]
+    pub server_steps: Option<StepsSummary>,
     /// The server, when we spawned it or know its pid.
     pub server: ServerInfo,
 }
@@ -263,6 +269,9 @@ impl Report {
                 crate::limits::IDLE_REOPEN_AFTER.as_secs()
             );
         }
+        if let Some(steps) = &self.server_steps {
+            write_stalls(&mut out, steps);
+        }
         let b = &self.books;
         if b.ok {
             let _ = writeln!(
@@ -299,6 +308,78 @@ impl Report {
         }
         out
     }
+}
+
+/// The stall table: each listed second's p99 beside the server's step maxima,
+/// then the p99 with and without a snapshot phase.
+fn write_stalls(out: &mut String, steps: &StepsSummary) {
+    let polls = &steps.polls;
+    let _ = writeln!(
+        out,
+        "server steps: {} of {} scrapes of /metrics sampled {} seconds ({} failed, {} repeated, {} without the gauge)",
+        polls.samples,
+        polls.polls,
+        steps.seconds_sampled,
+        polls.failures,
+        polls.repeats,
+        polls.empty
+    );
+    if steps.seconds_sampled == 0 {
+        return;
+    }
+    let columns = server_steps::columns(&steps.stalls);
+    let _ = write!(out, "{:>13} {:>9}", "second", "p99 ms");
+    for c in &columns {
+        let _ = write!(out, " {c:>14}");
+    }
+    let _ = writeln!(
+        out,
+        "   (step maxima, ms; - did not run, ? not sampled; * a snapshot step, ! a worst-{} p99)",
+        crate::limits::STALL_WORST_SECONDS
+    );
+    for row in &steps.stalls {
+        let start_s = (row.t_s - row.span_s).max(0.0);
+        let mark = match (row.snapshot, row.worst) {
+            (true, true) => "*!",
+            (true, false) => "* ",
+            (false, true) => " !",
+            (false, false) => "  ",
+        };
+        let _ = write!(
+            out,
+            "{:>13} {:>9.2}",
+            format!("{start_s:.1}-{:.1}", row.t_s),
+            row.p99_ms
+        );
+        for c in &columns {
+            match row.steps_max_ms.get(c) {
+                Some(ms) => {
+                    let _ = write!(out, " {ms:>14.3}");
+                }
+                // Not run in a sampled second; unknown in an unsampled one.
+                None if row.samples > 0 => {
+                    let _ = write!(out, " {:>14}", "-");
+                }
+                None => {
+                    let _ = write!(out, " {:>14}", "?");
+                }
+            }
+        }
+        let _ = writeln!(out, " {mark}");
+    }
+    if steps.stalls_left_out > 0 {
+        let _ = writeln!(
+            out,
+            "  ({} more seconds qualified; every second is in report.json's timeline)",
+            steps.stalls_left_out
+        );
+    }
+    let (w, wo) = (&steps.with_snapshot, &steps.without_snapshot);
+    let _ = writeln!(
+        out,
+        "per-second p99: with a snapshot step {} s, max {:.2} ms, median {:.2} ms | without {} s, max {:.2} ms, median {:.2} ms",
+        w.seconds, w.p99_max_ms, w.p99_median_ms, wo.seconds, wo.p99_max_ms, wo.p99_median_ms
+    );
 }
 
 #[cfg(test)]
@@ -364,6 +445,7 @@ mod tests {
             endpoints,
             detail: serde_json::Map::new(),
             timeline: Vec::new(),
+            server_steps: None,
             server: ServerInfo::default(),
         }
     }

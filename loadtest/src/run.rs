@@ -19,6 +19,7 @@ use crate::client::Conn;
 use crate::progress::Collector;
 use crate::report::{Report, RunInfo, ServerInfo, endpoint_reports, per_s};
 use crate::scenario::{self, Load, Pacer, WorkerOutput, setup};
+use crate::server_steps::{self, Poller};
 use crate::stats::{self, LatencyMs, Recorder, TimelinePoint};
 use crate::target::{self, SpawnOptions, SpawnedServer};
 use crate::token::{Minter, random_secret_hex};
@@ -215,6 +216,7 @@ async fn load_and_check(
         .map(|_| Arc::new(Mutex::new(Recorder::default())))
         .collect();
     let (done_tx, done_rx) = oneshot::channel();
+    let poller = Poller::spawn(addr, load.started);
     let collector = tokio::spawn(
         Collector::new(
             recorders.clone(),
@@ -245,7 +247,11 @@ async fn load_and_check(
     }
     let elapsed = load.started.elapsed();
     let _ = done_tx.send(());
-    let timeline = collector.await.context("the progress view panicked")?;
+    let mut timeline = collector.await.context("the progress view panicked")?;
+    let polled = poller.finish().await;
+    let mut poll_counts = polled.counts;
+    poll_counts.outside_run = server_steps::attribute(&mut timeline, &polled.samples);
+    let steps_summary = server_steps::summarize(&timeline, poll_counts);
 
     let endpoint_tables: Vec<_> = recorders
         .iter()
@@ -330,6 +336,7 @@ async fn load_and_check(
         endpoints: endpoint_reports(&endpoints, elapsed_s),
         detail,
         timeline,
+        server_steps: Some(steps_summary),
         server: ServerInfo::default(),
     })
 }

@@ -377,7 +377,7 @@ pub fn us_to_ms(value_us: u64) -> f64 {
 }
 
 /// One point of the run over time.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimelinePoint {
     /// End of the bucket, seconds since the load started.
     pub t_s: f64,
@@ -403,6 +403,16 @@ pub struct TimelinePoint {
     pub granted_units: u64,
     /// The server's resident memory at the end of the bucket, when known.
     pub server_rss_kib: Option<u64>,
+    /// Scrapes of the server's `/metrics` whose second falls in the bucket
+    /// (0: the server's steps are unknown here, not absent). Reports written
+    /// before this field read as 0.
+    #[serde(default)]
+    pub server_steps_samples: u32,
+    /// The longest run of each server background step in the bucket,
+    /// milliseconds, over those scrapes (`server_steps.rs`); steps that did
+    /// not run are left out. Reports written before this field read as empty.
+    #[serde(default)]
+    pub server_steps_max_ms: BTreeMap<String, f64>,
 }
 
 #[cfg(test)]

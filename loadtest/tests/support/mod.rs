@@ -62,6 +62,10 @@ struct State {
     carts: HashMap<String, Vec<(String, u64)>>,
     held: HashMap<(String, String), u64>,
     idempotency: HashMap<(String, String), (u16, Value)>,
+    /// `GET /metrics` answers this text (404 while `None`), with a scrape
+    /// counter appended so no two answers are alike.
+    metrics: Option<String>,
+    scrapes: u64,
 }
 
 /// A running fake.
@@ -109,6 +113,16 @@ impl Fake {
     /// The URL to give `--url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Makes `GET /metrics` answer `text` (plus a scrape counter).
+    pub fn set_metrics(&self, text: &str) {
+        self.state.lock().unwrap().metrics = Some(text.to_owned());
+    }
+
+    /// Scrapes of `/metrics` so far.
+    pub fn scrapes(&self) -> u64 {
+        self.state.lock().unwrap().scrapes
     }
 
     /// Adds an order directly (for book-check tests).
@@ -201,6 +215,18 @@ async fn handle(
 
     if parts.as_slice() == ["readyz"] {
         return reply(200, &json!({ "status": "ready" }));
+    }
+    if parts.as_slice() == ["metrics"] {
+        st.scrapes += 1;
+        let Some(text) = st.metrics.clone() else {
+            let (s, b) = error(404, "not_found");
+            return reply(s, &b);
+        };
+        let text = format!("{text}fake_scrapes_total {}\n", st.scrapes);
+        let mut resp = Response::new(Full::new(Bytes::from(text)));
+        resp.headers_mut()
+            .insert("content-type", "text/plain; version=0.0.4".parse().unwrap());
+        return resp;
     }
     let public = matches!(
         (&method, parts.as_slice()),
