@@ -281,11 +281,30 @@ fn write_histogram(
     scale: f64,
 ) {
     let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} histogram");
+    write_histogram_series(text, name, "", hist, bounds, scale);
+}
+
+/// One series of a histogram (its buckets, sum and count), with `labels`
+/// (e.g. `step="capture"`, or empty) on every line: the `# HELP` and
+/// `# TYPE` lines come once per histogram, before its series.
+fn write_histogram_series(
+    text: &mut String,
+    name: &str,
+    labels: &str,
+    hist: &hdrhistogram::Histogram<u64>,
+    bounds: &[u64],
+    scale: f64,
+) {
+    let (bucket_labels, own_labels) = if labels.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (format!("{labels},"), format!("{{{labels}}}"))
+    };
     for bound in bounds {
         let count = hist.count_between(0, *bound);
         let _ = writeln!(
             text,
-            "{name}_bucket{{le=\"{}\"}} {count}",
+            "{name}_bucket{{{bucket_labels}le=\"{}\"}} {count}",
             *bound as f64 * scale
         );
     }
@@ -293,7 +312,7 @@ fn write_histogram(
     let sum = hist.mean() * total as f64 * scale;
     let _ = writeln!(
         text,
-        "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {sum}\n{name}_count {total}"
+        "{name}_bucket{{{bucket_labels}le=\"+Inf\"}} {total}\n{name}_sum{own_labels} {sum}\n{name}_count{own_labels} {total}"
     );
 }
 
@@ -313,20 +332,8 @@ fn write_steps(text: &mut String) {
         "# HELP {name} background steps (journal write and sync, snapshot capture and write, epoch drop, sweeps)\n# TYPE {name} histogram"
     );
     for report in &reports {
-        let step = report.step.name();
-        for bound in STEP_BUCKETS_US {
-            let count = report.hist.count_between(0, bound);
-            #[allow(clippy::cast_precision_loss)] // bucket bounds
-            let le = bound as f64 * 1e-6;
-            let _ = writeln!(text, "{name}_bucket{{step=\"{step}\",le=\"{le}\"}} {count}");
-        }
-        let total = report.hist.len();
-        #[allow(clippy::cast_precision_loss)] // a sum for Prometheus
-        let sum = report.hist.mean() * total as f64 * 1e-6;
-        let _ = writeln!(
-            text,
-            "{name}_bucket{{step=\"{step}\",le=\"+Inf\"}} {total}\n{name}_sum{{step=\"{step}\"}} {sum}\n{name}_count{{step=\"{step}\"}} {total}"
-        );
+        let labels = format!("step=\"{}\"", report.step.name());
+        write_histogram_series(text, name, &labels, &report.hist, &STEP_BUCKETS_US, 1e-6);
     }
     let name = "flashcore_step_last_second_max_seconds";
     let _ = writeln!(
