@@ -135,7 +135,7 @@ impl Sale {
                 idem: None,
             },
         ];
-        if self.orders % 4 == 0 {
+        if self.orders.is_multiple_of(4) {
             events.push(Event::OrderPaid {
                 order: id,
                 payment_ref: flashcore::domain::PaymentRef::parse(&format!("pay-{}", id.0))

@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod clock;
+pub mod cluster;
 pub mod domain;
 pub mod engine;
 pub mod fatal;

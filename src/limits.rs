@@ -30,6 +30,11 @@ pub const RESTOCK_QTY_MAX: u64 = 1_000_000_000;
 /// Highest `per_user_limit` (contract: 1..=10000 or null).
 pub const PER_USER_LIMIT_MAX: u32 = 10_000;
 
+/// Most buckets a SKU's stock may be split into over partitions (contract,
+/// cluster mode: `buckets` 1..=64, default 1; a single node checks it and
+/// keeps one actor).
+pub const BUCKETS_MAX: u32 = 64;
+
 /// Highest `on_hand` a SKU may ever reach through restocks and returns. Far
 /// below `u64::MAX`, so that the sum of every counter of a SKU cannot wrap.
 pub const ON_HAND_MAX: u64 = 1_000_000_000_000_000;
@@ -210,8 +215,8 @@ pub const IDEMPOTENCY_BOOK_PARTS: usize = 64;
 /// dearest walk, the copy (a lookup and a clone an entry), costs about
 /// 110 ns an entry at a million records on the 2-core target machine, so a
 /// slice holds a lock about 55 us (median; p99 about 150 us on a loaded
-/// machine), the eviction's about 27 us (`measure_lock_holds` in
-/// `domain/idem.rs`).
+/// machine), the eviction's about 27 us (measured once by hand; the
+/// request path's wait behind the sweeps is `cargo bench --bench idem_sweep`).
 pub const IDEMPOTENCY_SWEEP_SLICE_ENTRIES: usize = 512;
 
 /// Mailbox of one SKU actor. Sized above the number of requests the HTTP

@@ -572,7 +572,7 @@ fn thirty_odd_bad_inputs_get_a_clear_4xx_and_change_nothing() {
         ("order id zero", "GET", "/v1/orders/0".into(), Some(&ann), None, 404, "not_found"),
         ("unknown order", "GET", "/v1/orders/999999".into(), Some(&ann), None, 404, "not_found"),
         ("unknown route", "GET", "/v1/nothing".into(), None, None, 404, "not_found"),
-        ("wrong method", "DELETE", "/v1/skus".into(), Some(&admin), None, 404, "not_found"),
+        ("wrong method", "DELETE", "/v1/skus".into(), Some(&admin), None, 405, "method_not_allowed"),
         ("name too long", "POST", "/v1/skus".into(), Some(&admin), Some(format!(r#"{{"sku_id":"n","name":"{big_name}","price_cents":1,"stock":1}}"#)), 400, "invalid_request"),
         ("empty name", "POST", "/v1/skus".into(), Some(&admin), Some(r#"{"sku_id":"n","name":"","price_cents":1,"stock":1}"#.into()), 400, "invalid_request"),
         ("price over 10^12", "POST", "/v1/skus".into(), Some(&admin), Some(r#"{"sku_id":"n","name":"N","price_cents":1000000000001,"stock":1}"#.into()), 400, "invalid_request"),
@@ -1293,15 +1293,15 @@ fn sigterm_finishes_in_flight_work_and_exits_zero() {
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .and_then(|v| v.trim().parse::<usize>().ok());
-                if let Some(length) = length {
-                    if got.len() >= end + 4 + length {
-                        let status = head
-                            .split_whitespace()
-                            .nth(1)
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(0);
-                        return Got::Answer(status, got[end + 4..end + 4 + length].to_vec());
-                    }
+                if let Some(length) = length
+                    && got.len() >= end + 4 + length
+                {
+                    let status = head
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    return Got::Answer(status, got[end + 4..end + 4 + length].to_vec());
                 }
             }
             match stream.read(&mut buf) {
@@ -2034,4 +2034,348 @@ fn rate_limits_bound_each_user_and_address_but_never_admins() {
         );
         assert_eq!(api.call("GET", "/v1/skus", None, None, None).status, 200);
     }
+}
+
+/// The methods the document gives `path`, upper case, with `HEAD` beside
+/// `GET` (axum answers `HEAD` on a `GET` route, as RFC 9110 asks).
+fn documented_methods(doc: &Value, path: &str) -> HashSet<String> {
+    let mut methods = HashSet::new();
+    for method in doc["paths"][path].as_object().expect("a path").keys() {
+        let method = method.to_ascii_uppercase();
+        if method == "GET" {
+            methods.insert("HEAD".to_string());
+        }
+        methods.insert(method);
+    }
+    methods
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{sku_id}", "nope")
+        .replace("{order_id}", "999")
+}
+
+#[test]
+fn a_known_path_answers_a_method_it_does_not_take_with_405_and_allow() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    let admin = server.admin();
+    let doc = api.call("GET", "/openapi.json", None, None, None).json();
+    let paths: Vec<String> = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .keys()
+        .cloned()
+        .collect();
+    // The document and the route table are one list (and the router is
+    // built from the table): every path of the table is documented.
+    let table: HashSet<String> = flashcore::http::openapi::documented_routes()
+        .iter()
+        .map(|r| r.path.to_string())
+        .collect();
+    assert_eq!(table, paths.iter().cloned().collect::<HashSet<_>>());
+    // HEAD is left out below: its answer has no body to read.
+    let all = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"];
+    let mut wrong = 0;
+    for path in &paths {
+        let allowed = documented_methods(&doc, path);
+        for method in all {
+            if allowed.contains(method) {
+                continue;
+            }
+            // With a token and without: 405 comes before admission.
+            for token in [None, Some(admin.as_str())] {
+                let r = api.call(method, &concrete(path), token, None, None);
+                assert_eq!(
+                    (r.status, r.code()),
+                    (405, "method_not_allowed".to_string()),
+                    "{method} {path}: {}",
+                    body_str(&r)
+                );
+                let allow: HashSet<String> = r
+                    .header("allow")
+                    .unwrap_or_else(|| panic!("{method} {path}: no Allow"))
+                    .split(',')
+                    .map(|m| m.trim().to_string())
+                    .collect();
+                assert_eq!(allow, allowed, "{method} {path}: Allow lists what it takes");
+                wrong += 1;
+            }
+        }
+    }
+    assert!(wrong > 100, "{wrong} wrong methods tried");
+    // HEAD on a GET route is a GET without the body; on a POST-only path
+    // it is a 405 (checked by status, the answer has no body).
+    let mut raw = server.client();
+    raw.write_raw(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut head = String::new();
+    raw.into_stream().read_to_string(&mut head).expect("read");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.contains("\"status\""), "no body: {head}");
+    let mut raw = server.client();
+    raw.write_raw(b"HEAD /v1/skus/x/restock HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut head = String::new();
+    raw.into_stream().read_to_string(&mut head).expect("read");
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
+    // An unknown path is still a 404, with no Allow.
+    for (method, path) in [
+        ("GET", "/v1/nothing"),
+        ("DELETE", "/v1/skus/a/b/c"),
+        ("POST", "/v1/orders/1/nothing"),
+    ] {
+        let r = api.call(method, path, None, None, None);
+        assert_eq!(
+            (r.status, r.code()),
+            (404, "not_found".to_string()),
+            "{method} {path}"
+        );
+        assert_eq!(r.header("allow"), None);
+    }
+}
+
+/// The schema of a component's property.
+fn property<'a>(doc: &'a Value, schema: &str, field: &str) -> &'a Value {
+    &doc["components"]["schemas"][schema]["properties"][field]
+}
+
+/// The bounds of a numeric schema, as u64.
+fn range(schema: &Value) -> (Option<u64>, Option<u64>) {
+    (schema["minimum"].as_u64(), schema["maximum"].as_u64())
+}
+
+#[test]
+fn the_document_carries_the_contracts_bounds_statuses_and_links_and_the_server_agrees() {
+    use flashcore::limits::*;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path(), &[]);
+    let mut api = Api::new(&server);
+    let admin = server.admin();
+    let doc = api.call("GET", "/openapi.json", None, None, None).json();
+    let id = "^[A-Za-z0-9_.-]{1,64}$";
+    for (schema, field) in [
+        ("NewSkuBody", "sku_id"),
+        ("OrderLine", "sku_id"),
+        ("LineBody", "sku_id"),
+        ("PromotionBody", "code"),
+        ("PayBody", "payment_ref"),
+        ("PlaceOrderBody", "promo_code"),
+        ("CheckoutBody", "promo_code"),
+    ] {
+        let s = property(&doc, schema, field);
+        if schema == "OrderLine" {
+            continue; // an answer, not a request
+        }
+        assert_eq!(s["pattern"], id, "{schema}.{field}");
+        assert_eq!(s["maxLength"], ID_BYTES_MAX, "{schema}.{field}");
+        assert_eq!(s["minLength"], 1, "{schema}.{field}");
+    }
+    let name = property(&doc, "NewSkuBody", "name");
+    assert_eq!(
+        (name["minLength"].as_u64(), name["maxLength"].as_u64()),
+        (Some(1), Some(NAME_CHARS_MAX as u64))
+    );
+    assert_eq!(
+        property(&doc, "PatchSkuBody", "name")["maxLength"],
+        NAME_CHARS_MAX
+    );
+    let qty = u64::from(QTY_MAX);
+    for (schema, field, low, high) in [
+        ("NewSkuBody", "price_cents", 0, PRICE_CENTS_MAX),
+        ("PatchSkuBody", "price_cents", 0, PRICE_CENTS_MAX),
+        ("NewSkuBody", "stock", 0, STOCK_MAX),
+        (
+            "NewSkuBody",
+            "per_user_limit",
+            1,
+            u64::from(PER_USER_LIMIT_MAX),
+        ),
+        (
+            "PatchSkuBody",
+            "per_user_limit",
+            1,
+            u64::from(PER_USER_LIMIT_MAX),
+        ),
+        ("NewSkuBody", "buckets", 1, u64::from(BUCKETS_MAX)),
+        ("RestockBody", "qty", 1, RESTOCK_QTY_MAX),
+        ("LineBody", "qty", 1, qty),
+        ("CartItemBody", "qty", 0, qty),
+        ("PromotionBody", "threshold_cents", 0, PROMO_CENTS_MAX),
+        ("PromotionBody", "off_cents", 1, PROMO_CENTS_MAX),
+        ("PayBody", "amount_cents", 0, u64::MAX),
+    ] {
+        let s = property(&doc, schema, field);
+        assert_eq!(range(s), (Some(low), Some(high)), "{schema}.{field}: {s}");
+    }
+    for (schema, field) in [("PlaceOrderBody", "items"), ("RefundBody", "lines")] {
+        let s = property(&doc, schema, field);
+        assert_eq!(
+            (s["minItems"].as_u64(), s["maxItems"].as_u64()),
+            (Some(1), Some(LINES_MAX as u64)),
+            "{schema}.{field}"
+        );
+    }
+    assert_eq!(
+        doc["components"]["schemas"]["PatchSkuBody"]["minProperties"],
+        1
+    );
+    let ops = |path: &str, method: &str| doc["paths"][path][method].clone();
+    let param = |op: &Value, name: &str| -> Value {
+        op["parameters"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let skus = ops("/v1/skus", "get");
+    assert_eq!(
+        range(&param(&skus, "limit")["schema"]),
+        (Some(1), Some(SKUS_PAGE_MAX as u64))
+    );
+    assert_eq!(param(&skus, "after")["schema"]["pattern"], id);
+    let orders = ops("/v1/orders", "get");
+    assert_eq!(
+        range(&param(&orders, "limit")["schema"]),
+        (Some(1), Some(ORDERS_LIST_MAX as u64))
+    );
+    assert_eq!(param(&orders, "user_id")["schema"]["pattern"], id);
+    assert_eq!(
+        param(&ops("/v1/skus/{sku_id}", "get"), "sku_id")["schema"]["pattern"],
+        id
+    );
+    let key = param(&ops("/v1/orders", "post"), "Idempotency-Key")["schema"].clone();
+    assert_eq!(
+        (key["minLength"].as_u64(), key["maxLength"].as_u64()),
+        (Some(1), Some(IDEMPOTENCY_KEY_BYTES_MAX as u64))
+    );
+
+    // Statuses, security, Retry-After, per route.
+    for route in flashcore::http::openapi::documented_routes() {
+        let method = route.method.as_str().to_ascii_lowercase();
+        let op = ops(route.path, &method);
+        let what = format!("{method} {}", route.path);
+        let statuses: HashSet<String> = op["responses"]
+            .as_object()
+            .expect("responses")
+            .keys()
+            .cloned()
+            .collect();
+        assert!(statuses.contains(&route.status.to_string()), "{what}");
+        assert!(statuses.contains("503"), "{what}");
+        for status in ["429", "503"] {
+            if statuses.contains(status) {
+                assert!(
+                    op["responses"][status]["headers"]["Retry-After"].is_object(),
+                    "{what} {status}"
+                );
+            }
+        }
+        match route.access {
+            flashcore::http::routes::Access::Public => {
+                assert_eq!(op["security"], serde_json::json!([]), "{what}");
+                assert!(!statuses.contains("401"), "{what}");
+            }
+            access => {
+                assert_eq!(op["security"][0]["bearer"], serde_json::json!([]), "{what}");
+                assert!(statuses.contains("401"), "{what}");
+                if access == flashcore::http::routes::Access::Admin {
+                    assert!(statuses.contains("403"), "{what}");
+                    assert!(
+                        op["description"]
+                            .as_str()
+                            .is_some_and(|d| d.contains("Admin only")),
+                        "{what}"
+                    );
+                }
+            }
+        }
+        if route.path.contains('{') {
+            assert!(statuses.contains("404"), "{what}");
+        }
+        if route.idempotent {
+            assert!(statuses.contains("422"), "{what}");
+        }
+    }
+    for (path, method, status) in [
+        ("/v1/orders", "post", "404"),
+        ("/v1/orders", "post", "409"),
+        ("/v1/cart/checkout", "post", "409"),
+        ("/v1/orders/{order_id}/pay", "post", "409"),
+        ("/v1/orders", "get", "403"),
+    ] {
+        assert!(
+            ops(path, method)["responses"][status].is_object(),
+            "{method} {path} {status}"
+        );
+    }
+    // Links: from what creates an order or a SKU to every route taking its id.
+    let routes = flashcore::http::openapi::documented_routes();
+    for (path, status, param) in [
+        ("/v1/orders", "201", "order_id"),
+        ("/v1/cart/checkout", "201", "order_id"),
+        ("/v1/skus", "201", "sku_id"),
+    ] {
+        let links = ops(path, "post")["responses"][status]["links"].clone();
+        let targets: HashSet<&str> = links
+            .as_object()
+            .unwrap_or_else(|| panic!("{path}: links"))
+            .values()
+            .filter_map(|l| l["operationId"].as_str())
+            .collect();
+        for target in routes
+            .iter()
+            .filter(|r| r.path.contains(&format!("{{{param}}}")))
+        {
+            let id = ops(target.path, &target.method.as_str().to_ascii_lowercase())["operationId"]
+                .clone();
+            assert!(
+                targets.contains(id.as_str().expect("an id")),
+                "{path} -> {id}"
+            );
+        }
+    }
+
+    // The server agrees at the edges the document gives.
+    let sku = |extra: &str| {
+        format!(r#"{{"sku_id":"edge","name":"Edge","price_cents":1,"stock":1{extra}}}"#)
+    };
+    let cases: Vec<(String, u16)> = vec![
+        (sku(r#","buckets":0"#), 400),
+        (sku(r#","buckets":65"#), 400),
+        (sku(r#","buckets":null"#), 400),
+        (
+            sku(&format!(r#","price_cents":{}"#, PRICE_CENTS_MAX + 1))
+                .replace(r#""price_cents":1,"#, ""),
+            400,
+        ),
+        (
+            sku(&format!(r#","stock":{}"#, STOCK_MAX + 1))
+                .replace(r#""stock":1,"#, "")
+                .replace(r#","stock":1"#, ""),
+            400,
+        ),
+        (sku(r#","sale_starts_at":"2026-01-01T00:00:00+01:00""#), 400),
+        (sku(r#","sale_starts_at":"2026-02-29T00:00:00Z""#), 400),
+        (
+            sku(r#","buckets":64,"sale_starts_at":"2028-02-29T00:00:00.5+00:00""#),
+            201,
+        ),
+    ];
+    for (body, status) in cases {
+        let r = api.call("POST", "/v1/skus", Some(&admin), None, Some(&body));
+        assert_eq!(r.status, status, "{body}: {}", body_str(&r));
+    }
+    // buckets is refused before anything changes: the id is still free.
+    let r = api.call("GET", "/v1/skus/edge", None, None, None);
+    assert_eq!(r.json()["sale_starts_at"], "2028-02-29T00:00:00.500Z");
+
+    // GET /v1/cluster on a single node.
+    let r = api.call("GET", "/v1/cluster", None, None, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"node_id": null, "partitions": 1})
+    );
 }

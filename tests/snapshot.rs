@@ -82,10 +82,10 @@ async fn buyer(e: Engine, who: usize, rounds: usize) {
         let double = e
             .place_order(u, &[line("b", 1), line("c", 2)], None, None)
             .await;
-        if let Ok(o) = double {
-            if i % 3 == 0 {
-                let _ = e.cancel(admin(), o.id).await;
-            }
+        if let Ok(o) = double
+            && i % 3 == 0
+        {
+            let _ = e.cancel(admin(), o.id).await;
         }
     }
 }
@@ -157,10 +157,10 @@ async fn snapshots_under_load(churn: bool) {
     };
     let mut mid_load = Vec::new();
     while !buyers.iter().all(tokio::task::JoinHandle::is_finished) {
-        if let Some(report) = snapshotter.last() {
-            if mid_load.last() != Some(&report) {
-                mid_load.push(report);
-            }
+        if let Some(report) = snapshotter.last()
+            && mid_load.last() != Some(&report)
+        {
+            mid_load.push(report);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -102,10 +102,11 @@ pub fn default_server_bin() -> Result<PathBuf> {
         "flashcore"
     };
     let beside = dir.join(name);
-    if !beside.exists() && dir.ends_with("deps") {
-        if let Some(up) = dir.parent() {
-            return Ok(up.join(name));
-        }
+    if !beside.exists()
+        && dir.ends_with("deps")
+        && let Some(up) = dir.parent()
+    {
+        return Ok(up.join(name));
     }
     Ok(beside)
 }
@@ -259,19 +260,19 @@ impl SpawnedServer {
         let started = Instant::now();
         let mut conn = Conn::new(self.addr, limits::READY_POLL_INTERVAL.saturating_mul(20))?;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait().context("waiting on the server")? {
-                    bail!(
-                        "the server exited during start ({status}); its log ({}) ends with:\n{}",
-                        self.log_path.display(),
-                        log_tail(&self.log_path)
-                    );
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().context("waiting on the server")?
+            {
+                bail!(
+                    "the server exited during start ({status}); its log ({}) ends with:\n{}",
+                    self.log_path.display(),
+                    log_tail(&self.log_path)
+                );
             }
-            if let Ok(answer) = conn.send(&Call::get("/readyz")).await {
-                if answer.status == 200 {
-                    return Ok(());
-                }
+            if let Ok(answer) = conn.send(&Call::get("/readyz")).await
+                && answer.status == 200
+            {
+                return Ok(());
             }
             if started.elapsed() > limits::READY_TIMEOUT {
                 bail!(

@@ -313,6 +313,28 @@ pub enum Event {
         /// When.
         at_ms: u64,
     },
+    /// Order ids up to `through` may be handed out (`engine/ids.rs`). An id
+    /// is answered only once the reservation covering it is durable, and a
+    /// start hands out ids only above every reservation in the journal, so
+    /// an id that was ever answered never names another order, whatever a
+    /// crash took back (relaxed mode may lose answered orders, never reuse
+    /// their ids).
+    OrderIdsReserved {
+        /// The highest id reserved.
+        through: u64,
+        /// When.
+        at_ms: u64,
+    },
+    /// Cluster mode: a node took this partition over. Its first append,
+    /// made with compare-and-set on the journal's last record as the node
+    /// replayed it, so every later append of the previous owner fails
+    /// (`cluster/partition.rs`). Changes no state.
+    OwnerChanged {
+        /// The lease's term (it grows with every acquisition).
+        term: u64,
+        /// When.
+        at_ms: u64,
+    },
 }
 
 impl Event {
@@ -339,7 +361,9 @@ impl Event {
             | Event::CartCleared { .. }
             | Event::IdempotentRefusal { .. }
             | Event::OrdersArchived { .. }
-            | Event::OrderRestored { .. } => TouchedSkus::One(None),
+            | Event::OrderRestored { .. }
+            | Event::OrderIdsReserved { .. }
+            | Event::OwnerChanged { .. } => TouchedSkus::One(None),
         }
     }
 
@@ -390,7 +414,9 @@ impl Event {
             | Event::CartCleared { at_ms, .. }
             | Event::IdempotentRefusal { at_ms, .. }
             | Event::OrdersArchived { at_ms, .. }
-            | Event::OrderRestored { at_ms, .. } => *at_ms,
+            | Event::OrderRestored { at_ms, .. }
+            | Event::OrderIdsReserved { at_ms, .. }
+            | Event::OwnerChanged { at_ms, .. } => *at_ms,
         }
     }
 }

@@ -221,18 +221,18 @@ impl Part {
                 break;
             };
             // One lookup for the check and the removal.
-            if let Entry::Occupied(held) = self.records.entry(front.key) {
-                if Queued::of(front.key, held.get().at_ms) == front {
-                    if !held.get().expired(now_ms) {
-                        return Slice {
-                            records: evicted,
-                            next_pos: self.queue.front_pos(),
-                            done: true,
-                        };
-                    }
-                    held.remove();
-                    evicted += 1;
+            if let Entry::Occupied(held) = self.records.entry(front.key)
+                && Queued::of(front.key, held.get().at_ms) == front
+            {
+                if !held.get().expired(now_ms) {
+                    return Slice {
+                        records: evicted,
+                        next_pos: self.queue.front_pos(),
+                        done: true,
+                    };
                 }
+                held.remove();
+                evicted += 1;
             }
             self.queue.pop_front();
         }
@@ -284,14 +284,14 @@ impl Part {
         let mut copied = 0;
         let mut seen = 0;
         while pos < end_pos && seen < entries_max && copied < records_max {
-            if let Some(entry) = self.queue.get(pos) {
-                if let Some(record) = self.live(entry) {
-                    out.push(HashedRecord {
-                        key: entry.key,
-                        record: record.clone(),
-                    });
-                    copied += 1;
-                }
+            if let Some(entry) = self.queue.get(pos)
+                && let Some(record) = self.live(entry)
+            {
+                out.push(HashedRecord {
+                    key: entry.key,
+                    record: record.clone(),
+                });
+                copied += 1;
             }
             pos = pos.saturating_add(1);
             seen += 1;

@@ -117,13 +117,13 @@ impl Promotions {
     /// # Errors
     /// `Inconsistent` when the code is taken (the decision rules it out).
     pub fn apply(&mut self, event: &Event) -> Result<(), DomainError> {
-        if let Event::PromotionCreated { promo, .. } = event {
-            if self.by_code.insert(promo.code, *promo).is_some() {
-                return Err(DomainError::inconsistent(format!(
-                    "promotion {} created twice",
-                    promo.code
-                )));
-            }
+        if let Event::PromotionCreated { promo, .. } = event
+            && self.by_code.insert(promo.code, *promo).is_some()
+        {
+            return Err(DomainError::inconsistent(format!(
+                "promotion {} created twice",
+                promo.code
+            )));
         }
         Ok(())
     }

@@ -53,14 +53,14 @@ impl SaleWindow {
         starts_at_ms: Option<u64>,
         ends_at_ms: Option<u64>,
     ) -> Result<SaleWindow, DomainError> {
-        if let (Some(start), Some(end)) = (starts_at_ms, ends_at_ms) {
-            if end <= start {
-                return Err(DomainError::invalid(format!(
-                    "sale_ends_at ({}) must be after sale_starts_at ({})",
-                    Rfc3339(end),
-                    Rfc3339(start)
-                )));
-            }
+        if let (Some(start), Some(end)) = (starts_at_ms, ends_at_ms)
+            && end <= start
+        {
+            return Err(DomainError::invalid(format!(
+                "sale_ends_at ({}) must be after sale_starts_at ({})",
+                Rfc3339(end),
+                Rfc3339(start)
+            )));
         }
         Ok(SaleWindow {
             starts_at_ms,

@@ -227,6 +227,7 @@ impl State {
             Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => {
                 self.bump_next_id(order.id);
             }
+            Event::OrderIdsReserved { through, .. } => self.bump_next_id(OrderId(*through)),
             _ => {}
         }
     }

@@ -28,7 +28,8 @@
 //! goes back when the actor is idle), `health.rs` (a dead actor
 //! marks the engine dead), `durable.rs` (reads from the last durable state
 //! while the journal refuses changes), `runtime.rs` (the actor threads),
-//! `snapshot.rs` (every actor copies its own part for a snapshot).
+//! `snapshot.rs` (every actor copies its own part for a snapshot), `ids.rs`
+//! (order ids from durably reserved blocks, never reused after a crash).
 
 mod archiving;
 mod carts;
@@ -37,6 +38,7 @@ mod config;
 mod durable;
 mod error;
 mod health;
+mod ids;
 mod keyed;
 mod orders;
 mod reply;
@@ -46,7 +48,6 @@ mod sku;
 mod slot;
 mod snapshot;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use actix::Addr;
@@ -101,7 +102,8 @@ struct Inner {
     shared: Arc<ShardContext>,
     promotions: RwLock<Promotions>,
     idem: Arc<IdemBook>,
-    next_id: AtomicU64,
+    /// Order ids, from durably reserved blocks (`ids.rs`).
+    ids: ids::OrderIds,
     /// Serialises SKU creation (the registry's bound and id check).
     create_lock: Mutex<()>,
     threads: Mutex<ActorThreads>,
@@ -251,7 +253,7 @@ impl Engine {
             shared,
             promotions: RwLock::new(promotions),
             idem,
-            next_id: AtomicU64::new(next_id.max(1)),
+            ids: ids::OrderIds::new(next_id),
             create_lock: Mutex::new(()),
             threads: Mutex::new(threads),
             health,
@@ -344,8 +346,13 @@ impl Engine {
             .ok_or_else(|| EngineError::sku_not_found(sku))
     }
 
-    fn next_order_id(&self) -> OrderId {
-        OrderId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+    /// A new order id (see `ids.rs`).
+    async fn next_order_id(&self) -> Result<OrderId, EngineError> {
+        let now_ms = self.inner.shared.clock.now_ms();
+        self.inner
+            .ids
+            .allocate(self.inner.journal.as_ref(), now_ms)
+            .await
     }
 
     fn shard_of_user(&self, user: &UserId) -> &Arc<Addr<OrderShard>> {

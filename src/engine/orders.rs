@@ -63,7 +63,7 @@ impl Engine {
         let (reply, rx) = reply_channel();
         let reserve = Reserve {
             handle: Arc::clone(&handle),
-            reservation: self.next_order_id(),
+            reservation: self.next_order_id().await?,
             user,
             qty,
             reply,
@@ -163,7 +163,7 @@ impl Engine {
             self.refuse_if_closed(&handle).await?;
             self.refuse_if_sold_out(handle.id, handle.hint.sold_out_for(line.qty))
                 .await?;
-            pending.push((handle, line.qty, self.next_order_id()));
+            pending.push((handle, line.qty, self.next_order_id().await?));
         }
         let first = pending
             .last()
@@ -171,7 +171,7 @@ impl Engine {
             .ok_or_else(|| DomainError::invalid("an order needs at least one line"))?;
         let (reply, rx) = reply_channel();
         let placement = Placement {
-            order_id: self.next_order_id(),
+            order_id: self.next_order_id().await?,
             user,
             pending,
             held: Vec::with_capacity(lines.len()),

@@ -367,10 +367,10 @@ impl Handler<Place> for OrderShard {
     fn handle(&mut self, mut msg: Place, _: &mut Context<Self>) {
         let now_ms = self.shared.clock.now_ms();
         let result = (|| {
-            if let Some(expected) = &msg.from_cart {
-                if self.book.cart(&msg.user).items() != expected.as_slice() {
-                    return Ok(None);
-                }
+            if let Some(expected) = &msg.from_cart
+                && self.book.cart(&msg.user).items() != expected.as_slice()
+            {
+                return Ok(None);
             }
             let lines: Vec<_> = msg
                 .reservations

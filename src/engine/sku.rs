@@ -522,12 +522,13 @@ impl Handler<Placement> for SkuActor {
     fn handle(&mut self, mut msg: Placement, _: &mut Context<Self>) {
         self.took();
         faults::panic_if("panic-sku", self.state.id().as_str());
-        if let [(_, qty, _)] = msg.pending.as_slice() {
-            if msg.held.is_empty() && msg.from_cart.is_none() {
-                let qty = *qty;
-                self.place_here(msg, qty);
-                return;
-            }
+        if let [(_, qty, _)] = msg.pending.as_slice()
+            && msg.held.is_empty()
+            && msg.from_cart.is_none()
+        {
+            let qty = *qty;
+            self.place_here(msg, qty);
+            return;
         }
         let Some((handle, qty, reservation)) = msg.pending.pop() else {
             msg.forward(self.handle.hint.last_seq());

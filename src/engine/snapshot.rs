@@ -302,7 +302,7 @@ fn capture_parts(inner: &Inner) -> Result<Capture, String> {
     // Last: a superset of the records of every event a part holds.
     inner.idem.evict_expired(inner.shared.clock.now_ms());
     let idem = inner.idem.to_snapshot();
-    let next_id = inner.next_id.load(Ordering::SeqCst);
+    let next_id = inner.ids.snapshot_floor();
     Ok(Capture {
         catalog_seq,
         skus: sku_parts

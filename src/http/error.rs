@@ -27,6 +27,15 @@ pub enum ApiError {
     /// `404 not_found`.
     #[error("{0}")]
     NotFound(String),
+    /// `405 method_not_allowed`: a known path, a method it does not take;
+    /// `allow` is the `Allow` header (RFC 9110), the methods it takes.
+    #[error("{message}")]
+    MethodNotAllowed {
+        /// What was asked.
+        message: String,
+        /// The methods the path takes, as the `Allow` header lists them.
+        allow: String,
+    },
     /// `409 out_of_stock`.
     #[error("{0}")]
     OutOfStock(String),
@@ -73,6 +82,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
             ApiError::OutOfStock(_) => (StatusCode::CONFLICT, "out_of_stock"),
             ApiError::LimitExceeded(_) => (StatusCode::CONFLICT, "limit_exceeded"),
             ApiError::SaleNotStarted(_) => (StatusCode::CONFLICT, "sale_not_started"),
@@ -154,7 +166,8 @@ impl ApiError {
             | ApiError::AlreadyExists(m)
             | ApiError::PaymentMismatch(m)
             | ApiError::Overloaded(m)
-            | ApiError::StorageUnavailable(m) => m,
+            | ApiError::StorageUnavailable(m)
+            | ApiError::MethodNotAllowed { message: m, .. } => m,
             other @ (ApiError::PayloadTooLarge
             | ApiError::IdempotencyConflict
             | ApiError::RateLimited(_)) => other.to_string(),
@@ -180,6 +193,10 @@ pub(crate) struct ErrorFields<'a> {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let allow = match &self {
+            ApiError::MethodNotAllowed { allow, .. } => HeaderValue::from_str(allow).ok(),
+            _ => None,
+        };
         let retry_after_s = match self {
             ApiError::RateLimited(seconds) => Some(seconds.max(1)),
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
@@ -192,6 +209,9 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if let Some(allow) = allow {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
         if let Some(seconds) = retry_after_s {
             response
                 .headers_mut()
@@ -246,6 +266,14 @@ mod tests {
             (EngineError::sku_not_found(sku).into(), 404, "not_found"),
             (ApiError::PayloadTooLarge, 413, "payload_too_large"),
             (ApiError::IdempotencyConflict, 422, "idempotency_conflict"),
+            (
+                ApiError::MethodNotAllowed {
+                    message: "x".into(),
+                    allow: "GET, HEAD".into(),
+                },
+                405,
+                "method_not_allowed",
+            ),
         ];
         for (error, status, code) in cases {
             let (s, c) = error.status_and_code();
@@ -255,6 +283,15 @@ mod tests {
         assert!(
             out_of_stock.to_string().contains("tee"),
             "the message names the SKU"
+        );
+        let wrong = ApiError::MethodNotAllowed {
+            message: "x".into(),
+            allow: "GET, HEAD".into(),
+        }
+        .into_response();
+        assert_eq!(
+            wrong.headers().get(header::ALLOW),
+            Some(&HeaderValue::from_static("GET, HEAD"))
         );
         let shed = ApiError::overloaded().into_response();
         assert_eq!(

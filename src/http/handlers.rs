@@ -24,9 +24,9 @@ use crate::http::extract::{
 };
 use crate::http::idempotency::fingerprint;
 use crate::http::views::{
-    CartItemBody, CartJson, CheckoutBody, ListQuery, NewSkuBody, OrderJson, OrderListJson,
-    PatchSkuBody, PayBody, PlaceOrderBody, PromotionBody, PromotionJson, RefundBody, RestockBody,
-    SkuJson, SkuListJson, SkuListQuery,
+    CartItemBody, CartJson, CheckoutBody, ClusterJson, ListQuery, NewSkuBody, OrderJson,
+    OrderListJson, PatchSkuBody, PayBody, PlaceOrderBody, PromotionBody, PromotionJson, RefundBody,
+    RestockBody, SkuJson, SkuListJson, SkuListQuery,
 };
 use crate::limits::{
     METRICS_CACHE_MS, METRICS_RENDER_TIMEOUT_MS, ORDERS_LIST_DEFAULT, ORDERS_LIST_MAX,
@@ -124,13 +124,31 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Unknown route or method.
+/// A known path with a method it does not take (`allow`: the methods it
+/// does take, for the `Allow` header).
+pub fn method_not_allowed(request: &axum::extract::Request, allow: String) -> ApiError {
+    ApiError::MethodNotAllowed {
+        message: format!(
+            "{} does not take {}; it takes {allow}",
+            request.uri().path(),
+            request.method()
+        ),
+        allow,
+    }
+}
+
+/// Unknown route.
 pub async fn not_found(request: axum::extract::Request) -> ApiError {
     ApiError::NotFound(format!(
         "no route for {} {}",
         request.method(),
         request.uri().path()
     ))
+}
+
+/// `GET /v1/cluster`: a single node is no cluster, one partition.
+pub async fn cluster() -> Response {
+    json(StatusCode::OK, &ClusterJson::single_node())
 }
 
 // ----- SKUs -----
@@ -141,6 +159,9 @@ pub async fn create_sku(
     Admin(_): Admin,
     ApiJson(body): ApiJson<NewSkuBody>,
 ) -> Answer {
+    // A single node checks `buckets` and keeps one actor (contract:
+    // "Cluster mode").
+    body.buckets()?;
     let sale = body.sale()?;
     let engine = state.backend.engine()?;
     let view = engine

@@ -20,7 +20,8 @@
 //!    beyond either bound `503 overloaded` with `Retry-After` at once;
 //! 7. the route, then the metrics.
 //!
-//! Unknown routes and methods, bad JSON, wrong content types and bad
+//! Unknown routes (`404`), methods a known path does not take (`405` with
+//! `Allow`), bad JSON, wrong content types and bad
 //! parameters all answer with the JSON error body (`error.rs`). Nothing
 //! here blocks a worker thread.
 
@@ -599,11 +600,16 @@ pub fn router(state: AppState) -> Router {
     }
     let mut router = Router::new();
     for (path, methods) in by_path {
+        // Another method on a known path: 405 with the methods it takes.
+        let allow = routes::allow(path);
+        let methods = methods.fallback(move |request: Request| {
+            let allow = allow.clone();
+            async move { handlers::method_not_allowed(&request, allow) }
+        });
         router = router.route(path, methods);
     }
     router
         .fallback(handlers::not_found)
-        .method_not_allowed_fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }

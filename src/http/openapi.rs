@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::link::{Link, LinkBuilder};
 use utoipa::openapi::path::{
     HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathsBuilder,
 };
@@ -24,7 +25,7 @@ use utoipa::openapi::{
 };
 
 use crate::http::error::{ErrorBody, ErrorFields};
-use crate::http::routes::{self, Access, Body, RouteDoc};
+use crate::http::routes::{self, Access, Body, Param, RouteDoc};
 use crate::http::views;
 
 /// The name of the bearer security scheme.
@@ -33,11 +34,7 @@ const BEARER: &str = "bearer";
 /// `GET /openapi.json`.
 pub async fn serve() -> Response {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
-    let text = DOCUMENT.get_or_init(|| {
-        // Serializing plain data cannot fail; an empty object would still
-        // be answered rather than a panic.
-        document().to_json().unwrap_or_else(|_| "{}".into())
-    });
+    let text = DOCUMENT.get_or_init(|| document_json().to_string());
     ([(CONTENT_TYPE, "application/json")], text.clone()).into_response()
 }
 
@@ -46,11 +43,52 @@ pub fn documented_routes() -> Vec<RouteDoc> {
     routes::table().into_iter().map(|route| route.doc).collect()
 }
 
+/// The document as served: [`document`] as JSON, with the keys of its
+/// links spelled as OpenAPI spells them (utoipa 5.5 writes a link's
+/// `operationId` and `requestBody` in snake case).
+pub fn document_json() -> serde_json::Value {
+    // Serializing plain data cannot fail; an empty object would still be
+    // answered rather than a panic.
+    let mut json = serde_json::to_value(document()).unwrap_or_default();
+    let Some(paths) = json.get_mut("paths").and_then(|p| p.as_object_mut()) else {
+        return json;
+    };
+    for operation in paths.values_mut().filter_map(|item| item.as_object_mut()) {
+        for op in operation.values_mut() {
+            let Some(responses) = op.get_mut("responses").and_then(|r| r.as_object_mut()) else {
+                continue;
+            };
+            for response in responses.values_mut() {
+                let Some(links) = response.get_mut("links").and_then(|l| l.as_object_mut()) else {
+                    continue;
+                };
+                for link in links.values_mut().filter_map(|l| l.as_object_mut()) {
+                    for (snake, camel) in [
+                        ("operation_id", "operationId"),
+                        ("operation_ref", "operationRef"),
+                        ("request_body", "requestBody"),
+                    ] {
+                        if let Some(value) = link.remove(snake) {
+                            link.insert(camel.into(), value);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    json
+}
+
 /// The document.
 pub fn document() -> OpenApi {
     let mut paths = PathsBuilder::new().build();
-    for doc in documented_routes() {
-        paths.add_path_operation(doc.path, vec![http_method(&doc.method)], operation(&doc));
+    let all = documented_routes();
+    for doc in &all {
+        paths.add_path_operation(
+            doc.path,
+            vec![http_method(&doc.method)],
+            operation(doc, &all),
+        );
     }
     OpenApiBuilder::new()
         .info(
@@ -58,7 +96,9 @@ pub fn document() -> OpenApi {
                 .title("flashcore")
                 .version(env!("CARGO_PKG_VERSION"))
                 .description(Some(
-                    "A trading core for e-commerce flash sales (the contract: API.md, v2).",
+                    "A trading core for e-commerce flash sales (the contract: API.md, v3). \
+                     A known path answers a method it does not take with \
+                     405 method_not_allowed and an Allow header; GET routes also take HEAD.",
                 ))
                 .build(),
         )
@@ -76,7 +116,7 @@ fn components() -> utoipa::openapi::Components {
         .property("openapi", ObjectBuilder::new().schema_type(Type::String))
         .required("openapi")
         .build();
-    ComponentsBuilder::new()
+    let mut components = ComponentsBuilder::new()
         .schema_from::<views::NewSkuBody>()
         .schema_from::<views::PatchSkuBody>()
         .schema_from::<views::RestockBody>()
@@ -96,6 +136,9 @@ fn components() -> utoipa::openapi::Components {
         .schema_from::<views::CartLineJson<'static>>()
         .schema_from::<views::CartJson<'static>>()
         .schema_from::<views::PromotionJson<'static>>()
+        .schema_from::<views::ClusterJson>()
+        .schema_from::<views::ClusterNodeJson>()
+        .schema_from::<views::PartitionOwnerJson>()
         .schema_from::<ErrorBody<'static>>()
         .schema_from::<ErrorFields<'static>>()
         .schema("Status", status)
@@ -109,7 +152,14 @@ fn components() -> utoipa::openapi::Components {
                     .build(),
             ),
         )
-        .build()
+        .build();
+    // utoipa 5.5 writes `#[schema(min_properties = 1)]` as `maxProperties`:
+    // a PATCH names at least one field, and any number of them.
+    if let Some(RefOr::T(Schema::Object(patch))) = components.schemas.get_mut("PatchSkuBody") {
+        patch.min_properties = Some(1);
+        patch.max_properties = None;
+    }
+    components
 }
 
 fn http_method(method: &axum::http::Method) -> HttpMethod {
@@ -160,6 +210,11 @@ fn success_response(doc: &RouteDoc) -> DocResponse {
     match doc.answer {
         Body::Empty => ResponseBuilder::new().description("Done").build(),
         Body::Json(schema) => json_response("Success", schema),
+        // An event stream is a sequence of events, not one string: no schema.
+        Body::Text(media @ "text/event-stream") => ResponseBuilder::new()
+            .description("Success: one `data:` event of JSON a second")
+            .content(media, ContentBuilder::new().build())
+            .build(),
         Body::Text(media) => ResponseBuilder::new()
             .description("Success")
             .content(
@@ -176,29 +231,173 @@ fn path_params(path: &str) -> impl Iterator<Item = &str> {
         .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
 }
 
-fn operation(doc: &RouteDoc) -> utoipa::openapi::path::Operation {
-    let api = doc.path.starts_with("/v1/");
+/// An id (contract, "Limits").
+const ID_PATTERN: &str = "^[A-Za-z0-9_.-]{1,64}$";
+/// An order id: a decimal number (anything else names no order: `404`).
+const ORDER_ID_PATTERN: &str = "^[1-9][0-9]{0,19}$";
+/// An `Idempotency-Key`: 1 to 255 visible ASCII characters.
+const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
+
+fn id_schema() -> ObjectBuilder {
+    string_schema()
+        .pattern(Some(ID_PATTERN))
+        .min_length(Some(1))
+        .max_length(Some(crate::limits::ID_BYTES_MAX))
+}
+
+fn path_param_schema(name: &str) -> ObjectBuilder {
+    match name {
+        "order_id" => string_schema().pattern(Some(ORDER_ID_PATTERN)),
+        _ => id_schema(),
+    }
+}
+
+fn query_schema(param: Param) -> ObjectBuilder {
+    match param {
+        Param::Id => id_schema(),
+        Param::Range(low, high) => ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(low))
+            .maximum(Some(high)),
+    }
+}
+
+fn description(doc: &RouteDoc) -> String {
+    match doc.access {
+        Access::Public => "Public: no token.".into(),
+        Access::Signed => "Needs a bearer token (a customer, or an admin).".into(),
+        Access::Admin => {
+            "Admin only: a bearer token with role = admin (a customer's token gets 403).".into()
+        }
+    }
+}
+
+/// The statuses and codes every route answers from what it takes (its
+/// body, parameters, token, key), then its own (`doc.errors`), in order.
+fn error_statuses(doc: &RouteDoc) -> Vec<(u16, String)> {
+    let mut errors: Vec<(u16, String)> = Vec::new();
+    let path_sku = path_params(doc.path).any(|name| name != "order_id");
+    if doc.request.is_some() || !doc.query.is_empty() || path_sku || doc.idempotent {
+        errors.push((
+            400,
+            "invalid_request: malformed JSON, wrong types, missing or unknown fields, \
+             bad ids, a value out of range"
+                .into(),
+        ));
+    }
+    if doc.access != Access::Public {
+        errors.push((401, "unauthorized: a missing or refused token".into()));
+    }
+    let mut forbidden: Vec<&str> = Vec::new();
+    if doc.access == Access::Admin {
+        forbidden.push("forbidden: the route needs role = admin");
+    }
+    for (status, codes) in doc.errors {
+        if *status == 403 {
+            forbidden.push(codes);
+        } else {
+            errors.push((*status, (*codes).into()));
+        }
+    }
+    if !forbidden.is_empty() {
+        errors.push((403, forbidden.join("; ")));
+    }
+    errors.push((413, "payload_too_large: a body over 64 KiB".into()));
+    if doc.idempotent {
+        errors.push((
+            422,
+            "idempotency_conflict: the key was used with another request".into(),
+        ));
+    }
+    if !matches!(doc.path, "/healthz" | "/readyz") {
+        errors.push((
+            429,
+            "rate_limited: over the caller's rate (`--rate-limit`)".into(),
+        ));
+    }
+    let unavailable = if doc.path == "/readyz" {
+        "storage_unavailable: recovering, or the journal cannot write"
+    } else if doc.path.starts_with("/v1/") && doc.method != axum::http::Method::GET {
+        "overloaded, or storage_unavailable: the journal cannot make changes durable"
+    } else {
+        "overloaded: the server sheds load"
+    };
+    errors.push((503, unavailable.into()));
+    errors.sort_by_key(|(status, _)| *status);
+    errors
+}
+
+/// The `links` of a success answer: from what it returns (an order, a
+/// SKU) to every route that takes its id, so that a client (or a stateful
+/// fuzzer) can follow an order's life and a SKU's.
+fn links(doc: &RouteDoc, all: &[RouteDoc]) -> Vec<(String, Link)> {
+    let (param, body_field) = match doc.answer {
+        Body::Json("Order") => ("order_id", "$response.body#/order_id"),
+        Body::Json("Sku") => ("sku_id", "$response.body#/sku_id"),
+        _ => return Vec::new(),
+    };
+    let mut links = Vec::new();
+    for target in all {
+        if !path_params(target.path).any(|name| name == param) {
+            continue;
+        }
+        let mut link = LinkBuilder::new()
+            .operation_id(operation_id(target))
+            .parameter(param, body_field);
+        // A payment of the order's total, so that the link leads on to
+        // `paid` (and from there to ship, deliver and refund).
+        if target.request == Some("PayBody") {
+            link = link.request_body(Some(serde_json::json!({
+                "payment_ref": "psp-link",
+                "amount_cents": "$response.body#/total_cents",
+            })));
+        }
+        links.push((operation_id(target), link.build()));
+    }
+    // A new SKU can be ordered at once.
+    if param == "sku_id"
+        && let Some(place) = all
+            .iter()
+            .find(|t| t.method == axum::http::Method::POST && t.path == "/v1/orders")
+    {
+        let link = LinkBuilder::new()
+            .operation_id(operation_id(place))
+            .request_body(Some(serde_json::json!({
+                "items": [{"sku_id": "$response.body#/sku_id", "qty": 1}],
+            })))
+            .build();
+        links.push((operation_id(place), link));
+    }
+    links
+}
+
+fn operation(doc: &RouteDoc, all: &[RouteDoc]) -> utoipa::openapi::path::Operation {
+    let mut success = success_response(doc);
+    for (name, link) in links(doc, all) {
+        success.links.insert(name, RefOr::T(link));
+    }
     let mut op = OperationBuilder::new()
         .summary(Some(doc.summary))
+        .description(Some(description(doc)))
         .operation_id(Some(operation_id(doc)))
-        .response(doc.status.to_string(), success_response(doc));
+        .response(doc.status.to_string(), success);
     for name in path_params(doc.path) {
         op = op.parameter(
             ParameterBuilder::new()
                 .name(name)
                 .parameter_in(ParameterIn::Path)
                 .required(Required::True)
-                .schema(Some(string_schema())),
+                .schema(Some(path_param_schema(name))),
         );
     }
-    for (name, description) in doc.query {
+    for (name, description, param) in doc.query {
         op = op.parameter(
             ParameterBuilder::new()
                 .name(*name)
                 .parameter_in(ParameterIn::Query)
                 .required(Required::False)
                 .description(Some(*description))
-                .schema(Some(string_schema())),
+                .schema(Some(query_schema(*param))),
         );
     }
     if doc.idempotent {
@@ -210,9 +409,13 @@ fn operation(doc: &RouteDoc) -> utoipa::openapi::path::Operation {
                 .description(Some(
                     "1 to 255 visible ASCII characters; scoped to the user",
                 ))
-                .schema(Some(string_schema())),
+                .schema(Some(
+                    string_schema()
+                        .pattern(Some(IDEMPOTENCY_KEY_PATTERN))
+                        .min_length(Some(1))
+                        .max_length(Some(crate::limits::IDEMPOTENCY_KEY_BYTES_MAX)),
+                )),
         );
-        op = op.response("422", error_response("idempotency_conflict", false));
     }
     if let Some(schema) = doc.request {
         let required = if doc.request_optional {
@@ -220,52 +423,28 @@ fn operation(doc: &RouteDoc) -> utoipa::openapi::path::Operation {
         } else {
             Required::True
         };
-        op = op
-            .request_body(Some(
-                RequestBodyBuilder::new()
-                    .required(Some(required))
-                    .content(
-                        "application/json",
-                        ContentBuilder::new()
-                            .schema(Some(schema_ref(schema)))
-                            .build(),
-                    )
-                    .build(),
-            ))
-            .response("413", error_response("payload_too_large", false));
+        op = op.request_body(Some(
+            RequestBodyBuilder::new()
+                .required(Some(required))
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(schema_ref(schema)))
+                        .build(),
+                )
+                .build(),
+        ));
     }
-    if doc.request.is_some() || !doc.query.is_empty() || path_params(doc.path).next().is_some() {
-        op = op.response("400", error_response("invalid_request", false));
+    for (status, codes) in error_statuses(doc) {
+        let retry_after = matches!(status, 429 | 503);
+        op = op.response(status.to_string(), error_response(&codes, retry_after));
     }
-    if path_params(doc.path).next().is_some() {
-        op = op.response("404", error_response("not_found", false));
-    }
-    if doc.access != Access::Public {
-        op = op
-            .security(SecurityRequirement::new(BEARER, Vec::<String>::new()))
-            .response("401", error_response("unauthorized", false))
-            .response("403", error_response("forbidden", false));
-    }
-    if api && doc.method != axum::http::Method::GET {
-        op = op.response(
-            "409",
-            error_response(
-                "out_of_stock, limit_exceeded, sale_not_started, sale_ended, \
-                 invalid_transition, already_exists or payment_mismatch",
-                false,
-            ),
-        );
-    }
-    if api {
-        op = op
-            .response("429", error_response("rate_limited", true))
-            .response(
-                "503",
-                error_response("overloaded or storage_unavailable", true),
-            );
-    } else if doc.path == "/readyz" {
-        op = op.response("503", error_response("not ready", true));
-    }
+    // Public routes say so: no security requirement at all.
+    op = if doc.access == Access::Public {
+        op.securities(Some(Vec::<SecurityRequirement>::new()))
+    } else {
+        op.security(SecurityRequirement::new(BEARER, Vec::<String>::new()))
+    };
     op.build()
 }
 
@@ -383,14 +562,13 @@ mod tests {
 
     #[test]
     fn every_route_is_documented_and_the_document_is_valid_openapi_3_1() {
-        let doc = document();
-        let json: serde_json::Value =
-            serde_json::from_str(&doc.to_json().expect("serializes")).expect("parses");
+        let json: serde_json::Value = document_json();
         check(&json).expect("a valid document");
-        // It reads back as utoipa's own type.
-        let back: OpenApi = serde_json::from_value(json.clone()).expect("deserializes");
+        // Every path of the built document is served (utoipa 5.5 no longer
+        // reads its own output back: a content without a schema, the event
+        // stream's, is not one of its `RefOr` variants).
         assert_eq!(
-            back.paths.paths.len(),
+            document().paths.paths.len(),
             json["paths"].as_object().map_or(0, |p| p.len())
         );
         for route in routes::table() {

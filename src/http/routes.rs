@@ -11,6 +11,7 @@ use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter, on};
 
 use crate::http::{AppState, handlers, live, openapi};
+use crate::limits::{ORDERS_LIST_MAX, SKUS_PAGE_MAX};
 
 /// Who may call a route (contract: "Authentication").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +35,15 @@ pub enum Body {
     Text(&'static str),
 }
 
+/// What a query parameter holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    /// An id (`[A-Za-z0-9_.-]{1,64}`).
+    Id,
+    /// A decimal integer in this range.
+    Range(u64, u64),
+}
+
 /// What the OpenAPI document says about one method of one path.
 #[derive(Debug, Clone)]
 pub struct RouteDoc {
@@ -53,10 +63,14 @@ pub struct RouteDoc {
     pub status: u16,
     /// The success answer.
     pub answer: Body,
-    /// Query parameters: name and description.
-    pub query: &'static [(&'static str, &'static str)],
+    /// Query parameters: name, description and schema.
+    pub query: &'static [(&'static str, &'static str, Param)],
     /// Whether it takes an `Idempotency-Key`.
     pub idempotent: bool,
+    /// The answers that depend on what the route does (`403` beyond the
+    /// admin check, `404`, `409`), each with its codes; the document adds
+    /// those that follow from what it takes (`openapi.rs`).
+    pub errors: &'static [(u16, &'static str)],
 }
 
 impl RouteDoc {
@@ -72,7 +86,13 @@ impl RouteDoc {
             answer: Body::Json("Status"),
             query: &[],
             idempotent: false,
+            errors: &[],
         }
+    }
+
+    const fn errors(mut self, errors: &'static [(u16, &'static str)]) -> RouteDoc {
+        self.errors = errors;
+        self
     }
 
     const fn access(mut self, access: Access) -> RouteDoc {
@@ -91,7 +111,7 @@ impl RouteDoc {
         self
     }
 
-    const fn query(mut self, query: &'static [(&'static str, &'static str)]) -> RouteDoc {
+    const fn query(mut self, query: &'static [(&'static str, &'static str, Param)]) -> RouteDoc {
         self.query = query;
         self
     }
@@ -137,7 +157,31 @@ where
     }
 }
 
+/// The `Allow` header of `path`: the methods the route table serves it
+/// with, `HEAD` after `GET` (axum answers `HEAD` on a `GET` route, as RFC
+/// 9110 asks of every server that takes `GET`), in the table's order.
+/// Empty for a path the table does not have.
+pub fn allow(path: &str) -> String {
+    let mut methods: Vec<String> = Vec::new();
+    for route in table() {
+        if route.doc.path != path {
+            continue;
+        }
+        methods.push(route.doc.method.to_string());
+        if route.doc.method == Method::GET {
+            methods.push(Method::HEAD.to_string());
+        }
+    }
+    methods.join(", ")
+}
+
 const SKU: Body = Body::Json("Sku");
+const NOT_FOUND_SKU: &str = "not_found: no such SKU";
+const NOT_FOUND_ORDER: &str =
+    "not_found: no such order (an order_id that is not a decimal number names none)";
+const NOT_OWNER: &str = "forbidden: another user's order";
+const TRANSITION: &str = "invalid_transition: the order's state does not allow it";
+const SELL_CONFLICTS: &str = "out_of_stock, limit_exceeded, sale_not_started or sale_ended";
 const ORDER: Body = Body::Json("Order");
 const CART: Body = Body::Json("Cart");
 
@@ -182,23 +226,43 @@ pub(crate) fn table() -> Vec<Route> {
             openapi::serve,
         ),
         route(
+            D::new(
+                M::GET,
+                "/v1/cluster",
+                "The cluster's nodes and partition owners (a single node: no node id, one partition)",
+            )
+            .answer(200, Body::Json("Cluster")),
+            handlers::cluster,
+        ),
+        route(
             D::new(M::POST, "/v1/skus", "Create a SKU")
                 .access(Admin)
                 .request("NewSkuBody")
-                .answer(201, SKU),
+                .answer(201, SKU)
+                .errors(&[(409, "already_exists: the sku_id is taken")]),
             handlers::create_sku,
         ),
         route(
             D::new(M::GET, "/v1/skus", "One page of SKUs in sku_id order")
                 .answer(200, Body::Json("SkuPage"))
                 .query(&[
-                    ("limit", "Page size, 1 to 1000 (default 100)"),
-                    ("after", "The `next` of the previous page (exclusive)"),
+                    (
+                        "limit",
+                        "Page size, 1 to 1000 (default 100)",
+                        Param::Range(1, SKUS_PAGE_MAX as u64),
+                    ),
+                    (
+                        "after",
+                        "The `next` of the previous page (exclusive)",
+                        Param::Id,
+                    ),
                 ]),
             handlers::list_skus,
         ),
         route(
-            D::new(M::GET, "/v1/skus/{sku_id}", "Read a SKU").answer(200, SKU),
+            D::new(M::GET, "/v1/skus/{sku_id}", "Read a SKU")
+                .answer(200, SKU)
+                .errors(&[(404, NOT_FOUND_SKU)]),
             handlers::get_sku,
         ),
         route(
@@ -209,7 +273,8 @@ pub(crate) fn table() -> Vec<Route> {
             )
             .access(Admin)
             .request("PatchSkuBody")
-            .answer(200, SKU),
+            .answer(200, SKU)
+            .errors(&[(404, NOT_FOUND_SKU)]),
             handlers::patch_sku,
         ),
         route(
@@ -217,14 +282,16 @@ pub(crate) fn table() -> Vec<Route> {
                 .access(Admin)
                 .request("RestockBody")
                 .answer(200, SKU)
-                .idempotent(),
+                .idempotent()
+                .errors(&[(404, NOT_FOUND_SKU)]),
             handlers::restock,
         ),
         route(
             D::new(M::POST, "/v1/promotions", "Create a promotion")
                 .access(Admin)
                 .request("PromotionBody")
-                .answer(201, Body::Json("Promotion")),
+                .answer(201, Body::Json("Promotion"))
+                .errors(&[(409, "already_exists: the code is taken")]),
             handlers::create_promotion,
         ),
         route(
@@ -232,7 +299,11 @@ pub(crate) fn table() -> Vec<Route> {
                 .access(Signed)
                 .request("PlaceOrderBody")
                 .answer(201, ORDER)
-                .idempotent(),
+                .idempotent()
+                .errors(&[
+                    (404, "not_found: an unknown SKU or promotion code"),
+                    (409, SELL_CONFLICTS),
+                ]),
             handlers::place_order,
         ),
         route(
@@ -240,9 +311,18 @@ pub(crate) fn table() -> Vec<Route> {
                 .access(Signed)
                 .answer(200, Body::Json("OrderList"))
                 .query(&[
-                    ("limit", "How many, 1 to 500 (default 50)"),
-                    ("user_id", "Only this user's (admins)"),
-                ]),
+                    (
+                        "limit",
+                        "How many, 1 to 500 (default 50)",
+                        Param::Range(1, ORDERS_LIST_MAX as u64),
+                    ),
+                    (
+                        "user_id",
+                        "Only this user's (admins; a customer may name only itself)",
+                        Param::Id,
+                    ),
+                ])
+                .errors(&[(403, "forbidden: a customer asking for another user's orders")]),
             handlers::list_orders,
         ),
         route(
@@ -252,7 +332,8 @@ pub(crate) fn table() -> Vec<Route> {
                 "Read an order (owner or admin)",
             )
             .access(Signed)
-            .answer(200, ORDER),
+            .answer(200, ORDER)
+            .errors(&[(403, NOT_OWNER), (404, NOT_FOUND_ORDER)]),
             handlers::get_order,
         ),
         route(
@@ -260,7 +341,11 @@ pub(crate) fn table() -> Vec<Route> {
                 .access(Admin)
                 .request("PayBody")
                 .answer(200, ORDER)
-                .idempotent(),
+                .idempotent()
+                .errors(&[
+                    (404, NOT_FOUND_ORDER),
+                    (409, "invalid_transition or payment_mismatch"),
+                ]),
             handlers::pay,
         ),
         route(
@@ -270,13 +355,15 @@ pub(crate) fn table() -> Vec<Route> {
                 "Cancel a reserved order",
             )
             .access(Signed)
-            .answer(200, ORDER),
+            .answer(200, ORDER)
+            .errors(&[(403, NOT_OWNER), (404, NOT_FOUND_ORDER), (409, TRANSITION)]),
             handlers::cancel,
         ),
         route(
             D::new(M::POST, "/v1/orders/{order_id}/ship", "Ship a paid order")
                 .access(Admin)
-                .answer(200, ORDER),
+                .answer(200, ORDER)
+                .errors(&[(404, NOT_FOUND_ORDER), (409, TRANSITION)]),
             handlers::ship,
         ),
         route(
@@ -286,7 +373,8 @@ pub(crate) fn table() -> Vec<Route> {
                 "Mark a shipped order delivered",
             )
             .access(Admin)
-            .answer(200, ORDER),
+            .answer(200, ORDER)
+            .errors(&[(404, NOT_FOUND_ORDER), (409, TRANSITION)]),
             handlers::deliver,
         ),
         route(
@@ -298,7 +386,8 @@ pub(crate) fn table() -> Vec<Route> {
             .access(Admin)
             .request("RefundBody")
             .answer(200, ORDER)
-            .idempotent(),
+            .idempotent()
+            .errors(&[(404, NOT_FOUND_ORDER), (409, TRANSITION)]),
             handlers::refund,
         ),
         route(
@@ -321,7 +410,8 @@ pub(crate) fn table() -> Vec<Route> {
             )
             .access(Signed)
             .request("CartItemBody")
-            .answer(200, CART),
+            .answer(200, CART)
+            .errors(&[(404, NOT_FOUND_SKU)]),
             handlers::put_cart_item,
         ),
         route(
@@ -332,6 +422,10 @@ pub(crate) fn table() -> Vec<Route> {
                     .request("CheckoutBody")
                     .answer(201, ORDER)
                     .idempotent()
+                    .errors(&[
+                        (404, "not_found: an unknown SKU or promotion code"),
+                        (409, SELL_CONFLICTS),
+                    ])
             },
             handlers::checkout,
         ),

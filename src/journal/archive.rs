@@ -320,10 +320,10 @@ impl OpeningArchive {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
-        if let Some(opener) = opener {
-            if opener.join().is_err() {
-                tracing::error!("the archive's opener panicked");
-            }
+        if let Some(opener) = opener
+            && opener.join().is_err()
+        {
+            tracing::error!("the archive's opener panicked");
         }
     }
 }

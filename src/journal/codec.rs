@@ -894,6 +894,10 @@ mod tests {
                 order: Box::new(order),
                 at_ms,
             }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(through, at_ms)| Event::OrderIdsReserved { through, at_ms }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(term, at_ms)| Event::OwnerChanged { term, at_ms }),
             (stamp(), ".{0,40}", any::<u64>()).prop_filter_map(
                 "a key",
                 |(idem, message, at_ms)| {

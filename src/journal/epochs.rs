@@ -32,6 +32,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::journal::history::{self, BlockBytes, History, HistoryError, StoredBlock};
 use crate::journal::{Seq, codec};
 
 /// The name of an epoch's tree is this, then the epoch's number (8 bytes,
@@ -67,15 +68,7 @@ pub struct Epoch {
     pub tree: sled::Tree,
 }
 
-/// What [`Epochs::drop_through`] removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Dropped {
-    /// Whole epochs dropped.
-    pub epochs: u64,
-    /// Blocks removed one by one from epoch 0 (a journal from before
-    /// epochs).
-    pub blocks: u64,
-}
+pub use crate::journal::history::Dropped;
 
 fn name(number: EpochNo) -> Vec<u8> {
     let mut name = EPOCH_PREFIX.to_vec();
@@ -324,11 +317,36 @@ fn truncate_blocks(tree: &sled::Tree, seq: Seq, whole: bool) -> Result<u64, sled
         for key in &doomed {
             tree.remove(key)?;
             removed += 1;
-            if removed % TRUNCATE_REMOVES_PER_REST == 0 {
+            if removed.is_multiple_of(TRUNCATE_REMOVES_PER_REST) {
                 std::thread::sleep(std::time::Duration::from_micros(TRUNCATE_REST_US));
             }
         }
     }
+}
+
+/// The epochs as a journal's stored blocks, for recovery before the writer
+/// starts (the live journal adds its capture point: `SledJournal`).
+impl History for Epochs {
+    fn blocks_from(&self, from: Seq) -> Result<history::Blocks<'_>, HistoryError> {
+        let blocks = Epochs::blocks_from(self, from).map_err(read_error)?;
+        Ok(Box::new(blocks.map(|entry| {
+            let (key, bytes) = entry.map_err(read_error)?;
+            let first = codec::seq_of(&key).map_err(|e| HistoryError::BadKey(e.to_string()))?;
+            Ok(StoredBlock {
+                first,
+                bytes: BlockBytes::Sled(bytes),
+            })
+        })))
+    }
+
+    fn drop_through(&self, seq: Seq) -> Result<Dropped, HistoryError> {
+        Epochs::drop_through(self, seq)
+            .map_err(|e| HistoryError::Storage(format!("truncating the journal: {e}")))
+    }
+}
+
+fn read_error(e: sled::Error) -> HistoryError {
+    HistoryError::Storage(format!("reading the journal: {e}"))
 }
 
 /// The journal's blocks in order, across epochs: `(key, block)` pairs as

@@ -223,13 +223,13 @@ impl IdemStore for SledIdemStore {
                 let (at_ms, key) = of_time_key(&time)?;
                 // The key may hold a newer record (used again after its
                 // TTL): that one stays.
-                if let Some(record) = self.get(&key)? {
-                    if record.at_ms == at_ms {
-                        self.records
-                            .remove(key.0)
-                            .map_err(|e| storage("writing", e))?;
-                        evicted += 1;
-                    }
+                if let Some(record) = self.get(&key)?
+                    && record.at_ms == at_ms
+                {
+                    self.records
+                        .remove(key.0)
+                        .map_err(|e| storage("writing", e))?;
+                    evicted += 1;
                 }
                 self.by_time
                     .remove(time)

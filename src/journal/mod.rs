@@ -8,7 +8,8 @@
 //! behind: the caller has not applied the event yet and must not.
 //!
 //! [`SledJournal`] is the durable journal (group commit on `sled`, see
-//! `writer.rs`); `recovery.rs` rebuilds the state from a snapshot and the
+//! `writer.rs`); `history.rs` is what any journal stores (blocks of records)
+//! as replay and snapshots read it; `recovery.rs` rebuilds the state from a snapshot and the
 //! journal tail; `snapshot.rs` writes snapshots from the live engine's parts
 //! and keeps the journal below them short; `codec.rs` is the on-disk format;
 //! `archive.rs` keeps finished orders that left memory ([`Archive`]).
@@ -19,6 +20,7 @@ pub mod archive;
 pub mod codec;
 pub mod epochs;
 pub mod files;
+pub mod history;
 pub mod idem_store;
 mod memory;
 pub mod recovery;
@@ -28,6 +30,7 @@ pub mod writer;
 
 pub use archive::{Archive, MemArchive, OpeningArchive, SledArchive};
 pub use epochs::Epochs;
+pub use history::History;
 pub use idem_store::{IdemStore, MemIdemStore, SledIdemStore};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};

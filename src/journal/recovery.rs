@@ -25,8 +25,9 @@
 use std::path::Path;
 
 use crate::domain::{Event, State};
-use crate::journal::snapshot::{self, Cut, DirStore, TRUNCATE_BATCH, remove_keys};
-use crate::journal::{Epochs, Seq, codec};
+use crate::journal::history::{Blocks, HistoryError, StoredBlock};
+use crate::journal::snapshot::{self, Cut, DirStore, SnapshotStore, TRUNCATE_BATCH, remove_keys};
+use crate::journal::{Epochs, History, Seq, codec};
 
 pub use crate::journal::snapshot::{
     SNAPSHOT_EVERY_EVENTS, SNAPSHOT_EVERY_MS, SnapshotPolicy, Snapshotter, write_snapshot,
@@ -68,17 +69,13 @@ pub struct Recovered {
     pub cut_at: Option<Seq>,
 }
 
-/// Reads the journal's blocks from the one holding `from + 1` on, across
-/// its epochs.
-fn blocks_from(
-    epochs: &Epochs,
-    from: Seq,
-) -> Result<crate::journal::epochs::Blocks, RecoveryError> {
-    epochs.blocks_from(from).map_err(read_error)
+/// Reads the journal's blocks from the one holding `from + 1` on.
+fn blocks_from(history: &dyn History, from: Seq) -> Result<Blocks<'_>, RecoveryError> {
+    history.blocks_from(from).map_err(history_error)
 }
 
-fn read_error(e: sled::Error) -> RecoveryError {
-    RecoveryError::Storage(format!("reading the journal: {e}"))
+fn history_error(e: HistoryError) -> RecoveryError {
+    RecoveryError::Storage(e.to_string())
 }
 
 /// What the decoding stage of a replay hands to the applying stage. Records
@@ -92,7 +89,7 @@ enum Decoded {
     Record(Seq, Result<Event, codec::CodecError>),
     /// A key that is not a sequence number (nothing after it is read).
     BadKey(String),
-    /// Reading sled failed (nothing after it is read).
+    /// Reading the store failed (nothing after it is read).
     Storage(String),
 }
 
@@ -104,7 +101,7 @@ const DECODE_CHUNKS_AHEAD: usize = 8;
 /// The decoding stage: reads blocks after `from` (up to `until`) and
 /// decodes their records, until done or the apply stage hangs up.
 fn decode_stage(
-    epochs: &Epochs,
+    history: &dyn History,
     from: Seq,
     until: Seq,
     out: &crossbeam_channel::Sender<Vec<Decoded>>,
@@ -117,7 +114,7 @@ fn decode_stage(
         }
         true
     };
-    let blocks = match blocks_from(epochs, from) {
+    let blocks = match blocks_from(history, from) {
         Ok(blocks) => blocks,
         Err(e) => {
             let _ = out.send(vec![Decoded::Storage(e.to_string())]);
@@ -125,17 +122,17 @@ fn decode_stage(
         }
     };
     'blocks: for entry in blocks {
-        let (key, block) = match entry {
-            Ok(entry) => entry,
-            Err(e) => {
-                push(Decoded::Storage(read_error(e).to_string()), &mut chunk);
+        let StoredBlock {
+            first,
+            bytes: block,
+        } = match entry {
+            Ok(block) => block,
+            Err(HistoryError::BadKey(why)) => {
+                push(Decoded::BadKey(why), &mut chunk);
                 break;
             }
-        };
-        let first = match codec::seq_of(&key) {
-            Ok(seq) => seq,
-            Err(e) => {
-                push(Decoded::BadKey(e.to_string()), &mut chunk);
+            Err(e @ HistoryError::Storage(_)) => {
+                push(Decoded::Storage(history_error(e).to_string()), &mut chunk);
                 break;
             }
         };
@@ -224,7 +221,7 @@ const EVENT_TEXT_CHARS_MAX: usize = 600;
 /// thread of its own, a stage ahead of applying, so a replay keeps two
 /// cores busy.
 fn replay(
-    epochs: &Epochs,
+    history: &dyn History,
     state: &mut State,
     cut: &Cut,
     until: Seq,
@@ -236,26 +233,25 @@ fn replay(
         // blocked on a full channel gets an error and stops instead of
         // waiting for ever.
         let (tx, rx) = crossbeam_channel::bounded(DECODE_CHUNKS_AHEAD);
-        scope.spawn(move || decode_stage(epochs, from, until, &tx));
+        scope.spawn(move || decode_stage(history, from, until, &tx));
         apply_stage(&rx, state, cut)
     })
-    .map(|(last, damage)| (last, damage.map(|d| describe_event(epochs, d))))
+    .map(|(last, damage)| (last, damage.map(|d| describe_event(history, d))))
 }
 
 /// Fills in the text of the event a [`DamageKind::DoesNotApply`] names, read
 /// again from the journal: replay moves each event into the state, so the
 /// text is only made on this rare path.
-fn describe_event(epochs: &Epochs, mut damage: Damage) -> Damage {
+fn describe_event(history: &dyn History, mut damage: Damage) -> Damage {
     let DamageKind::DoesNotApply { event } = &mut damage.kind else {
         return damage;
     };
-    let found = blocks_from(epochs, damage.seq.saturating_sub(1))
+    let found = blocks_from(history, damage.seq.saturating_sub(1))
         .ok()
         .and_then(|mut blocks| blocks.next())
         .and_then(Result::ok)
-        .and_then(|(key, block)| {
-            let first = codec::seq_of(&key).ok()?;
-            codec::block_records(first, &block)
+        .and_then(|block| {
+            codec::block_records(block.first, &block.bytes)
                 .find(|r| r.seq == damage.seq)
                 .and_then(|r| r.event.ok())
         });
@@ -336,13 +332,14 @@ fn event_text(event: &Event) -> String {
 
 /// The first good record after `damaged`, if any: then the damage is not a
 /// tail.
-fn good_record_after(epochs: &Epochs, damaged: Seq) -> Result<Option<Seq>, RecoveryError> {
-    for entry in blocks_from(epochs, damaged)? {
-        let (key, block) = entry.map_err(read_error)?;
-        let Ok(first) = codec::seq_of(&key) else {
-            continue;
+fn good_record_after(history: &dyn History, damaged: Seq) -> Result<Option<Seq>, RecoveryError> {
+    for entry in blocks_from(history, damaged)? {
+        let block = match entry {
+            Ok(block) => block,
+            Err(HistoryError::BadKey(_)) => continue,
+            Err(e) => return Err(history_error(e)),
         };
-        let good = codec::block_records(first, &block)
+        let good = codec::block_records(block.first, &block.bytes)
             .find(|r| r.seq > damaged && r.event.is_ok())
             .map(|r| r.seq);
         if good.is_some() {
@@ -368,11 +365,12 @@ fn records_from(epochs: &Epochs, seq: Seq) -> Result<Dropped, RecoveryError> {
         last: seq,
     };
     for entry in blocks_from(epochs, seq.saturating_sub(1))? {
-        let (key, block) = entry.map_err(read_error)?;
-        let Ok(first) = codec::seq_of(&key) else {
-            continue;
+        let block = match entry {
+            Ok(block) => block,
+            Err(HistoryError::BadKey(_)) => continue,
+            Err(e) => return Err(history_error(e)),
         };
-        for record in codec::block_records(first, &block).filter(|r| r.seq >= seq) {
+        for record in codec::block_records(block.first, &block.bytes).filter(|r| r.seq >= seq) {
             dropped.records += 1;
             dropped.last = dropped.last.max(record.seq);
         }
@@ -443,20 +441,12 @@ pub fn recover(
     repair: bool,
 ) -> Result<Recovered, RecoveryError> {
     let epochs = Epochs::new(db);
-    let (mut state, from) = snapshot::load(&DirStore::new(snapshots))?;
-    let snapshot_seq = from.top;
-    let (last_seq, damage) = replay(&epochs, &mut state, &from, Seq::MAX)?;
-    if last_seq < from.top && damage.is_none() {
-        // The snapshot holds events the journal does not: it was written
-        // only once they were durable, so the journal lost them.
-        return Err(RecoveryError::Corrupt {
-            seq: last_seq + 1,
-            why: format!(
-                "the journal ends at {last_seq}, before the snapshot's sequence {}",
-                from.top
-            ),
-        });
-    }
+    let Replayed {
+        state,
+        from,
+        last_seq,
+        damage,
+    } = replay_everything(&epochs, &DirStore::new(snapshots))?;
     let mut cut_at = None;
     if let Some(damage) = damage {
         let seq = damage.seq;
@@ -484,6 +474,49 @@ pub fn recover(
         }
         cut_at = Some(seq);
     }
+    recovered(state, &from, last_seq, cut_at)
+}
+
+/// The newest snapshot with every stored record after it applied.
+struct Replayed {
+    state: State,
+    from: Cut,
+    last_seq: Seq,
+    damage: Option<Damage>,
+}
+
+fn replay_everything(
+    history: &dyn History,
+    snapshots: &dyn SnapshotStore,
+) -> Result<Replayed, RecoveryError> {
+    let (mut state, from) = snapshot::load(snapshots)?;
+    let (last_seq, damage) = replay(history, &mut state, &from, Seq::MAX)?;
+    if last_seq < from.top && damage.is_none() {
+        // The snapshot holds events the journal does not: it was written
+        // only once they were durable, so the journal lost them.
+        return Err(RecoveryError::Corrupt {
+            seq: last_seq + 1,
+            why: format!(
+                "the journal ends at {last_seq}, before the snapshot's sequence {}",
+                from.top
+            ),
+        });
+    }
+    Ok(Replayed {
+        state,
+        from,
+        last_seq,
+        damage,
+    })
+}
+
+/// Checks the rebuilt state's invariants and reports it.
+fn recovered(
+    state: State,
+    from: &Cut,
+    last_seq: Seq,
+    cut_at: Option<Seq>,
+) -> Result<Recovered, RecoveryError> {
     state.check_stock().map_err(|e| RecoveryError::Corrupt {
         seq: last_seq,
         why: format!("the rebuilt state breaks an invariant: {e}"),
@@ -492,9 +525,35 @@ pub fn recover(
         replayed: last_seq.saturating_sub(from.start),
         state,
         last_seq,
-        snapshot_seq,
+        snapshot_seq: from.top,
         cut_at,
     })
+}
+
+/// Rebuilds the state from `snapshots` and a journal whose blocks are never
+/// torn: each landed whole or not at all (a JetStream message), and the
+/// journal is shared by the cluster, so no node cuts it on its own. Any
+/// damage stops the start, naming the sequence number.
+///
+/// # Errors
+/// `Corrupt` for any damage, `Storage` when the data cannot be read.
+pub fn recover_from(
+    history: &dyn History,
+    snapshots: &dyn SnapshotStore,
+) -> Result<Recovered, RecoveryError> {
+    let Replayed {
+        state,
+        from,
+        last_seq,
+        damage,
+    } = replay_everything(history, snapshots)?;
+    if let Some(damage) = damage {
+        return Err(RecoveryError::Corrupt {
+            seq: damage.seq,
+            why: damage.why,
+        });
+    }
+    recovered(state, &from, last_seq, None)
 }
 
 /// The state as it was at `durable` (every record up to it durable): the
@@ -506,18 +565,18 @@ pub fn recover(
 /// `Corrupt` when the records up to `durable` do not replay, `Storage`
 /// when they cannot be read.
 pub fn durable_state(
-    epochs: &Epochs,
-    snapshots: &Path,
+    history: &dyn History,
+    snapshots: &dyn SnapshotStore,
     durable: Seq,
 ) -> Result<State, RecoveryError> {
-    let (mut state, cut) = snapshot::load(&DirStore::new(snapshots))?;
+    let (mut state, cut) = snapshot::load(snapshots)?;
     let snapshot_seq = cut.top;
     if snapshot_seq > durable {
         return Err(RecoveryError::Storage(format!(
             "the newest snapshot ({snapshot_seq}) is past the durable journal ({durable})"
         )));
     }
-    let (last, damage) = replay(epochs, &mut state, &cut, durable)?;
+    let (last, damage) = replay(history, &mut state, &cut, durable)?;
     if let Some(damage) = damage {
         return Err(RecoveryError::Corrupt {
             seq: damage.seq,

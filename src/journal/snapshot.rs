@@ -71,7 +71,7 @@ use crate::domain::{OrderId, SkuId, State};
 use crate::journal::epochs::Dropped;
 use crate::journal::files::{Existing, create_dir_durably, write_file_durably_with};
 use crate::journal::recovery::RecoveryError;
-use crate::journal::{Journal, Seq, SledJournal, codec};
+use crate::journal::{History, Journal, Seq, SledJournal, codec};
 use crate::steps::{self, Step};
 
 /// Take a snapshot after this many new durable events...
@@ -673,7 +673,8 @@ impl std::fmt::Debug for Snapshotter {
 
 struct Taker {
     source: Arc<dyn SnapshotSource>,
-    journal: Arc<SledJournal>,
+    journal: Arc<dyn Journal>,
+    history: Arc<dyn History>,
     store: Box<dyn SnapshotStore>,
     /// The highest mark of the last snapshot (or what the journal held at
     /// the start: nothing new, nothing to write).
@@ -723,10 +724,10 @@ impl Taker {
         steps::record(Step::Capture, started.elapsed());
         let capture_ms = elapsed_ms(started);
         let pause_us_max = steps::longest_since(Step::ActorCapture, &pauses_before);
-        // The capture point: the writer starts a new epoch, so that once a
-        // later snapshot covers this one's start, the epochs before it go
-        // whole (`epochs.rs`) instead of block by block.
-        self.journal.next_epoch();
+        // The capture point: the sled writer starts a new epoch, so that
+        // once a later snapshot covers this one's start, the epochs before
+        // it go whole (`epochs.rs`) instead of block by block.
+        self.history.capture_point();
         // A snapshot must never hold an event a crash could take back.
         self.wait_durable(capture.top())?;
         let (top, start, bytes) = steps::timed(Step::SnapshotWrite, || {
@@ -735,10 +736,8 @@ impl Taker {
         // The snapshot before this one stays as a fallback, with the records
         // after its start; what lies below can go.
         let dropped = match self.start {
-            Some(previous) => steps::timed(Step::EpochDrop, || {
-                self.journal.epochs().drop_through(previous)
-            })
-            .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?,
+            Some(previous) => steps::timed(Step::EpochDrop, || self.history.drop_through(previous))
+                .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?,
             None => Dropped::default(),
         };
         for seq in self.store.list()?.into_iter().skip(SNAPSHOTS_KEPT) {
@@ -788,6 +787,25 @@ impl Snapshotter {
         dir: PathBuf,
         policy: SnapshotPolicy,
     ) -> Snapshotter {
+        let history: Arc<dyn History> = Arc::clone(&journal) as Arc<dyn History>;
+        Snapshotter::start_with(
+            source,
+            journal,
+            history,
+            Box::new(DirStore::new(&dir)),
+            policy,
+        )
+    }
+
+    /// [`Snapshotter::start`] for any journal: `history` is its stored
+    /// blocks (usually the journal itself) and `store` where snapshots go.
+    pub fn start_with(
+        source: Arc<dyn SnapshotSource>,
+        journal: Arc<dyn Journal>,
+        history: Arc<dyn History>,
+        store: Box<dyn SnapshotStore>,
+        policy: SnapshotPolicy,
+    ) -> Snapshotter {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let healthy = Arc::new(AtomicBool::new(true));
         let last = Arc::new(Mutex::new(None));
@@ -795,7 +813,8 @@ impl Snapshotter {
         let taker = Taker {
             source,
             journal,
-            store: Box::new(DirStore::new(&dir)),
+            history,
+            store,
             top,
             start: None,
             last_at: Instant::now(),
@@ -851,10 +870,10 @@ impl Snapshotter {
             *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
             wake.notify_all();
         }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the snapshotter panicked");
-            }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the snapshotter panicked");
         }
     }
 }

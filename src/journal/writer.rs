@@ -39,8 +39,9 @@ use hdrhistogram::Histogram;
 use crate::domain::{Event, State};
 use crate::journal::epochs::Epoch;
 use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
+use crate::journal::history::{Dropped, HistoryError};
 use crate::journal::{
-    Archive, Epochs, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive,
+    Archive, Epochs, History, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive,
     SledIdemStore, Watermark, codec,
 };
 
@@ -199,7 +200,10 @@ impl AppendTimes {
     /// durable restarts its slot's clock: no older event in the slot is
     /// waiting, and an idle spell must not read as a stalled disk.
     fn appended(&self, seq: Seq, durable: Seq) {
-        if seq % AGE_SLOT_SEQS == 0 || seq == self.first_seq || durable.saturating_add(1) >= seq {
+        if seq.is_multiple_of(AGE_SLOT_SEQS)
+            || seq == self.first_seq
+            || durable.saturating_add(1) >= seq
+        {
             self.slots[Self::slot(seq)].store(self.now_ms(), Ordering::Release);
         }
         self.last_seq.store(seq, Ordering::Release);
@@ -569,10 +573,10 @@ impl SledJournal {
             .take();
         drop(tx);
         let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(writer) = writer {
-            if writer.join().is_err() {
-                tracing::error!("the journal writer panicked");
-            }
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!("the journal writer panicked");
         }
         self.archive.join_opener();
     }
@@ -643,7 +647,8 @@ impl Journal for SledJournal {
             JournalError::Unavailable(format!("{} has no data dir", self.dir.display()))
         })?;
         let durable = self.shared.watermark.durable();
-        let state = super::recovery::durable_state(&self.epochs, &snapshots, durable)
+        let store = super::snapshot::DirStore::new(&snapshots);
+        let state = super::recovery::durable_state(&self.epochs, &store, durable)
             .map_err(|e| JournalError::Unavailable(format!("rebuilding the durable state: {e}")))?;
         Ok((state, durable))
     }
@@ -658,6 +663,22 @@ impl Journal for SledJournal {
 
     fn idem_store(&self) -> Option<Arc<dyn IdemStore>> {
         Some(Arc::clone(&self.idem_store) as Arc<dyn IdemStore>)
+    }
+}
+
+/// The journal's epochs, with the writer's capture point: at a snapshot's
+/// capture the writer moves to a new epoch (see `epochs.rs`).
+impl History for SledJournal {
+    fn blocks_from(&self, from: Seq) -> Result<crate::journal::history::Blocks<'_>, HistoryError> {
+        History::blocks_from(&self.epochs, from)
+    }
+
+    fn capture_point(&self) {
+        self.next_epoch();
+    }
+
+    fn drop_through(&self, seq: Seq) -> Result<Dropped, HistoryError> {
+        History::drop_through(&self.epochs, seq)
     }
 }
 
@@ -690,11 +711,12 @@ fn write_batch(batch: &[Item], db: &sled::Tree) -> Result<u64, String> {
     let mut block: Vec<u8> = Vec::new();
     let mut first: Option<Seq> = None;
     for item in batch {
-        if first.is_some() && block.len() + item.bytes.len() > BLOCK_BYTES_MAX {
-            if let Some(seq) = first.take() {
-                db.insert(codec::key(seq), std::mem::take(&mut block))
-                    .map_err(|e| format!("sled insert: {e}"))?;
-            }
+        if first.is_some()
+            && block.len() + item.bytes.len() > BLOCK_BYTES_MAX
+            && let Some(seq) = first.take()
+        {
+            db.insert(codec::key(seq), std::mem::take(&mut block))
+                .map_err(|e| format!("sled insert: {e}"))?;
         }
         first.get_or_insert(item.seq);
         block.extend_from_slice(&item.bytes);

@@ -345,10 +345,10 @@ async fn start_storage(storage: &Arc<Storage>) -> Result<(), ServerError> {
         .await
         .map_err(|e| ServerError::Io(format!("recovery task: {e}")))??;
     let data_dir = &storage.config.data_dir;
-    if fresh || seed_marker(data_dir).exists() {
-        if let Some(catalog) = &storage.config.catalog {
-            seed(&engine, catalog, data_dir).await?;
-        }
+    if (fresh || seed_marker(data_dir).exists())
+        && let Some(catalog) = &storage.config.catalog
+    {
+        seed(&engine, catalog, data_dir).await?;
     }
     if let Err(error) = engine.evict_idempotency().await {
         tracing::warn!(%error, "could not drop idempotency records past their TTL; retrying later");

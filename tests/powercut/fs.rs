@@ -183,10 +183,10 @@ impl Drop for PowerCutFs {
     fn drop(&mut self) {
         // Wake stalled fsyncs so their threads end.
         self.freeze();
-        if let Some(session) = self.session.take() {
-            if session.umount_and_join().is_err() {
-                lazy_unmount(&self.mountpoint);
-            }
+        if let Some(session) = self.session.take()
+            && session.umount_and_join().is_err()
+        {
+            lazy_unmount(&self.mountpoint);
         }
     }
 }

@@ -604,14 +604,13 @@ impl Inner {
                     for (_, op) in f.log.iter().take(keep) {
                         apply_file_op(&mut f.durable, op);
                     }
-                    if mode == CutMode::TearLastPage {
-                        if let Some((_, FileOp::Write { offset, data })) = f.log.get(keep) {
-                            if data.len() > 1 {
-                                let torn = rng.random_range(1..data.len());
-                                write_at(&mut f.durable, *offset, &data[..torn]);
-                                report.torn_writes += 1;
-                            }
-                        }
+                    if mode == CutMode::TearLastPage
+                        && let Some((_, FileOp::Write { offset, data })) = f.log.get(keep)
+                        && data.len() > 1
+                    {
+                        let torn = rng.random_range(1..data.len());
+                        write_at(&mut f.durable, *offset, &data[..torn]);
+                        report.torn_writes += 1;
                     }
                     report.file_ops_kept += keep;
                     report.file_ops_dropped += n - keep;

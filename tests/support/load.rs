@@ -254,10 +254,10 @@ impl Worker {
                 client
                     .try_send("POST", &path, &pairs, body.as_deref())
                     .map(|r| {
-                        if r.status == 200 {
-                            if let Some(rec) = book.lock().expect("book").get_mut(&id) {
-                                rec.state = rec.state.max(next);
-                            }
+                        if r.status == 200
+                            && let Some(rec) = book.lock().expect("book").get_mut(&id)
+                        {
+                            rec.state = rec.state.max(next);
                         }
                     })
             };

@@ -1,10 +1,12 @@
 //! Shared helpers: the in-process engine harness, (in `server`) the real
 //! binary as a child process with a small HTTP client, and (in `load`) the
-//! crash workload and its checks, and (in `damage`) journal damage.
+//! crash workload and its checks, (in `damage`) journal damage, and (in
+//! `nats`) a local NATS cluster for cluster mode.
 #![allow(dead_code)]
 
 pub mod damage;
 pub mod load;
+pub mod nats;
 pub mod server;
 
 use std::collections::BTreeSet;

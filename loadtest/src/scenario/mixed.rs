@@ -284,10 +284,10 @@ impl MixedAgent {
         let (result, _) = ctx
             .send(endpoint::CART_GET, &Call::get("/v1/cart").token(&token))
             .await;
-        if let Ok(answer) = result {
-            if answer.status == 200 {
-                self.set_cart(c, &answer);
-            }
+        if let Ok(answer) = result
+            && answer.status == 200
+        {
+            self.set_cart(c, &answer);
         }
     }
 

@@ -237,10 +237,10 @@ async fn handle(
         return reply(s, &b);
     }
     let (user, role) = who.unwrap_or_default();
-    if let Some(k) = &key {
-        if let Some((s, b)) = st.idempotency.get(&(user.clone(), k.clone())) {
-            return reply(*s, b);
-        }
+    if let Some(k) = &key
+        && let Some((s, b)) = st.idempotency.get(&(user.clone(), k.clone()))
+    {
+        return reply(*s, b);
     }
     let (status, answer) = route(&mut st, fault, &method, &parts, &user, &role, &body);
     if let Some(k) = key {
@@ -334,7 +334,9 @@ fn route(
                 return error(403, "forbidden");
             }
             match fault {
-                Fault::LoseEveryOtherOrder if n % 2 == 0 => return error(404, "not_found"),
+                Fault::LoseEveryOtherOrder if n.is_multiple_of(2) => {
+                    return error(404, "not_found");
+                }
                 Fault::WrongQty if n == 1 => {
                     let q = order["lines"][0]["qty"].as_u64().unwrap_or(0);
                     order["lines"][0]["qty"] = json!(q + 1);
