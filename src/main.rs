@@ -19,7 +19,7 @@ use flashcore::limits::{
     ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX,
     RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_S,
 };
-use flashcore::server::{ServeConfig, run};
+use flashcore::server::{ClusterConfig, ServeConfig, run};
 
 /// A trading core for e-commerce flash sales.
 #[derive(Parser, Debug)]
@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a token for a user, signed with the server's secret.
     Token(TokenArgs),
 }
@@ -106,6 +106,26 @@ struct ServeArgs {
     order_shards: usize,
     /// Take a snapshot after this many new durable events (tests use a
     /// small value to cut the power while snapshots are written).
+    /// Cluster mode: the NATS servers, comma-separated
+    /// (`nats://127.0.0.1:4222,...`). Without it the node is alone on its
+    /// data dir.
+    #[arg(long, env = "FLASHCORE_CLUSTER", value_delimiter = ',')]
+    cluster: Vec<String>,
+    /// Cluster mode: this node's id (letters, digits, `-`, `_`), stable
+    /// across restarts.
+    #[arg(long, env = "FLASHCORE_NODE_ID")]
+    node_id: Option<String>,
+    /// Cluster mode: the partition count, fixed when the cluster is created.
+    #[arg(long, env = "FLASHCORE_PARTITIONS", default_value_t = flashcore::cluster::layout::PARTITIONS_DEFAULT)]
+    partitions: u32,
+    /// Cluster mode: how long a partition's lease lasts unrenewed (a dead
+    /// node's partitions move after about this long).
+    #[arg(long, env = "FLASHCORE_LEASE_TTL", default_value = "3s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// Cluster mode: copies of every stream and bucket (3; 1 for a
+    /// single-server trial).
+    #[arg(long, env = "FLASHCORE_REPLICAS", default_value_t = 3, hide = true)]
+    replicas: usize,
     #[arg(long, env = "FLASHCORE_SNAPSHOT_EVERY_EVENTS", default_value_t = SNAPSHOT_EVERY_EVENTS, hide = true)]
     snapshot_every_events: u64,
 }
@@ -171,7 +191,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.snapshot_every_events == 0 {
         bail!("--snapshot-every-events must be at least 1");
     }
+    let cluster = cluster_config(&args)?;
     let config = ServeConfig {
+        cluster,
         listen: args.listen,
         data_dir: args.data_dir,
         catalog: Some(args.catalog),
@@ -214,6 +236,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
+/// The cluster settings, when `--cluster` is given.
+fn cluster_config(args: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>> {
+    let servers: Vec<String> = args
+        .cluster
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if servers.is_empty() {
+        return Ok(None);
+    }
+    let Some(node_id) = args.node_id.clone() else {
+        bail!("--cluster needs --node-id (or FLASHCORE_NODE_ID), stable across restarts");
+    };
+    if !(1..=flashcore::cluster::layout::PARTITIONS_MAX).contains(&args.partitions) {
+        bail!(
+            "--partitions must be 1 to {}",
+            flashcore::cluster::layout::PARTITIONS_MAX
+        );
+    }
+    if !(1..=5).contains(&args.replicas) {
+        bail!("--replicas must be 1 to 5");
+    }
+    Ok(Some(ClusterConfig {
+        servers,
+        node_id,
+        partitions: args.partitions,
+        lease_ttl: args.lease_ttl,
+        replicas: args.replicas,
+    }))
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
@@ -281,7 +335,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
     }
 }

@@ -43,6 +43,12 @@ pub fn home_of_user(user: &UserId, partitions: u32) -> u32 {
     crc32c::crc32c(user.as_str().as_bytes()) % partitions.max(1)
 }
 
+/// Where a node starts looking for free partitions: nodes starting
+/// together reach for different ones instead of racing for the same.
+pub fn home_of_node(node: &str, partitions: u32) -> u32 {
+    crc32c::crc32c(node.as_bytes()) % partitions.max(1)
+}
+
 /// Why the partition count could not be settled.
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {

@@ -14,8 +14,10 @@
 //! Every call to the servers carries a timeout: a server that does not
 //! answer is a failure the caller sees, never a task that waits for ever.
 
+pub mod forward;
 pub mod journal;
 pub mod layout;
 pub mod lease;
+pub mod node;
 pub mod partition;
 pub mod snapshots;

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// How long a SKU actor may go without a message before it hands its
     /// state back to the catalog and stops (woken again by the next one).
     pub sku_idle_ms: u64,
+    /// Which order ids this engine hands out (all of them on a node alone;
+    /// its partition's in cluster mode).
+    pub order_ids: IdSpace,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +57,7 @@ impl Default for EngineConfig {
             archive_after_ms: Some(ARCHIVE_AFTER_DEFAULT_MS),
             idem_memory_records_max: IDEMPOTENCY_MEMORY_RECORDS_MAX,
             sku_idle_ms: SKU_IDLE_DEFAULT_MS,
+            order_ids: IdSpace::default(),
         }
     }
 }

@@ -44,9 +44,57 @@ const ID_LOW_WATER: u64 = ID_BLOCK / 2;
 /// once the oldest is.
 const RESERVATIONS_KEPT: usize = 4;
 
+/// Which ids an engine hands out: those equal to `offset` modulo `stride`.
+///
+/// A node alone uses every id (`stride` 1). In cluster mode partition `p`
+/// of `P` hands out the ids `k * P + p`, so the ids of different partitions
+/// never meet and an id names its partition (`id % P`): a request for an
+/// order goes to its partition without a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdSpace {
+    /// The distance between two ids (at least 1).
+    pub stride: u64,
+    /// Every id's remainder modulo `stride` (below `stride`).
+    pub offset: u64,
+}
+
+impl Default for IdSpace {
+    fn default() -> IdSpace {
+        IdSpace {
+            stride: 1,
+            offset: 0,
+        }
+    }
+}
+
+impl IdSpace {
+    /// The ids of `partition` of `partitions`.
+    pub fn partition(partition: u32, partitions: u32) -> IdSpace {
+        assert!(
+            partition < partitions,
+            "partition {partition} of {partitions}"
+        );
+        IdSpace {
+            stride: u64::from(partitions),
+            offset: u64::from(partition),
+        }
+    }
+
+    /// The lowest id of this space at or above `id` (at least 1), or `None`
+    /// past the id space.
+    fn at_or_above(self, id: u64) -> Option<u64> {
+        let id = id.max(1);
+        let stride = self.stride.max(1);
+        let below = id % stride;
+        let up = (self.offset % stride + stride - below) % stride;
+        id.checked_add(up)
+    }
+}
+
 /// The id counter and its reservations.
 #[derive(Debug)]
 pub(crate) struct OrderIds {
+    space: IdSpace,
     next: AtomicU64,
     /// The highest id reserved (a copy of the newest entry of `blocks`,
     /// read without the lock on every allocation).
@@ -60,10 +108,14 @@ impl OrderIds {
     /// Starts after a rebuilt state whose next id is `next`: everything
     /// below it was used or reserved before (replay raised it past every
     /// reservation), so nothing at or above it is reserved yet.
-    pub(crate) fn new(next: u64) -> OrderIds {
+    pub(crate) fn new(next: u64, space: IdSpace) -> OrderIds {
         let next = next.max(1);
+        // Past the id space the counter stays at its end and `allocate`
+        // refuses.
+        let first = space.at_or_above(next).unwrap_or(u64::MAX);
         OrderIds {
-            next: AtomicU64::new(next),
+            space,
+            next: AtomicU64::new(first),
             reserved: AtomicU64::new(next - 1),
             blocks: Mutex::new(VecDeque::with_capacity(RESERVATIONS_KEPT + 1)),
         }
@@ -89,8 +141,9 @@ impl OrderIds {
         journal: &dyn Journal,
         now_ms: u64,
     ) -> Result<OrderId, EngineError> {
-        let id = self.next.fetch_add(1, Ordering::SeqCst);
-        if id >= u64::MAX - 2 * ID_BLOCK {
+        let stride = self.space.stride.max(1);
+        let id = self.next.fetch_add(stride, Ordering::SeqCst);
+        if id >= u64::MAX - 2 * ID_BLOCK.saturating_mul(stride) {
             return Err(EngineError::StorageUnavailable(
                 "the order id space is exhausted".into(),
             ));
@@ -107,8 +160,11 @@ impl OrderIds {
     fn cover(&self, id: u64, journal: &dyn Journal, now_ms: u64) -> Result<Seq, EngineError> {
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
         let reserved = self.reserved.load(Ordering::SeqCst);
-        if id.saturating_add(ID_LOW_WATER) > reserved {
-            let through = reserved.max(id).saturating_add(ID_BLOCK);
+        if id.saturating_add(ID_LOW_WATER.saturating_mul(self.space.stride.max(1))) > reserved {
+            // A block holds ID_BLOCK of this space's ids.
+            let through = reserved
+                .max(id)
+                .saturating_add(ID_BLOCK.saturating_mul(self.space.stride.max(1)));
             match journal.append(&Event::OrderIdsReserved {
                 through,
                 at_ms: now_ms,
@@ -159,7 +215,7 @@ mod tests {
     #[tokio::test]
     async fn ids_rise_inside_reserved_blocks_and_a_restart_starts_above_them() {
         let journal = MemJournal::new();
-        let ids = OrderIds::new(1);
+        let ids = OrderIds::new(1, IdSpace::default());
         let mut last = 0;
         // Reservations at ids 1, 32,770 and 98,306.
         for _ in 0..(2 * ID_BLOCK) {
@@ -182,9 +238,33 @@ mod tests {
         for event in journal.events() {
             state.apply_owned(event).expect("applies");
         }
-        let restarted = OrderIds::new(state.next_id);
+        let restarted = OrderIds::new(state.next_id, IdSpace::default());
         let first = restarted.allocate(&journal, 0).await.expect("an id").0;
         assert!(first > *reserved.last().expect("one"), "{first}");
+    }
+
+    #[tokio::test]
+    async fn a_partition_hands_out_only_its_own_ids_and_restarts_above_them() {
+        let journal = MemJournal::new();
+        for (partition, partitions) in [(0, 64), (3, 8), (63, 64)] {
+            let space = IdSpace::partition(partition, partitions);
+            let ids = OrderIds::new(1, space);
+            let mut last = 0;
+            for _ in 0..(ID_BLOCK + 10) {
+                let id = ids.allocate(&journal, 0).await.expect("an id").0;
+                assert_eq!(id % u64::from(partitions), u64::from(partition), "{id}");
+                assert!(id > last, "{id} after {last}");
+                last = id;
+            }
+            let mut state = State::default();
+            for event in journal.events() {
+                state.apply_owned(event).expect("applies");
+            }
+            let restarted = OrderIds::new(state.next_id, space);
+            let first = restarted.allocate(&journal, 0).await.expect("an id").0;
+            assert_eq!(first % u64::from(partitions), u64::from(partition));
+            assert!(first > last, "{first} after {last}");
+        }
     }
 
     /// A journal whose appends become durable only when the test says.
@@ -218,7 +298,7 @@ mod tests {
             watermark: Watermark::new(0),
             refuse: std::sync::atomic::AtomicBool::new(false),
         });
-        let ids = std::sync::Arc::new(OrderIds::new(1));
+        let ids = std::sync::Arc::new(OrderIds::new(1, IdSpace::default()));
         let waiting = {
             let (journal, ids) = (std::sync::Arc::clone(&journal), std::sync::Arc::clone(&ids));
             tokio::spawn(async move { ids.allocate(journal.as_ref(), 0).await })

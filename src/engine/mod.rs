@@ -57,6 +57,7 @@ use tokio::sync::oneshot;
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 pub use config::{Caller, DurabilityMode, EngineConfig, NewSku, OrderScope};
 pub use error::EngineError;
+pub use ids::IdSpace;
 pub use sku::Reservation;
 
 use crate::domain::cart::Cart;
@@ -243,6 +244,7 @@ impl Engine {
             shards.push(Arc::new(threads.spawn(index, config.shard_mailbox, shard)));
         }
 
+        let order_ids = config.order_ids;
         let inner = Inner {
             routes: Arc::clone(&shared.routes),
             config,
@@ -253,7 +255,7 @@ impl Engine {
             shared,
             promotions: RwLock::new(promotions),
             idem,
-            ids: ids::OrderIds::new(next_id),
+            ids: ids::OrderIds::new(next_id, order_ids),
             create_lock: Mutex::new(()),
             threads: Mutex::new(threads),
             health,

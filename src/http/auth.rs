@@ -58,6 +58,12 @@ impl std::fmt::Display for SecretOrigin {
 /// Why the secret could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
+    /// Cluster mode needs the secret from the environment: every node
+    /// verifies every token, so all must share one.
+    #[error(
+        "cluster mode requires {SECRET_ENV}, the same on every node (e.g. `openssl rand -hex 32`)"
+    )]
+    Required,
     /// The environment's secret is too short.
     #[error("{SECRET_ENV} must be at least {JWT_SECRET_BYTES_MIN} bytes")]
     TooShort,

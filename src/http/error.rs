@@ -72,6 +72,10 @@ pub enum ApiError {
     /// `503 storage_unavailable`.
     #[error("{0}")]
     StorageUnavailable(String),
+    /// `503 partition_unavailable` (cluster mode): the partition that
+    /// holds the SKU or order is between owners.
+    #[error("{0}")]
+    PartitionUnavailable(String),
 }
 
 impl ApiError {
@@ -100,6 +104,9 @@ impl ApiError {
             ApiError::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::StorageUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
+            ApiError::PartitionUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "partition_unavailable")
             }
         }
     }
@@ -167,6 +174,7 @@ impl ApiError {
             | ApiError::PaymentMismatch(m)
             | ApiError::Overloaded(m)
             | ApiError::StorageUnavailable(m)
+            | ApiError::PartitionUnavailable(m)
             | ApiError::MethodNotAllowed { message: m, .. } => m,
             other @ (ApiError::PayloadTooLarge
             | ApiError::IdempotencyConflict

@@ -18,6 +18,7 @@ use crate::domain::promo::Promotion;
 use crate::domain::{SkuId, UserId, validate};
 use crate::engine::{NewSku, OrderScope};
 use crate::http::AppState;
+use crate::http::cluster::Routed;
 use crate::http::error::ApiError;
 use crate::http::extract::{
     Admin, ApiJson, ApiPath, ApiQuery, Auth, IdemKey, OptionalJson, OrderPath,
@@ -75,7 +76,11 @@ pub async fn healthz() -> Response {
 
 /// `GET /readyz`: recovery has finished and the journal takes changes.
 pub async fn readyz(State(state): State<AppState>) -> Answer {
-    match state.backend.not_ready_reason() {
+    let why = match state.cluster() {
+        Some(node) => crate::http::cluster::not_ready_reason(node),
+        None => state.backend.not_ready_reason(),
+    };
+    match why {
         None => Ok(Json(serde_json::json!({ "status": "ready" })).into_response()),
         Some(why) => Err(ApiError::StorageUnavailable(why)),
     }
@@ -146,9 +151,17 @@ pub async fn not_found(request: axum::extract::Request) -> ApiError {
     ))
 }
 
-/// `GET /v1/cluster`: a single node is no cluster, one partition.
-pub async fn cluster() -> Response {
-    json(StatusCode::OK, &ClusterJson::single_node())
+/// `GET /v1/cluster`: a single node is no cluster, one partition; a
+/// cluster's node shows the nodes and every partition's owner.
+pub async fn cluster(State(state): State<AppState>) -> Answer {
+    let Some(node) = state.cluster() else {
+        return Ok(json(StatusCode::OK, &ClusterJson::single_node()));
+    };
+    let view = node
+        .view()
+        .await
+        .map_err(|why| ApiError::Overloaded(format!("the cluster's buckets: {why}")))?;
+    Ok(json(StatusCode::OK, &ClusterJson::from(&view)))
 }
 
 // ----- SKUs -----
@@ -157,13 +170,14 @@ pub async fn cluster() -> Response {
 pub async fn create_sku(
     State(state): State<AppState>,
     Admin(_): Admin,
+    routed: Routed,
     ApiJson(body): ApiJson<NewSkuBody>,
 ) -> Answer {
     // A single node checks `buckets` and keeps one actor (contract:
     // "Cluster mode").
     body.buckets()?;
     let sale = body.sale()?;
-    let engine = state.backend.engine()?;
+    let engine = routed.engine(&state)?;
     let view = engine
         .create_sku(NewSku {
             sku: body.sku_id,
@@ -178,9 +192,13 @@ pub async fn create_sku(
 }
 
 /// `GET /v1/skus/{sku_id}`.
-pub async fn get_sku(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Answer {
+pub async fn get_sku(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    routed: Routed,
+) -> Answer {
     let sku = sku_id(&id)?;
-    let view = state.backend.engine()?.sku(sku).await?;
+    let view = routed.engine(&state)?.sku(sku).await?;
     Ok(json(StatusCode::OK, &SkuJson::from(&view)))
 }
 
@@ -188,6 +206,7 @@ pub async fn get_sku(State(state): State<AppState>, ApiPath(id): ApiPath<String>
 pub async fn list_skus(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<SkuListQuery>,
+    routed: Routed,
 ) -> Answer {
     let limit = match query.limit.as_deref() {
         None => SKUS_PAGE_DEFAULT,
@@ -198,7 +217,7 @@ pub async fn list_skus(
             .ok_or_else(|| ApiError::invalid(format!("limit must be 1 to {SKUS_PAGE_MAX}")))?,
     };
     let after = query.after.as_deref().map(sku_id).transpose()?;
-    let (views, next) = state.backend.engine()?.skus_page(after, limit).await?;
+    let (views, next) = routed.engine(&state)?.skus_page(after, limit).await?;
     Ok(Json(SkuListJson::new(&views, next.as_ref())).into_response())
 }
 
@@ -207,13 +226,13 @@ pub async fn patch_sku(
     State(state): State<AppState>,
     Admin(_): Admin,
     ApiPath(id): ApiPath<String>,
+    routed: Routed,
     ApiJson(body): ApiJson<PatchSkuBody>,
 ) -> Answer {
     let sku = sku_id(&id)?;
     let sale = body.sale()?;
-    let view = state
-        .backend
-        .engine()?
+    let view = routed
+        .engine(&state)?
         .update_sku(sku, body.name, body.price_cents, body.per_user_limit, sale)
         .await?;
     Ok(Json(SkuJson::from(&view)).into_response())
@@ -225,11 +244,12 @@ pub async fn restock(
     Admin(caller): Admin,
     IdemKey(key): IdemKey,
     ApiPath(id): ApiPath<String>,
+    routed: Routed,
     ApiJson(body): ApiJson<RestockBody>,
 ) -> Answer {
     let sku = sku_id(&id)?;
     validate::restock_qty(body.qty)?;
-    let engine = state.backend.engine()?;
+    let engine = routed.engine(&state)?;
     let print = || fingerprint("restock", sku.as_str(), &body);
     let answer = state
         .inflight
@@ -245,10 +265,11 @@ pub async fn restock(
 pub async fn create_promotion(
     State(state): State<AppState>,
     Admin(_): Admin,
+    routed: Routed,
     ApiJson(body): ApiJson<PromotionBody>,
 ) -> Answer {
     let promo = Promotion::new(body.code, body.threshold_cents, body.off_cents)?;
-    let created = state.backend.engine()?.create_promotion(promo).await?;
+    let created = routed.engine(&state)?.create_promotion(promo).await?;
     Ok((StatusCode::CREATED, Json(PromotionJson::from(&created))).into_response())
 }
 
@@ -259,6 +280,7 @@ pub async fn place_order(
     State(state): State<AppState>,
     Auth(caller): Auth,
     IdemKey(key): IdemKey,
+    routed: Routed,
     ApiJson(body): ApiJson<PlaceOrderBody>,
 ) -> Answer {
     let items: Vec<SkuQty> = body.items.iter().copied().map(Into::into).collect();
@@ -268,7 +290,7 @@ pub async fn place_order(
         [line] => validate::qty(line.qty)?,
         lines => drop(validate::merge_lines(lines)?),
     }
-    let engine = state.backend.engine()?;
+    let engine = routed.engine(&state)?;
     let print = || fingerprint("place", "", &body);
     let answer = state
         .inflight
@@ -290,8 +312,9 @@ pub async fn get_order(
     State(state): State<AppState>,
     Auth(caller): Auth,
     OrderPath(id): OrderPath,
+    routed: Routed,
 ) -> Answer {
-    let order = state.backend.engine()?.order(caller, id).await?;
+    let order = routed.engine(&state)?.order(caller, id).await?;
     Ok(json(StatusCode::OK, &OrderJson::from(&order)))
 }
 
@@ -300,6 +323,7 @@ pub async fn list_orders(
     State(state): State<AppState>,
     Auth(caller): Auth,
     ApiQuery(query): ApiQuery<ListQuery>,
+    routed: Routed,
 ) -> Answer {
     let limit = match query.limit.as_deref() {
         None => ORDERS_LIST_DEFAULT,
@@ -325,7 +349,7 @@ pub async fn list_orders(
         }
         (false, _) => OrderScope::User(caller.user),
     };
-    let orders = state.backend.engine()?.orders(scope, limit).await?;
+    let orders = routed.engine(&state)?.orders(scope, limit).await?;
     Ok(Json(OrderListJson::new(&orders)).into_response())
 }
 
@@ -336,9 +360,10 @@ pub async fn pay(
     Admin(caller): Admin,
     IdemKey(key): IdemKey,
     OrderPath(id): OrderPath,
+    routed: Routed,
     ApiJson(body): ApiJson<PayBody>,
 ) -> Answer {
-    let engine = state.backend.engine()?;
+    let engine = routed.engine(&state)?;
     let print = || fingerprint("pay", &id.to_string(), &body);
     let answer = state
         .inflight
@@ -359,8 +384,9 @@ pub async fn cancel(
     State(state): State<AppState>,
     Auth(caller): Auth,
     OrderPath(id): OrderPath,
+    routed: Routed,
 ) -> Answer {
-    let order = state.backend.engine()?.cancel(caller, id).await?;
+    let order = routed.engine(&state)?.cancel(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
 
@@ -369,8 +395,9 @@ pub async fn ship(
     State(state): State<AppState>,
     Admin(caller): Admin,
     OrderPath(id): OrderPath,
+    routed: Routed,
 ) -> Answer {
-    let order = state.backend.engine()?.ship(caller, id).await?;
+    let order = routed.engine(&state)?.ship(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
 
@@ -379,8 +406,9 @@ pub async fn deliver(
     State(state): State<AppState>,
     Admin(caller): Admin,
     OrderPath(id): OrderPath,
+    routed: Routed,
 ) -> Answer {
-    let order = state.backend.engine()?.deliver(caller, id).await?;
+    let order = routed.engine(&state)?.deliver(caller, id).await?;
     Ok(Json(OrderJson::from(&order)).into_response())
 }
 
@@ -390,10 +418,11 @@ pub async fn refund(
     Admin(caller): Admin,
     IdemKey(key): IdemKey,
     OrderPath(id): OrderPath,
+    routed: Routed,
     ApiJson(body): ApiJson<RefundBody>,
 ) -> Answer {
     let lines: Vec<_> = body.lines.iter().copied().map(Into::into).collect();
-    let engine = state.backend.engine()?;
+    let engine = routed.engine(&state)?;
     let print = || fingerprint("refund", &id.to_string(), &body);
     let answer = state
         .inflight
@@ -411,8 +440,8 @@ pub async fn refund(
 // ----- carts -----
 
 /// `GET /v1/cart`.
-pub async fn get_cart(State(state): State<AppState>, Auth(caller): Auth) -> Answer {
-    let cart = state.backend.engine()?.cart(caller.user).await?;
+pub async fn get_cart(State(state): State<AppState>, Auth(caller): Auth, routed: Routed) -> Answer {
+    let cart = routed.engine(&state)?.cart(caller.user).await?;
     Ok(Json(CartJson::from(&cart)).into_response())
 }
 
@@ -421,20 +450,24 @@ pub async fn put_cart_item(
     State(state): State<AppState>,
     Auth(caller): Auth,
     ApiPath(id): ApiPath<String>,
+    routed: Routed,
     ApiJson(body): ApiJson<CartItemBody>,
 ) -> Answer {
     let sku = sku_id(&id)?;
-    let cart = state
-        .backend
-        .engine()?
+    let cart = routed
+        .engine(&state)?
         .set_cart_item(caller.user, sku, body.qty)
         .await?;
     Ok(Json(CartJson::from(&cart)).into_response())
 }
 
 /// `DELETE /v1/cart`.
-pub async fn clear_cart(State(state): State<AppState>, Auth(caller): Auth) -> Answer {
-    state.backend.engine()?.clear_cart(caller.user).await?;
+pub async fn clear_cart(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    routed: Routed,
+) -> Answer {
+    routed.engine(&state)?.clear_cart(caller.user).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -443,9 +476,10 @@ pub async fn checkout(
     State(state): State<AppState>,
     Auth(caller): Auth,
     IdemKey(key): IdemKey,
+    routed: Routed,
     OptionalJson(body): OptionalJson<CheckoutBody>,
 ) -> Answer {
-    let engine = state.backend.engine()?;
+    let engine = routed.engine(&state)?;
     let print = || fingerprint("checkout", "", &body);
     let answer = state
         .inflight

@@ -27,6 +27,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod cluster;
 pub mod error;
 pub mod extract;
 mod handlers;
@@ -178,6 +179,9 @@ pub struct Shared {
     /// [`crate::limits::METRICS_CACHE_MS`] get it again, and concurrent
     /// scrapes wait for one render instead of each asking the actors.
     pub metrics_text: tokio::sync::Mutex<Option<(Instant, axum::body::Bytes)>>,
+    /// This node's part of a cluster (`serve --cluster`), set once before
+    /// the front is built; unset on a node alone.
+    pub cluster: std::sync::OnceLock<crate::cluster::node::Node>,
 }
 
 /// How the front admits requests (`serve`'s flags).
@@ -226,7 +230,21 @@ impl AppState {
                 .map(|rate| Arc::new(ratelimit::RateLimiter::new(rate))),
             trusted_proxies: config.trusted_proxies,
             metrics_text: tokio::sync::Mutex::new(None),
+            cluster: std::sync::OnceLock::new(),
         })))
+    }
+
+    /// This node's cluster, in cluster mode.
+    pub fn cluster(&self) -> Option<&crate::cluster::node::Node> {
+        self.0.cluster.get()
+    }
+
+    /// Puts the front in cluster mode: requests go to their partitions
+    /// (`cluster.rs`). Call it before building the [`Front`]; a second
+    /// call changes nothing.
+    pub fn set_cluster(&self, node: crate::cluster::node::Node) {
+        // Set once: the first node stays.
+        let _ = self.0.cluster.set(node);
     }
 }
 
@@ -294,7 +312,14 @@ async fn front(
     request: Request,
     next: Next,
 ) -> Response {
-    observed(&state, &info, request, |request| next.run(request)).await
+    let routed = state.clone();
+    observed(&state, &info, request, |request| async move {
+        match routed.cluster() {
+            Some(node) => cluster::dispatch(node, request, |request| next.run(request)).await,
+            None => next.run(request).await,
+        }
+    })
+    .await
 }
 
 /// [`front`]'s work around `inner`, for the router and the direct route
@@ -353,7 +378,11 @@ where
     let verified = caller.as_ref().and_then(|c| c.as_ref().ok()).copied();
     let client = admission::client_of(verified, &request, &state.trusted_proxies);
     // Over its rate: answered before anything else (`ratelimit.rs`).
+    // A request another node forwarded was rate limited there (limits are
+    // per node, where the client came in).
+    let forwarded = request.extensions().get::<cluster::ForwardedTo>().is_some();
     if !route.probe
+        && !forwarded
         && let Some(refused) = ratelimit::refuse(state, client)
     {
         return refused;
@@ -520,8 +549,13 @@ impl From<Router> for Front {
 }
 
 impl Front {
-    /// The router of `state`, with the hot route served directly.
+    /// The router of `state`, with the hot route served directly (on a
+    /// node alone; in cluster mode every request is routed to its
+    /// partition, so everything goes through the router).
     pub fn new(state: AppState) -> Front {
+        if state.cluster().is_some() {
+            return Front::from(router(state));
+        }
         let doc = routes::table()
             .into_iter()
             .map(|route| route.doc)
@@ -575,7 +609,7 @@ async fn place_order_direct(state: AppState, request: Request) -> Response {
         Ok(body) => body,
         Err(refused) => return refused.into_response(),
     };
-    handlers::place_order(State(state), auth, key, body)
+    handlers::place_order(State(state), auth, key, cluster::Routed::none(), body)
         .await
         .into_response()
 }

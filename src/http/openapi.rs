@@ -318,7 +318,11 @@ fn error_statuses(doc: &RouteDoc) -> Vec<(u16, String)> {
     let unavailable = if doc.path == "/readyz" {
         "storage_unavailable: recovering, or the journal cannot write"
     } else if doc.path.starts_with("/v1/") && doc.method != axum::http::Method::GET {
-        "overloaded, or storage_unavailable: the journal cannot make changes durable"
+        "overloaded, storage_unavailable: the journal cannot make changes durable, \
+         or partition_unavailable (cluster mode): the partition is between owners"
+    } else if doc.path.starts_with("/v1/") {
+        "overloaded: the server sheds load, or partition_unavailable (cluster mode): \
+         the partition is between owners"
     } else {
         "overloaded: the server sheds load"
     };

@@ -619,6 +619,35 @@ impl ClusterJson {
     }
 }
 
+impl From<&crate::cluster::node::ClusterView> for ClusterJson {
+    fn from(view: &crate::cluster::node::ClusterView) -> ClusterJson {
+        ClusterJson {
+            node_id: Some(view.node_id.clone()),
+            partitions: view.partitions,
+            nodes: Some(
+                view.nodes
+                    .iter()
+                    .map(|(info, owned)| ClusterNodeJson {
+                        node_id: info.node_id.clone(),
+                        url: info.url.clone(),
+                        partitions_owned: *owned,
+                    })
+                    .collect(),
+            ),
+            owners: Some(
+                view.owners
+                    .iter()
+                    .map(|owner| PartitionOwnerJson {
+                        partition: owner.partition,
+                        node_id: owner.node_id.clone(),
+                        lease_age_ms: owner.lease_age_ms,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// One node of a cluster.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = ClusterNode)]

@@ -20,7 +20,10 @@
 //! in flight, stop the engine, close the journal (everything taken becomes
 //! durable), take a last snapshot, exit 0.
 
+mod cluster;
 mod listener;
+
+pub use cluster::ClusterConfig;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -73,6 +76,9 @@ pub struct ServeConfig {
     pub rate_limit: Option<std::num::NonZeroU32>,
     /// Whose `X-Forwarded-For` is believed (`--trusted-proxies`).
     pub trusted_proxies: TrustedProxies,
+    /// Cluster mode (`--cluster`): the state lives in NATS JetStream, not
+    /// in the data dir.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Why the server could not start or run.
@@ -95,6 +101,9 @@ pub enum ServerError {
     /// state.
     #[error("stopped after a fatal error: {0}")]
     Fatal(String),
+    /// The node could not join its cluster.
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] crate::cluster::node::NodeError),
     /// The catalog file is unusable.
     #[error("catalog {path}: {why}")]
     Catalog {
@@ -463,6 +472,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     fatal::install_panic_hook();
+    if let Some(cluster) = config.cluster.clone() {
+        return cluster::run(config, cluster, shutdown).await;
+    }
     let wanted = u64::try_from(config.max_connections)
         .unwrap_or(u64::MAX)
         .saturating_add(1_024);

@@ -1,0 +1,161 @@
+//! `flashcore serve --cluster`: a node of a cluster over NATS JetStream.
+//!
+//! Start-up order: check the JWT secret (required: every node verifies
+//! every token, so they must share it), join the cluster (connect, bind
+//! the stream and buckets, check the partition count), bind the listener,
+//! build the front in cluster mode, then start the ownership loop, which
+//! takes this node's share of the partitions; `/readyz` answers 200 once
+//! its first pass has run.
+//!
+//! Nothing is read from or written to the data dir: the journal, the
+//! snapshots and the leases are in JetStream. The catalog file is not
+//! seeded either (a cluster's catalog is made once, through any node).
+//!
+//! Shutdown order (SIGTERM or Ctrl-C): stop accepting and finish the
+//! requests in flight, then hand every partition back (each engine stops,
+//! its journal closes with everything taken durable, a last snapshot, then
+//! the lease is released so the next owner need not wait a TTL), exit 0.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clock::{Clock, SystemClock};
+use crate::cluster::node::{Node, NodeConfig};
+use crate::fatal;
+use crate::http::auth::{JwtKeys, SecretError, load_secret};
+use crate::http::{AppState, Backend, Front, FrontConfig, live};
+use crate::limits::{CONNECTIONS_CLIENT_SHARE_DIVISOR, LISTEN_BACKLOG};
+use crate::server::{ServeConfig, ServerError, listener};
+
+/// How often the node's engines are checked for a dead actor.
+const ENGINE_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// How a node joins its cluster (`--cluster`, `--node-id`, ...).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The NATS servers (`nats://host:port`).
+    pub servers: Vec<String>,
+    /// This node's id, stable across restarts.
+    pub node_id: String,
+    /// The partition count (fixed when the cluster is created).
+    pub partitions: u32,
+    /// The lease TTL.
+    pub lease_ttl: Duration,
+    /// Copies of every stream and bucket.
+    pub replicas: usize,
+}
+
+/// Runs a cluster node until `shutdown` resolves (see the module doc).
+///
+/// # Errors
+/// A missing or weak secret, a cluster that cannot be joined, a listener
+/// that cannot bind, or a fatal error while running.
+pub(super) async fn run(
+    config: ServeConfig,
+    cluster: ClusterConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let Some(secret) = config.jwt_secret.clone() else {
+        return Err(ServerError::Secret(SecretError::Required));
+    };
+    let secret = load_secret(Some(secret), &config.data_dir)?;
+    let listener = listener::bind(config.listen, LISTEN_BACKLOG)
+        .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| ServerError::Io(e.to_string()))?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let node = Node::join(NodeConfig {
+        servers: cluster.servers.clone(),
+        node_id: cluster.node_id.clone(),
+        url: format!("http://{address}"),
+        partitions: cluster.partitions,
+        lease_ttl: cluster.lease_ttl,
+        replicas: cluster.replicas,
+        engine: config.engine.clone(),
+        snapshots: config.snapshots,
+        clock,
+    })
+    .await?;
+    tracing::info!(
+        %address,
+        node = %cluster.node_id,
+        partitions = cluster.partitions,
+        "joined the cluster; listening"
+    );
+    let state = AppState::new(
+        Arc::new(Backend::recovering()),
+        JwtKeys::new(&secret),
+        FrontConfig {
+            max_in_flight: config.max_in_flight,
+            rate_limit: config.rate_limit,
+            trusted_proxies: config.trusted_proxies.clone(),
+        },
+    )
+    .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
+    if let Some(limiter) = &state.rate_limiter {
+        limiter.spawn_evictor();
+    }
+    state.set_cluster(node.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sampler = live::spawn_sampler(state.clone(), stop_rx.clone());
+    let front = Front::new(state);
+    node.start(crate::http::cluster::forwarded_handler(front.clone()));
+    let connections = listener::ConnectionLimits {
+        max: config.max_connections,
+        per_client: config
+            .max_connections_per_client
+            .unwrap_or(config.max_connections / CONNECTIONS_CLIENT_SHARE_DIVISOR),
+        trusted_proxies: config.trusted_proxies.clone(),
+    };
+    let server = tokio::spawn(listener::serve(
+        listener,
+        front,
+        connections,
+        stop_rx.clone(),
+    ));
+    let watcher = tokio::spawn(watch_engines(node.clone(), stop_rx));
+    let stopped = tokio::select! {
+        () = shutdown => Ok(()),
+        why = fatal::wait() => Err(ServerError::Fatal(why)),
+    };
+    match &stopped {
+        Ok(()) => tracing::info!("shutting down: no new connections, finishing requests in flight"),
+        Err(e) => {
+            tracing::error!(error = %e, "fatal: finishing requests in flight, then exiting non-zero");
+            super::exit_after_grace();
+        }
+    }
+    // Sent once; a receiver gone means its task ended already.
+    let _ = stop_tx.send(true);
+    for (task, what) in [
+        (server, "listener"),
+        (sampler, "live sampler"),
+        (watcher, "engine watcher"),
+    ] {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "the {what} task failed");
+        }
+    }
+    node.stop().await;
+    tracing::info!("stopped");
+    stopped
+}
+
+/// Reports a fatal error once an engine this node serves has a dead actor:
+/// the process stops, and the partitions move to other nodes.
+async fn watch_engines(node: Node, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(ENGINE_WATCH_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Some(why) = node.failure() {
+            fatal::report(format!("an engine is dead: {why}"));
+            return;
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Cluster mode end to end: real `nats-server`s (`support/nats.rs`) and
+//! real `flashcore serve --cluster` nodes, each test ending with the book
+//! check: every acknowledged order is there through any node, no unit is
+//! sold twice, and each SKU's units add up.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::nats::NatsCluster;
+use support::server::{Api, Client, Server, hdrs};
+
+/// Small enough that three nodes each own a few, large enough that the
+/// SKUs below land in several.
+const PARTITIONS: u32 = 8;
+
+/// A dead node's partitions move after about this long.
+const LEASE_TTL: &str = "2s";
+
+/// How long a node may take to join and become ready (a busy 2-core
+/// machine running the whole suite).
+const NODE_START: Duration = Duration::from_secs(90);
+
+/// How long the partitions may take to spread over the nodes, or to move
+/// off a dead one: the contract's 10 s, with room for the machine.
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn node(nats: &NatsCluster, dir: &Path, id: &str) -> Server {
+    let urls = nats.urls();
+    let partitions = PARTITIONS.to_string();
+    let args = [
+        "--cluster",
+        urls.as_str(),
+        "--node-id",
+        id,
+        "--partitions",
+        partitions.as_str(),
+        "--lease-ttl",
+        LEASE_TTL,
+    ];
+    Server::launch(dir, &args, &[], true, NODE_START)
+        .unwrap_or_else(|e| panic!("node {id} did not start: {e}\n{}", nats.logs()))
+}
+
+fn cluster_view(server: &Server) -> Option<Value> {
+    let mut client = Client::try_connect(server.addr).ok()?;
+    let answer = client.try_send("GET", "/v1/cluster", &[], None).ok()?;
+    (answer.status == 200).then(|| answer.json())
+}
+
+/// Waits until every partition has an owner among `nodes` live nodes and
+/// each owns at least one; returns the view.
+fn wait_spread(server: &Server, nodes: usize) -> Value {
+    let started = Instant::now();
+    loop {
+        if let Some(view) = cluster_view(server) {
+            let owners = view["owners"].as_array().cloned().unwrap_or_default();
+            let live = view["nodes"].as_array().cloned().unwrap_or_default();
+            let all_owned = owners.len() == PARTITIONS as usize
+                && owners.iter().all(|o| o["node_id"].is_string());
+            let spread = live.len() == nodes
+                && live
+                    .iter()
+                    .all(|n| n["partitions_owned"].as_u64().unwrap_or(0) >= 1);
+            if all_owned && spread {
+                return view;
+            }
+            if started.elapsed() > SETTLE {
+                panic!("partitions not spread over {nodes} nodes in time: {view}");
+            }
+        } else if started.elapsed() > SETTLE {
+            panic!("GET /v1/cluster does not answer:\n{}", server.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn create_sku(server: &Server, id: &str, stock: u64) {
+    let mut api = Api::new(server);
+    let started = Instant::now();
+    loop {
+        let created = api.create_sku(id, 1_000, stock, None);
+        match created.status {
+            201 => return,
+            503 if started.elapsed() < SETTLE => std::thread::sleep(Duration::from_millis(100)),
+            _ => panic!(
+                "creating {id}: {} {}",
+                created.status,
+                String::from_utf8_lossy(&created.body)
+            ),
+        }
+    }
+}
+
+/// An acknowledged order: its id and SKU.
+#[derive(Debug, Clone)]
+struct Acked {
+    order_id: String,
+    sku: String,
+}
+
+/// Places one single-line order of one unit through the nodes in `addrs`
+/// (starting at `first`), retrying the same key on `503` and on a node that
+/// is gone, until an answer decides it: `Some` for 201, `None` for
+/// `409 out_of_stock`.
+fn place(
+    addrs: &[std::net::SocketAddr],
+    first: usize,
+    token: &str,
+    sku: &str,
+    key: &str,
+) -> Option<Acked> {
+    let body = format!(r#"{{"items":[{{"sku_id":"{sku}","qty":1}}]}}"#);
+    let headers = [
+        ("Content-Type", "application/json".to_string()),
+        ("Authorization", format!("Bearer {token}")),
+        ("Idempotency-Key", key.to_string()),
+    ];
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        assert!(
+            started.elapsed() < SETTLE,
+            "order {key} for {sku} undecided after {SETTLE:?}"
+        );
+        let addr = addrs[(first + attempt) % addrs.len()];
+        attempt += 1;
+        let answer = Client::try_connect(addr)
+            .and_then(|mut c| c.try_send("POST", "/v1/orders", &hdrs(&headers), Some(&body)));
+        let Ok(answer) = answer else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        match answer.status {
+            201 => {
+                let order = answer.json();
+                return Some(Acked {
+                    order_id: order["order_id"].as_str().expect("an id").to_string(),
+                    sku: sku.to_string(),
+                });
+            }
+            409 => {
+                assert_eq!(answer.code(), "out_of_stock", "{key}");
+                return None;
+            }
+            503 => {
+                assert!(
+                    answer.header("retry-after").is_some(),
+                    "a 503 without Retry-After: {}",
+                    String::from_utf8_lossy(&answer.body)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => panic!(
+                "order {key}: {other} {}",
+                String::from_utf8_lossy(&answer.body)
+            ),
+        }
+    }
+}
+
+/// The book check through `server`: every acknowledged order is there with
+/// its SKU, ids are unique, and each SKU holds as reserved exactly the
+/// units its acknowledged orders took, never more than its stock.
+fn check_books(server: &Server, acked: &[Acked], stock: &BTreeMap<String, u64>) {
+    let admin = server.admin();
+    let mut api = Api::new(server);
+    let ids: HashSet<&str> = acked.iter().map(|a| a.order_id.as_str()).collect();
+    assert_eq!(ids.len(), acked.len(), "an order id was answered twice");
+    for order in acked {
+        let path = format!("/v1/orders/{}", order.order_id);
+        let answer = api.call("GET", &path, Some(&admin), None, None);
+        assert_eq!(
+            answer.status,
+            200,
+            "acknowledged order {} lost: {}",
+            order.order_id,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let found = answer.json();
+        assert_eq!(found["lines"][0]["sku_id"], order.sku.as_str());
+    }
+    for (sku, stock) in stock {
+        let view = api.sku(sku);
+        let sold = acked.iter().filter(|a| &a.sku == sku).count() as u64;
+        assert!(sold <= *stock, "{sku}: {sold} sold of {stock}");
+        assert_eq!(view["reserved"], sold, "{sku}: {view}");
+        assert_eq!(view["available"], stock - sold, "{sku}: {view}");
+    }
+}
+
+#[test]
+fn a_sale_through_three_nodes_sells_each_unit_once_and_survives_a_node_killed() {
+    let nats = NatsCluster::start(3);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let mut nodes: Vec<Server> = (0..3)
+        .map(|i| node(&nats, dirs[i].path(), &format!("n{i}")))
+        .collect();
+    wait_spread(&nodes[0], 3);
+
+    // SKUs in several partitions (the cluster view tells which node owns
+    // what; the test only needs them spread).
+    let stock: BTreeMap<String, u64> = (0..6).map(|i| (format!("drop-{i}"), 40)).collect();
+    for (i, (sku, units)) in stock.iter().enumerate() {
+        create_sku(&nodes[i % 3], sku, *units);
+    }
+
+    // A key replayed through another node gets the first answer.
+    let token = nodes[0].customer("replayer");
+    let addrs: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let first = place(&addrs[..1], 0, &token, "drop-0", "replay-1").expect("placed");
+    let again = place(&addrs[1..2], 0, &token, "drop-0", "replay-1").expect("replayed");
+    assert_eq!(
+        first.order_id, again.order_id,
+        "a replay through another node"
+    );
+    let acked = Arc::new(Mutex::new(vec![first]));
+
+    // The storm: buyers on every node, each order decided by retrying its
+    // key, while node 2 is killed half-way.
+    let skus: Vec<String> = stock.keys().cloned().collect();
+    let buyers: Vec<_> = (0..6)
+        .map(|b| {
+            let (addrs, skus, acked) = (addrs.clone(), skus.clone(), Arc::clone(&acked));
+            let token = nodes[0].customer(&format!("buyer-{b}"));
+            std::thread::spawn(move || {
+                for k in 0..45 {
+                    let sku = &skus[(b + k) % skus.len()];
+                    let key = format!("b{b}-{k}");
+                    if let Some(order) = place(&addrs, b + k, &token, sku, &key) {
+                        acked.lock().expect("lock").push(order);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1_500));
+    nodes[2].kill();
+    let killed = Instant::now();
+    for buyer in buyers {
+        buyer.join().expect("a buyer panicked");
+    }
+    // Its partitions have moved: every partition owned by a live node.
+    let view = wait_spread(&nodes[0], 2);
+    let moved = killed.elapsed();
+    assert!(
+        view["owners"]
+            .as_array()
+            .expect("owners")
+            .iter()
+            .all(|o| o["node_id"] != "n2"),
+        "{view}"
+    );
+    eprintln!("partitions moved off the killed node within {moved:?}");
+
+    let acked = acked.lock().expect("lock").clone();
+    check_books(&nodes[0], &acked, &stock);
+    check_books(&nodes[1], &acked, &stock);
+
+    // Restarted, the killed node is ready, takes its share back, and the
+    // books read the same through it.
+    let restarted = Instant::now();
+    nodes[2] = node(&nats, dirs[2].path(), "n2");
+    wait_spread(&nodes[2], 3);
+    eprintln!(
+        "the killed node was back in its share within {:?}",
+        restarted.elapsed()
+    );
+    check_books(&nodes[2], &acked, &stock);
+
+    // The lists gather every partition, through any node.
+    let admin = nodes[1].admin();
+    let listed = Api::new(&nodes[1]).call("GET", "/v1/orders?limit=500", Some(&admin), None, None);
+    assert_eq!(listed.status, 200, "{}", String::from_utf8_lossy(&listed.body));
+    let listed = listed.json();
+    let listed: HashSet<String> = listed["orders"]
+        .as_array()
+        .expect("orders")
+        .iter()
+        .map(|o| o["order_id"].as_str().expect("id").to_string())
+        .collect();
+    let wanted: HashSet<String> = acked.iter().map(|a| a.order_id.clone()).collect();
+    assert_eq!(listed, wanted);
+    let skus = Api::new(&nodes[2])
+        .call("GET", "/v1/skus?limit=3", None, None, None)
+        .json();
+    assert_eq!(skus["skus"].as_array().expect("skus").len(), 3);
+    assert_eq!(skus["skus"][0]["sku_id"], "drop-0");
+    assert_eq!(skus["next"], "drop-2");
+}
+
+#[test]
+fn a_partition_between_owners_answers_503_and_its_orders_survive_the_move() {
+    let nats = NatsCluster::start(3);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut a = node(&nats, dir_a.path(), "a");
+    wait_spread(&a, 1);
+    create_sku(&a, "solo", 10);
+    let token = a.customer("early");
+    let placed = place(&[a.addr], 0, &token, "solo", "k-1").expect("placed");
+
+    // A dies holding every partition; b starts while a's leases still run.
+    a.kill();
+    let killed = Instant::now();
+    let b = node(&nats, dir_b.path(), "b");
+    let mut api = Api::new(&b);
+    let mut saw_503 = false;
+    // Until a's leases lapse (2 s) nobody serves its partitions.
+    let answer = loop {
+        let answer = api.call("GET", "/v1/skus/solo", None, None, None);
+        if answer.status == 503 {
+            assert_eq!(answer.code(), "partition_unavailable");
+            assert!(answer.header("retry-after").is_some());
+            saw_503 = true;
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        break answer;
+    };
+    let took = killed.elapsed();
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert!(
+        saw_503 || took >= Duration::from_secs(2),
+        "no 503 seen, yet it moved in {took:?}"
+    );
+    eprintln!("partition moved {took:?} after the kill (503 seen meanwhile: {saw_503})");
+    assert!(took < SETTLE, "moved only after {took:?}");
+    // A replay of the first key through the new owner: the first answer.
+    let again = place(&[b.addr], 0, &token, "solo", "k-1").expect("replayed");
+    assert_eq!(again.order_id, placed.order_id);
+    let stock = BTreeMap::from([("solo".to_string(), 10)]);
+    check_books(&b, &[placed], &stock);
+}
