@@ -275,7 +275,12 @@ fn a_sale_through_three_nodes_sells_each_unit_once_and_survives_a_node_killed() 
     // The lists gather every partition, through any node.
     let admin = nodes[1].admin();
     let listed = Api::new(&nodes[1]).call("GET", "/v1/orders?limit=500", Some(&admin), None, None);
-    assert_eq!(listed.status, 200, "{}", String::from_utf8_lossy(&listed.body));
+    assert_eq!(
+        listed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
     let listed = listed.json();
     let listed: HashSet<String> = listed["orders"]
         .as_array()
@@ -342,4 +347,127 @@ fn a_partition_between_owners_answers_503_and_its_orders_survive_the_move() {
     assert_eq!(again.order_id, placed.order_id);
     let stock = BTreeMap::from([("solo".to_string(), 10)]);
     check_books(&b, &[placed], &stock);
+}
+
+/// The node that owns `sku`'s partition now, by id.
+fn owner_of(server: &Server, sku: &str) -> String {
+    let partition = flashcore::cluster::layout::partition_of_sku(
+        &flashcore::domain::SkuId::parse(sku).expect("valid"),
+        PARTITIONS,
+    );
+    let view = cluster_view(server).expect("the cluster view");
+    view["owners"][partition as usize]["node_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("partition {partition} has no owner: {view}"))
+        .to_string()
+}
+
+#[test]
+fn a_node_stopped_past_its_lease_steps_down_and_never_sells_from_stale_stock() {
+    let nats = NatsCluster::start(3);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let nodes: Vec<Server> = (0..2)
+        .map(|i| node(&nats, dirs[i].path(), &format!("s{i}")))
+        .collect();
+    wait_spread(&nodes[0], 2);
+    let stock = BTreeMap::from([("scarce".to_string(), 12)]);
+    create_sku(&nodes[0], "scarce", 12);
+    let owner = owner_of(&nodes[0], "scarce");
+    let (paused, other) = if owner == "s0" { (0, 1) } else { (1, 0) };
+    let token = nodes[other].customer("patient");
+    let mut acked = Vec::new();
+    for k in 0..4 {
+        let addrs = [nodes[paused].addr];
+        acked.extend(place(&addrs, 0, &token, "scarce", &format!("before-{k}")));
+    }
+
+    // The owner stops (SIGSTOP) with the SKU's stock in its memory; the
+    // other node takes the partition once the lease lapses and sells on.
+    nodes[paused].signal("-STOP");
+    let stopped = Instant::now();
+    for k in 0..4 {
+        let addrs = [nodes[other].addr];
+        acked.extend(place(&addrs, 0, &token, "scarce", &format!("during-{k}")));
+    }
+    let moved = stopped.elapsed();
+    eprintln!("the paused owner's partition sold again {moved:?} after SIGSTOP");
+    assert_eq!(owner_of(&nodes[other], "scarce"), format!("s{other}"));
+
+    // Resumed, the old owner still holds the old stock in memory; it must
+    // not sell from it: through it, orders go to the new owner, and what
+    // it might still append is refused by the journal.
+    nodes[paused].signal("-CONT");
+    for k in 0..10 {
+        let addrs = [nodes[paused].addr];
+        acked.extend(place(&addrs, 0, &token, "scarce", &format!("after-{k}")));
+    }
+    assert_eq!(
+        acked.len(),
+        12,
+        "every unit sold once, the rest out of stock"
+    );
+    check_books(&nodes[0], &acked, &stock);
+    check_books(&nodes[1], &acked, &stock);
+}
+
+#[test]
+fn the_sale_goes_on_when_the_journal_streams_leader_server_is_killed() {
+    let mut nats = NatsCluster::start(3);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let nodes: Vec<Server> = (0..2)
+        .map(|i| node(&nats, dirs[i].path(), &format!("m{i}")))
+        .collect();
+    wait_spread(&nodes[0], 2);
+    let stock: BTreeMap<String, u64> = (0..4).map(|i| (format!("item-{i}"), 100)).collect();
+    for sku in stock.keys() {
+        create_sku(&nodes[0], sku, 100);
+    }
+    let addrs: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.addr).collect();
+    let token = nodes[0].customer("steady");
+    let mut acked = Vec::new();
+    for (k, sku) in stock.keys().enumerate() {
+        acked.extend(place(&addrs, k, &token, sku, &format!("warm-{k}")));
+    }
+
+    let leader = journal_leader(&nats);
+    nats.kill(leader);
+    let killed = Instant::now();
+    // Every SKU orderable again: one order each, retried through both
+    // nodes until it is decided.
+    for (k, sku) in stock.keys().enumerate() {
+        acked.extend(place(&addrs, k, &token, sku, &format!("after-kill-{k}")));
+    }
+    let back = killed.elapsed();
+    eprintln!("every SKU orderable {back:?} after the journal's leader server was killed");
+    nats.restart(leader);
+    for (k, sku) in stock.keys().enumerate() {
+        acked.extend(place(&addrs, k, &token, sku, &format!("after-restart-{k}")));
+    }
+    assert_eq!(acked.len(), 12);
+    check_books(&nodes[0], &acked, &stock);
+    check_books(&nodes[1], &acked, &stock);
+}
+
+/// The index of the server leading the journal stream.
+fn journal_leader(nats: &NatsCluster) -> usize {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.addrs()).await.expect("connects");
+        let js = async_nats::jetstream::new(client);
+        let spec = flashcore::cluster::journal::JournalStream::new(3);
+        let mut stream = js.get_stream(&spec.name).await.expect("the journal stream");
+        let info = stream.info().await.expect("stream info");
+        let leader = info
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .expect("a leader");
+        leader
+            .trim_start_matches('n')
+            .parse()
+            .unwrap_or_else(|_| panic!("a server name n<i>, not {leader}"))
+    })
 }

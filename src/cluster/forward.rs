@@ -1,9 +1,10 @@
 //! A request for a partition this node does not own, carried to the node
 //! that does over a NATS request, and its answer carried back.
 //!
-//! The owner of partition `p` (and only it: it subscribes when it takes the
-//! partition over and unsubscribes when it lets go) serves the subject
-//! `fc.req.{p}` in the queue group [`QUEUE_GROUP`]. The request is the HTTP
+//! The owner of partition `p` serves the subject `fc.req.{p}`: it
+//! subscribes when it takes the partition over and unsubscribes when it
+//! lets go, and a node that still holds a subscription but may no longer
+//! answer for the partition stays silent (`node.rs`). The request is the HTTP
 //! request itself, already admitted by the node that received it: method,
 //! path with query, the headers that carry meaning (token, idempotency key,
 //! content type) and the body (at most the front's 64 KiB). The owner runs
@@ -20,9 +21,6 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-
-/// The queue group that a partition's owner serves its subject in.
-pub const QUEUE_GROUP: &str = "fc-owner";
 
 /// How long the receiving node waits for the owner's answer. An owner
 /// answers in milliseconds; a stall past this is an owner that is stopped

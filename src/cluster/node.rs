@@ -246,6 +246,9 @@ impl Node {
         let client = async_nats::ConnectOptions::new()
             .name(format!("flashcore {}", config.node_id))
             .connection_timeout(Duration::from_secs(5))
+            // A server that stops answering (paused, cut off) is left for
+            // another within a few seconds, not the default two minutes.
+            .ping_interval(Duration::from_secs(2))
             .connect(addrs)
             .await
             .map_err(|source| NodeError::Connect {
@@ -686,11 +689,19 @@ impl Node {
     }
 
     /// Subscribes to `partition`'s requests and serves each on a task.
+    ///
+    /// Every subscriber of the subject gets every request (no queue
+    /// group): a node that subscribed and then stopped answering for the
+    /// partition (SIGSTOPped past its lease, say) stays subscribed until
+    /// it runs again, and a queue group would hand it a share of the
+    /// requests to time out on. A node answers only while it may still
+    /// answer for the partition, and stays silent otherwise, so the one
+    /// answer a request gets is the owner's.
     async fn listen(&self, partition: u32) -> Result<JoinHandle<()>, String> {
         let mut subscription = self
             .inner
             .client
-            .queue_subscribe(forward::subject(partition), forward::QUEUE_GROUP.into())
+            .subscribe(forward::subject(partition))
             .await
             .map_err(|e| e.to_string())?;
         // Make sure the server has the subscription before anyone is sent
@@ -706,11 +717,18 @@ impl Node {
             .cloned()
             .ok_or_else(|| "no request handler is set".to_string())?;
         let client = self.inner.client.clone();
+        let node = Arc::downgrade(&self.inner);
         Ok(tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
                 let Some(reply) = message.reply.clone() else {
                     continue;
                 };
+                let Some(inner) = node.upgrade() else {
+                    return;
+                };
+                if (Node { inner }).local(partition).is_none() {
+                    continue;
+                }
                 let (handler, client) = (Arc::clone(&handler), client.clone());
                 tokio::spawn(async move {
                     let answer =

@@ -158,6 +158,17 @@ impl Server {
         }
     }
 
+    /// Sends `signal` (`-STOP`, `-CONT`, ...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        // `kill` the command, not libc: test crates stay free of unsafe.
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Waits up to `patience` for the process to exit by itself.
     pub fn wait_exit(&mut self, patience: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
