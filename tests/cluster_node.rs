@@ -163,6 +163,34 @@ fn place(
     }
 }
 
+/// One order of one unit of `sku`, sent once through `server`.
+fn order_raw(
+    server: &Server,
+    token: &str,
+    sku: &str,
+    key: &str,
+    promo: Option<&str>,
+) -> support::server::Response {
+    let promo = promo.map_or(String::new(), |code| format!(r#","promo_code":"{code}""#));
+    let body = format!(r#"{{"items":[{{"sku_id":"{sku}","qty":1}}]{promo}}}"#);
+    Api::new(server).call("POST", "/v1/orders", Some(token), Some(key), Some(&body))
+}
+
+/// A SKU of `stock` in another partition than `sku`'s.
+fn skus_in_other_partition(stock: &BTreeMap<String, u64>, sku: &str) -> String {
+    let partition = |id: &str| {
+        flashcore::cluster::layout::partition_of_sku(
+            &flashcore::domain::SkuId::parse(id).expect("valid"),
+            PARTITIONS,
+        )
+    };
+    stock
+        .keys()
+        .find(|other| partition(other) != partition(sku))
+        .expect("the SKUs span partitions")
+        .clone()
+}
+
 /// The book check through `server`: every acknowledged order is there with
 /// its SKU, ids are unique, and each SKU holds as reserved exactly the
 /// units its acknowledged orders took, never more than its stock.
@@ -218,7 +246,61 @@ fn a_sale_through_three_nodes_sells_each_unit_once_and_survives_a_node_killed() 
         first.order_id, again.order_id,
         "a replay through another node"
     );
-    let acked = Arc::new(Mutex::new(vec![first]));
+    // The same key with another body through a third node is a 422, also
+    // when the other body's SKU is in another partition.
+    let elsewhere = skus_in_other_partition(&stock, "drop-0");
+    let conflict = order_raw(&nodes[2], &token, &elsewhere, "replay-1", None);
+    assert_eq!(
+        conflict.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&conflict.body)
+    );
+    assert_eq!(conflict.code(), "idempotency_conflict");
+
+    // A promotion created through one node prices an order through another;
+    // its code is taken through every node.
+    let admin = nodes[1].admin();
+    let promo = r#"{"code":"DROP1","threshold_cents":0,"off_cents":100}"#;
+    let created =
+        Api::new(&nodes[1]).call("POST", "/v1/promotions", Some(&admin), None, Some(promo));
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let again = Api::new(&nodes[2]).call("POST", "/v1/promotions", Some(&admin), None, Some(promo));
+    assert_eq!(
+        again.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.code(), "already_exists");
+    let started = Instant::now();
+    let discounted = loop {
+        let answer = order_raw(&nodes[2], &token, "drop-1", "promo-1", Some("DROP1"));
+        // The other nodes learn of the promotion through their watch of
+        // the bucket, within milliseconds.
+        if answer.status == 400 && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        assert_eq!(
+            answer.status,
+            201,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        break answer.json();
+    };
+    assert_eq!(discounted["discount_cents"], 100, "{discounted}");
+    let promo_order = Acked {
+        order_id: discounted["order_id"].as_str().expect("an id").to_string(),
+        sku: "drop-1".into(),
+    };
+    let acked = Arc::new(Mutex::new(vec![first, promo_order]));
 
     // The storm: buyers on every node, each order decided by retrying its
     // key, while node 2 is killed half-way.

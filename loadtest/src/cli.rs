@@ -82,9 +82,12 @@ impl Durability {
 /// Flags every scenario takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// A running server, e.g. http://127.0.0.1:8080 (loopback only).
+    /// A running server, e.g. http://127.0.0.1:8080 (loopback only). Give
+    /// it again for each node of a cluster: connections go round-robin over
+    /// them, setup runs through the first and the book check reads through
+    /// the last.
     #[arg(long, required_unless_present = "spawn", conflicts_with = "spawn")]
-    pub url: Option<String>,
+    pub url: Vec<String>,
 
     /// Start `flashcore serve` on a free loopback port with a temp data dir,
     /// and stop it after the run.
@@ -269,6 +272,20 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn url_may_be_given_once_per_node() {
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "flash-sale",
+            "--url",
+            "http://127.0.0.1:8081",
+            "--url",
+            "http://127.0.0.1:8082",
+        ])
+        .expect("parses");
+        assert_eq!(cli.scenario.common().url.len(), 2);
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub async fn execute(cli: Cli) -> Result<Summary> {
     let watcher = watch_interrupts(interrupted.clone(), server_pid.clone());
     let started = start_target(common, &server_pid).await;
     let Target {
-        addr,
+        addrs,
         secret,
         mut server,
         label: target_label,
@@ -77,7 +77,7 @@ pub async fn execute(cli: Cli) -> Result<Summary> {
         .as_ref()
         .and_then(SpawnedServer::pid)
         .or(common.server_pid);
-    let outcome = load_and_check(cmd, addr, &secret, rss_pid, &target_label, interrupted).await;
+    let outcome = load_and_check(cmd, &addrs, &secret, rss_pid, &target_label, interrupted).await;
 
     let mut server_info = ServerInfo {
         pid: rss_pid,
@@ -164,7 +164,7 @@ fn fill_rss(info: &mut ServerInfo, timeline: &[TimelinePoint]) {
 
 async fn load_and_check(
     cmd: &ScenarioCmd,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     secret: &str,
     rss_pid: Option<u32>,
     target_label: &str,
@@ -179,12 +179,19 @@ async fn load_and_check(
     let run_id = scenario::unix_millis().to_string();
     let seed = scenario::unix_millis() ^ u64::from(std::process::id()).rotate_left(32);
 
+    // Several nodes of a cluster: setup through the first, connections
+    // round-robin, the books read through the last (any node must show
+    // every acknowledged change).
+    let (Some(&addr), Some(&check_addr)) = (addrs.first(), addrs.last()) else {
+        anyhow::bail!("no server to load");
+    };
     let mut setup_conn = Conn::new(addr, common.timeout)?;
     let plan = setup::plan(cmd, &mut setup_conn, &minter, &admin, &run_id, seed).await?;
     drop(setup_conn);
 
     let mut conns = Vec::with_capacity(plan.agents.len());
     for i in 0..common.connections {
+        let addr = addrs[i as usize % addrs.len()];
         let mut conn = Conn::new(addr, common.timeout)?;
         conn.open().await.map_err(|f| {
             anyhow!(
@@ -284,7 +291,14 @@ async fn load_and_check(
         input.acked.len(),
         input.skus.len()
     );
-    let book = books::check(addr, common.timeout, &admin, &input, common.connections).await?;
+    let book = books::check(
+        check_addr,
+        common.timeout,
+        &admin,
+        &input,
+        common.connections,
+    )
+    .await?;
 
     let elapsed_s = elapsed.as_secs_f64();
     let backlog_unsent = match &pacer {
@@ -370,7 +384,8 @@ fn run_info(
 
 /// The server a run loads.
 struct Target {
-    addr: SocketAddr,
+    /// One address, or one per node of a cluster.
+    addrs: Vec<SocketAddr>,
     /// The JWT secret tokens are signed with.
     secret: String,
     /// Set when we spawned it.
@@ -407,22 +422,26 @@ async fn start_target(common: &CommonArgs, server_pid: &Arc<AtomicU32>) -> Resul
             opts.log_path.display()
         );
         Ok(Target {
-            addr,
+            addrs: vec![addr],
             secret,
             server: Some(server),
             label: format!("spawned {addr}"),
         })
     } else {
-        let url = common.url.as_deref().context("give --url or --spawn")?;
-        let addr = target::loopback_addr(url)?;
+        anyhow::ensure!(!common.url.is_empty(), "give --url or --spawn");
+        let addrs = common
+            .url
+            .iter()
+            .map(|url| target::loopback_addr(url))
+            .collect::<Result<Vec<_>>>()?;
         let secret = common.jwt_secret.clone().context(
             "--url needs the server's JWT secret to mint tokens: pass --jwt-secret or set FLASHCORE_JWT_SECRET",
         )?;
         Ok(Target {
-            addr,
+            addrs,
             secret,
             server: None,
-            label: url.to_owned(),
+            label: common.url.join(" "),
         })
     }
 }

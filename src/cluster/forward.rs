@@ -35,6 +35,9 @@ pub const REQUEST_HEADERS: [&str; 3] = ["authorization", "idempotency-key", "con
 /// The answer headers carried back (lowercase).
 pub const ANSWER_HEADERS: [&str; 3] = ["content-type", "retry-after", "allow"];
 
+/// The header that marks a key probe (`claims.rs`) instead of a request.
+pub const PROBE: &str = "Fc-Probe";
+
 const METHOD: &str = "Fc-Method";
 const URI: &str = "Fc-Uri";
 const STATUS: &str = "Fc-Status";

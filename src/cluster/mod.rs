@@ -14,6 +14,7 @@
 //! Every call to the servers carries a timeout: a server that does not
 //! answer is a failure the caller sees, never a task that waits for ever.
 
+pub mod claims;
 pub mod forward;
 pub mod journal;
 pub mod layout;

@@ -37,14 +37,19 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::clock::Clock;
+use crate::cluster::claims::{self, Claimed, Held};
 use crate::cluster::forward::{self, ForwardedAnswer, ForwardedRequest};
 use crate::cluster::journal::{self, JetStreamJournal, JournalStream};
 use crate::cluster::layout;
 use crate::cluster::lease::{LeaseKeeper, Leases};
 use crate::cluster::partition::{self, OwnedPartition, Takeover};
 use crate::cluster::snapshots;
+use crate::domain::idem::Lookup;
+use crate::domain::promo::Promotion;
+use crate::domain::{IdempotencyKey, PromoCode, UserId};
 use crate::engine::{Engine, EngineConfig, IdSpace};
 use crate::journal::SnapshotPolicy;
+use crate::limits::PROMOTIONS_MAX;
 
 /// The bucket of partition leases.
 pub const LEASES_BUCKET: &str = "fc_leases";
@@ -54,6 +59,8 @@ pub const NODES_BUCKET: &str = "fc_nodes";
 pub const SETTINGS_BUCKET: &str = "fc_cluster";
 /// The object store of partition snapshots.
 pub const SNAPSHOTS_BUCKET: &str = "fc_snapshots";
+/// The bucket of promotions (one key per code, kept for ever).
+pub const PROMOTIONS_BUCKET: &str = "fc_promotions";
 
 /// Partitions taken over at once: each is a recovery (object store and
 /// stream reads) and an engine start; a few at a time keep a node that
@@ -142,6 +149,20 @@ pub enum NodeError {
     Nodes(String),
 }
 
+/// Why a promotion was not created.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PromotionError {
+    /// A promotion with this code exists.
+    #[error("promotion {0} already exists")]
+    AlreadyExists(String),
+    /// [`PROMOTIONS_MAX`] promotions exist.
+    #[error("there are too many promotions ({PROMOTIONS_MAX})")]
+    Full,
+    /// The bucket did not answer.
+    #[error("the cluster's promotions bucket: {0}")]
+    Unavailable(String),
+}
+
 /// A live node as its presence key says.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
@@ -202,6 +223,11 @@ struct Inner {
     snapshots: ObjectStore,
     leases: Arc<Leases>,
     nodes: kv::Store,
+    promotions_bucket: kv::Store,
+    claims: kv::Store,
+    /// Every promotion of the cluster this node has seen (its watch of the
+    /// bucket), adopted by every engine it serves.
+    promotions: RwLock<HashMap<PromoCode, Promotion>>,
     served: RwLock<HashMap<u32, Arc<Served>>>,
     handler: OnceLock<RequestHandler>,
     runtime: Handle,
@@ -209,6 +235,7 @@ struct Inner {
     settled: AtomicBool,
     stopping: AtomicBool,
     looping: Mutex<Option<JoinHandle<()>>>,
+    watching: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The handle to this node's part of the cluster (cheap to clone).
@@ -272,6 +299,13 @@ impl Node {
         );
         let snapshots = snapshots::open_bucket(&context, SNAPSHOTS_BUCKET, config.replicas).await?;
         let nodes = open_nodes_bucket(&context, config.lease_ttl, config.replicas).await?;
+        let promotions_bucket =
+            layout::cluster_bucket(&context, PROMOTIONS_BUCKET, config.replicas)
+                .await
+                .map_err(|e| NodeError::Nodes(format!("the promotions bucket: {e}")))?;
+        let claims = claims::open_bucket(&context, config.replicas)
+            .await
+            .map_err(NodeError::Nodes)?;
         Ok(Node {
             inner: Arc::new(Inner {
                 config,
@@ -281,12 +315,16 @@ impl Node {
                 snapshots,
                 leases,
                 nodes,
+                promotions_bucket,
+                claims,
+                promotions: RwLock::new(HashMap::new()),
                 served: RwLock::new(HashMap::new()),
                 handler: OnceLock::new(),
                 runtime: Handle::current(),
                 settled: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
                 looping: Mutex::new(None),
+                watching: Mutex::new(None),
             }),
         })
     }
@@ -300,6 +338,149 @@ impl Node {
         let node = self.clone();
         let task = tokio::spawn(async move { node.ownership_loop().await });
         *crate::engine::lock(&self.inner.looping) = Some(task);
+        let node = self.clone();
+        let task = tokio::spawn(async move { node.watch_promotions().await });
+        *crate::engine::lock(&self.inner.watching) = Some(task);
+    }
+
+    /// Creates a promotion for the whole cluster: a create in the
+    /// promotions bucket (a quorum write, so exactly one of two racing
+    /// creates of a code wins), then every engine here adopts it; the other
+    /// nodes' watches bring it to theirs.
+    ///
+    /// # Errors
+    /// [`PromotionError`].
+    pub async fn create_promotion(&self, promo: Promotion) -> Result<Promotion, PromotionError> {
+        let bucket = &self.inner.promotions_bucket;
+        let count = tokio::time::timeout(STOP_CALL_TIMEOUT, bucket.status())
+            .await
+            .map_err(|_| PromotionError::Unavailable("no answer in time".into()))?
+            .map_err(|e| PromotionError::Unavailable(e.to_string()))?
+            .values();
+        if count >= PROMOTIONS_MAX as u64 {
+            return Err(PromotionError::Full);
+        }
+        let value =
+            serde_json::to_vec(&promo).map_err(|e| PromotionError::Unavailable(e.to_string()))?;
+        let created = tokio::time::timeout(
+            STOP_CALL_TIMEOUT,
+            bucket.create(promo.code.as_str(), value.into()),
+        )
+        .await
+        .map_err(|_| PromotionError::Unavailable("no answer in time".into()))?;
+        match created {
+            Ok(_) => {
+                self.adopt(promo);
+                Ok(promo)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                Err(PromotionError::AlreadyExists(promo.code.to_string()))
+            }
+            Err(e) => Err(PromotionError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Settles the claim of `user`'s `key` for `partition`
+    /// (`claims.rs`): whether the keyed request may go there.
+    ///
+    /// # Errors
+    /// When the claims bucket or the partition holding the claim does not
+    /// answer.
+    pub async fn claim(
+        &self,
+        user: UserId,
+        key: IdempotencyKey,
+        partition: u32,
+    ) -> Result<Claimed, String> {
+        let bucket_key = claims::claim_key(&user, &key);
+        claims::claim(&self.inner.claims, &bucket_key, partition, |holder| {
+            self.probe(holder, user, key.clone())
+        })
+        .await
+    }
+
+    /// Whether `partition` holds a record for `user`'s `key`: asked of its
+    /// engine here, or of its owner.
+    async fn probe(
+        &self,
+        partition: u32,
+        user: UserId,
+        key: IdempotencyKey,
+    ) -> Result<Held, String> {
+        if let Some(engine) = self.local(partition) {
+            return probe_engine(&engine, user, &key);
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(forward::PROBE, "idempotency");
+        let payload = format!("{}\n{}", user.as_str(), key.as_str());
+        let send = self.inner.client.request_with_headers(
+            forward::subject(partition),
+            headers,
+            payload.into(),
+        );
+        let reply = tokio::time::timeout(forward::FORWARD_TIMEOUT, send)
+            .await
+            .map_err(|_| format!("partition {partition}'s owner did not answer in time"))?
+            .map_err(|e| format!("partition {partition}'s owner: {e}"))?;
+        match &reply.payload[..] {
+            b"record" => Ok(Held::Record),
+            b"free" => Ok(Held::Free),
+            other => Err(format!(
+                "partition {partition}'s owner: {}",
+                String::from_utf8_lossy(other)
+            )),
+        }
+    }
+
+    /// Keeps `promo` and hands it to every engine served here.
+    fn adopt(&self, promo: Promotion) {
+        self.inner
+            .promotions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(promo.code, promo);
+        for (_, engine) in self.engines() {
+            engine.adopt_promotion(promo);
+        }
+    }
+
+    /// Follows the promotions bucket (every value, then every new one),
+    /// re-watching after an error.
+    async fn watch_promotions(self) {
+        loop {
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match self
+                .inner
+                .promotions_bucket
+                .watch_all_from_revision(1)
+                .await
+            {
+                Ok(mut entries) => {
+                    while let Some(entry) = entries.next().await {
+                        let entry = match entry {
+                            Ok(entry) => entry,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "watching promotions");
+                                break;
+                            }
+                        };
+                        if entry.operation != kv::Operation::Put {
+                            continue;
+                        }
+                        match serde_json::from_slice::<Promotion>(&entry.value) {
+                            Ok(promo) => self.adopt(promo),
+                            Err(e) => {
+                                tracing::error!(key = %entry.key, error = %e, "a promotion that does not parse");
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watching promotions"),
+            }
+            tokio::time::sleep(self.inner.config.lease_ttl / 3).await;
+        }
     }
 
     /// This node's id.
@@ -450,8 +631,11 @@ impl Node {
     /// last snapshot each, then the lease released), then the presence key.
     pub async fn stop(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
-        let task = crate::engine::lock(&self.inner.looping).take();
-        if let Some(task) = task {
+        let tasks = [
+            crate::engine::lock(&self.inner.looping).take(),
+            crate::engine::lock(&self.inner.watching).take(),
+        ];
+        for task in tasks.into_iter().flatten() {
             task.abort();
             // Aborted or ended: either way it no longer runs.
             let _ = task.await;
@@ -666,6 +850,17 @@ impl Node {
                 return false;
             }
         };
+        let known: Vec<Promotion> = self
+            .inner
+            .promotions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .copied()
+            .collect();
+        for promo in known {
+            owned.engine.adopt_promotion(promo);
+        }
         let served = Arc::new(Served {
             engine: owned.engine.clone(),
             journal: Arc::clone(&owned.journal),
@@ -726,7 +921,18 @@ impl Node {
                 let Some(inner) = node.upgrade() else {
                     return;
                 };
-                if (Node { inner }).local(partition).is_none() {
+                let Some(engine) = (Node { inner }).local(partition) else {
+                    continue;
+                };
+                if message
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(forward::PROBE).is_some())
+                {
+                    let answer = answer_probe(&engine, &message.payload);
+                    if let Err(e) = client.publish(reply, answer.into()).await {
+                        tracing::warn!(partition, error = %e, "answering a key probe");
+                    }
                     continue;
                 }
                 let (handler, client) = (Arc::clone(&handler), client.clone());
@@ -799,6 +1005,34 @@ impl Node {
                 Err(_) => tracing::warn!(partition, "releasing a handed-back lease: no answer"),
             }
         }
+    }
+}
+
+/// Whether `engine` holds a record for `user`'s `key`.
+fn probe_engine(engine: &Engine, user: UserId, key: &IdempotencyKey) -> Result<Held, String> {
+    // No real request has an all-zero fingerprint: any record is "another
+    // request's".
+    match engine.idempotency(user, key, [0; 16]) {
+        Ok(Lookup::Fresh) => Ok(Held::Free),
+        Ok(_) => Ok(Held::Record),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The owner's answer to a key probe (`user\nkey`): `record`, `free`, or
+/// why it cannot tell.
+fn answer_probe(engine: &Engine, payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(payload);
+    let Some((user, key)) = text.split_once('\n') else {
+        return "a probe is user\\nkey".into();
+    };
+    let (Ok(user), Ok(key)) = (UserId::parse(user), IdempotencyKey::parse(key)) else {
+        return "a probe names a valid user and key".into();
+    };
+    match probe_engine(engine, user, &key) {
+        Ok(Held::Record) => "record".into(),
+        Ok(Held::Free) => "free".into(),
+        Err(e) => e,
     }
 }
 

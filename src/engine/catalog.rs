@@ -311,6 +311,28 @@ impl Engine {
         Ok(promo)
     }
 
+    /// Takes a promotion that lives outside this engine's journal (cluster
+    /// mode: the cluster's promotions bucket) into its table, in memory
+    /// only: an order's record carries its discount, so replay never needs
+    /// the table. One that is already there is left as it is.
+    pub fn adopt_promotion(&self, promo: Promotion) {
+        let mut promotions = self
+            .inner
+            .promotions
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if promotions.get(&promo.code).is_none() {
+            let event = Event::PromotionCreated {
+                promo,
+                at_ms: self.now_ms(),
+            };
+            // Not there: the insert cannot meet a duplicate.
+            if let Err(e) = promotions.apply(&event) {
+                tracing::warn!(error = %e, "adopting a promotion");
+            }
+        }
+    }
+
     /// The promotion with this code.
     ///
     /// # Errors

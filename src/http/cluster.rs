@@ -11,8 +11,14 @@
 //!   (part 2), never half-placed;
 //! - `GET /v1/skus` and `GET /v1/orders`: every partition, gathered and
 //!   merged in the order a single node answers in;
-//! - carts and promotions: refused with `400` in cluster mode for now
-//!   (they need cross-partition orders and a replicated promotion table).
+//! - `POST /v1/promotions`: served on this node, in the cluster's
+//!   promotions bucket (`cluster::node`);
+//! - carts: refused with `400` in cluster mode for now (a checkout is an
+//!   order across partitions).
+//!
+//! A keyed change (`Idempotency-Key`) first claims its key for its
+//! partition (`cluster::claims`), so the same key with another body is a
+//! `422` through any node.
 //!
 //! A partition this node serves runs the handler here with that
 //! partition's engine; any other goes to its owner as a NATS request
@@ -31,13 +37,14 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 
+use crate::cluster::claims::Claimed;
 use crate::cluster::forward::{self, ForwardedAnswer, ForwardedRequest};
 use crate::cluster::layout::partition_of_sku;
 use crate::cluster::node::{Node, RequestHandler};
-use crate::domain::SkuId;
+use crate::domain::{IdempotencyKey, SkuId};
 use crate::engine::Engine;
 use crate::http::error::ApiError;
-use crate::http::{AppState, Front};
+use crate::http::{AppState, Front, Verified};
 use crate::limits::BODY_BYTES_MAX;
 
 /// Partitions asked at once by a gathering read.
@@ -146,9 +153,6 @@ fn target(method: &Method, path: &str, body: &[u8], partitions: u32) -> Target {
              POST /v1/orders"
                 .into(),
         ),
-        ["v1", "promotions", ..] => {
-            Target::Refused("promotions are not served in cluster mode yet".into())
-        }
         _ => Target::Here,
     }
 }
@@ -204,6 +208,11 @@ where
         (Some(ForwardedTo(partition)), _) => Target::Partition(partition),
         (None, target) => target,
     };
+    if let (Target::Partition(partition), None) = (&target, forwarded)
+        && let Err(refused) = claim_key(node, &parts, *partition).await
+    {
+        return refused.into_response();
+    }
     let mut request = Request::from_parts(parts, Body::from(body.clone()));
     match target {
         Target::Here | Target::Refused(_) => inner(request).await,
@@ -231,6 +240,32 @@ where
             let (parts, _) = request.into_parts();
             gather(node, what, forwarded_request(&parts, body)).await
         }
+    }
+}
+
+/// Claims a keyed change's `Idempotency-Key` for `partition` before it
+/// goes there (`cluster::claims`): the same key with another body, whose
+/// change went to another partition, is a `422` here as on a node alone.
+/// A request without a key, or with one the handler will refuse, passes.
+async fn claim_key(node: &Node, parts: &Parts, partition: u32) -> Result<(), ApiError> {
+    if parts.method != Method::POST {
+        return Ok(());
+    }
+    let Some(Verified(caller)) = parts.extensions.get::<Verified>().copied() else {
+        return Ok(());
+    };
+    let key = parts
+        .headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| IdempotencyKey::parse(v).ok());
+    let Some(key) = key else {
+        return Ok(());
+    };
+    match node.claim(caller.user, key, partition).await {
+        Ok(Claimed::Go) => Ok(()),
+        Ok(Claimed::Conflict) => Err(ApiError::IdempotencyConflict),
+        Err(why) => Err(ApiError::PartitionUnavailable(why)),
     }
 }
 

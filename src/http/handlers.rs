@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 
+use crate::cluster::node::PromotionError;
 use crate::domain::event::SkuQty;
 use crate::domain::idem::FirstAnswer;
 use crate::domain::promo::Promotion;
@@ -261,7 +262,8 @@ pub async fn restock(
     Ok(outcome(StatusCode::OK, answer))
 }
 
-/// `POST /v1/promotions` (admin).
+/// `POST /v1/promotions` (admin). In cluster mode the promotion goes into
+/// the cluster's bucket, from which every partition's engine adopts it.
 pub async fn create_promotion(
     State(state): State<AppState>,
     Admin(_): Admin,
@@ -269,7 +271,14 @@ pub async fn create_promotion(
     ApiJson(body): ApiJson<PromotionBody>,
 ) -> Answer {
     let promo = Promotion::new(body.code, body.threshold_cents, body.off_cents)?;
-    let created = routed.engine(&state)?.create_promotion(promo).await?;
+    let created = match state.cluster() {
+        Some(node) => node.create_promotion(promo).await.map_err(|e| match e {
+            PromotionError::AlreadyExists(_) => ApiError::AlreadyExists(e.to_string()),
+            PromotionError::Full => ApiError::invalid(e.to_string()),
+            PromotionError::Unavailable(_) => ApiError::StorageUnavailable(e.to_string()),
+        })?,
+        None => routed.engine(&state)?.create_promotion(promo).await?,
+    };
     Ok((StatusCode::CREATED, Json(PromotionJson::from(&created))).into_response())
 }
 
