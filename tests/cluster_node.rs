@@ -52,7 +52,7 @@ fn cluster_view(server: &Server) -> Option<Value> {
     (answer.status == 200).then(|| answer.json())
 }
 
-/// Waits until every partition has an owner among `nodes` live nodes and
+/// Waits until every partition is owned by one of `nodes` live nodes and
 /// each owns at least one; returns the view.
 fn wait_spread(server: &Server, nodes: usize) -> Value {
     let started = Instant::now();
@@ -60,8 +60,13 @@ fn wait_spread(server: &Server, nodes: usize) -> Value {
         if let Some(view) = cluster_view(server) {
             let owners = view["owners"].as_array().cloned().unwrap_or_default();
             let live = view["nodes"].as_array().cloned().unwrap_or_default();
+            let names: HashSet<&str> = live.iter().filter_map(|n| n["node_id"].as_str()).collect();
+            // Owned by a live node (a dead node's lease lingers until the
+            // servers expire it).
             let all_owned = owners.len() == PARTITIONS as usize
-                && owners.iter().all(|o| o["node_id"].is_string());
+                && owners
+                    .iter()
+                    .all(|o| o["node_id"].as_str().is_some_and(|n| names.contains(n)));
             let spread = live.len() == nodes
                 && live
                     .iter()

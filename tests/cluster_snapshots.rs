@@ -113,9 +113,26 @@ fn a_killed_server_loses_no_snapshot() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     written.expect("a write with one server down");
-    assert_eq!(store.list().expect("list"), vec![2, 1]);
-    assert_eq!(store.read(1).expect("read 1"), first);
+    // A call that meets the client's reconnect (it was connected to the
+    // killed server) times out and is retried, as a takeover retries.
+    let listed = retried(|| store.list());
+    assert_eq!(listed, vec![2, 1]);
+    assert_eq!(retried(|| store.read(1)), first);
 
     setup.cluster.restart(0);
     assert_eq!(store.read(2).expect("read 2"), second);
+}
+
+/// `call` retried every 200 ms, at most 50 times, while the cluster settles
+/// after a server was killed; panics with the last error.
+fn retried<T, E: std::fmt::Debug>(mut call: impl FnMut() -> Result<T, E>) -> T {
+    let mut last = None;
+    for _ in 0..50 {
+        match call() {
+            Ok(value) => return value,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("still failing after 10 s: {last:?}");
 }

@@ -76,6 +76,12 @@ pub const HANDBACKS_PER_PASS: usize = 8;
 /// bounds a stuck handler).
 const SERVE_TIMEOUT: Duration = forward::FORWARD_TIMEOUT;
 
+/// How long a starting node keeps trying to reach its servers.
+pub const JOIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The pause between two attempts at joining.
+const JOIN_RETRY: Duration = Duration::from_millis(500);
+
 /// Longest a call made during a graceful stop may take.
 const STOP_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -161,6 +167,25 @@ pub enum PromotionError {
     /// The bucket did not answer.
     #[error("the cluster's promotions bucket: {0}")]
     Unavailable(String),
+}
+
+impl NodeError {
+    /// Whether trying again may succeed (servers not up or not ready yet),
+    /// as opposed to a setting that is wrong.
+    fn may_pass(&self) -> bool {
+        use crate::cluster::lease::LeaseError;
+        match self {
+            NodeError::BadServer(_) => false,
+            NodeError::Layout(e) => matches!(e, layout::LayoutError::Nats(_)),
+            NodeError::Lease(e) => {
+                matches!(e, LeaseError::Timeout { .. } | LeaseError::Nats { .. })
+            }
+            NodeError::Journal(e) => {
+                !matches!(e, journal::ClusterJournalError::StreamMismatch { .. })
+            }
+            NodeError::Connect { .. } | NodeError::Snapshots(_) | NodeError::Nodes(_) => true,
+        }
+    }
 }
 
 /// A live node as its presence key says.
@@ -261,6 +286,24 @@ impl Node {
     /// # Errors
     /// [`NodeError`].
     pub async fn join(config: NodeConfig) -> Result<Node, NodeError> {
+        // Servers started together with the nodes (a script, a machine
+        // booting) take a few seconds to listen and elect their JetStream
+        // leaders: what may pass is retried until JOIN_PATIENCE; a setting
+        // that is wrong is refused at once.
+        let deadline = Instant::now() + JOIN_PATIENCE;
+        loop {
+            match Node::join_once(config.clone()).await {
+                Ok(node) => return Ok(node),
+                Err(e) if e.may_pass() && Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "joining the cluster; retrying");
+                    tokio::time::sleep(JOIN_RETRY).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn join_once(config: NodeConfig) -> Result<Node, NodeError> {
         let servers = config.servers.join(",");
         let addrs = config
             .servers
