@@ -127,9 +127,12 @@ pub const ARCHIVE_AFTER_DEFAULT_MS: u64 = 10 * 60 * 1000;
 /// rather than keep history in memory by accident.
 pub const ARCHIVE_AFTER_MAX_MS: u64 = 366 * 24 * 60 * 60 * 1000;
 
-/// How often each order shard sweeps finished orders into the archive. One
-/// sweep is one archive write and one sync, so this bounds the extra
-/// fsyncs an idle-looking shop pays to a few a second across all shards.
+/// How often each order shard sweeps finished orders into the archive when
+/// its last sweep left nothing due. One sweep is one archive write and one
+/// sync, so this bounds the extra fsyncs an idle-looking shop pays to a few
+/// a second across all shards; a shard with a backlog writes full batches
+/// ([`ARCHIVE_BATCH_MAX`]) back to back instead, so the backlog drains as
+/// fast as the time-bounded picks ([`SWEEP_SLICE_US`] a tick) go.
 pub const ARCHIVE_SWEEP_MS: u64 = 1_000;
 
 /// Most orders one shard archives in one sweep: one `OrdersArchived` event

@@ -355,3 +355,51 @@ async fn replay_by_parts_archives_and_restores_as_whole_replay_does() {
     };
     assert_eq!(view(&parts), view(&whole));
 }
+
+/// The shards' own timers drain a backlog of more than one batch per shard
+/// without waiting for the clock: a pick is bounded by time each tick, and
+/// a shard with more due picks again at the next tick instead of after
+/// `ARCHIVE_SWEEP_MS`. (One bounded pick per `ARCHIVE_SWEEP_MS` drained a
+/// few hundred orders a second on a busy machine, so a restart after a busy
+/// sale kept its finished orders in memory for a minute.) The clock stands
+/// still here, so only the first sweep of each shard may count on time
+/// passing: every further batch must come from the backlog rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_many_batches_drains_on_the_timers_without_the_clock_moving() {
+    const ORDERS: u64 = 12_000;
+    let s = shop();
+    let e = &s.engine;
+    let shards = u64::try_from(EngineConfig::default().order_shards).expect("fits");
+    assert!(
+        ORDERS > shards * 1_000,
+        "more than one full batch (ARCHIVE_BATCH_MAX) per shard"
+    );
+    create(e, "pin", 100, ORDERS, None).await;
+    for i in 0..ORDERS {
+        e.place_order(user(&format!("u{i}")), &[line("pin", 1)], None, None)
+            .await
+            .expect("placed");
+    }
+    s.clock
+        .advance_ms(EngineConfig::default().reservation_ttl_ms + 1);
+    e.expire_due().await.expect("expires");
+    s.clock.advance_ms(AFTER_MS);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let counts = e.order_counts().await.expect("counts");
+        let live: u64 = counts.iter().map(|(_, n)| n).sum();
+        if live == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{live} of {ORDERS} orders still in memory, {} archived",
+            s.archive.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(s.archive.len(), ORDERS as usize);
+    let archived: usize = archived_events(&s.journal).iter().map(Vec::len).sum();
+    assert_eq!(archived, ORDERS as usize, "each journaled once");
+}

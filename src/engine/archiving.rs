@@ -16,33 +16,37 @@ use crate::engine::{EngineError, Reply};
 use crate::limits::{ARCHIVE_BATCH_MAX, ARCHIVE_SWEEP_MS};
 
 impl OrderShard {
-    /// Takes up to [`ARCHIVE_BATCH_MAX`] finished orders past the retention
-    /// window off the queue, oldest first, until `budget` is spent, as
-    /// copies to write to the archive.
-    fn due_for_archive(&mut self, now_ms: u64, budget: &mut SliceBudget) -> Vec<Order> {
+    /// Moves finished orders past the retention window off the queue into
+    /// the next batch (`picked`), as copies, oldest first, until the batch
+    /// holds [`ARCHIVE_BATCH_MAX`] or `budget` is spent. Answers whether the
+    /// queue may still hold due orders (the batch or the budget ran out
+    /// first).
+    fn pick_due(&mut self, now_ms: u64, budget: &mut SliceBudget) -> bool {
         let Some(after_ms) = self.shared.archive_after_ms else {
-            return Vec::new();
+            return false;
         };
-        let mut due = Vec::new();
         // Each turn pops an entry or stops: bounded by the queue.
-        while due.len() < ARCHIVE_BATCH_MAX && !budget.spent() {
+        while self.picked.len() < ARCHIVE_BATCH_MAX {
             let Some(Reverse((at_ms, id))) = self.finished.peek().copied() else {
-                break;
+                return false;
             };
             if at_ms.saturating_add(after_ms) > now_ms {
-                break;
+                return false;
+            }
+            if budget.spent() {
+                return true;
             }
             self.finished.pop();
             match self.book.get(id) {
                 // Stale entries: archived or moved on since (a newer entry
                 // stands for the later move).
                 Some(order) if order.status.is_final() && finished_at_ms(order) == at_ms => {
-                    due.push(order.clone());
+                    self.picked.push(order.clone());
                 }
                 _ => {}
             }
         }
-        due
+        true
     }
 
     /// Puts orders whose archive write failed back on the queue.
@@ -82,17 +86,37 @@ impl OrderShard {
         }
     }
 
-    /// The timer's archive sweep: writes one batch on a blocking thread and
-    /// journals it when it is durable.
+    /// The timer's archive sweep: picks due orders for at most one slice a
+    /// tick, and once the batch is full or nothing more is due, writes it
+    /// on a blocking thread and journals it when it is durable.
+    ///
+    /// A pick goes on at every tick until then, and after a full batch the
+    /// next pick starts at the next tick: only a shard with nothing more
+    /// due waits [`ARCHIVE_SWEEP_MS`]. So the slice bounds how long a tick
+    /// holds the actor, not how fast a backlog drains (one slice per
+    /// [`ARCHIVE_SWEEP_MS`] drained a few hundred orders a second across
+    /// all shards on a busy machine).
     pub(super) fn sweep_archive(&mut self, now_ms: u64, ctx: &mut Context<Self>) {
-        if self.archiving || self.shared.read_only || now_ms < self.next_sweep_ms {
+        if self.archiving || self.shared.read_only {
+            return;
+        }
+        if self.picked.is_empty() && now_ms < self.next_sweep_ms {
             return;
         }
         let Some(archive) = self.shared.archive.clone() else {
             return;
         };
-        self.next_sweep_ms = now_ms.saturating_add(ARCHIVE_SWEEP_MS);
-        let batch = self.due_for_archive(now_ms, &mut sweep_budget());
+        let more = self.pick_due(now_ms, &mut sweep_budget());
+        let full = self.picked.len() >= ARCHIVE_BATCH_MAX;
+        if more && !full {
+            return; // the slice is spent: the pick goes on at the next tick
+        }
+        self.next_sweep_ms = if full {
+            now_ms
+        } else {
+            now_ms.saturating_add(ARCHIVE_SWEEP_MS)
+        };
+        let batch = std::mem::take(&mut self.picked);
         if batch.is_empty() {
             return;
         }
@@ -158,8 +182,10 @@ impl Handler<ArchiveDue> for OrderShard {
             }
             let mut archived = 0;
             loop {
-                // Driven by hand: bounded by count only.
-                let batch = self.due_for_archive(now_ms, &mut SliceBudget::unlimited());
+                // Driven by hand: bounded by count only. A batch the timer
+                // began to pick goes first.
+                self.pick_due(now_ms, &mut SliceBudget::unlimited());
+                let batch = std::mem::take(&mut self.picked);
                 if batch.is_empty() {
                     break;
                 }

@@ -16,12 +16,13 @@
 //! overdue order is also expired before any other move or read of it, so it
 //! never reads as reserved past its deadline.
 //!
-//! On the same timer (at most every
-//! [`ARCHIVE_SWEEP_MS`](crate::limits::ARCHIVE_SWEEP_MS)) a shard moves
-//! finished orders older than the retention window to the archive, in
-//! batches of at most
-//! [`ARCHIVE_BATCH_MAX`](crate::limits::ARCHIVE_BATCH_MAX) picked in at most
-//! [`SWEEP_SLICE_US`](crate::limits::SWEEP_SLICE_US): the archive write and its sync
+//! On the same timer a shard moves finished orders older than the retention
+//! window to the archive, in batches of at most
+//! [`ARCHIVE_BATCH_MAX`](crate::limits::ARCHIVE_BATCH_MAX) picked for at
+//! most [`SWEEP_SLICE_US`](crate::limits::SWEEP_SLICE_US) a tick (a batch
+//! may fill over several ticks; a shard with nothing more due sweeps again
+//! after [`ARCHIVE_SWEEP_MS`](crate::limits::ARCHIVE_SWEEP_MS), one with a
+//! backlog at the next tick): the archive write and its sync
 //! run on a blocking thread, so the shard's mailbox keeps moving; once they
 //! are durable the shard journals `OrdersArchived` for the orders still as
 //! they were written, which drops them from memory. One batch per shard is
@@ -97,6 +98,10 @@ pub(crate) struct OrderShard {
     /// refund of a delivered order) is stale and skipped; the move pushed a
     /// new one.
     pub(super) finished: BinaryHeap<Reverse<(u64, OrderId)>>,
+    /// Copies of the due finished orders picked for the next archive
+    /// write: a pick is bounded by time each tick, so a batch may take
+    /// several ticks to fill.
+    pub(super) picked: Vec<Order>,
     /// Whether an archive batch is being written (at most one at a time).
     pub(super) archiving: bool,
     /// When the next archive sweep may run, unix milliseconds.
@@ -145,6 +150,7 @@ impl OrderShard {
             book,
             deadlines,
             finished,
+            picked: Vec::new(),
             archiving: false,
             next_sweep_ms: 0,
             shared,
