@@ -256,6 +256,12 @@ fn cluster_config(args: &ServeArgs) -> anyhow::Result<Option<ClusterConfig>> {
             flashcore::cluster::layout::PARTITIONS_MAX
         );
     }
+    if matches!(args.durability, Durability::Relaxed) {
+        // The cluster journal does not report the age of what is not yet
+        // acknowledged, so relaxed answers would not wait for a stalled
+        // quorum (README, "Cluster mode").
+        bail!("--cluster runs strict durability only: drop --durability relaxed");
+    }
     if !(1..=5).contains(&args.replicas) {
         bail!("--replicas must be 1 to 5");
     }
