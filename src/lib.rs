@@ -16,11 +16,14 @@
 //!
 //! - [`limits`]: every bound, with its reason.
 //! - [`clock`]: time as a value, below the engine and the journal alike.
+//! - [`files`]: durable files and directory entries, below the journal and
+//!   the HTTP front alike (the journal's data dir, the JWT secret).
 //! - [`domain`]: pure types, decisions and `apply`; no I/O, no clock.
 //! - [`engine`]: the actors and the [`engine::Engine`] handle, the only entry
 //!   point for the HTTP front, tests and benches.
 //! - [`journal`]: where events go to become durable.
 //! - [`http`]: the axum front, exactly as `../shared/API.md` says.
+//! - [`cluster`]: cluster mode over NATS JetStream (`serve --cluster`).
 //! - [`server`]: start-up, the storage supervisor, the accept loop, shutdown.
 //! - [`faults`]: test-only fault hooks (empty unless built with `faults`).
 
@@ -34,6 +37,7 @@ pub mod domain;
 pub mod engine;
 pub mod fatal;
 pub mod faults;
+pub mod files;
 pub mod http;
 pub mod journal;
 pub mod limits;

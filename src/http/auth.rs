@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::UserId;
 use crate::engine::Caller;
+use crate::files::{Existing, create_dir_durably, write_file_durably};
 use crate::http::error::ApiError;
-use crate::journal::files::{Existing, create_dir_durably, write_file_durably};
 use crate::limits::{
     JWT_SECRET_BYTES_MIN, JWT_SECRET_DISTINCT_BYTES_MIN, TOKEN_BYTES_MAX, TOKEN_TTL_MAX_S,
     VERIFIED_TOKENS_MAX,

@@ -19,7 +19,6 @@
 pub mod archive;
 pub mod codec;
 pub mod epochs;
-pub mod files;
 pub mod history;
 pub mod idem_store;
 mod memory;

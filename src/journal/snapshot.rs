@@ -68,8 +68,8 @@ use crate::domain::promo::Promotions;
 use crate::domain::sku::{SkuState, SkuStateV1};
 use crate::domain::state::{OpenReservation, Part};
 use crate::domain::{OrderId, SkuId, State};
+use crate::files::{Existing, create_dir_durably, write_file_durably_with};
 use crate::journal::epochs::Dropped;
-use crate::journal::files::{Existing, create_dir_durably, write_file_durably_with};
 use crate::journal::recovery::RecoveryError;
 use crate::journal::{History, Journal, Seq, SledJournal, codec};
 use crate::steps::{self, Step};
@@ -599,7 +599,7 @@ fn write_capture(
         start,
         capture,
     };
-    // Encoded straight into the file, a slice at a time (`files.rs`): no
+    // Encoded straight into the file, a slice at a time (`crate::files`): no
     // buffer of the whole state.
     let mut written = 0u64;
     store.write_with(top, &mut |out| {

@@ -37,8 +37,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use hdrhistogram::Histogram;
 
 use crate::domain::{Event, State};
+use crate::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::epochs::Epoch;
-use crate::journal::files::{Existing, create_dir_durably, sync_dir, write_file_durably};
 use crate::journal::history::{Dropped, HistoryError};
 use crate::journal::{
     Archive, Epochs, History, IdemStore, Journal, JournalError, OpeningArchive, Seq, SledArchive,

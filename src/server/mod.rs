@@ -304,7 +304,7 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
     std::fs::File::create(&marker)
         .and_then(|f| f.sync_all())
         .map_err(io)?;
-    journal::files::sync_dir(data_dir)
+    crate::files::sync_dir(data_dir)
         .map_err(|e| ServerError::Io(format!("{}: {e}", data_dir.display())))?;
     let kept = |result: Result<(), EngineError>| match result {
         Err(EngineError::AlreadyExists { .. }) => Ok(()),
@@ -342,7 +342,7 @@ async fn seed(engine: &Engine, path: &Path, data_dir: &Path) -> Result<(), Serve
         kept(created).map_err(|e| bad(format!("promotion {}: {e}", promo.code)))?;
     }
     std::fs::remove_file(&marker).map_err(io)?;
-    journal::files::sync_dir(data_dir)
+    crate::files::sync_dir(data_dir)
         .map_err(|e| ServerError::Io(format!("{}: {e}", data_dir.display())))?;
     tracing::info!(path = %path.display(), "catalog seeded");
     Ok(())
@@ -489,7 +489,7 @@ pub async fn run(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    journal::files::create_dir_durably(&config.data_dir).map_err(|e| {
+    crate::files::create_dir_durably(&config.data_dir).map_err(|e| {
         ServerError::Io(format!(
             "cannot create the data dir {}: {e}",
             config.data_dir.display()
@@ -499,7 +499,7 @@ pub async fn run(
     // the data dir is changed; then what an earlier build left readable is
     // made the server's user's alone.
     check_secret_file(&config.data_dir)?;
-    journal::files::restrict_to_owner(&config.data_dir).map_err(|e| {
+    crate::files::restrict_to_owner(&config.data_dir).map_err(|e| {
         ServerError::Io(format!(
             "cannot make the data dir {} its owner's alone: {e}",
             config.data_dir.display()
