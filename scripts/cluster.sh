@@ -35,6 +35,9 @@ fi
 export FLASHCORE_JWT_SECRET
 FLASHCORE_JWT_SECRET=$(cat "$root/jwt-secret")
 
+# Every child runs in a session of its own (setsid): a Ctrl-C in the
+# terminal reaches this script alone, which stops the nodes first (they hand
+# their partitions back to the servers) and only then the servers.
 pids=()
 stop() {
     trap - INT TERM EXIT
@@ -70,13 +73,13 @@ cluster {
 $routes  ]
 }
 CONF
-    "$nats" -c "$root/nats-$i.conf" > "$root/nats-$i.log" 2>&1 &
+    setsid "$nats" -c "$root/nats-$i.conf" > "$root/nats-$i.log" 2>&1 &
     pids+=($!)
 done
 servers=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
 
 for i in 1 2 3; do
-    RUST_LOG=${RUST_LOG:-info} "$bin" serve \
+    RUST_LOG=${RUST_LOG:-info} setsid "$bin" serve \
         --listen "127.0.0.1:808$i" \
         --data-dir "$root/node-$i" \
         --cluster "$servers" \
