@@ -403,3 +403,60 @@ async fn a_backlog_of_many_batches_drains_on_the_timers_without_the_clock_moving
     let archived: usize = archived_events(&s.journal).iter().map(Vec::len).sum();
     assert_eq!(archived, ORDERS as usize, "each journaled once");
 }
+
+/// A delivered order partially refunded while the timers archive it (the
+/// refund keeps its state and its history, so nothing but the sweep would
+/// queue it again) still leaves memory: the refunds race the timers for
+/// real, then every order must be archived, none left behind for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_refunded_while_its_batch_is_written_is_archived_after_all() {
+    const ORDERS: u32 = 3_000;
+    let s = shop();
+    let e = &s.engine;
+    create(e, "mug", 900, u64::from(ORDERS) * 2, None).await;
+    let mut ids = Vec::with_capacity(ORDERS as usize);
+    for n in 0..ORDERS {
+        ids.push(delivered(e, &format!("b{n}"), "mug", 2, n).await.id);
+    }
+    s.clock.advance_ms(AFTER_MS);
+    // The timers start archiving now; refund one unit of each order
+    // meanwhile, many at once, in the order the sweep takes them (oldest
+    // first), so refunds queue at the shards between a pick and its write.
+    for chunk in ids.chunks(256) {
+        let refunds = chunk.iter().map(|id| {
+            let e = e.clone();
+            let id = *id;
+            tokio::spawn(async move {
+                e.refund(admin(), id, vec![line("mug", 1)], false, None)
+                    .await
+                    .expect("a partial refund, archived or not")
+            })
+        });
+        for refund in futures_util::future::join_all(refunds).await {
+            refund.expect("a refund task");
+        }
+    }
+    // A refund of an archived order brought it back; it finished again
+    // (now), so it is due after another retention window.
+    s.clock.advance_ms(AFTER_MS);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let counts = e.order_counts().await.expect("counts");
+        let live: u64 = counts.iter().map(|(_, n)| n).sum();
+        if live == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{live} of {ORDERS} orders still in memory: {counts:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        let order = e.order(admin(), *id).await.expect("reads from the archive");
+        assert_eq!(
+            order.lines[0].refunded_qty, 1,
+            "the refund is in the archived copy"
+        );
+    }
+}
