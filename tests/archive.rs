@@ -83,6 +83,25 @@ async fn delivered(e: &Engine, who: &str, sku: &str, qty: u32, n: u32) -> Order 
     e.deliver(admin(), order.id).await.expect("delivered")
 }
 
+/// Waits (at most 30 s) until the shard timers have moved every order out
+/// of memory; `orders` is how many there were, for the message.
+async fn wait_all_archived(s: &Shop, orders: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let counts = s.engine.order_counts().await.expect("counts");
+        let live: u64 = counts.iter().map(|(_, n)| n).sum();
+        if live == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{live} of {orders} orders still in memory ({counts:?}), {} archived",
+            s.archive.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn archived_events(journal: &MemJournal) -> Vec<Vec<u64>> {
     journal
         .events()
@@ -385,20 +404,7 @@ async fn a_backlog_of_many_batches_drains_on_the_timers_without_the_clock_moving
     e.expire_due().await.expect("expires");
     s.clock.advance_ms(AFTER_MS);
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let counts = e.order_counts().await.expect("counts");
-        let live: u64 = counts.iter().map(|(_, n)| n).sum();
-        if live == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{live} of {ORDERS} orders still in memory, {} archived",
-            s.archive.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_all_archived(&s, ORDERS).await;
     assert_eq!(s.archive.len(), ORDERS as usize);
     let archived: usize = archived_events(&s.journal).iter().map(Vec::len).sum();
     assert_eq!(archived, ORDERS as usize, "each journaled once");
@@ -439,19 +445,7 @@ async fn an_order_refunded_while_its_batch_is_written_is_archived_after_all() {
     // A refund of an archived order brought it back; it finished again
     // (now), so it is due after another retention window.
     s.clock.advance_ms(AFTER_MS);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let counts = e.order_counts().await.expect("counts");
-        let live: u64 = counts.iter().map(|(_, n)| n).sum();
-        if live == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{live} of {ORDERS} orders still in memory: {counts:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_all_archived(&s, u64::from(ORDERS)).await;
     for id in &ids {
         let order = e.order(admin(), *id).await.expect("reads from the archive");
         assert_eq!(

@@ -474,6 +474,27 @@ fn strict_orders_survive_power_cuts() {
 /// SKU `r` one after another on their own connection until `stop` (or the
 /// server is gone); each acknowledged order's id goes to `tx`, with when it
 /// was answered since `started`.
+/// The power cut of the relaxed-mode tests: fsyncs stall for `stall`
+/// while `workers` keep ordering (answers run ahead of the disk), then the
+/// file system freezes, the server is killed and the workers stop. The
+/// caller then cuts what was never synced.
+fn power_cut_while_ordering(
+    m: &Mounted,
+    mut server: Server,
+    stall: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    workers: Vec<std::thread::JoinHandle<()>>,
+) {
+    m.fs.stall_fsync(true);
+    std::thread::sleep(stall);
+    m.fs.freeze();
+    server.kill();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+}
+
 fn spawn_orderers(
     server: &Server,
     prefix: &str,
@@ -545,15 +566,7 @@ fn relaxed_mode_loses_only_the_last_milliseconds_when_fsync_stalls() {
     let workers = spawn_orderers(&server, "relaxed", WORKERS, started, &stop, tx);
     std::thread::sleep(BEFORE_STALL);
     let stalled_at = started.elapsed();
-    m.fs.stall_fsync(true);
-    std::thread::sleep(STALL);
-    m.fs.freeze();
-    let mut server = server;
-    server.kill();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for worker in workers {
-        worker.join().expect("worker");
-    }
+    power_cut_while_ordering(&m, server, STALL, &stop, workers);
     let acked: Vec<(String, Duration)> = rx.iter().collect();
     let report = m.fs.cut(CutMode::DropAll, 7);
     m.fs.stall_fsync(false);
@@ -647,15 +660,7 @@ fn relaxed_mode_never_hands_out_an_answered_order_id_again() {
         let prefix = format!("before{round}x");
         let workers = spawn_orderers(&server, &prefix, WORKERS, Instant::now(), &stop, tx);
         std::thread::sleep(Duration::from_millis(400));
-        m.fs.stall_fsync(true);
-        std::thread::sleep(Duration::from_millis(500));
-        m.fs.freeze();
-        let mut server = server;
-        server.kill();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for worker in workers {
-            worker.join().expect("worker");
-        }
+        power_cut_while_ordering(&m, server, Duration::from_millis(500), &stop, workers);
         let answered: Vec<String> = rx.iter().map(|(id, _)| id).collect();
         let report = m.fs.cut(CutMode::DropAll, 11 + round as u64);
         m.fs.stall_fsync(false);

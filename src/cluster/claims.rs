@@ -81,28 +81,20 @@ pub async fn open_bucket(
     context: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, String> {
-    let open = async {
-        match context.get_key_value(CLAIMS_BUCKET).await {
-            Ok(store) => Ok(store),
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: CLAIMS_BUCKET.to_string(),
-                    description: "flashcore idempotency key claims".to_string(),
-                    history: 1,
-                    // Past the keys' own 24 hours (with a margin): a claim
-                    // outlives the record it points to, never the reverse.
-                    max_age: Duration::from_millis(IDEMPOTENCY_TTL_MS.saturating_mul(2)),
-                    num_replicas: replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string()),
-        }
+    let config = kv::Config {
+        bucket: CLAIMS_BUCKET.to_string(),
+        description: "flashcore idempotency key claims".to_string(),
+        history: 1,
+        // Past the keys' own 24 hours (with a margin): a claim outlives the
+        // record it points to, never the reverse.
+        max_age: Duration::from_millis(IDEMPOTENCY_TTL_MS.saturating_mul(2)),
+        num_replicas: replicas,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
     };
-    tokio::time::timeout(CALL_TIMEOUT, open)
+    crate::cluster::layout::kv_bucket(context, config)
         .await
-        .map_err(|_| "opening the claims bucket: no answer in time".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Settles `key`'s claim for `partition` (see the module doc); `probe`

@@ -123,24 +123,44 @@ pub async fn cluster_bucket(
     name: &str,
     replicas: usize,
 ) -> Result<kv::Store, LayoutError> {
+    kv_bucket(
+        context,
+        kv::Config {
+            bucket: name.to_string(),
+            history: 1,
+            num_replicas: replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Binds the KV bucket `config` names, or creates it with `config` when it
+/// does not exist, within [`CALL_TIMEOUT`]: every bucket of the cluster
+/// (settings, promotions, live nodes, key claims) opens this way.
+///
+/// # Errors
+/// `Nats` when the servers refuse or do not answer.
+pub async fn kv_bucket(
+    context: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, LayoutError> {
+    let name = config.bucket.clone();
     let open = async {
-        match context.get_key_value(name).await {
+        match context.get_key_value(&name).await {
             Ok(store) => Ok(store),
             Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: name.to_string(),
-                    history: 1,
-                    num_replicas: replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
+                .create_key_value(config)
                 .await
                 .map_err(|e| LayoutError::Nats(e.into())),
         }
     };
     tokio::time::timeout(CALL_TIMEOUT, open)
         .await
-        .map_err(|_| LayoutError::Nats("opening the cluster bucket: no answer in time".into()))?
+        .map_err(|_| {
+            LayoutError::Nats(format!("opening the {name} bucket: no answer in time").into())
+        })?
 }
 
 #[cfg(test)]

@@ -1085,26 +1085,18 @@ async fn open_nodes_bucket(
     ttl: Duration,
     replicas: usize,
 ) -> Result<kv::Store, NodeError> {
-    let open = async {
-        match context.get_key_value(NODES_BUCKET).await {
-            Ok(store) => Ok(store),
-            Err(_) => context
-                .create_key_value(kv::Config {
-                    bucket: NODES_BUCKET.to_string(),
-                    description: "flashcore live nodes".to_string(),
-                    history: 1,
-                    max_age: ttl,
-                    num_replicas: replicas,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| NodeError::Nodes(e.to_string())),
-        }
+    let config = kv::Config {
+        bucket: NODES_BUCKET.to_string(),
+        description: "flashcore live nodes".to_string(),
+        history: 1,
+        max_age: ttl,
+        num_replicas: replicas,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
     };
-    tokio::time::timeout(STOP_CALL_TIMEOUT, open)
+    layout::kv_bucket(context, config)
         .await
-        .map_err(|_| NodeError::Nodes("no answer in time".into()))?
+        .map_err(|e| NodeError::Nodes(e.to_string()))
 }
 
 /// The live nodes, by id.

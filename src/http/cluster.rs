@@ -269,19 +269,25 @@ async fn claim_key(node: &Node, parts: &Parts, partition: u32) -> Result<(), Api
     }
 }
 
+/// The headers named in `names` (lowercase) that `headers` holds as text,
+/// as they travel between nodes.
+fn carried_headers(headers: &axum::http::HeaderMap, names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(*name)?.to_str().ok()?;
+            Some(((*name).to_string(), value.to_string()))
+        })
+        .collect()
+}
+
 /// A request as it travels to another node.
 fn forwarded_request(parts: &Parts, body: Bytes) -> ForwardedRequest {
     let uri = parts.uri.path_and_query().map_or_else(
         || parts.uri.path().to_string(),
         |pq| pq.as_str().to_string(),
     );
-    let headers = forward::REQUEST_HEADERS
-        .iter()
-        .filter_map(|name| {
-            let value = parts.headers.get(*name)?.to_str().ok()?;
-            Some(((*name).to_string(), value.to_string()))
-        })
-        .collect();
+    let headers = carried_headers(&parts.headers, &forward::REQUEST_HEADERS);
     ForwardedRequest {
         method: parts.method.as_str().to_string(),
         uri,
@@ -465,13 +471,7 @@ async fn serve_forwarded(
             ));
         }
     };
-    let headers = forward::ANSWER_HEADERS
-        .iter()
-        .filter_map(|name| {
-            let value = parts.headers.get(*name)?.to_str().ok()?;
-            Some(((*name).to_string(), value.to_string()))
-        })
-        .collect();
+    let headers = carried_headers(&parts.headers, &forward::ANSWER_HEADERS);
     ForwardedAnswer {
         status: parts.status.as_u16(),
         headers,

@@ -25,9 +25,9 @@ use tokio::sync::watch;
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::node::{Node, NodeConfig};
 use crate::fatal;
-use crate::http::auth::{JwtKeys, SecretError, load_secret};
-use crate::http::{AppState, Backend, Front, FrontConfig, live};
-use crate::limits::{CONNECTIONS_CLIENT_SHARE_DIVISOR, LISTEN_BACKLOG};
+use crate::http::auth::{SecretError, load_secret};
+use crate::http::{Backend, Front, live};
+use crate::limits::LISTEN_BACKLOG;
 use crate::server::{ServeConfig, ServerError, listener};
 
 /// How often the node's engines are checked for a dead actor.
@@ -86,35 +86,16 @@ pub(super) async fn run(
         partitions = cluster.partitions,
         "joined the cluster; listening"
     );
-    let state = AppState::new(
-        Arc::new(Backend::recovering()),
-        JwtKeys::new(&secret),
-        FrontConfig {
-            max_in_flight: config.max_in_flight,
-            rate_limit: config.rate_limit,
-            trusted_proxies: config.trusted_proxies.clone(),
-        },
-    )
-    .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
-    if let Some(limiter) = &state.rate_limiter {
-        limiter.spawn_evictor();
-    }
+    let state = super::front_state(&config, Arc::new(Backend::recovering()), &secret)?;
     state.set_cluster(node.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let sampler = live::spawn_sampler(state.clone(), stop_rx.clone());
     let front = Front::new(state);
     node.start(crate::http::cluster::forwarded_handler(front.clone()));
-    let connections = listener::ConnectionLimits {
-        max: config.max_connections,
-        per_client: config
-            .max_connections_per_client
-            .unwrap_or(config.max_connections / CONNECTIONS_CLIENT_SHARE_DIVISOR),
-        trusted_proxies: config.trusted_proxies.clone(),
-    };
     let server = tokio::spawn(listener::serve(
         listener,
         front,
-        connections,
+        super::connection_limits(&config),
         stop_rx.clone(),
     ));
     let watcher = tokio::spawn(watch_engines(node.clone(), stop_rx));

@@ -513,19 +513,7 @@ pub async fn run(
     })?;
     let secret = load_secret(config.jwt_secret.clone(), &config.data_dir)?;
     let backend = Arc::new(Backend::recovering());
-    let state = AppState::new(
-        Arc::clone(&backend),
-        JwtKeys::new(&secret),
-        FrontConfig {
-            max_in_flight: config.max_in_flight,
-            rate_limit: config.rate_limit,
-            trusted_proxies: config.trusted_proxies.clone(),
-        },
-    )
-    .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
-    if let Some(limiter) = &state.rate_limiter {
-        limiter.spawn_evictor();
-    }
+    let state = front_state(&config, Arc::clone(&backend), &secret)?;
     let listener = listener::bind(config.listen, LISTEN_BACKLOG)
         .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", config.listen)))?;
     let address = listener
@@ -537,17 +525,10 @@ pub async fn run(
     // Stops with the same signal, and its end ends every open live stream,
     // so the listener's drain below does not wait on dashboards.
     let sampler = live::spawn_sampler(state.clone(), stop_rx.clone());
-    let connections = listener::ConnectionLimits {
-        max: config.max_connections,
-        per_client: config
-            .max_connections_per_client
-            .unwrap_or(config.max_connections / CONNECTIONS_CLIENT_SHARE_DIVISOR),
-        trusted_proxies: config.trusted_proxies.clone(),
-    };
     let server = tokio::spawn(listener::serve(
         listener,
         Front::new(state),
-        connections,
+        connection_limits(&config),
         stop_rx.clone(),
     ));
     let storage = Arc::new(Storage {
@@ -602,6 +583,41 @@ pub async fn run(
         .map_err(|e| ServerError::Io(format!("closing: {e}")))?;
     tracing::info!("stopped");
     stopped
+}
+
+/// The front's state for `config` on `backend`, with the rate limiter's
+/// evictor running when limits are on (a node alone and a cluster node
+/// alike).
+fn front_state(
+    config: &ServeConfig,
+    backend: Arc<Backend>,
+    secret: &[u8],
+) -> Result<AppState, ServerError> {
+    let state = AppState::new(
+        backend,
+        JwtKeys::new(secret),
+        FrontConfig {
+            max_in_flight: config.max_in_flight,
+            rate_limit: config.rate_limit,
+            trusted_proxies: config.trusted_proxies.clone(),
+        },
+    )
+    .map_err(|e| ServerError::Io(format!("metrics: {e}")))?;
+    if let Some(limiter) = &state.rate_limiter {
+        limiter.spawn_evictor();
+    }
+    Ok(state)
+}
+
+/// The accept loop's connection bounds for `config`.
+fn connection_limits(config: &ServeConfig) -> listener::ConnectionLimits {
+    listener::ConnectionLimits {
+        max: config.max_connections,
+        per_client: config
+            .max_connections_per_client
+            .unwrap_or(config.max_connections / CONNECTIONS_CLIENT_SHARE_DIVISOR),
+        trusted_proxies: config.trusted_proxies.clone(),
+    }
 }
 
 /// After a fatal error, the orderly stop gets [`FATAL_EXIT_GRACE_MS`]; a
