@@ -242,6 +242,13 @@ pub const ACTOR_THREADS_DEFAULT: usize = 1;
 /// Most actor threads.
 pub const ACTOR_THREADS_MAX: usize = 64;
 
+/// How long an engine on a shared actor pool waits for its actors to stop
+/// at shutdown: each has one message to handle first, so this is only
+/// reached by an actor stuck in a handler; the shutdown then goes on (the
+/// journal is closed next, so such an actor can no longer change anything
+/// durable).
+pub const ENGINE_STOP_WAIT_MS: u64 = 5_000;
+
 /// Most attempts of a checkout whose cart changed while its lines were being
 /// reserved: the cart is read again each time.
 pub const CHECKOUT_ATTEMPTS_MAX: u32 = 3;

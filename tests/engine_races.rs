@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use flashcore::domain::DomainError;
 use flashcore::domain::order::OrderStatus;
-use flashcore::engine::{EngineConfig, EngineError};
+use flashcore::engine::{ActorPool, EngineConfig, EngineError};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -235,4 +235,65 @@ async fn a_full_mailbox_sheds_at_once_and_loses_nothing_accepted() {
         "every accepted order holds its unit"
     );
     assert_replay_matches(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_sharing_a_pool_stop_alone() {
+    // Two engines on one actor thread, as a cluster node's partitions run.
+    let pool = ActorPool::start(1).expect("the pool starts");
+    let config = EngineConfig {
+        actors: Some(pool.clone()),
+        ..EngineConfig::default()
+    };
+    let left = harness(config.clone());
+    let right = harness(config);
+    create(&left.engine, "left-awake", 100, 10, None).await;
+    create(&left.engine, "left-asleep", 100, 10, None).await;
+    create(&right.engine, "right", 100, 1_000, None).await;
+    left.engine.sleep_skus().await.expect("the SKUs sleep");
+    left.engine
+        .reserve(user("ann"), sku("left-awake"), 1)
+        .await
+        .expect("the left engine sells");
+    right
+        .engine
+        .reserve(user("bob"), sku("right"), 1)
+        .await
+        .expect("the right engine sells");
+    // The shutdown meets both kinds of SKU: one awake, one asleep.
+    assert_eq!(left.engine.is_awake(sku("left-awake")), Ok(true));
+    assert_eq!(left.engine.is_awake(sku("left-asleep")), Ok(false));
+
+    // The left engine stops while the right one sells on the same thread.
+    let buyers: Vec<_> = (0..50)
+        .map(|i| {
+            let engine = right.engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .reserve(user(&format!("u{i}")), sku("right"), 1)
+                    .await
+            })
+        })
+        .collect();
+    left.engine.shutdown();
+    for buyer in buyers {
+        buyer
+            .await
+            .expect("the buyer task ends")
+            .expect("the right engine sells while the left one stops");
+    }
+    for id in ["left-awake", "left-asleep"] {
+        let refused = left.engine.reserve(user("ann"), sku(id), 1).await;
+        assert!(refused.is_err(), "{id}: a stopped engine grants nothing");
+    }
+    // The other engine, and the thread they shared, go on.
+    right
+        .engine
+        .reserve(user("cid"), sku("right"), 1)
+        .await
+        .expect("the right engine still sells after the left one stopped");
+    assert_eq!(left.engine.failure(), None, "a shutdown is not a death");
+    assert_eq!(right.engine.failure(), None);
+    right.engine.shutdown();
+    pool.stop();
 }

@@ -47,7 +47,7 @@ use crate::cluster::snapshots;
 use crate::domain::idem::Lookup;
 use crate::domain::promo::Promotion;
 use crate::domain::{IdempotencyKey, PromoCode, UserId};
-use crate::engine::{Engine, EngineConfig, IdSpace};
+use crate::engine::{ActorPool, Engine, EngineConfig, IdSpace};
 use crate::journal::SnapshotPolicy;
 use crate::limits::PROMOTIONS_MAX;
 
@@ -153,6 +153,9 @@ pub enum NodeError {
     /// The nodes bucket could not be opened.
     #[error("opening the nodes bucket: {0}")]
     Nodes(String),
+    /// The actor threads the partitions share could not be started.
+    #[error("starting the actor threads: {0}")]
+    Actors(crate::engine::EngineError),
 }
 
 /// Why a promotion was not created.
@@ -175,7 +178,7 @@ impl NodeError {
     fn may_pass(&self) -> bool {
         use crate::cluster::lease::LeaseError;
         match self {
-            NodeError::BadServer(_) => false,
+            NodeError::BadServer(_) | NodeError::Actors(_) => false,
             NodeError::Layout(e) => matches!(e, layout::LayoutError::Nats(_)),
             NodeError::Lease(e) => {
                 matches!(e, LeaseError::Timeout { .. } | LeaseError::Nats { .. })
@@ -285,7 +288,14 @@ impl Node {
     ///
     /// # Errors
     /// [`NodeError`].
-    pub async fn join(config: NodeConfig) -> Result<Node, NodeError> {
+    pub async fn join(mut config: NodeConfig) -> Result<Node, NodeError> {
+        // One pool of actor threads for every partition this node will own
+        // (`--actor-threads`), not a pool each: 64 partitions would
+        // otherwise be 64 threads, mostly idle, on a machine of a few cores.
+        if config.engine.actors.is_none() {
+            let pool = ActorPool::start(config.engine.actor_threads).map_err(NodeError::Actors)?;
+            config.engine.actors = Some(pool);
+        }
         // Servers started together with the nodes (a script, a machine
         // booting) take a few seconds to listen and elect their JetStream
         // leaders: what may pass is retried until JOIN_PATIENCE; a setting

@@ -17,8 +17,11 @@ pub enum DurabilityMode {
 /// How the engine runs.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Actor threads (actix arbiters).
+    /// Actor threads (actix arbiters), when the engine starts its own.
     pub actor_threads: usize,
+    /// Threads shared with other engines to run the actors on, instead of
+    /// `actor_threads` of its own (a cluster node's partitions).
+    pub actors: Option<ActorPool>,
     /// Order shards.
     pub order_shards: usize,
     /// How long an unpaid order holds its units.
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
     fn default() -> EngineConfig {
         EngineConfig {
             actor_threads: ACTOR_THREADS_DEFAULT,
+            actors: None,
             order_shards: ORDER_SHARDS_DEFAULT,
             reservation_ttl_ms: RESERVATION_TTL_DEFAULT_MS,
             durability: DurabilityMode::Strict,

@@ -48,7 +48,9 @@ mod sku;
 mod slot;
 mod snapshot;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use futures_util::future::try_join_all;
@@ -58,6 +60,7 @@ pub use crate::clock::{Clock, ManualClock, SystemClock};
 pub use config::{Caller, DurabilityMode, EngineConfig, NewSku, OrderScope};
 pub use error::EngineError;
 pub use ids::IdSpace;
+pub use runtime::ActorPool;
 pub use sku::Reservation;
 
 use crate::domain::cart::Cart;
@@ -73,7 +76,7 @@ use crate::domain::{
 };
 use crate::journal::{Journal, JournalStats, RELAXED_AHEAD_MS_MAX, Seq};
 use crate::limits::{
-    ACTOR_THREADS_DEFAULT, ARCHIVE_AFTER_DEFAULT_MS, CHECKOUT_ATTEMPTS_MAX,
+    ACTOR_THREADS_DEFAULT, ARCHIVE_AFTER_DEFAULT_MS, CHECKOUT_ATTEMPTS_MAX, ENGINE_STOP_WAIT_MS,
     IDEMPOTENCY_MEMORY_RECORDS_MAX, IDEMPOTENCY_SPILL_BATCH_MAX, IDEMPOTENCY_SPILL_SLACK_DIVISOR,
     IDEMPOTENCY_TTL_MS, ORDER_SHARD_MAILBOX, ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX,
     ORDERS_LIST_MAX, RESERVATION_TTL_DEFAULT_MS, SKU_IDLE_DEFAULT_MS, SKU_MAILBOX, SKUS_MAX,
@@ -83,7 +86,7 @@ use archiving::ArchiveDue;
 use health::Health;
 use reply::send;
 pub(crate) use reply::{Answer, Completion, Reply};
-use runtime::ActorThreads;
+use runtime::Stop;
 use shard::{
     Act, CartOp, CountByStatus, ExpireDue, List, OrderOp, OrderRoutes, OrderShard, ShardContext,
     SkuRegistry,
@@ -107,7 +110,13 @@ struct Inner {
     ids: ids::OrderIds,
     /// Serialises SKU creation (the registry's bound and id check).
     create_lock: Mutex<()>,
-    threads: Mutex<ActorThreads>,
+    /// The threads the actors run on.
+    actors: ActorPool,
+    /// Whether `actors` is this engine's alone (stopped with it), or shared
+    /// (only this engine's actors are stopped, see [`Inner::stop_actors`]).
+    owns_actors: bool,
+    /// Set once the actors were told to stop.
+    actors_stopped: AtomicBool,
     /// Whether every actor is alive.
     health: Arc<Health>,
     /// A reader of the last durable state (journals nothing).
@@ -115,6 +124,60 @@ struct Inner {
     /// Built on the first read that meets a failed journal: the engine
     /// answering reads from the last durable state until a reload.
     reader: tokio::sync::OnceCell<Engine>,
+}
+
+impl Inner {
+    /// Stops the actors; calls made afterwards fail with `Stopped`. On
+    /// threads of its own the engine stops them (and every actor with
+    /// them). On a shared pool it stops its own actors only: no SKU wakes
+    /// from now on, and each shard and awake SKU gets [`Stop`] past its
+    /// mailbox bound; this waits until every one has handled it (or its
+    /// mailbox is gone), at most [`ENGINE_STOP_WAIT_MS`], so that no actor
+    /// of this engine touches its journal once this returns.
+    fn stop_actors(&self) {
+        self.health.stopping();
+        if self.actors_stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.owns_actors {
+            self.actors.stop();
+            return;
+        }
+        self.lives.close();
+        let (done, stopped) = std::sync::mpsc::channel();
+        for shard in &self.shards {
+            shard.do_send(Stop { done: done.clone() });
+        }
+        for sku in self.skus.all() {
+            sku.do_send_if_awake(Stop { done: done.clone() });
+        }
+        // Each `Stop` holds a sender: the channel closes once every one
+        // was handled or dropped with its mailbox.
+        drop(done);
+        let deadline = Instant::now() + Duration::from_millis(ENGINE_STOP_WAIT_MS);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stopped.recv_timeout(left) {
+                Ok(()) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        wait_ms = ENGINE_STOP_WAIT_MS,
+                        "an engine's actors did not all stop in time"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// An engine on a shared pool that is dropped without a shutdown still
+    /// stops its actors: nothing else would (their threads go on).
+    fn drop(&mut self) {
+        self.stop_actors();
+    }
 }
 
 /// The journal as the engine's callers may see it (for metrics).
@@ -189,7 +252,10 @@ impl Engine {
         seq: Seq,
         read_only: bool,
     ) -> Result<Engine, EngineError> {
-        let threads = ActorThreads::start(config.actor_threads)?;
+        let (threads, owns_actors) = match &config.actors {
+            Some(pool) => (pool.clone(), false),
+            None => (ActorPool::start(config.actor_threads)?, true),
+        };
         let health = Health::new();
         let State {
             skus,
@@ -257,7 +323,9 @@ impl Engine {
             idem,
             ids: ids::OrderIds::new(next_id, order_ids),
             create_lock: Mutex::new(()),
-            threads: Mutex::new(threads),
+            actors: threads,
+            owns_actors,
+            actors_stopped: AtomicBool::new(false),
             health,
             read_only,
             reader: tokio::sync::OnceCell::new(),
@@ -269,8 +337,7 @@ impl Engine {
 
     /// Stops the actors. Calls made afterwards fail with `Stopped`.
     pub fn shutdown(&self) {
-        self.inner.health.stopping();
-        lock(&self.inner.threads).stop();
+        self.inner.stop_actors();
         if let Some(reader) = self.inner.reader.get() {
             reader.shutdown();
         }

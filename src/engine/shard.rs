@@ -352,6 +352,16 @@ impl Actor for OrderShard {
     }
 }
 
+impl Handler<crate::engine::runtime::Stop> for OrderShard {
+    type Result = ();
+
+    /// The engine stops on a shared pool: stop here, whatever is queued.
+    fn handle(&mut self, msg: crate::engine::runtime::Stop, ctx: &mut Context<Self>) {
+        actix::ActorContext::stop(ctx);
+        drop(msg.done);
+    }
+}
+
 /// Place an order from reservations.
 #[derive(Message)]
 #[rtype(result = "()")]

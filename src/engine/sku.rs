@@ -365,6 +365,16 @@ impl Handler<Sleep> for SkuActor {
     }
 }
 
+impl Handler<crate::engine::runtime::Stop> for SkuActor {
+    type Result = ();
+
+    /// The engine stops on a shared pool: stop here, whatever is queued.
+    fn handle(&mut self, msg: crate::engine::runtime::Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+        drop(msg.done);
+    }
+}
+
 /// Hold `qty` units for `user` under a new reservation id.
 #[derive(Message)]
 #[rtype(result = "()")]

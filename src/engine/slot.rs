@@ -30,7 +30,7 @@
 use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use actix::prelude::SendError;
@@ -77,6 +77,9 @@ pub(crate) struct SkuHandle {
 pub(crate) struct Lives {
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: AtomicUsize,
+    /// Set when the engine stops on a shared pool: no SKU wakes again
+    /// (on a pool of its own, the stopped arbiters refuse instead).
+    closed: AtomicBool,
     pub(crate) journal: Arc<dyn Journal>,
     pub(crate) idem: Arc<IdemBook>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -108,6 +111,7 @@ impl Lives {
         Lives {
             arbiters,
             next_arbiter: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
             journal,
             idem,
             clock,
@@ -151,9 +155,17 @@ impl Lives {
         lock(&self.awake).iter().take(limit).copied().collect()
     }
 
+    /// No SKU wakes from now on. A wake holds its SKU's exclusive lock
+    /// from this check to its address being set, so whoever closes and
+    /// then reads every SKU under its shared lock sees every actor that
+    /// will ever run.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     fn arbiter(&self) -> Option<&ArbiterHandle> {
         let n = self.arbiters.len();
-        if n == 0 {
+        if n == 0 || self.closed.load(Ordering::SeqCst) {
             return None;
         }
         let index = self.next_arbiter.fetch_add(1, Ordering::Relaxed) % n;
