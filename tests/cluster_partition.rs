@@ -85,7 +85,7 @@ async fn a_partition_moves_to_another_node_with_every_acknowledged_order() {
         acknowledged.push((order.id, qty));
     }
     // At least one snapshot, so B starts from the object store.
-    for _ in 0..100 {
+    for _ in 0..600 {
         if a.last_snapshot().is_some() {
             break;
         }

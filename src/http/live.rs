@@ -53,7 +53,7 @@ use crate::domain::sku::SkuView;
 use crate::engine::Engine;
 use crate::http::admission::{ClientKey, Permit, Pool, Refused};
 use crate::http::error::ApiError;
-use crate::http::views::rfc3339;
+use crate::http::views::{ClusterJson, rfc3339};
 use crate::http::{Admitted, AppState};
 use crate::limits::{
     CLIENT_SHARE_DIVISOR, DASHBOARD_SKUS_MAX, LIVE_SAMPLE_MS, STREAM_CLIENTS_MAX,
@@ -350,6 +350,11 @@ struct Snapshot {
     /// The SKUs could not be read this time: `skus` is the last good read.
     skus_stale: bool,
     skus: Vec<SkuLive>,
+    /// Cluster mode: the cluster as `GET /v1/cluster` shows it (nodes,
+    /// partitions, owners, lease ages); `null` on a single node, or when
+    /// the cluster's buckets did not answer in time. The SKUs above are
+    /// then those of the partitions this node owns.
+    cluster: Option<ClusterJson>,
 }
 
 /// The journal's counters at the previous sample.
@@ -486,12 +491,22 @@ impl Sampler {
 
         let engine = state.backend.engine().ok();
         let journal = engine.as_ref().and_then(|e| self.journal(e, elapsed_s));
-        let read = match &engine {
-            Some(engine) => tokio::time::timeout(sku_read, engine.skus_head(DASHBOARD_SKUS_MAX))
-                .await
-                .ok()
-                .and_then(Result::ok),
-            None => None,
+        let (read, cluster) = match (state.cluster(), &engine) {
+            (Some(node), _) => {
+                let skus = local_skus_head(node.engines(), sku_read);
+                let view = tokio::time::timeout(sku_read, node.view());
+                let (skus, view) = tokio::join!(skus, view);
+                let view = view.ok().and_then(Result::ok);
+                (skus, view.as_ref().map(ClusterJson::from))
+            }
+            (None, Some(engine)) => {
+                let read = tokio::time::timeout(sku_read, engine.skus_head(DASHBOARD_SKUS_MAX))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                (read, None)
+            }
+            (None, None) => (None, None),
         };
         let now_ms = SystemClock.now_ms();
         let skus_stale = match read {
@@ -525,8 +540,37 @@ impl Sampler {
             skus_total: self.skus_total,
             skus_stale,
             skus: self.skus.clone(),
+            cluster,
         }
     }
+}
+
+/// The first [`DASHBOARD_SKUS_MAX`] SKUs by id of a cluster node's own
+/// partitions, and how many they hold; `None` if one partition did not
+/// answer within `wait` (the dashboard then shows last second's rows).
+/// Each node's dashboard shows its own partitions: a gather from every
+/// node once a second per open dashboard would cost every partition a
+/// request a second for a picture.
+async fn local_skus_head(
+    engines: Vec<(u32, Engine)>,
+    wait: Duration,
+) -> Option<(Vec<SkuView>, usize)> {
+    let reads = engines
+        .iter()
+        .map(|(_, engine)| engine.skus_head(DASHBOARD_SKUS_MAX));
+    let heads = tokio::time::timeout(wait, futures_util::future::try_join_all(reads))
+        .await
+        .ok()?
+        .ok()?;
+    let mut total = 0usize;
+    let mut views = Vec::new();
+    for (head, count) in heads {
+        total = total.saturating_add(count);
+        views.extend(head);
+    }
+    views.sort_by_key(|view| view.sku);
+    views.truncate(DASHBOARD_SKUS_MAX);
+    Some((views, total))
 }
 
 /// Starts the one sampler: a snapshot every [`LIVE_SAMPLE_MS`] until `stop`

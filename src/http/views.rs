@@ -589,7 +589,7 @@ impl<'a> From<&'a Promotion> for PromotionJson<'a> {
 /// `GET /v1/cluster` (contract: "Endpoints"). A single node answers
 /// `{"node_id": null, "partitions": 1}`; a cluster's node adds `nodes`
 /// and `owners`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(as = Cluster)]
 pub struct ClusterJson {
     /// This node's id; `null` on a single node.
@@ -649,7 +649,7 @@ impl From<&crate::cluster::node::ClusterView> for ClusterJson {
 }
 
 /// One node of a cluster.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(as = ClusterNode)]
 pub struct ClusterNodeJson {
     node_id: String,
@@ -658,7 +658,7 @@ pub struct ClusterNodeJson {
 }
 
 /// One partition's owner.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 #[schema(as = PartitionOwner)]
 pub struct PartitionOwnerJson {
     partition: u32,
