@@ -18,19 +18,21 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::node::{Node, NodeConfig};
+use crate::engine::Engine;
 use crate::fatal;
 use crate::http::auth::{SecretError, load_secret};
 use crate::http::{Backend, Front, live};
-use crate::limits::LISTEN_BACKLOG;
+use crate::limits::{IDEMPOTENCY_EVICT_EVERY_MS, LISTEN_BACKLOG};
 use crate::server::{ServeConfig, ServerError, listener};
 
-/// How often the node's engines are checked for a dead actor.
+/// How often the node's engines are checked for a dead actor (and their
+/// idempotency books for records over the memory budget).
 const ENGINE_WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// How a node joins its cluster (`--cluster`, `--node-id`, ...).
@@ -127,8 +129,12 @@ pub(super) async fn run(
 }
 
 /// Reports a fatal error once an engine this node serves has a dead actor:
-/// the process stops, and the partitions move to other nodes.
+/// the process stops, and the partitions move to other nodes. Also keeps
+/// each engine's idempotency book as a node alone does (`server/mod.rs`,
+/// `supervise`): records past their TTL dropped once a minute, records
+/// past the memory budget moved to the partition's store on the servers.
 async fn watch_engines(node: Node, mut stop: watch::Receiver<bool>) {
+    let mut last_eviction = Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(ENGINE_WATCH_EVERY) => {}
@@ -137,6 +143,42 @@ async fn watch_engines(node: Node, mut stop: watch::Receiver<bool>) {
         if let Some(why) = node.failure() {
             fatal::report(format!("an engine is dead: {why}"));
             return;
+        }
+        let evict = last_eviction.elapsed() >= Duration::from_millis(IDEMPOTENCY_EVICT_EVERY_MS);
+        if evict {
+            last_eviction = Instant::now();
+        }
+        for (partition, engine) in node.engines() {
+            keep_idempotency(partition, &engine, evict).await;
+        }
+    }
+}
+
+/// Drops a partition engine's idempotency records past their TTL (when
+/// `evict`), then moves those past its memory budget to its store (a
+/// length compare when under it). Failures are logged and retried at the
+/// next pass: the records stay in memory meanwhile.
+async fn keep_idempotency(partition: u32, engine: &Engine, evict: bool) {
+    if evict {
+        match engine.evict_idempotency().await {
+            Ok(0) => {}
+            Ok(evicted) => {
+                tracing::info!(
+                    partition,
+                    evicted,
+                    "idempotency records past their TTL dropped"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(partition, %error, "could not drop idempotency records past their TTL");
+            }
+        }
+    }
+    match engine.spill_idempotency().await {
+        Ok(0) => {}
+        Ok(moved) => tracing::info!(partition, moved, "idempotency records moved to the store"),
+        Err(error) => {
+            tracing::warn!(partition, %error, "could not move idempotency records to the store");
         }
     }
 }
