@@ -565,6 +565,20 @@ fn journal_leader(nats: &NatsCluster) -> usize {
     })
 }
 
+/// A GET through `server`, again while it answers `503` (a partition
+/// between owners, or an owner this node has not seen yet).
+fn get_settled(server: &Server, path: &str, token: &str) -> support::server::Response {
+    let mut api = Api::new(server);
+    let started = Instant::now();
+    loop {
+        let answer = api.call("GET", path, Some(token), None, None);
+        if answer.status != 503 || started.elapsed() > SETTLE {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until the journal of `id`'s partition holds an `OrdersArchived`
 /// naming it: the order is in the archive stream and has left its owner's
 /// memory (and will not be in the next owner's, which replays that event).
@@ -638,11 +652,10 @@ fn an_order_archived_by_a_killed_node_reads_through_the_next_owner() {
     a.kill();
     let b = node_with(&nats, dir_b.path(), "b", &extra);
     wait_spread(&b, 1);
-    let mut api = Api::new(&b);
-    let read = api.call("GET", &path, Some(&token), None, None);
+    let read = get_settled(&b, &path, &token);
     assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
     assert_eq!(read.json()["status"], "cancelled");
-    let listed = api.call("GET", "/v1/orders", Some(&token), None, None);
+    let listed = get_settled(&b, "/v1/orders", &token);
     assert_eq!(
         listed.status,
         200,
