@@ -17,23 +17,24 @@
 //!   [`codec::encode_order`] (format version, length, CRC, the id again),
 //!   exactly as the sled archive stores it. `page` is the order's index in
 //!   its partition's id space (`id / stride`) divided by [`PAGE_ORDERS`].
-//! - `fc.archive.{p}.u.{user}.{id}`: an empty message, the user's index
-//!   entry. `user` is the user id in hex: ids may hold `.`, which separates
-//!   subject tokens.
 //! - `fc.archive.{p}.p.{page}`: an empty message marking a page that holds
 //!   archived orders.
+//! - `fc.archive.{p}.u.{user}.{page}.{id}`: an empty message, the user's
+//!   index entry. `user` is the user id in hex: ids may hold `.`, which
+//!   separates subject tokens.
+//! - `fc.archive.{p}.v.{user}.{page}`: an empty message marking a page
+//!   that holds archived orders of the user.
 //!
 //! **Reads.** `get` is the subject's last message, read from the stream
 //! leader (`STREAM.MSG.GET`, never a direct get a lagging replica may
 //! answer: after a failover the new owner must see what the old one
-//! archived, and the order is in memory nowhere else). `list_user` lists the
-//! user's index subjects (stream info with a subject filter, answered by
-//! the leader), newest id first, and reads at most `limit` orders:
-//! it reads that user's archived order ids, never the partition's history.
-//! `list_all` lists the page markers (one per [`PAGE_ORDERS`] orders),
-//! then the subjects of the newest pages until it has `limit` ids, and
-//! reads those orders: a page's names, never every order. The engine asks
-//! for at most [`ORDERS_LIST_MAX`] (500) either way.
+//! archived, and the order is in memory nowhere else). A listing (newest
+//! first, at most `limit`) lists the page markers (everyone's, or the
+//! user's) with a subject filter (stream info, answered by the leader),
+//! then the entries of the newest page, and of the next while it has fewer
+//! than `limit` ids, and reads those orders: it reads one name per page of
+//! history and the names of a page or two, never every order's. The
+//! engine asks for at most [`ORDERS_LIST_MAX`] (500), under a page.
 //!
 //! **Writes.** [`Archive::put_batch`] publishes every order, then its index
 //! entry, then the batch's page markers, at most [`PUBLISH_WINDOW`] unacked
@@ -297,6 +298,11 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// A user id as one subject token: hex, since ids may hold `.`.
+fn user_token(user: &UserId) -> String {
+    hex(user.as_str().as_bytes())
+}
+
 /// Subject names of one partition's archive.
 #[derive(Debug, Clone)]
 struct Names {
@@ -319,12 +325,21 @@ impl Names {
         format!("{}.o.{page}.*", self.base)
     }
 
-    fn user_prefix(&self, user: &UserId) -> String {
-        format!("{}.u.{}", self.base, hex(user.as_str().as_bytes()))
+    fn user_entry(&self, user: &UserId, id: OrderId) -> String {
+        let page = self.page(id);
+        format!("{}.u.{}.{page}.{}", self.base, user_token(user), id.0)
     }
 
-    fn user_entry(&self, user: &UserId, id: OrderId) -> String {
-        format!("{}.{}", self.user_prefix(user), id.0)
+    fn user_page_orders(&self, user: &UserId, page: u64) -> String {
+        format!("{}.u.{}.{page}.*", self.base, user_token(user))
+    }
+
+    fn user_page_marker(&self, user: &UserId, page: u64) -> String {
+        format!("{}.v.{}.{page}", self.base, user_token(user))
+    }
+
+    fn user_page_markers(&self, user: &UserId) -> String {
+        format!("{}.v.{}.*", self.base, user_token(user))
     }
 
     fn page_marker(&self, page: u64) -> String {
@@ -434,6 +449,7 @@ impl Archive for JetStreamArchive {
         let names = &self.names;
         let mut messages = Vec::with_capacity(orders.len() * 2 + 1);
         let mut pages = BTreeSet::new();
+        let mut user_pages = BTreeSet::new();
         for order in orders {
             let bytes = codec::encode_order(order).map_err(|e| storage("archive: encoding", e))?;
             // The order before its index entry: an entry always finds its
@@ -441,11 +457,18 @@ impl Archive for JetStreamArchive {
             messages.push((names.order(order.id), Bytes::from(bytes)));
             messages.push((names.user_entry(&order.user, order.id), Bytes::new()));
             pages.insert(names.page(order.id));
+            user_pages.insert((order.user, names.page(order.id)));
         }
+        // Markers last: a marker names a page whose entries were written.
         messages.extend(
             pages
                 .into_iter()
                 .map(|page| (names.page_marker(page), Bytes::new())),
+        );
+        messages.extend(
+            user_pages
+                .into_iter()
+                .map(|(user, page)| (names.user_page_marker(&user, page), Bytes::new())),
         );
         let (context, stream) = (self.context.clone(), self.stream.clone());
         blocking::call(
@@ -474,11 +497,16 @@ impl Archive for JetStreamArchive {
             self.stream.clone(),
             self.names.clone(),
         );
-        let filter = format!("{}.*", names.user_prefix(user));
         let user = *user;
         blocking::call(&self.runtime, "archive: listing", LIST_MS, async move {
-            let entries = subjects(&context, &stream, &filter).await?;
-            let ids = newest_ids(&entries, limit);
+            let ids = newest_paged(
+                &context,
+                &stream,
+                &names.user_page_markers(&user),
+                |page| names.user_page_orders(&user, page),
+                limit,
+            )
+            .await?;
             let orders = JetStreamArchive::read_all(context, stream, names, ids).await?;
             // Paired with the index: an entry leads only to its user's order.
             if let Some(other) = orders.iter().find(|o| o.user != user) {
@@ -498,21 +526,45 @@ impl Archive for JetStreamArchive {
             self.names.clone(),
         );
         blocking::call(&self.runtime, "archive: listing", LIST_MS, async move {
-            let markers = subjects(&context, &stream, &names.page_markers()).await?;
-            let mut pages: Vec<u64> = markers.iter().filter_map(|s| last_number(s)).collect();
-            pages.sort_unstable_by(|a, b| b.cmp(a));
-            // Newest pages first, until `limit` ids: bounded by the pages.
-            let mut ids = Vec::with_capacity(limit);
-            for page in pages {
-                if ids.len() >= limit {
-                    break;
-                }
-                let entries = subjects(&context, &stream, &names.page_orders(page)).await?;
-                ids.extend(newest_ids(&entries, limit - ids.len()));
-            }
+            let ids = newest_paged(
+                &context,
+                &stream,
+                &names.page_markers(),
+                |page| names.page_orders(page),
+                limit,
+            )
+            .await?;
             JetStreamArchive::read_all(context, stream, names, ids).await
         })
     }
+}
+
+/// The newest `limit` order ids of a paged listing: the pages named by the
+/// markers matching `markers`, newest first, each listed with
+/// `page_filter` until `limit` ids are found. Reads the markers and the
+/// names of the newest pages only (each at most [`PAGE_ORDERS`]).
+async fn newest_paged(
+    context: &Context,
+    stream: &str,
+    markers: &str,
+    page_filter: impl Fn(u64) -> String,
+    limit: usize,
+) -> Result<Vec<OrderId>, String> {
+    let markers = subjects(context, stream, markers).await?;
+    let mut pages: Vec<u64> = markers.iter().filter_map(|s| last_number(s)).collect();
+    pages.sort_unstable_by(|a, b| b.cmp(a));
+    pages.dedup();
+    let mut ids = Vec::with_capacity(limit);
+    // Bounded by the pages.
+    for page in pages {
+        if ids.len() >= limit {
+            break;
+        }
+        let entries = subjects(context, stream, &page_filter(page)).await?;
+        ids.extend(newest_ids(&entries, limit - ids.len()));
+    }
+    assert!(ids.len() <= limit, "at most the limit");
+    Ok(ids)
 }
 
 #[cfg(test)]
@@ -535,9 +587,17 @@ mod tests {
         assert_eq!(n.order(OrderId(1_024 * 64 + 3)), "fc.archive.3.o.1.65539");
         let user = UserId::parse("a.b-C_9").expect("valid");
         let entry = n.user_entry(&user, OrderId(67));
-        assert_eq!(entry, "fc.archive.3.u.612e622d435f39.67");
-        assert_eq!(entry.split('.').count(), 6, "the user's dot is hex");
+        assert_eq!(entry, "fc.archive.3.u.612e622d435f39.0.67");
+        assert_eq!(entry.split('.').count(), 7, "the user's dot is hex");
         assert_eq!(last_number(&entry), Some(67));
+        assert_eq!(
+            n.user_page_orders(&user, 0),
+            "fc.archive.3.u.612e622d435f39.0.*"
+        );
+        assert_eq!(
+            n.user_page_marker(&user, 0),
+            "fc.archive.3.v.612e622d435f39.0"
+        );
         assert_eq!(n.page_marker(2), "fc.archive.3.p.2");
     }
 
