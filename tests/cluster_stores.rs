@@ -2,7 +2,8 @@
 //! servers (`src/cluster/archive.rs`, `src/cluster/idem_store.rs`): what
 //! is written reads back through another connection, lists newest first
 //! within the limit, is stored once however often it is written, and
-//! damage is refused; and through takeovers (`src/cluster/partition.rs`),
+//! damage is refused, and writes go on once the stream's leader server is
+//! killed; and through takeovers (`src/cluster/partition.rs`),
 //! the orders one owner archived and the idempotency records it moved out
 //! of memory answer at the next owner, which holds neither in memory.
 
@@ -440,4 +441,66 @@ async fn archived_orders_and_spilled_keys_follow_their_partition() {
     })
     .await
     .expect("stopped");
+}
+
+/// Calls `f` until it answers `Ok`, for at most `patience`; answers how
+/// long that took.
+async fn until_ok<T: Send + 'static>(
+    patience: Duration,
+    f: impl Fn() -> Result<T, JournalError> + Send + Sync + Clone + 'static,
+) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        let attempt = f.clone();
+        match tokio::task::spawn_blocking(attempt).await.expect("task") {
+            Ok(value) => return (value, started.elapsed()),
+            Err(e) => assert!(
+                started.elapsed() < patience,
+                "still failing after {patience:?}: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_goes_on_when_its_streams_leader_server_is_killed() {
+    let mut cluster = NatsCluster::start(3);
+    let (js_a, js_b) = (connect(&cluster).await, connect(&cluster).await);
+    let spec = ArchiveStream::new(3);
+    ensure_archive_stream(&js_a, &spec).await.expect("made");
+    let runtime = tokio::runtime::Handle::current();
+    let stride = u64::from(PARTITIONS);
+    let a = JetStreamArchive::new(js_a.clone(), &spec, PARTITION, stride, runtime.clone());
+    let b = JetStreamArchive::new(js_b.clone(), &spec, PARTITION, stride, runtime);
+    let before: Vec<Order> = (0..50).map(|k| order(k, "ann", 1)).collect();
+    let (writer, batch) = (a.clone(), before.clone());
+    until_ok(Duration::from_secs(5), move || writer.put_batch(&batch)).await;
+
+    let mut stream = js_a.get_stream(&spec.name).await.expect("stream");
+    let info = stream.info().await.expect("info");
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a leader");
+    let leader: usize = leader.trim_start_matches('n').parse().expect("n<i>");
+    cluster.kill(leader);
+
+    // Writes fail until a new leader is elected (the sweep retries), then
+    // go on.
+    let after: Vec<Order> = (50..100).map(|k| order(k, "ann", 1)).collect();
+    let (writer, batch) = (a.clone(), after.clone());
+    let (_, took) = until_ok(Duration::from_secs(30), move || writer.put_batch(&batch)).await;
+    eprintln!("archive writes went on {took:?} after the stream leader was killed");
+
+    // Everything acknowledged reads back from the new leader, through the
+    // other connection.
+    let reader = b.clone();
+    let (all, _) = until_ok(Duration::from_secs(30), move || reader.list_all(500)).await;
+    let expected: Vec<u64> = (0..100).rev().map(|k| k * 8 + 3).collect();
+    assert_eq!(ids(&all), expected);
+    for order in before.iter().chain(&after) {
+        assert_eq!(b.get(order.id).expect("reads").as_ref(), Some(order));
+    }
 }
