@@ -16,8 +16,8 @@ use flashcore::journal::SnapshotPolicy;
 use flashcore::journal::recovery::SNAPSHOT_EVERY_EVENTS;
 use flashcore::limits::{
     ACTOR_THREADS_MAX, ARCHIVE_AFTER_MAX_MS, CONNECTIONS_DEFAULT, CONNECTIONS_MAX,
-    ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX, REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX,
-    RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_S,
+    IDEMPOTENCY_MEMORY_RECORDS_MAX, ORDER_SHARDS_DEFAULT, ORDER_SHARDS_MAX,
+    REQUESTS_IN_FLIGHT_DEFAULT, REQUESTS_IN_FLIGHT_MAX, RESERVATION_TTL_MAX_MS, TOKEN_TTL_MAX_S,
 };
 use flashcore::server::{ClusterConfig, ServeConfig, run};
 
@@ -128,6 +128,10 @@ struct ServeArgs {
     replicas: usize,
     #[arg(long, env = "FLASHCORE_SNAPSHOT_EVERY_EVENTS", default_value_t = SNAPSHOT_EVERY_EVENTS, hide = true)]
     snapshot_every_events: u64,
+    /// Idempotency records an engine keeps in memory before the oldest move
+    /// to its store (tests use a small value to see records leave memory).
+    #[arg(long, env = "FLASHCORE_IDEM_MEMORY_RECORDS", default_value_t = IDEMPOTENCY_MEMORY_RECORDS_MAX, hide = true)]
+    idem_memory_records: usize,
 }
 
 #[derive(Parser, Debug)]
@@ -191,6 +195,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.snapshot_every_events == 0 {
         bail!("--snapshot-every-events must be at least 1");
     }
+    if !(1..=IDEMPOTENCY_MEMORY_RECORDS_MAX).contains(&args.idem_memory_records) {
+        bail!("--idem-memory-records must be 1 to {IDEMPOTENCY_MEMORY_RECORDS_MAX}");
+    }
     let cluster = cluster_config(&args)?;
     let config = ServeConfig {
         cluster,
@@ -202,6 +209,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             order_shards: args.order_shards,
             reservation_ttl_ms: ttl_ms,
             archive_after_ms: Some(archive_after_ms),
+            idem_memory_records_max: args.idem_memory_records,
             durability: match args.durability {
                 Durability::Strict => DurabilityMode::Strict,
                 Durability::Relaxed => DurabilityMode::Relaxed,

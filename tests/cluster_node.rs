@@ -30,9 +30,14 @@ const NODE_START: Duration = Duration::from_secs(90);
 const SETTLE: Duration = Duration::from_secs(60);
 
 fn node(nats: &NatsCluster, dir: &Path, id: &str) -> Server {
+    node_with(nats, dir, id, &[])
+}
+
+/// A node started with `extra` arguments after the cluster's.
+fn node_with(nats: &NatsCluster, dir: &Path, id: &str, extra: &[&str]) -> Server {
     let urls = nats.urls();
     let partitions = PARTITIONS.to_string();
-    let args = [
+    let mut args = vec![
         "--cluster",
         urls.as_str(),
         "--node-id",
@@ -42,6 +47,7 @@ fn node(nats: &NatsCluster, dir: &Path, id: &str) -> Server {
         "--lease-ttl",
         LEASE_TTL,
     ];
+    args.extend_from_slice(extra);
     Server::launch(dir, &args, &[], true, NODE_START)
         .unwrap_or_else(|e| panic!("node {id} did not start: {e}\n{}", nats.logs()))
 }
@@ -648,4 +654,120 @@ fn journal_leader(nats: &NatsCluster) -> usize {
             .parse()
             .unwrap_or_else(|_| panic!("a server name n<i>, not {leader}"))
     })
+}
+
+/// A GET through `server`, again while it answers `503` (a partition
+/// between owners, or an owner this node has not seen yet).
+fn get_settled(server: &Server, path: &str, token: &str) -> support::server::Response {
+    let mut api = Api::new(server);
+    let started = Instant::now();
+    loop {
+        let answer = api.call("GET", path, Some(token), None, None);
+        if answer.status != 503 || started.elapsed() > SETTLE {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the journal of `id`'s partition holds an `OrdersArchived`
+/// naming it: the order is in the archive stream and has left its owner's
+/// memory (and will not be in the next owner's, which replays that event).
+fn wait_archived(nats: &NatsCluster, id: u64) {
+    use flashcore::cluster::journal::{JournalStream, blocks_after};
+    use flashcore::domain::{Event, OrderId};
+    use flashcore::journal::codec;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.addrs()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let spec = JournalStream::new(3);
+        let partition = u32::try_from(id % u64::from(PARTITIONS)).expect("small");
+        let started = Instant::now();
+        loop {
+            if let Ok(read) = blocks_after(&js, &spec, partition, 0).await {
+                let archived = read
+                    .blocks
+                    .iter()
+                    .flat_map(|b| codec::block_records(b.first_seq, &b.bytes))
+                    .any(|r| {
+                        matches!(r.event, Ok(Event::OrdersArchived { ref ids, .. })
+                            if ids.contains(&OrderId(id)))
+                    });
+                if archived {
+                    return;
+                }
+            }
+            assert!(started.elapsed() < SETTLE, "order {id} never archived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn an_order_archived_by_a_killed_node_reads_through_the_next_owner() {
+    let nats = NatsCluster::start(3);
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let extra = ["--archive-after", "50ms", "--idem-memory-records", "1"];
+    let mut a = node_with(&nats, dir_a.path(), "a", &extra);
+    wait_spread(&a, 1);
+    create_sku(&a, "kept", 10);
+    let token = a.customer("ann");
+    let first = place(&[a.addr], 0, &token, "kept", "ka-1").expect("placed");
+    let path = format!("/v1/orders/{}", first.order_id);
+    let cancel = Api::new(&a).call("POST", &format!("{path}/cancel"), Some(&token), None, None);
+    assert_eq!(
+        cancel.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancel.body)
+    );
+    let second = place(&[a.addr], 0, &token, "kept", "ka-2").expect("placed");
+    wait_archived(&nats, first.order_id.parse().expect("decimal"));
+    // Two records over a budget of one: the node moves the older to the
+    // partition's store on the servers (its pass runs every second).
+    let started = Instant::now();
+    while !a.log().contains("idempotency records moved to the store") {
+        assert!(started.elapsed() < SETTLE, "no record moved:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The owner dies; a new node takes every partition over from the
+    // journal, in which the cancelled order left memory.
+    a.kill();
+    let b = node_with(&nats, dir_b.path(), "b", &extra);
+    wait_spread(&b, 1);
+    let read = get_settled(&b, &path, &token);
+    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+    assert_eq!(read.json()["status"], "cancelled");
+    let listed = get_settled(&b, "/v1/orders", &token);
+    assert_eq!(
+        listed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&listed.body)
+    );
+    let ids: Vec<String> = listed.json()["orders"]
+        .as_array()
+        .expect("orders")
+        .iter()
+        .map(|o| o["order_id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        [second.order_id.clone(), first.order_id.clone()],
+        "newest first"
+    );
+    // The first key again, through the new owner: the first answer, rendered
+    // from the archived order.
+    let again = place(&[b.addr], 0, &token, "kept", "ka-1").expect("replayed");
+    assert_eq!(again.order_id, first.order_id);
+    let stock = BTreeMap::from([("kept".to_string(), 10)]);
+    check_books(&b, &[second], &stock);
 }

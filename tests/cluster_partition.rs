@@ -42,6 +42,7 @@ fn takeover(
             every_ms: 60_000,
         },
         clock: Arc::new(SystemClock),
+        stores: None,
     }
 }
 

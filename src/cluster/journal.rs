@@ -63,7 +63,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use crate::domain::Event;
 use crate::journal::codec::{self, CodecError};
-use crate::journal::{Journal, JournalError, Seq, Watermark};
+use crate::journal::{Archive, IdemStore, Journal, JournalError, Seq, Watermark};
 
 /// Most records waiting for the writer: as for the sled journal
 /// (`writer::QUEUE_EVENTS_MAX`), about half a second of work at the
@@ -444,6 +444,11 @@ pub struct JetStreamJournal {
     append: Mutex<AppendSide>,
     shared: Arc<Shared>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The partition's archive and idempotency store, when it keeps them
+    /// on the servers (`archive.rs`, `idem_store.rs`); without them the
+    /// engine keeps finished orders and every record in memory.
+    archive: Option<Arc<dyn Archive>>,
+    idem_store: Option<Arc<dyn IdemStore>>,
 }
 
 impl std::fmt::Debug for JetStreamJournal {
@@ -504,7 +509,23 @@ impl JetStreamJournal {
             }),
             shared,
             task: Mutex::new(Some(task)),
+            archive: None,
+            idem_store: None,
         })
+    }
+
+    /// The journal with the partition's archive and idempotency store
+    /// beside it (the engine reads them through [`Journal::archive`] and
+    /// [`Journal::idem_store`]).
+    #[must_use]
+    pub fn keeping(
+        mut self,
+        archive: Arc<dyn Archive>,
+        idem_store: Arc<dyn IdemStore>,
+    ) -> JetStreamJournal {
+        self.archive = Some(archive);
+        self.idem_store = Some(idem_store);
+        self
     }
 
     /// Whether another writer took the partition (the owner must step
@@ -606,6 +627,14 @@ impl Journal for JetStreamJournal {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .last_seq
+    }
+
+    fn archive(&self) -> Option<Arc<dyn Archive>> {
+        self.archive.clone()
+    }
+
+    fn idem_store(&self) -> Option<Arc<dyn IdemStore>> {
+        self.idem_store.clone()
     }
 
     fn failure(&self) -> Option<String> {

@@ -42,7 +42,7 @@ use crate::cluster::forward::{self, ForwardedAnswer, ForwardedRequest};
 use crate::cluster::journal::{self, JetStreamJournal, JournalStream};
 use crate::cluster::layout;
 use crate::cluster::lease::{LeaseKeeper, Leases};
-use crate::cluster::partition::{self, OwnedPartition, Takeover};
+use crate::cluster::partition::{self, OwnedPartition, StoreStreams, Takeover};
 use crate::cluster::snapshots;
 use crate::domain::idem::Lookup;
 use crate::domain::promo::Promotion;
@@ -248,6 +248,7 @@ struct Inner {
     client: async_nats::Client,
     context: jetstream::Context,
     spec: JournalStream,
+    stores: StoreStreams,
     snapshots: ObjectStore,
     leases: Arc<Leases>,
     nodes: kv::Store,
@@ -338,6 +339,9 @@ impl Node {
         let context = jetstream::new(client.clone());
         let spec = JournalStream::new(config.replicas);
         journal::ensure_stream(&context, &spec).await?;
+        let stores = StoreStreams::new(config.replicas);
+        crate::cluster::archive::ensure_archive_stream(&context, &stores.archive).await?;
+        crate::cluster::idem_store::ensure_idem_stream(&context, &stores.idem).await?;
         let settings = layout::cluster_bucket(&context, SETTINGS_BUCKET, config.replicas).await?;
         layout::settle_partitions(&settings, config.partitions).await?;
         let leases = Arc::new(
@@ -365,6 +369,7 @@ impl Node {
                 client,
                 context,
                 spec,
+                stores,
                 snapshots,
                 leases,
                 nodes,
@@ -859,6 +864,7 @@ impl Node {
             },
             policy: config.snapshots,
             clock: Arc::clone(&config.clock),
+            stores: Some(self.inner.stores.clone()),
         };
         let runtime = self.inner.runtime.clone();
         let started = Instant::now();

@@ -14,7 +14,10 @@
 //!    that node is fenced and can never acknowledge another change here.
 //!    If the barrier itself is refused, someone else got there first.
 //! 4. Start the engine on the recovered state and the snapshotter (object
-//!    store, purging the journal below the snapshot before last).
+//!    store, purging the journal below the snapshot before last). The
+//!    engine's journal carries the partition's archive and idempotency
+//!    store on the servers ([`StoreStreams`]), so finished orders and
+//!    spilled records the previous owner moved there are read here.
 //!
 //! A lease (`lease.rs`) decides who *tries* (liveness); the compare-and-set
 //! decides who *succeeds* (safety).
@@ -25,6 +28,8 @@ use async_nats::jetstream::{Context, object_store::ObjectStore};
 use tokio::runtime::Handle;
 
 use crate::clock::Clock;
+use crate::cluster::archive::{ArchiveStream, JetStreamArchive};
+use crate::cluster::idem_store::{IdemStream, JetStreamIdemStore};
 use crate::cluster::journal::{
     self, ClusterJournalError, JetStreamJournal, JournalStream, WriterTerm,
 };
@@ -161,6 +166,26 @@ pub enum TakeoverError {
     },
 }
 
+/// The streams a partition keeps what leaves memory in: its archive of
+/// finished orders and its idempotency records past the memory budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStreams {
+    /// The archive stream.
+    pub archive: ArchiveStream,
+    /// The idempotency records' stream.
+    pub idem: IdemStream,
+}
+
+impl StoreStreams {
+    /// The default layout, with `replicas` copies.
+    pub fn new(replicas: usize) -> StoreStreams {
+        StoreStreams {
+            archive: ArchiveStream::new(replicas),
+            idem: IdemStream::new(replicas),
+        }
+    }
+}
+
 /// What taking a partition over needs.
 #[derive(Clone)]
 pub struct Takeover {
@@ -180,6 +205,9 @@ pub struct Takeover {
     pub policy: SnapshotPolicy,
     /// The clock the engine runs on.
     pub clock: Arc<dyn Clock>,
+    /// Where finished orders and spilled idempotency records go (streams
+    /// made beforehand); `None` keeps them in the engine's memory.
+    pub stores: Option<StoreStreams>,
 }
 
 /// A partition this node owns: its engine, journal and snapshotter.
@@ -240,6 +268,7 @@ pub fn take_over(takeover: Takeover, runtime: &Handle) -> Result<OwnedPartition,
         engine,
         policy,
         clock,
+        stores,
     } = takeover;
     let history = JetStreamHistory::new(context.clone(), spec.clone(), partition, runtime.clone());
     let store = ObjectSnapshots::new(snapshots, partition, runtime.clone());
@@ -255,10 +284,30 @@ pub fn take_over(takeover: Takeover, runtime: &Handle) -> Result<OwnedPartition,
             now: resume.last_seq,
         });
     }
-    let journal =
-        JetStreamJournal::start(context, &spec, partition, resume, WriterTerm(term), runtime)
-            .map(Arc::new)
-            .map_err(|source| TakeoverError::Journal { partition, source })?;
+    let journal = JetStreamJournal::start(
+        context.clone(),
+        &spec,
+        partition,
+        resume,
+        WriterTerm(term),
+        runtime,
+    )
+    .map_err(|source| TakeoverError::Journal { partition, source })?;
+    let journal = Arc::new(match stores {
+        Some(streams) => {
+            let stride = engine.order_ids.stride;
+            let archive = JetStreamArchive::new(
+                context.clone(),
+                &streams.archive,
+                partition,
+                stride,
+                runtime.clone(),
+            );
+            let idem = JetStreamIdemStore::new(context, &streams.idem, partition, runtime.clone());
+            journal.keeping(Arc::new(archive), Arc::new(idem))
+        }
+        None => journal,
+    });
     let barrier = journal
         .append(&Event::OwnerChanged {
             term,

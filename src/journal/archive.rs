@@ -1,7 +1,7 @@
 //! The order archive: finished orders that left memory, on disk.
 //!
-//! [`Archive`] is what the engine sees (a later multi-machine version can
-//! put another store behind it); the engine decides *when* an order moves
+//! [`Archive`] is what the engine sees (in cluster mode a partition's is on
+//! the NATS servers, `cluster/archive.rs`); the engine decides *when* an order moves
 //! (`engine/shard.rs`), this module only stores and reads. The move is: the
 //! archive takes the orders and makes them durable ([`Archive::put_batch`]
 //! returns only then), and only afterwards is `Event::OrdersArchived`

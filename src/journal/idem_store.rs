@@ -1,6 +1,7 @@
 //! Idempotency records that left memory, on disk.
 //!
-//! [`IdemStore`] is what the engine sees; the engine decides *when* a record
+//! [`IdemStore`] is what the engine sees (in cluster mode a partition's is
+//! on the NATS servers, `cluster/idem_store.rs`); the engine decides *when* a record
 //! moves (`engine/keyed.rs`: past the book's memory budget, oldest first),
 //! this module only stores, reads and drops what has passed its TTL. The
 //! move is: the store takes the records and makes them durable

@@ -18,20 +18,26 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::clock::{Clock, SystemClock};
 use crate::cluster::node::{Node, NodeConfig};
+use crate::engine::Engine;
 use crate::fatal;
 use crate::http::auth::{SecretError, load_secret};
 use crate::http::{Backend, Front, live};
-use crate::limits::LISTEN_BACKLOG;
+use crate::limits::{IDEMPOTENCY_EVICT_EVERY_MS, LISTEN_BACKLOG};
 use crate::server::{ServeConfig, ServerError, listener};
 
 /// How often the node's engines are checked for a dead actor.
 const ENGINE_WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the engines' idempotency books are checked against their
+/// memory budget (a length compare each when under it), as a node alone's
+/// supervisor does at its probe interval.
+const IDEM_UPKEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// How a node joins its cluster (`--cluster`, `--node-id`, ...).
 #[derive(Debug, Clone)]
@@ -98,7 +104,8 @@ pub(super) async fn run(
         super::connection_limits(&config),
         stop_rx.clone(),
     ));
-    let watcher = tokio::spawn(watch_engines(node.clone(), stop_rx));
+    let watcher = tokio::spawn(watch_engines(node.clone(), stop_rx.clone()));
+    let keeper = tokio::spawn(keep_books(node.clone(), stop_rx));
     let stopped = tokio::select! {
         () = shutdown => Ok(()),
         why = fatal::wait() => Err(ServerError::Fatal(why)),
@@ -116,6 +123,7 @@ pub(super) async fn run(
         (server, "listener"),
         (sampler, "live sampler"),
         (watcher, "engine watcher"),
+        (keeper, "idempotency upkeep"),
     ] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "the {what} task failed");
@@ -137,6 +145,63 @@ async fn watch_engines(node: Node, mut stop: watch::Receiver<bool>) {
         if let Some(why) = node.failure() {
             fatal::report(format!("an engine is dead: {why}"));
             return;
+        }
+    }
+}
+
+/// Keeps each served engine's idempotency book as a node alone does
+/// (`server/mod.rs`, `supervise`): records past their TTL dropped once a
+/// minute, records past the memory budget moved to the partition's store
+/// on the servers every [`IDEM_UPKEEP_EVERY`]. A task of its own, so that
+/// servers slow to take the records never delay the dead-engine watch.
+async fn keep_books(node: Node, mut stop: watch::Receiver<bool>) {
+    let mut last_eviction = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(IDEM_UPKEEP_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let evict = last_eviction.elapsed() >= Duration::from_millis(IDEMPOTENCY_EVICT_EVERY_MS);
+        if evict {
+            last_eviction = Instant::now();
+        }
+        for (partition, engine) in node.engines() {
+            // A stop does not wait for a slow store: a spill cut short
+            // leaves its records in memory (and maybe also in the store),
+            // which is harmless.
+            tokio::select! {
+                () = keep_idempotency(partition, &engine, evict) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// Drops a partition engine's idempotency records past their TTL (when
+/// `evict`), then moves those past its memory budget to its store (a
+/// length compare when under it). Failures are logged and retried at the
+/// next pass: the records stay in memory meanwhile.
+async fn keep_idempotency(partition: u32, engine: &Engine, evict: bool) {
+    if evict {
+        match engine.evict_idempotency().await {
+            Ok(0) => {}
+            Ok(evicted) => {
+                tracing::info!(
+                    partition,
+                    evicted,
+                    "idempotency records past their TTL dropped"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(partition, %error, "could not drop idempotency records past their TTL");
+            }
+        }
+    }
+    match engine.spill_idempotency().await {
+        Ok(0) => {}
+        Ok(moved) => tracing::info!(partition, moved, "idempotency records moved to the store"),
+        Err(error) => {
+            tracing::warn!(partition, %error, "could not move idempotency records to the store");
         }
     }
 }
