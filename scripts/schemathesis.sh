@@ -4,7 +4,7 @@
 # every check, the stateful phase included (it follows the document's links
 # through an order's life). Exits non-zero on any failure.
 #
-#   scripts/schemathesis.sh                         # CI: 40 cases per operation
+#   scripts/schemathesis.sh                         # CI: the cases scripts/schemathesis.toml sets
 #   scripts/schemathesis.sh --max-examples 1000     # a long fuzz
 #   SEED=123 scripts/schemathesis.sh                # replay a run's random seed
 #   SEEDS=random ROLES=admin scripts/schemathesis.sh  # one run only
@@ -28,6 +28,10 @@ bin=${FLASHCORE_BIN:-target/release/flashcore}
 
 export FLASHCORE_JWT_SECRET=schemathesis-0123456789abcdef-0123456789abcdef
 random_seed=${SEED:-$(( (RANDOM << 15) | RANDOM ))}
+# One worker: with two, hypothesis (under schemathesis) parses lambda sources
+# on both threads at once, and CPython 3.11's parser is not safe for that
+# ("AST constructor recursion depth mismatch", a runtime error of the tool,
+# not a finding: seen once in CI-like runs here).
 echo "schemathesis $version; seeds: 1 and $random_seed (replay: SEED=$random_seed $0 $*)"
 
 work=$(mktemp -d)
@@ -71,8 +75,7 @@ for role in ${ROLES:-admin customer}; do
             --phases examples,coverage,fuzzing,stateful \
             --header "Authorization: Bearer $token" \
             --seed "$seed" \
-            --max-examples 40 \
-            --workers 2 \
+            --workers 1 \
             "$@"; then
             status=1
             echo "== FAILED as $role, seed $seed (replay: SEED=$seed $0 $*)"
