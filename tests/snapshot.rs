@@ -141,9 +141,6 @@ async fn snapshots_under_load(churn: bool) {
         journal::snapshot_dir(dir.path()),
         policy,
     );
-    let buyers: Vec<_> = (0..32)
-        .map(|who| tokio::spawn(buyer(node.engine.clone(), who, 400)))
-        .collect();
     let wakes_before = node.engine.sku_wakes();
     let stop_sleeper = Arc::new(std::sync::atomic::AtomicBool::new(!churn));
     let sleeper = {
@@ -155,17 +152,26 @@ async fn snapshots_under_load(churn: bool) {
             }
         })
     };
+    // Rounds of buyers until a snapshot was taken while they ran: the
+    // snapshotter runs at nice 19, so on a machine busy with other work
+    // one round can end before any snapshot does (bounded: 60 s).
     let mut mid_load = Vec::new();
-    while !buyers.iter().all(tokio::task::JoinHandle::is_finished) {
-        if let Some(report) = snapshotter.last()
-            && mid_load.last() != Some(&report)
-        {
-            mid_load.push(report);
+    let patience = std::time::Instant::now();
+    while mid_load.is_empty() && patience.elapsed() < Duration::from_secs(60) {
+        let buyers: Vec<_> = (0..32)
+            .map(|who| tokio::spawn(buyer(node.engine.clone(), who, 400)))
+            .collect();
+        while !buyers.iter().all(tokio::task::JoinHandle::is_finished) {
+            if let Some(report) = snapshotter.last()
+                && mid_load.last() != Some(&report)
+            {
+                mid_load.push(report);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    for b in buyers {
-        b.await.expect("buyer");
+        for b in buyers {
+            b.await.expect("buyer");
+        }
     }
     stop_sleeper.store(true, std::sync::atomic::Ordering::SeqCst);
     sleeper.await.expect("sleeper");

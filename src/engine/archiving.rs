@@ -58,18 +58,37 @@ impl OrderShard {
     }
 
     /// Journals `OrdersArchived` for the written orders that are still in
-    /// memory exactly as written (one changed since stays live; the next
-    /// sweep writes it again). Returns how many left memory.
+    /// memory exactly as written. One that changed since its pick stays
+    /// live and goes back on the queue as it is now, if it is still
+    /// finished, so the next sweep writes it again: a change that keeps an
+    /// order finished (a partial refund of a delivered order) queues
+    /// nothing of its own, and without this the order would stay in memory
+    /// until a restart. Returns how many left memory.
     ///
     /// # Errors
     /// The journal's, when it refuses the event; the orders go back on the
     /// queue (they stay in memory and in the archive, which is harmless).
     fn finish_archive(&mut self, written: &[Order], now_ms: u64) -> Result<usize, EngineError> {
-        let mut ids: Vec<OrderId> = written
-            .iter()
-            .filter(|copy| self.book.get(copy.id) == Some(*copy))
-            .map(|copy| copy.id)
-            .collect();
+        let mut ids: Vec<OrderId> = Vec::with_capacity(written.len());
+        let mut changed: Vec<(u64, OrderId)> = Vec::new();
+        for copy in written {
+            match self.book.get(copy.id) {
+                Some(live) if live == copy => ids.push(copy.id),
+                Some(live) if live.status.is_final() => {
+                    changed.push((finished_at_ms(live), live.id));
+                }
+                // Gone (archived by an earlier batch), or live again.
+                _ => {}
+            }
+        }
+        if !changed.is_empty() {
+            // Look again at the next tick rather than a sweep interval
+            // later: those due are picked at once, the rest wait as usual.
+            self.next_sweep_ms = 0;
+        }
+        for entry in changed {
+            self.finished.push(Reverse(entry));
+        }
         ids.sort_unstable();
         ids.dedup();
         if ids.is_empty() {

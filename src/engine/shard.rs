@@ -204,10 +204,9 @@ impl OrderShard {
     /// An event the caller still needs is copied into the book where it
     /// must be (`Cow::Borrowed`); one it hands over moves in (`Cow::Owned`).
     fn book_keep(&mut self, event: Cow<'_, Event>, seq: Seq) {
-        let before = event
-            .order_id()
-            .and_then(|id| self.book.get(id))
-            .map(|o| o.status);
+        let prior = event.order_id().and_then(|id| self.book.get(id));
+        let before = prior.map(|o| o.status);
+        let finished_before = prior.map(finished_at_ms);
         // What the indexes need, taken before an owned event moves away.
         let placed = match &*event {
             Event::OrderPlaced { order, .. } | Event::OrderPlacedAtSku { order, .. } => {
@@ -252,9 +251,15 @@ impl OrderShard {
                 self.counts[status_index(before)] -= 1;
             }
             self.counts[status_index(after)] += 1;
-            if after.is_final() && before != Some(after) {
-                self.finished
-                    .push(Reverse((finished_at_ms(order), order.id)));
+            // A final order is queued for the archive under the time of its
+            // last history entry, and a queue entry whose time no longer
+            // matches is dropped as stale: so a change that adds an entry
+            // and keeps the order final (a partial refund of a delivered
+            // order) queues it again, or it would stay in memory for good.
+            let finished_now = finished_at_ms(order);
+            if after.is_final() && (before != Some(after) || finished_before != Some(finished_now))
+            {
+                self.finished.push(Reverse((finished_now, order.id)));
             }
         }
         if let Some(id) = restored {
