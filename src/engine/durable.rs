@@ -29,7 +29,7 @@ impl Engine {
         Fut: Future<Output = Result<T, EngineError>>,
     {
         match read(self.clone()).await {
-            Err(EngineError::StorageUnavailable(why))
+            Err(EngineError::Storage(why))
                 if !self.inner.read_only && self.inner.journal.failure().is_some() =>
             {
                 tracing::debug!(failure = %why, "a read meets a failed journal; answering from the durable state");
@@ -49,10 +49,9 @@ impl Engine {
                 let journal = Arc::clone(&self.inner.journal);
                 let (state, durable) = tokio::task::spawn_blocking(move || journal.durable_state())
                     .await
-                    .map_err(|e| {
-                        EngineError::StorageUnavailable(format!(
-                            "rebuilding the durable state: {e}"
-                        ))
+                    .map_err(|e| EngineError::Task {
+                        what: "rebuilding the durable state",
+                        source: Arc::new(e),
                     })??;
                 tracing::warn!(
                     durable_seq = durable,

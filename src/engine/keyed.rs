@@ -19,8 +19,11 @@ use crate::steps::{self, Step};
 
 use crate::domain::idem::{FirstAnswer, KeyHash, Outcome};
 
-fn join_error(what: &str, e: tokio::task::JoinError) -> EngineError {
-    EngineError::StorageUnavailable(format!("{what}: {e}"))
+fn join_error(what: &'static str, e: tokio::task::JoinError) -> EngineError {
+    EngineError::Task {
+        what,
+        source: Arc::new(e),
+    }
 }
 
 impl Engine {
