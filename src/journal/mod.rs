@@ -34,7 +34,8 @@ pub use idem_store::{IdemStore, MemIdemStore, SledIdemStore};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};
 pub use snapshot::{
-    Capture, Mark, SnapshotPolicy, SnapshotReport, SnapshotSource, SnapshotStore, Snapshotter,
+    Capture, CaptureError, Mark, SnapshotError, SnapshotPolicy, SnapshotReport, SnapshotSource,
+    SnapshotStore, Snapshotter,
 };
 pub use watermark::Watermark;
 pub use writer::{FlushPolicy, JournalStats, RELAXED_AHEAD_MS_MAX, SledJournal};
@@ -224,6 +225,12 @@ pub fn io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::Err
     // Bounded: a chain of sources is short, and never a cycle.
     for _ in 0..IO_KIND_DEPTH_MAX {
         let error = cause?;
+        // A cause kept as `Arc<dyn Error>` (a remote store's, a stopped
+        // writer's) is looked into, not past.
+        if let Some(inner) = error.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            cause = Some(&**inner);
+            continue;
+        }
         if let Some(io) = error
             .downcast_ref::<std::io::Error>()
             .or_else(|| error.downcast_ref::<Arc<std::io::Error>>().map(|a| &**a))
@@ -334,7 +341,8 @@ pub fn snapshot_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
 /// writer after the last good record.
 ///
 /// # Errors
-/// `RecoveryError::Storage` when the data dir cannot be used,
+/// `RecoveryError::Storage` when the data dir cannot be used (another
+/// server holds it: `JournalError::Locked`),
 /// `RecoveryError::Corrupt` for damage before the tail without `repair`.
 pub fn open(
     data_dir: &std::path::Path,
@@ -342,10 +350,9 @@ pub fn open(
     repair: bool,
 ) -> Result<Opened, RecoveryError> {
     let dir = journal_dir(data_dir);
-    let db = writer::open_db(&dir).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    let db = writer::open_db(&dir)?;
     let recovered = recover(&db, &dir, &snapshot_dir(data_dir), repair)?;
-    let journal = SledJournal::start(db, &dir, recovered.last_seq, policy)
-        .map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    let journal = SledJournal::start(db, &dir, recovered.last_seq, policy)?;
     Ok(Opened {
         journal: std::sync::Arc::new(journal),
         recovered,
