@@ -29,9 +29,12 @@ impl Engine {
         Fut: Future<Output = Result<T, EngineError>>,
     {
         match read(self.clone()).await {
-            Err(EngineError::Storage(why))
-                if !self.inner.read_only && self.inner.journal.failure().is_some() =>
-            {
+            Err(
+                why @ (EngineError::Storage(_)
+                | EngineError::Spawn { .. }
+                | EngineError::Task { .. }
+                | EngineError::IdsExhausted),
+            ) if !self.inner.read_only && self.inner.journal.failure().is_some() => {
                 tracing::debug!(failure = %why, "a read meets a failed journal; answering from the durable state");
                 let reader = self.durable_reader().await?;
                 read(reader).await

@@ -133,7 +133,7 @@ impl OrderIds {
     /// A new id, once the reservation covering it is durable.
     ///
     /// # Errors
-    /// `Overloaded` or `StorageUnavailable` when the reservation cannot be
+    /// `Overloaded`, `Storage` or `IdsExhausted` when the reservation cannot be
     /// journaled or made durable (the id is never used); `Domain` when the
     /// id space is exhausted.
     pub(crate) async fn allocate(

@@ -163,7 +163,7 @@ impl Engine {
     /// orders past their deadline are expired.
     ///
     /// # Errors
-    /// `StorageUnavailable` when the journal refuses those changes; `Domain`
+    /// `Storage` when the journal refuses those changes; `Domain`
     /// when the state does not accept them (a damaged journal).
     pub fn start(
         config: EngineConfig,

@@ -138,7 +138,7 @@ impl SledArchive {
     /// for its lock as the journal does.
     ///
     /// # Errors
-    /// `Unavailable` when the database, its trees or its data file cannot
+    /// `Io`, `Sled` or `Locked` when the database, its trees or its data file cannot
     /// be opened.
     pub fn open(dir: &Path) -> Result<SledArchive, JournalError> {
         let db = writer::open_db_cached(dir, ARCHIVE_CACHE_BYTES)?;
@@ -241,7 +241,7 @@ impl OpeningArchive {
     /// into the journal's database `journal_db` before the split.
     ///
     /// # Errors
-    /// `Unavailable` when the thread cannot start.
+    /// `Spawn` when the thread cannot start.
     pub fn start(dir: PathBuf, journal_db: sled::Db) -> Result<Arc<OpeningArchive>, JournalError> {
         let archive = Arc::new(OpeningArchive {
             state: Mutex::new(Opening::Pending),
@@ -302,7 +302,7 @@ impl OpeningArchive {
     /// The open archive, waiting for it at most [`ARCHIVE_OPEN_WAIT_MS`].
     ///
     /// # Errors
-    /// `Unavailable` while it is still opening after that, or when it
+    /// `ArchiveOpening` while it is still opening after that, or why it
     /// could not be opened.
     pub fn wait(&self) -> Result<Arc<SledArchive>, JournalError> {
         let state = self.lock();

@@ -258,7 +258,7 @@ pub trait Journal: Send + Sync + 'static {
     /// events become durable.
     ///
     /// # Errors
-    /// `Full` when the writer's queue is full, `Unavailable` after a storage
+    /// `Full` when the writer's queue is full, `Stopped` (or another kind) after a storage
     /// failure; the event was not taken.
     fn append(&self, event: &Event) -> Result<Seq, JournalError>;
 
@@ -287,7 +287,7 @@ pub trait Journal: Send + Sync + 'static {
     /// moves).
     ///
     /// # Errors
-    /// `Unavailable` when it cannot be rebuilt (or this journal keeps no
+    /// `DurableState` when it cannot be rebuilt (`NoHistory` when this journal keeps no
     /// history to rebuild it from).
     fn durable_state(&self) -> Result<(State, Seq), JournalError> {
         Err(JournalError::NoHistory)
