@@ -224,7 +224,7 @@ async fn of_two_writers_on_a_partition_one_is_fenced() {
     assert!(
         writers[loser]
             .failure()
-            .is_some_and(|why| why.contains("fenced")),
+            .is_some_and(|why| why.to_string().contains("fenced")),
         "the failure says why"
     );
     assert!(matches!(

@@ -571,8 +571,7 @@ impl Journal for JetStreamJournal {
         let mut side = self.append.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.failed.load(Ordering::SeqCst) {
             return Err(JournalError::stopped(
-                self.failure()
-                    .unwrap_or_else(|| "the cluster journal stopped".into()),
+                self.failure().unwrap_or(JournalError::WriterStopped),
             ));
         }
         let seq = side
@@ -603,12 +602,12 @@ impl Journal for JetStreamJournal {
             .last_seq
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<JournalError> {
         self.shared
             .failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|(_, why)| why.clone())
+            .map(|(_, why)| JournalError::remote("the cluster journal", why.clone()))
     }
 }

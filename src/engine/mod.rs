@@ -284,7 +284,7 @@ impl Engine {
     }
 
     /// Why the journal refuses changes (disk full, I/O error), if it does.
-    pub fn storage_failure(&self) -> Option<String> {
+    pub fn storage_failure(&self) -> Option<crate::journal::JournalError> {
         self.inner.journal.failure()
     }
 

@@ -275,9 +275,9 @@ pub trait Journal: Send + Sync + 'static {
         0
     }
 
-    /// Why the journal stopped taking events (a storage failure), if it
-    /// did.
-    fn failure(&self) -> Option<String> {
+    /// Why the journal stopped taking events (the storage failure, with
+    /// its cause), if it did.
+    fn failure(&self) -> Option<JournalError> {
         None
     }
 

@@ -72,7 +72,7 @@ use crate::domain::{OrderId, SkuId, State};
 use crate::files::{Existing, create_dir_durably, write_file_durably_with};
 use crate::journal::epochs::Dropped;
 use crate::journal::history::HistoryError;
-use crate::journal::{History, Journal, Seq, SledJournal, codec};
+use crate::journal::{History, Journal, JournalError, Seq, SledJournal, codec};
 use crate::steps::{self, Step};
 
 /// Take a snapshot after this many new durable events...
@@ -248,7 +248,7 @@ pub enum SnapshotError {
     Capture(#[from] CaptureError),
     /// The journal failed before the captured state was durable.
     #[error("the journal failed before the snapshot was durable: {0}")]
-    JournalFailed(String),
+    JournalFailed(#[source] JournalError),
     /// The captured state did not become durable in time.
     #[error("sequence {seq} did not become durable in {waited_ms} ms")]
     NotDurable {

@@ -654,13 +654,12 @@ impl Journal for SledJournal {
             .oldest_after(self.shared.watermark.durable())
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<JournalError> {
         self.shared
             .failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(ToString::to_string)
+            .clone()
     }
 
     fn durable_state(&self) -> Result<(State, Seq), JournalError> {
