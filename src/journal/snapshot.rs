@@ -1147,3 +1147,66 @@ mod format_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_snapshot_keeps_the_codec_error_and_is_skipped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirStore::new(dir.path());
+        write_snapshot(dir.path(), &State::default(), 5).expect("written");
+        let whole = store.read(5).expect("reads");
+        assert!(decode(5, &whole).is_ok(), "the whole one decodes");
+
+        // A flipped byte past the header: the CRC catches it.
+        let mut flipped = whole.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        assert!(
+            matches!(
+                decode(5, &flipped),
+                Err(SnapshotError::Codec(codec::CodecError::BadChecksum))
+            ),
+            "{:?}",
+            decode(5, &flipped).err()
+        );
+        // Bytes that are no snapshot at all, and one under another name.
+        assert!(matches!(
+            decode(5, b"not a snapshot"),
+            Err(SnapshotError::Inconsistent(_))
+        ));
+        assert!(matches!(
+            decode(6, &whole),
+            Err(SnapshotError::Inconsistent(_))
+        ));
+
+        // load skips the damaged one for an older one that decodes.
+        write_snapshot(dir.path(), &State::default(), 3).expect("written");
+        std::fs::write(store.path(5), &flipped).expect("damaged");
+        let (_, cut) = load(&store).expect("loads");
+        assert_eq!(cut.top, 3, "the damaged newest is skipped");
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_be_read_or_removed_keeps_its_io_kind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirStore::new(dir.path());
+        let missing = store.read(9).expect_err("no such snapshot");
+        assert!(matches!(missing, SnapshotError::Io { .. }), "{missing:?}");
+        assert_eq!(
+            crate::journal::io_kind(&missing),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        let gone = store.remove(9).expect_err("no such snapshot");
+        assert_eq!(
+            crate::journal::io_kind(&gone),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        assert!(
+            gone.to_string().contains("snapshot-"),
+            "names the file: {gone}"
+        );
+    }
+}
