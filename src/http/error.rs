@@ -173,6 +173,7 @@ impl From<JournalError> for ApiError {
             JournalError::Io { .. }
             | JournalError::Spawn { .. }
             | JournalError::Sled { .. }
+            | JournalError::Open { .. }
             | JournalError::Locked { .. }
             | JournalError::Codec { .. }
             | JournalError::BadKey { .. }
@@ -368,6 +369,10 @@ mod tests {
                 "sled flush",
                 sled::Error::Io(Error::from(ErrorKind::StorageFull)),
             ),
+            JournalError::Open {
+                path: PathBuf::from("/data/journal"),
+                source: Arc::new(sled::Error::Unsupported("conf".into())),
+            },
             JournalError::Locked {
                 path: PathBuf::from("/data/journal"),
                 source: Arc::new(sled::Error::Io(Error::other("locked"))),

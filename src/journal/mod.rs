@@ -89,6 +89,15 @@ pub enum JournalError {
         /// sled's error.
         source: Arc<sled::Error>,
     },
+    /// sled cannot open the database in `path` (a `conf` that does not
+    /// match, damage it found, its own I/O).
+    #[error("cannot open the database in {}: {source}", path.display())]
+    Open {
+        /// The database's directory.
+        path: PathBuf,
+        /// sled's error.
+        source: Arc<sled::Error>,
+    },
     /// Another process holds the database's lock, still after waiting for
     /// it (another server on the same data dir).
     #[error(

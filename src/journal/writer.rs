@@ -300,7 +300,7 @@ impl std::fmt::Debug for SledJournal {
 /// # Errors
 /// `Io` naming the directory when it cannot be created or synced, `Locked`
 /// when another process holds the database's lock (another server may be
-/// using it) after waiting for it, `Sled` when sled cannot open it.
+/// using it) after waiting for it, `Open` when sled cannot open it.
 pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
     open_db_cached(dir, SLED_CACHE_BYTES)
 }
@@ -332,7 +332,12 @@ pub fn open_db_cached(dir: &Path, cache_bytes: u64) -> Result<sled::Db, JournalE
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(LOCK_RETRY_MS));
             }
-            Err(e) => return Err(JournalError::sled("cannot open the database", e)),
+            Err(e) => {
+                return Err(JournalError::Open {
+                    path: dir.to_path_buf(),
+                    source: Arc::new(e),
+                });
+            }
         }
     };
     // The entries sled created (its data file, `blobs/`) must be durable too.
