@@ -325,8 +325,8 @@ struct Replica {
 }
 
 impl journal::SnapshotSource for Replica {
-    fn capture(&self) -> Result<journal::Capture, String> {
-        let held = self.state.lock().map_err(|e| e.to_string())?;
+    fn capture(&self) -> Result<journal::Capture, journal::CaptureError> {
+        let held = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Ok(journal::Capture::whole(&held.0, held.1))
     }
 }

@@ -224,12 +224,12 @@ async fn of_two_writers_on_a_partition_one_is_fenced() {
     assert!(
         writers[loser]
             .failure()
-            .is_some_and(|why| why.contains("fenced")),
+            .is_some_and(|why| why.to_string().contains("fenced")),
         "the failure says why"
     );
     assert!(matches!(
         writers[loser].append(&event("late", 0)),
-        Err(JournalError::Unavailable(_))
+        Err(JournalError::Stopped { .. })
     ));
 
     let read = blocks_after(&js, &spec, PARTITION, 0)
@@ -447,7 +447,7 @@ async fn a_restart_from_the_read_resume_point_continues_the_sequence() {
     first.closed().await;
     assert!(matches!(
         first.append(&event("a", 100)),
-        Err(JournalError::Unavailable(_))
+        Err(JournalError::Closed)
     ));
 
     let read = blocks_after(&js, &spec, PARTITION, 0).await.expect("read");

@@ -103,7 +103,7 @@ async fn a_partition_moves_to_another_node_with_every_acknowledged_order() {
         .place_order(user("late"), &[line("hat", 1)], None, None)
         .await;
     assert!(
-        matches!(refused, Err(EngineError::StorageUnavailable(_))),
+        matches!(refused, Err(EngineError::Storage(_))),
         "A acknowledged a change after B's barrier: {refused:?}"
     );
     assert!(

@@ -377,8 +377,10 @@ async fn a_stamped_change_records_its_first_answer() {
         .expect("looked up")
     {
         Lookup::Replay(outcome) => assert_eq!(
-            e.first_answer(stamp.user, &outcome).await,
-            Ok(FirstAnswer::Order(Arc::new(order.clone())))
+            e.first_answer(stamp.user, &outcome)
+                .await
+                .expect("answered"),
+            FirstAnswer::Order(Arc::new(order.clone()))
         ),
         other => panic!("expected a replay, got {other:?}"),
     }
@@ -576,7 +578,7 @@ async fn a_failing_journal_refuses_changes_and_changes_nothing() {
     assert!(matches!(
         e.place_order(user("ann"), &[line("a", 1)], None, None)
             .await,
-        Err(EngineError::StorageUnavailable(_))
+        Err(EngineError::Storage(_))
     ));
     let s = e.sku(sku("a")).await.expect("reads go on");
     assert_eq!(s.levels.available, 10);

@@ -18,7 +18,7 @@
 //! connection: the wait would block the only thread that could answer it.
 //!
 //! Every call carries a timeout, and every failure becomes
-//! [`JournalError::Unavailable`] through [`storage`], the one place that
+//! [`JournalError::Remote`] through [`storage`], the one place that
 //! maps this module's failures to the journal's error.
 
 use std::future::Future;
@@ -30,19 +30,19 @@ use crate::journal::JournalError;
 
 /// The one mapping of a store failure to the journal's error: `what` names
 /// the store and the step, `e` the cause.
-pub(crate) fn storage(what: &str, e: impl std::fmt::Display) -> JournalError {
-    JournalError::Unavailable(format!("{what}: {e}"))
+pub(crate) fn storage(what: &'static str, e: impl std::fmt::Display) -> JournalError {
+    JournalError::remote(what, e.to_string())
 }
 
 /// Runs `future` on `runtime` under `limit_ms` and waits for it from a
 /// synchronous caller (see the module doc).
 ///
 /// # Errors
-/// `Unavailable` (naming `what`) when the future fails, times out, or the
+/// `Remote` (naming `what`) when the future fails, times out, or the
 /// runtime is gone.
 pub(crate) fn call<T, E, F>(
     runtime: &Handle,
-    what: &str,
+    what: &'static str,
     limit_ms: u64,
     future: F,
 ) -> Result<T, JournalError>
@@ -119,18 +119,31 @@ mod tests {
                 .expect("answers"),
             7
         );
-        // Failures and timeouts are `Unavailable`, naming the step.
+        // Failures and timeouts are `Remote`, naming the step.
         let failed = call(&handle, "reading x", 1_000, async {
             Err::<u32, String>("refused".into())
         });
+        assert!(
+            matches!(
+                &failed,
+                Err(JournalError::Remote {
+                    what: "reading x",
+                    ..
+                })
+            ),
+            "{failed:?}"
+        );
         assert_eq!(
-            failed,
-            Err(JournalError::Unavailable("reading x: refused".into()))
+            failed.err().map(|e| e.to_string()).as_deref(),
+            Some("reading x: refused")
         );
         let slow = call(&handle, "t", 20, async {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok::<u32, String>(1)
         });
-        assert!(matches!(slow, Err(JournalError::Unavailable(why)) if why.contains("20 ms")));
+        assert!(
+            matches!(&slow, Err(e @ JournalError::Remote { .. }) if e.to_string().contains("20 ms")),
+            "{slow:?}"
+        );
     }
 }

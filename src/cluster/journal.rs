@@ -41,7 +41,7 @@
 //! 10071, not a duplicate ack), which is why a `wrong last sequence` goes
 //! through the same check instead of fencing at once. This goes on for at most
 //! [`APPEND_RETRY_MS_MAX`]; past that the writer fails like a broken disk
-//! (`Unavailable`), never acknowledging what it could not confirm.
+//! (`JournalError::Stopped`), never acknowledging what it could not confirm.
 //!
 //! The writer task is in `journal/writer.rs`; reading back (recovery,
 //! resume points) and purging below a snapshot are in `journal/read.rs`.
@@ -591,30 +591,24 @@ impl Journal for JetStreamJournal {
     fn append(&self, event: &Event) -> Result<Seq, JournalError> {
         let mut side = self.append.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.failed.load(Ordering::SeqCst) {
-            return Err(JournalError::Unavailable(
-                self.failure()
-                    .unwrap_or_else(|| "the cluster journal stopped".into()),
+            return Err(JournalError::stopped(
+                self.failure().unwrap_or(JournalError::WriterStopped),
             ));
         }
         let seq = side
             .last_seq
             .checked_add(1)
-            .ok_or_else(|| JournalError::Unavailable("sequence numbers exhausted".into()))?;
+            .ok_or(JournalError::SeqExhausted)?;
         let bytes = codec::encode(seq, event)
-            .map_err(|e| JournalError::Unavailable(format!("cannot encode an event: {e}")))?;
-        let tx = side
-            .tx
-            .as_ref()
-            .ok_or_else(|| JournalError::Unavailable("the journal is closed".into()))?;
+            .map_err(|e| JournalError::codec("cannot encode an event", e))?;
+        let tx = side.tx.as_ref().ok_or(JournalError::Closed)?;
         match tx.try_send(Item { seq, bytes }) {
             Ok(()) => {
                 side.last_seq = seq;
                 Ok(seq)
             }
             Err(TrySendError::Full(_)) => Err(JournalError::Full),
-            Err(TrySendError::Closed(_)) => Err(JournalError::Unavailable(
-                "the cluster journal writer stopped".into(),
-            )),
+            Err(TrySendError::Closed(_)) => Err(JournalError::WriterStopped),
         }
     }
 
@@ -637,12 +631,12 @@ impl Journal for JetStreamJournal {
         self.idem_store.clone()
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<JournalError> {
         self.shared
             .failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .map(|(_, why)| why.clone())
+            .map(|(_, why)| JournalError::remote("the cluster journal", why.clone()))
     }
 }

@@ -70,8 +70,8 @@ impl JetStreamHistory {
     }
 }
 
-fn storage(e: &ClusterJournalError) -> HistoryError {
-    HistoryError::Storage(format!("the cluster journal: {e}"))
+fn storage(e: ClusterJournalError) -> HistoryError {
+    HistoryError::storage("the cluster journal", e)
 }
 
 impl History for JetStreamHistory {
@@ -86,7 +86,7 @@ impl History for JetStreamHistory {
             Ok(read) => read.blocks,
             // Nothing after `from`: an empty tail, not damage.
             Err(ClusterJournalError::Behind { .. }) => Vec::new(),
-            Err(e) => return Err(storage(&e)),
+            Err(e) => return Err(storage(e)),
         };
         Ok(Box::new(blocks.into_iter().map(|block| {
             Ok(history::StoredBlock {
@@ -105,7 +105,7 @@ impl History for JetStreamHistory {
                 self.partition,
                 seq,
             ))
-            .map_err(|e| storage(&e))?;
+            .map_err(storage)?;
         Ok(Dropped {
             epochs: 0,
             blocks: purged,

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::runtime::Handle;
 
 use crate::journal::codec::SNAPSHOT_BYTES_MAX;
-use crate::journal::{RecoveryError, Seq, SnapshotStore};
+use crate::journal::{Seq, SnapshotError, SnapshotStore};
 
 /// How long listing, reading or removing a snapshot may take: a quorum
 /// that does not answer in this time is a failure the snapshotter reports
@@ -132,36 +132,34 @@ impl ObjectSnapshots {
         format!("{}{seq:020}", self.prefix())
     }
 
-    fn call<T, E: std::fmt::Display>(
+    fn call<T, E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         &self,
-        what: &str,
+        what: &'static str,
         future: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, String> {
+    ) -> Result<T, SnapshotError> {
         match self
             .runtime
             .block_on(async { tokio::time::timeout(CALL_TIMEOUT, future).await })
         {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(format!("{what}: {e}")),
-            Err(_) => Err(format!("{what}: no answer in {} s", CALL_TIMEOUT.as_secs())),
+            Ok(Err(e)) => Err(SnapshotError::remote(what, e)),
+            Err(elapsed) => Err(SnapshotError::remote(what, elapsed)),
         }
     }
 }
 
 impl SnapshotStore for ObjectSnapshots {
-    fn list(&self) -> Result<Vec<Seq>, RecoveryError> {
+    fn list(&self) -> Result<Vec<Seq>, SnapshotError> {
         let prefix = self.prefix();
         let store = self.store.clone();
-        let names = self
-            .call("listing snapshots", async move {
-                let mut names = Vec::new();
-                let mut list = store.list().await?;
-                while let Some(info) = list.next().await {
-                    names.push(info?.name);
-                }
-                Ok::<_, async_nats::Error>(names)
-            })
-            .map_err(RecoveryError::Storage)?;
+        let names = self.call("listing snapshots", async move {
+            let mut names = Vec::new();
+            let mut list = store.list().await?;
+            while let Some(info) = list.next().await {
+                names.push(info?.name);
+            }
+            Ok::<_, async_nats::Error>(names)
+        })?;
         let mut seqs: Vec<Seq> = names
             .iter()
             .filter_map(|name| name.strip_prefix(&prefix)?.parse().ok())
@@ -170,7 +168,7 @@ impl SnapshotStore for ObjectSnapshots {
         Ok(seqs)
     }
 
-    fn read(&self, seq: Seq) -> Result<Vec<u8>, String> {
+    fn read(&self, seq: Seq) -> Result<Vec<u8>, SnapshotError> {
         let name = self.name(seq);
         let store = self.store.clone();
         self.call("reading a snapshot", async move {
@@ -192,9 +190,11 @@ impl SnapshotStore for ObjectSnapshots {
         &self,
         seq: Seq,
         fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> Result<(), RecoveryError> {
-        let storage =
-            |why: String| RecoveryError::Storage(format!("writing snapshot {seq}: {why}"));
+    ) -> Result<(), SnapshotError> {
+        let storage = |why: Box<dyn std::error::Error + Send + Sync>| {
+            tracing::debug!(seq, error = %why, "a snapshot write failed");
+            SnapshotError::remote("writing a snapshot", why)
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(PIPE_CHUNKS_MAX);
         let store = self.store.clone();
         let meta = object_store::ObjectMetadata {
@@ -216,17 +216,17 @@ impl SnapshotStore for ObjectSnapshots {
             // Stop the upload before the pipe closes: the object's metadata
             // is never published, so nothing half-written is ever listed.
             upload.abort();
-            return Err(storage(e.to_string()));
+            return Err(storage(e.into()));
         }
         match self.runtime.block_on(upload) {
             Ok(Ok(Ok(_info))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(storage(e.to_string())),
-            Ok(Err(_)) => Err(storage(format!("no answer in {} s", PUT_TIMEOUT.as_secs()))),
-            Err(e) => Err(storage(format!("the upload task ended: {e}"))),
+            Ok(Ok(Err(e))) => Err(storage(e.into())),
+            Ok(Err(elapsed)) => Err(storage(elapsed.into())),
+            Err(e) => Err(storage(e.into())),
         }
     }
 
-    fn remove(&self, seq: Seq) -> Result<(), String> {
+    fn remove(&self, seq: Seq) -> Result<(), SnapshotError> {
         let name = self.name(seq);
         let store = self.store.clone();
         self.call(

@@ -29,9 +29,12 @@ impl Engine {
         Fut: Future<Output = Result<T, EngineError>>,
     {
         match read(self.clone()).await {
-            Err(EngineError::StorageUnavailable(why))
-                if !self.inner.read_only && self.inner.journal.failure().is_some() =>
-            {
+            Err(
+                why @ (EngineError::Storage(_)
+                | EngineError::Spawn { .. }
+                | EngineError::Task { .. }
+                | EngineError::IdsExhausted),
+            ) if !self.inner.read_only && self.inner.journal.failure().is_some() => {
                 tracing::debug!(failure = %why, "a read meets a failed journal; answering from the durable state");
                 let reader = self.durable_reader().await?;
                 read(reader).await
@@ -49,10 +52,9 @@ impl Engine {
                 let journal = Arc::clone(&self.inner.journal);
                 let (state, durable) = tokio::task::spawn_blocking(move || journal.durable_state())
                     .await
-                    .map_err(|e| {
-                        EngineError::StorageUnavailable(format!(
-                            "rebuilding the durable state: {e}"
-                        ))
+                    .map_err(|e| EngineError::Task {
+                        what: "rebuilding the durable state",
+                        source: Arc::new(e),
                     })??;
                 tracing::warn!(
                     durable_seq = durable,

@@ -3,11 +3,13 @@
 //! The HTTP front maps each variant to a status and code in one place
 //! (`http/error.rs`); nothing here knows about HTTP.
 
+use std::sync::Arc;
+
 use crate::domain::DomainError;
 use crate::journal::JournalError;
 
 /// Why an engine call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// The domain refused the request (bad input, out of stock, limit, ...).
     #[error(transparent)]
@@ -34,9 +36,30 @@ pub enum EngineError {
     /// A queue is full: shed the request at once rather than queue it.
     #[error("the server is overloaded; retry shortly")]
     Overloaded,
-    /// The journal cannot make changes durable; nothing was changed.
+    /// The journal cannot make changes durable, or its stores cannot be
+    /// read; nothing was changed. The journal's error says which failure.
     #[error("storage unavailable: {0}")]
-    StorageUnavailable(String),
+    Storage(#[source] JournalError),
+    /// A thread the engine needs could not start.
+    #[error("storage unavailable: cannot start {what}: {source}")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why not.
+        source: Arc<std::io::Error>,
+    },
+    /// A blocking task (reading or writing a store) ended without an
+    /// answer: it panicked or was cancelled.
+    #[error("storage unavailable: {what}: {source}")]
+    Task {
+        /// What the task was doing.
+        what: &'static str,
+        /// How it ended.
+        source: Arc<tokio::task::JoinError>,
+    },
+    /// Every order id was handed out.
+    #[error("storage unavailable: the order id space is exhausted")]
+    IdsExhausted,
     /// The engine is shutting down.
     #[error("the engine is stopping")]
     Stopped,
@@ -46,7 +69,7 @@ impl From<JournalError> for EngineError {
     fn from(error: JournalError) -> EngineError {
         match error {
             JournalError::Full => EngineError::Overloaded,
-            JournalError::Unavailable(why) => EngineError::StorageUnavailable(why),
+            other => EngineError::Storage(other),
         }
     }
 }

@@ -133,7 +133,7 @@ impl OrderIds {
     /// A new id, once the reservation covering it is durable.
     ///
     /// # Errors
-    /// `Overloaded` or `StorageUnavailable` when the reservation cannot be
+    /// `Overloaded`, `Storage` or `IdsExhausted` when the reservation cannot be
     /// journaled or made durable (the id is never used); `Domain` when the
     /// id space is exhausted.
     pub(crate) async fn allocate(
@@ -144,9 +144,7 @@ impl OrderIds {
         let stride = self.space.stride.max(1);
         let id = self.next.fetch_add(stride, Ordering::SeqCst);
         if id >= u64::MAX - 2 * ID_BLOCK.saturating_mul(stride) {
-            return Err(EngineError::StorageUnavailable(
-                "the order id space is exhausted".into(),
-            ));
+            return Err(EngineError::IdsExhausted);
         }
         let seq = self.cover(id, journal, now_ms)?;
         if journal.watermark().durable() < seq {

@@ -19,8 +19,11 @@ use crate::steps::{self, Step};
 
 use crate::domain::idem::{FirstAnswer, KeyHash, Outcome};
 
-fn join_error(what: &str, e: tokio::task::JoinError) -> EngineError {
-    EngineError::StorageUnavailable(format!("{what}: {e}"))
+fn join_error(what: &'static str, e: tokio::task::JoinError) -> EngineError {
+    EngineError::Task {
+        what,
+        source: Arc::new(e),
+    }
 }
 
 impl Engine {
@@ -29,7 +32,7 @@ impl Engine {
     /// batch being written.
     ///
     /// # Errors
-    /// `StorageUnavailable` when that batch failed.
+    /// `Storage` when that batch failed.
     pub async fn settle_everything(&self) -> Result<(), EngineError> {
         self.settle(self.inner.journal.last_seq()).await
     }
@@ -38,7 +41,7 @@ impl Engine {
     /// asked first, then the store (a record there past its TTL is gone).
     ///
     /// # Errors
-    /// `StorageUnavailable` when the store cannot be read.
+    /// `Storage` when the store cannot be read.
     pub fn idempotency(
         &self,
         user: UserId,
@@ -74,7 +77,7 @@ impl Engine {
     ///
     /// # Errors
     /// `NotFound` when the order is gone (damage), `Overloaded`,
-    /// `StorageUnavailable`, `Domain(Inconsistent)` when the order cannot
+    /// `Storage` or `Task`, `Domain(Inconsistent)` when the order cannot
     /// have grown from the answer.
     pub async fn first_answer(
         &self,
@@ -98,7 +101,7 @@ impl Engine {
     /// store; returns how many.
     ///
     /// # Errors
-    /// `StorageUnavailable` when the store cannot be swept (memory was).
+    /// `Storage` when the store cannot be swept (memory was).
     pub async fn evict_idempotency(&self) -> Result<usize, EngineError> {
         let now_ms = self.now_ms();
         let book = Arc::clone(&self.inner.idem);
@@ -127,7 +130,7 @@ impl Engine {
     /// many left memory. Nothing moves without a store.
     ///
     /// # Errors
-    /// `StorageUnavailable` when the journal or the store fails: the
+    /// `Storage` when the journal or the store fails: the
     /// records not written stay in memory.
     pub async fn spill_idempotency(&self) -> Result<usize, EngineError> {
         let budget = self.inner.config.idem_memory_records_max;

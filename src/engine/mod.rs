@@ -226,7 +226,7 @@ impl Engine {
     /// orders past their deadline are expired.
     ///
     /// # Errors
-    /// `StorageUnavailable` when the journal refuses those changes; `Domain`
+    /// `Storage` when the journal refuses those changes; `Domain`
     /// when the state does not accept them (a damaged journal).
     pub fn start(
         config: EngineConfig,
@@ -351,7 +351,7 @@ impl Engine {
     }
 
     /// Why the journal refuses changes (disk full, I/O error), if it does.
-    pub fn storage_failure(&self) -> Option<String> {
+    pub fn storage_failure(&self) -> Option<crate::journal::JournalError> {
         self.inner.journal.failure()
     }
 

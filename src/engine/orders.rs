@@ -273,7 +273,7 @@ impl Engine {
     /// timer). Nothing moves without an archive or a retention window.
     ///
     /// # Errors
-    /// `Overloaded`, `Stopped`, `StorageUnavailable`.
+    /// `Overloaded`, `Stopped`, `Storage`.
     pub async fn archive_due(&self) -> Result<usize, EngineError> {
         let mut pending = Vec::with_capacity(self.inner.shards.len());
         for shard in &self.inner.shards {

@@ -47,8 +47,9 @@ impl ActorThreads {
                     let _ = arbiter.join();
                 }
             })
-            .map_err(|e| {
-                EngineError::StorageUnavailable(format!("cannot start actor thread: {e}"))
+            .map_err(|e| EngineError::Spawn {
+                what: "the actor thread",
+                source: std::sync::Arc::new(e),
             })?;
         let (system, arbiters) = rx.recv().map_err(|_| EngineError::Stopped)?;
         Ok(ActorThreads {

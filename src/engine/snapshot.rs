@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use super::*;
 use crate::domain::book::OrderBook;
 use crate::domain::state::{OpenReservation, track_open_reservations};
-use crate::journal::{Capture, JournalError, Mark, SnapshotSource};
+use crate::journal::{Capture, CaptureError, JournalError, Mark, SnapshotSource};
 use crate::steps::{self, Step};
 
 /// The reservations that no order has taken yet, as the journal has them.
@@ -199,7 +199,7 @@ impl Handler<Finish> for OrderShard {
 fn ask_all<A, M, T>(
     addrs: impl Iterator<Item = Addr<A>>,
     make: impl Fn(oneshot::Sender<T>) -> M,
-) -> Result<Vec<T>, String>
+) -> Result<Vec<T>, CaptureError>
 where
     A: actix::Actor<Context = Context<A>> + Handler<M>,
     M: Message<Result = ()> + Send + 'static,
@@ -214,9 +214,8 @@ where
     answers.into_iter().map(wait).collect()
 }
 
-fn wait<T>(rx: oneshot::Receiver<T>) -> Result<T, String> {
-    rx.blocking_recv()
-        .map_err(|_| "an actor stopped during the snapshot".to_string())
+fn wait<T>(rx: oneshot::Receiver<T>) -> Result<T, CaptureError> {
+    rx.blocking_recv().map_err(|_| CaptureError::ActorStopped)
 }
 
 /// Sends one message to each awake SKU actor (`do_send`, through its
@@ -224,7 +223,7 @@ fn wait<T>(rx: oneshot::Receiver<T>) -> Result<T, String> {
 fn ask_awake<M, T>(
     inner: &Inner,
     make: impl Fn(oneshot::Sender<T>) -> M,
-) -> Result<Vec<(SkuId, T)>, String>
+) -> Result<Vec<(SkuId, T)>, CaptureError>
 where
     SkuActor: Handler<M>,
     M: Message<Result = ()> + Send + 'static,
@@ -248,7 +247,7 @@ where
 
 /// Round 1 for the SKUs: a sleeping SKU is copied under its lock (see
 /// `slot.rs`), an awake one copies itself.
-fn capture_skus(skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Vec<(SkuState, Seq)>, String> {
+fn capture_skus(skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Vec<(SkuState, Seq)>, CaptureError> {
     let mut parts: Vec<Option<(SkuState, Seq)>> = Vec::with_capacity(skus.len());
     let mut asked = Vec::new();
     for handle in skus {
@@ -268,7 +267,7 @@ fn capture_skus(skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Vec<(SkuState, Se
     }
     parts
         .into_iter()
-        .map(|part| part.ok_or_else(|| "a SKU could not be copied".to_string()))
+        .map(|part| part.ok_or(CaptureError::PartMissing))
         .collect()
 }
 
@@ -280,7 +279,7 @@ fn capture_skus(skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Vec<(SkuState, Se
 /// round 2 (an actor sleeps only between messages, after its sends), and
 /// every SKU that notes holes is awake at round 3 (it does not sleep while
 /// it notes for the running snapshot).
-fn capture_parts(inner: &Inner) -> Result<Capture, String> {
+fn capture_parts(inner: &Inner) -> Result<Capture, CaptureError> {
     let journal = inner.journal.as_ref();
     // Listed under the creation lock: a SKU missing from the list is
     // journaled after `catalog_seq`, and replay creates it.
@@ -333,7 +332,11 @@ type Rounds = (
     Vec<Vec<Seq>>,
 );
 
-fn capture_rounds(inner: &Inner, skus: &[Arc<SkuHandle>], epoch: u64) -> Result<Rounds, String> {
+fn capture_rounds(
+    inner: &Inner,
+    skus: &[Arc<SkuHandle>],
+    epoch: u64,
+) -> Result<Rounds, CaptureError> {
     let shard_addrs = || inner.shards.iter().map(|addr| Addr::clone(addr));
     let sku_parts = capture_skus(skus, epoch)?;
     let shard_parts = ask_all(shard_addrs(), CaptureShard)?;
@@ -345,12 +348,12 @@ fn capture_rounds(inner: &Inner, skus: &[Arc<SkuHandle>], epoch: u64) -> Result<
 }
 
 impl SnapshotSource for Engine {
-    fn capture(&self) -> Result<Capture, String> {
+    fn capture(&self) -> Result<Capture, CaptureError> {
         if self.inner.read_only {
-            return Err("a reader of the durable state takes no snapshots".into());
+            return Err(CaptureError::ReadOnly);
         }
         if let Some(why) = self.failure() {
-            return Err(format!("the engine is dead: {why}"));
+            return Err(CaptureError::EngineDead(why));
         }
         capture_parts(&self.inner)
     }

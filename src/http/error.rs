@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::domain::DomainError;
 use crate::engine::EngineError;
+use crate::journal::JournalError;
 use crate::limits::{BODY_BYTES_MAX, RETRY_AFTER_SECONDS};
 
 /// An error answer.
@@ -149,9 +150,44 @@ impl From<EngineError> for ApiError {
             EngineError::AlreadyExists { .. } => ApiError::AlreadyExists(error.to_string()),
             EngineError::Forbidden(_) => ApiError::Forbidden(error.to_string()),
             EngineError::Overloaded => ApiError::overloaded(),
-            EngineError::StorageUnavailable(_) => ApiError::StorageUnavailable(error.to_string()),
+            EngineError::Storage(journal) => journal.into(),
+            EngineError::Spawn { .. } | EngineError::Task { .. } | EngineError::IdsExhausted => {
+                ApiError::StorageUnavailable(error.to_string())
+            }
             EngineError::Stopped => {
                 ApiError::Overloaded("the server is restarting its engine; retry shortly".into())
+            }
+        }
+    }
+}
+
+/// Every journal failure's answer, by kind: a full queue sheds load
+/// (`503 overloaded`); every failure to store or read (I/O of any kind,
+/// sled, damage, a stopped or closed writer, a remote store) is `503
+/// storage_unavailable`. The match names every variant, so a new kind of
+/// failure gets its answer chosen here.
+impl From<JournalError> for ApiError {
+    fn from(error: JournalError) -> ApiError {
+        match error {
+            JournalError::Full => ApiError::overloaded(),
+            JournalError::Io { .. }
+            | JournalError::Spawn { .. }
+            | JournalError::Sled { .. }
+            | JournalError::Open { .. }
+            | JournalError::Locked { .. }
+            | JournalError::Codec { .. }
+            | JournalError::BadKey { .. }
+            | JournalError::NotDurable
+            | JournalError::Stopped { .. }
+            | JournalError::Closed
+            | JournalError::WriterStopped
+            | JournalError::SeqExhausted
+            | JournalError::NoDataDir(_)
+            | JournalError::NoHistory
+            | JournalError::DurableState(_)
+            | JournalError::ArchiveOpening
+            | JournalError::Remote { .. } => {
+                ApiError::StorageUnavailable(EngineError::Storage(error).to_string())
             }
         }
     }
@@ -267,10 +303,11 @@ mod tests {
             (ApiError::RateLimited(3), 429, "rate_limited"),
             (EngineError::Overloaded.into(), 503, "overloaded"),
             (
-                EngineError::StorageUnavailable("disk".into()).into(),
+                EngineError::Storage(JournalError::NotDurable).into(),
                 503,
                 "storage_unavailable",
             ),
+            (EngineError::IdsExhausted.into(), 503, "storage_unavailable"),
             (EngineError::sku_not_found(sku).into(), 404, "not_found"),
             (ApiError::PayloadTooLarge, 413, "payload_too_large"),
             (ApiError::IdempotencyConflict, 422, "idempotency_conflict"),
@@ -301,6 +338,124 @@ mod tests {
             wrong.headers().get(header::ALLOW),
             Some(&HeaderValue::from_static("GET, HEAD"))
         );
+        let shed = ApiError::overloaded().into_response();
+        assert_eq!(
+            shed.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from(1u64))
+        );
+    }
+
+    /// One of each kind of journal failure, as the engine hands it on.
+    fn journal_failures() -> Vec<JournalError> {
+        use std::io::{Error, ErrorKind};
+        use std::path::PathBuf;
+        use std::sync::Arc;
+        let io = |kind: ErrorKind| {
+            JournalError::io(
+                "cannot fsync",
+                "/data/journal/db".as_ref(),
+                Error::from(kind),
+            )
+        };
+        vec![
+            io(ErrorKind::StorageFull),
+            io(ErrorKind::PermissionDenied),
+            io(ErrorKind::Other),
+            JournalError::Spawn {
+                what: "the journal thread",
+                source: Arc::new(Error::from(ErrorKind::OutOfMemory)),
+            },
+            JournalError::sled(
+                "sled flush",
+                sled::Error::Io(Error::from(ErrorKind::StorageFull)),
+            ),
+            JournalError::Open {
+                path: PathBuf::from("/data/journal"),
+                source: Arc::new(sled::Error::Unsupported("conf".into())),
+            },
+            JournalError::Locked {
+                path: PathBuf::from("/data/journal"),
+                source: Arc::new(sled::Error::Io(Error::other("locked"))),
+            },
+            JournalError::codec(
+                "archive: order 7 is damaged",
+                crate::journal::codec::CodecError::BadChecksum,
+            ),
+            JournalError::BadKey {
+                what: "archive: a user index key",
+                len: 3,
+                expected: 8,
+            },
+            JournalError::NotDurable,
+            JournalError::stopped(io(ErrorKind::StorageFull)),
+            JournalError::Closed,
+            JournalError::WriterStopped,
+            JournalError::SeqExhausted,
+            JournalError::NoDataDir(PathBuf::from("/")),
+            JournalError::NoHistory,
+            JournalError::DurableState(Arc::new(crate::journal::RecoveryError::Corrupt {
+                seq: 3,
+                why: "x".into(),
+            })),
+            JournalError::ArchiveOpening,
+            JournalError::remote("the cluster journal", "no answer in time"),
+        ]
+    }
+
+    #[test]
+    fn every_journal_failure_is_storage_unavailable_and_a_full_queue_sheds() {
+        let full: ApiError = EngineError::from(JournalError::Full).into();
+        assert_eq!(
+            full.status_and_code(),
+            (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+        );
+        let full_direct: ApiError = JournalError::Full.into();
+        assert_eq!(full_direct, full, "the same answer either way");
+        for failure in journal_failures() {
+            let through_engine: ApiError = EngineError::from(failure.clone()).into();
+            let direct: ApiError = failure.clone().into();
+            for error in [through_engine, direct] {
+                assert_eq!(
+                    error.status_and_code(),
+                    (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+                    "{failure:?}"
+                );
+                assert!(
+                    error.to_string().starts_with("storage unavailable: "),
+                    "the message reads as before: {error}"
+                );
+                let response = error.into_response();
+                assert_eq!(
+                    response.headers().get(header::RETRY_AFTER),
+                    Some(&HeaderValue::from(RETRY_AFTER_SECONDS)),
+                    "{failure:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_engine_keeps_the_journal_failure_and_its_io_kind() {
+        use std::error::Error as _;
+        let failure = JournalError::io(
+            "cannot fsync",
+            "/data/journal/db".as_ref(),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        );
+        let engine = EngineError::from(failure);
+        let source = engine.source().expect("the journal's error is the source");
+        let journal = source
+            .downcast_ref::<JournalError>()
+            .expect("a JournalError");
+        assert_eq!(journal.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        assert_eq!(
+            crate::journal::io_kind(&engine),
+            Some(std::io::ErrorKind::StorageFull)
+        );
+    }
+
+    #[test]
+    fn the_overloaded_answer_carries_retry_after() {
         let shed = ApiError::overloaded().into_response();
         assert_eq!(
             shed.headers().get(header::RETRY_AFTER),

@@ -53,15 +53,15 @@ pub trait Archive: Send + Sync + std::fmt::Debug + 'static {
     /// that is already there replaces it.
     ///
     /// # Errors
-    /// `Unavailable` when the store cannot write or sync; some orders may
+    /// `Io`, `Sled` or `Remote` when the store cannot write or sync; some orders may
     /// have been written, none is promised.
     fn put_batch(&self, orders: &[Order]) -> Result<(), JournalError>;
 
     /// The archived order with this id.
     ///
     /// # Errors
-    /// `Unavailable` when the store cannot be read or the stored bytes are
-    /// damaged.
+    /// `Io`, `Sled` or `Remote` when the store cannot be read, `Codec` or
+    /// `BadKey` when the stored bytes are damaged.
     fn get(&self, id: OrderId) -> Result<Option<Order>, JournalError>;
 
     /// A user's archived orders, newest first, at most `limit`.
@@ -107,16 +107,22 @@ fn id_of_user_key(key: &[u8]) -> Result<OrderId, JournalError> {
         .checked_sub(8)
         .and_then(|start| key.get(start..))
         .and_then(|tail| <[u8; 8]>::try_from(tail).ok())
-        .ok_or_else(|| JournalError::Unavailable("archive: a user index key is short".into()))?;
+        .ok_or(JournalError::BadKey {
+            what: "archive: a user index key",
+            len: key.len(),
+            expected: 8,
+        })?;
     Ok(OrderId(!u64::from_be_bytes(tail)))
 }
 
-fn storage(what: &str, e: impl std::fmt::Display) -> JournalError {
-    JournalError::Unavailable(format!("archive: {what}: {e}"))
+/// A sled error of the archive's, saying what was being done.
+fn storage(what: &'static str) -> impl FnOnce(sled::Error) -> JournalError {
+    move |e| JournalError::sled(what, e)
 }
 
 fn decode(id: u64, bytes: &[u8]) -> Result<Order, JournalError> {
-    codec::decode_order(id, bytes).map_err(|e| storage(&format!("order {id} is damaged"), e))
+    codec::decode_order(id, bytes)
+        .map_err(|e| JournalError::codec(format!("archive: order {id} is damaged"), e))
 }
 
 /// The archive in its own sled database (see the module doc).
@@ -132,7 +138,7 @@ impl SledArchive {
     /// for its lock as the journal does.
     ///
     /// # Errors
-    /// `Unavailable` when the database, its trees or its data file cannot
+    /// `Io`, `Sled` or `Locked` when the database, its trees or its data file cannot
     /// be opened.
     pub fn open(dir: &Path) -> Result<SledArchive, JournalError> {
         let db = writer::open_db_cached(dir, ARCHIVE_CACHE_BYTES)?;
@@ -143,10 +149,10 @@ impl SledArchive {
     fn in_db(db: &sled::Db, dir: &Path) -> Result<SledArchive, JournalError> {
         let orders = db
             .open_tree(ORDERS_TREE)
-            .map_err(|e| storage("opening", e))?;
+            .map_err(storage("archive: opening"))?;
         let by_user = db
             .open_tree(BY_USER_TREE)
-            .map_err(|e| storage("opening", e))?;
+            .map_err(storage("archive: opening"))?;
         Ok(SledArchive {
             db: DurableDb::new(db, dir)?,
             orders,
@@ -177,13 +183,14 @@ impl SledArchive {
         }
         let old_orders = old
             .open_tree(ORDERS_TREE)
-            .map_err(|e| storage("opening the old archive", e))?;
+            .map_err(storage("archive: opening the old archive"))?;
         let mut moved = 0u64;
         loop {
             let mut batch = Vec::with_capacity(ARCHIVE_MIGRATE_BATCH);
             for entry in old_orders.iter().take(ARCHIVE_MIGRATE_BATCH) {
-                let (key, bytes) = entry.map_err(|e| storage("reading the old archive", e))?;
-                let id = codec::seq_of(&key).map_err(|e| storage("a bad key", e))?;
+                let (key, bytes) = entry.map_err(storage("archive: reading the old archive"))?;
+                let id = codec::seq_of(&key)
+                    .map_err(|e| JournalError::codec("archive: a bad key", e))?;
                 batch.push((key, decode(id, &bytes)?));
             }
             if batch.is_empty() {
@@ -197,15 +204,15 @@ impl SledArchive {
             }
             old_orders
                 .apply_batch(gone)
-                .map_err(|e| storage("emptying the old archive", e))?;
+                .map_err(storage("archive: emptying the old archive"))?;
             moved += batch.len() as u64;
         }
         for name in [ORDERS_TREE, BY_USER_TREE] {
             old.drop_tree(name)
-                .map_err(|e| storage("dropping the old archive", e))?;
+                .map_err(storage("archive: dropping the old archive"))?;
         }
         old.flush()
-            .map_err(|e| storage("flushing the journal", e))?;
+            .map_err(storage("archive: flushing the journal"))?;
         Ok(moved)
     }
 }
@@ -215,12 +222,13 @@ impl SledArchive {
 enum Opening {
     Pending,
     Open(Arc<SledArchive>),
-    Failed(String),
+    Failed(JournalError),
 }
 
 /// The [`SledArchive`], opened on a thread of its own (see the module doc):
 /// every call waits for the open, at most [`ARCHIVE_OPEN_WAIT_MS`], then
-/// answers `Unavailable` (a `503` to a read of an archived order).
+/// answers `ArchiveOpening`, or why it could not open (a `503` to a read
+/// of an archived order).
 #[derive(Debug)]
 pub struct OpeningArchive {
     state: Mutex<Opening>,
@@ -233,7 +241,7 @@ impl OpeningArchive {
     /// into the journal's database `journal_db` before the split.
     ///
     /// # Errors
-    /// `Unavailable` when the thread cannot start.
+    /// `Spawn` when the thread cannot start.
     pub fn start(dir: PathBuf, journal_db: sled::Db) -> Result<Arc<OpeningArchive>, JournalError> {
         let archive = Arc::new(OpeningArchive {
             state: Mutex::new(Opening::Pending),
@@ -267,14 +275,15 @@ impl OpeningArchive {
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "the order archive cannot be opened");
-                            Opening::Failed(e.to_string())
+                            Opening::Failed(e)
                         }
                     };
                     *archive.lock() = state;
                     archive.opened.notify_all();
                 })
-                .map_err(|e| {
-                    JournalError::Unavailable(format!("cannot start the archive's opener: {e}"))
+                .map_err(|e| JournalError::Spawn {
+                    what: "the archive's opener",
+                    source: Arc::new(e),
                 })?
         };
         *archive
@@ -293,7 +302,7 @@ impl OpeningArchive {
     /// The open archive, waiting for it at most [`ARCHIVE_OPEN_WAIT_MS`].
     ///
     /// # Errors
-    /// `Unavailable` while it is still opening after that, or when it
+    /// `ArchiveOpening` while it is still opening after that, or why it
     /// could not be opened.
     pub fn wait(&self) -> Result<Arc<SledArchive>, JournalError> {
         let state = self.lock();
@@ -305,10 +314,8 @@ impl OpeningArchive {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         match &*state {
             Opening::Open(sled) => Ok(Arc::clone(sled)),
-            Opening::Failed(why) => Err(storage("opening", why)),
-            Opening::Pending => Err(JournalError::Unavailable(
-                "the order archive is still opening; retry shortly".into(),
-            )),
+            Opening::Failed(why) => Err(why.clone()),
+            Opening::Pending => Err(JournalError::ArchiveOpening),
         }
     }
 
@@ -362,29 +369,30 @@ impl Archive for SledArchive {
         // writes again. Each order's record goes before its index key, so
         // an index key always finds its order.
         for order in orders {
-            let bytes = codec::encode_order(order).map_err(|e| storage("encoding", e))?;
+            let bytes = codec::encode_order(order)
+                .map_err(|e| JournalError::codec("archive: encoding", e))?;
             self.orders
                 .insert(order_key(order.id), bytes)
-                .map_err(|e| storage("writing", e))?;
+                .map_err(storage("archive: writing"))?;
             self.by_user
                 .insert(user_key(&order.user, order.id), &[] as &[u8])
-                .map_err(|e| storage("writing", e))?;
+                .map_err(storage("archive: writing"))?;
         }
-        self.db.flush().map_err(|e| storage("writing", e))
+        self.db.flush()
     }
 
     fn get(&self, id: OrderId) -> Result<Option<Order>, JournalError> {
         match self.orders.get(order_key(id)) {
             Ok(Some(bytes)) => decode(id.0, &bytes).map(Some),
             Ok(None) => Ok(None),
-            Err(e) => Err(storage("reading", e)),
+            Err(e) => Err(JournalError::sled("archive: reading", e)),
         }
     }
 
     fn list_user(&self, user: &UserId, limit: usize) -> Result<Vec<Order>, JournalError> {
         let mut found = Vec::with_capacity(limit.min(64));
         for entry in self.by_user.scan_prefix(user_prefix(user)).take(limit) {
-            let (key, _) = entry.map_err(|e| storage("reading", e))?;
+            let (key, _) = entry.map_err(storage("archive: reading"))?;
             let id = id_of_user_key(&key)?;
             // Written before the index key, in one flush: an index key
             // without its order is damage, but it must not hide the rest.
@@ -399,8 +407,9 @@ impl Archive for SledArchive {
     fn list_all(&self, limit: usize) -> Result<Vec<Order>, JournalError> {
         let mut found = Vec::with_capacity(limit.min(64));
         for entry in self.orders.iter().rev().take(limit) {
-            let (key, bytes) = entry.map_err(|e| storage("reading", e))?;
-            let id = codec::seq_of(&key).map_err(|e| storage("a bad key", e))?;
+            let (key, bytes) = entry.map_err(storage("archive: reading"))?;
+            let id =
+                codec::seq_of(&key).map_err(|e| JournalError::codec("archive: a bad key", e))?;
             found.push(decode(id, &bytes)?);
         }
         Ok(found)
@@ -442,7 +451,8 @@ impl Archive for MemArchive {
     fn put_batch(&self, orders: &[Order]) -> Result<(), JournalError> {
         let mut encoded = Vec::with_capacity(orders.len());
         for order in orders {
-            let bytes = codec::encode_order(order).map_err(|e| storage("encoding", e))?;
+            let bytes = codec::encode_order(order)
+                .map_err(|e| JournalError::codec("archive: encoding", e))?;
             encoded.push((order.id, bytes));
         }
         self.lock().extend(encoded);
@@ -569,11 +579,11 @@ mod tests {
         let opening = OpeningArchive::start(archive_dir, db).expect("starts");
         assert!(matches!(
             opening.get(OrderId(1)),
-            Err(JournalError::Unavailable(_))
+            Err(JournalError::Io { .. })
         ));
         assert!(matches!(
             opening.put_batch(&[order(1, "u")]),
-            Err(JournalError::Unavailable(_))
+            Err(JournalError::Io { .. })
         ));
     }
 

@@ -341,12 +341,12 @@ impl History for Epochs {
 
     fn drop_through(&self, seq: Seq) -> Result<Dropped, HistoryError> {
         Epochs::drop_through(self, seq)
-            .map_err(|e| HistoryError::Storage(format!("truncating the journal: {e}")))
+            .map_err(|e| HistoryError::storage("truncating the journal", e))
     }
 }
 
 fn read_error(e: sled::Error) -> HistoryError {
-    HistoryError::Storage(format!("reading the journal: {e}"))
+    HistoryError::storage("reading the journal", e)
 }
 
 /// The journal's blocks in order, across epochs: `(key, block)` pairs as

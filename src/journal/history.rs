@@ -10,6 +10,8 @@
 //! blocks a snapshot made unneeded. So one replay (with its tail rule and
 //! checks) serves both, and a cluster partition snapshots like a node alone.
 
+use std::sync::Arc;
+
 use crate::journal::Seq;
 
 /// A stored block's bytes, without a copy where the store lends them.
@@ -46,15 +48,35 @@ pub struct StoredBlock {
 }
 
 /// Why the stored blocks could not be read or dropped.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum HistoryError {
     /// A block's name is not a sequence number: nothing after it can be
     /// placed. Damage, judged by recovery like any other.
     #[error("a block's key is not a sequence number: {0}")]
     BadKey(String),
-    /// The store itself failed (I/O, a server that does not answer).
-    #[error("{0}")]
-    Storage(String),
+    /// The store itself failed (I/O, a server that does not answer); its
+    /// error is the source (sled's, the cluster journal's), so an
+    /// `io::Error`'s kind survives (see `journal::io_kind`).
+    #[error("{what}: {source}")]
+    Storage {
+        /// What was being done ("reading the journal").
+        what: &'static str,
+        /// The store's error.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl HistoryError {
+    /// A [`HistoryError::Storage`].
+    pub fn storage(
+        what: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> HistoryError {
+        HistoryError::Storage {
+            what,
+            source: Arc::new(source),
+        }
+    }
 }
 
 /// What [`History::drop_through`] removed.

@@ -57,21 +57,21 @@ pub trait IdemStore: Send + Sync + std::fmt::Debug + 'static {
     /// there gets the new record.
     ///
     /// # Errors
-    /// `Unavailable` when the store cannot write or sync; some records may
+    /// `Io`, `Sled` or `Remote` when the store cannot write or sync; some records may
     /// have been written, none is promised.
     fn put_batch(&self, records: &[HashedRecord]) -> Result<(), JournalError>;
 
     /// The record stored under `key`, whatever its age.
     ///
     /// # Errors
-    /// `Unavailable` when the store cannot be read or the bytes are damaged.
+    /// `Io`, `Sled` or `Remote` when the store cannot be read, `Codec` or `BadKey` when the bytes are damaged.
     fn get(&self, key: &KeyHash) -> Result<Option<IdemRecord>, JournalError>;
 
     /// Drops every record recorded before `cutoff_ms`; returns how many.
     /// Not synced: a drop lost in a crash is done again by the next sweep.
     ///
     /// # Errors
-    /// `Unavailable` when the store cannot be read or written.
+    /// `Io`, `Sled` or `Remote` when the store cannot be read or written.
     fn evict_before(&self, cutoff_ms: u64) -> Result<usize, JournalError>;
 
     /// How many records are stored.
@@ -96,8 +96,11 @@ fn time_key(at_ms: u64, key: &KeyHash) -> [u8; 24] {
 
 /// The time and key hash of an `idem.by_time` key.
 fn of_time_key(bytes: &[u8]) -> Result<(u64, KeyHash), JournalError> {
-    let whole = <[u8; 24]>::try_from(bytes)
-        .map_err(|_| storage("a time key", format!("{} bytes, not 24", bytes.len())))?;
+    let whole = <[u8; 24]>::try_from(bytes).map_err(|_| JournalError::BadKey {
+        what: "idempotency store: a time key",
+        len: bytes.len(),
+        expected: 24,
+    })?;
     let mut at = [0u8; 8];
     at.copy_from_slice(&whole[..8]);
     let mut key = [0u8; 16];
@@ -132,12 +135,14 @@ impl Pacer {
     }
 }
 
-fn storage(what: &str, e: impl std::fmt::Display) -> JournalError {
-    JournalError::Unavailable(format!("idempotency store: {what}: {e}"))
+/// A sled error of the store's, saying what was being done.
+fn storage(what: &'static str) -> impl FnOnce(sled::Error) -> JournalError {
+    move |e| JournalError::sled(what, e)
 }
 
 fn decode(key: &KeyHash, bytes: &[u8]) -> Result<IdemRecord, JournalError> {
-    codec::decode_idem_record(key, bytes).map_err(|e| storage("a damaged record", e))
+    codec::decode_idem_record(key, bytes)
+        .map_err(|e| JournalError::codec("idempotency store: a damaged record", e))
 }
 
 /// The store in the journal's sled database (see the module doc).
@@ -152,14 +157,14 @@ impl SledIdemStore {
     /// Opens the store's trees in `db`, the database in `dir`.
     ///
     /// # Errors
-    /// `Unavailable` when the trees or the data file cannot be opened.
+    /// `Sled` or `Io` when the trees or the data file cannot be opened.
     pub fn open(db: &sled::Db, dir: &Path) -> Result<SledIdemStore, JournalError> {
         let records = db
             .open_tree(RECORDS_TREE)
-            .map_err(|e| storage("opening", e))?;
+            .map_err(storage("idempotency store: opening"))?;
         let by_time = db
             .open_tree(BY_TIME_TREE)
-            .map_err(|e| storage("opening", e))?;
+            .map_err(storage("idempotency store: opening"))?;
         Ok(SledIdemStore {
             db: DurableDb::new(db, dir)?,
             records,
@@ -177,26 +182,27 @@ impl IdemStore for SledIdemStore {
         // module doc); one flush for them all.
         let mut pacer = Pacer::new();
         for hashed in records {
-            let bytes = codec::encode_idem_record(hashed).map_err(|e| storage("encoding", e))?;
+            let bytes = codec::encode_idem_record(hashed)
+                .map_err(|e| JournalError::codec("idempotency store: encoding", e))?;
             // The time index first: a crash between the two leaves an
             // index entry without its record (dropped alone when its time
             // comes), never a record that no sweep would find.
             self.by_time
                 .insert(time_key(hashed.record.at_ms, &hashed.key), &[] as &[u8])
-                .map_err(|e| storage("writing", e))?;
+                .map_err(storage("idempotency store: writing"))?;
             self.records
                 .insert(hashed.key.0, bytes)
-                .map_err(|e| storage("writing", e))?;
+                .map_err(storage("idempotency store: writing"))?;
             pacer.done_one();
         }
-        self.db.flush().map_err(|e| storage("writing", e))
+        self.db.flush()
     }
 
     fn get(&self, key: &KeyHash) -> Result<Option<IdemRecord>, JournalError> {
         match self.records.get(key.0) {
             Ok(Some(bytes)) => decode(key, &bytes).map(Some),
             Ok(None) => Ok(None),
-            Err(e) => Err(storage("reading", e)),
+            Err(e) => Err(JournalError::sled("idempotency store: reading", e)),
         }
     }
 
@@ -216,7 +222,7 @@ impl IdemStore for SledIdemStore {
                 .keys()
                 .take(IDEMPOTENCY_DISK_EVICT_BATCH_MAX)
                 .collect::<Result<_, _>>()
-                .map_err(|e| storage("reading", e))?;
+                .map_err(storage("idempotency store: reading"))?;
             if doomed.is_empty() {
                 return Ok(evicted);
             }
@@ -229,12 +235,12 @@ impl IdemStore for SledIdemStore {
                 {
                     self.records
                         .remove(key.0)
-                        .map_err(|e| storage("writing", e))?;
+                        .map_err(storage("idempotency store: writing"))?;
                     evicted += 1;
                 }
                 self.by_time
                     .remove(time)
-                    .map_err(|e| storage("writing", e))?;
+                    .map_err(storage("idempotency store: writing"))?;
                 pacer.done_one();
             }
         }
@@ -270,7 +276,8 @@ impl IdemStore for MemIdemStore {
     fn put_batch(&self, records: &[HashedRecord]) -> Result<(), JournalError> {
         let mut encoded = Vec::with_capacity(records.len());
         for hashed in records {
-            let bytes = codec::encode_idem_record(hashed).map_err(|e| storage("encoding", e))?;
+            let bytes = codec::encode_idem_record(hashed)
+                .map_err(|e| JournalError::codec("idempotency store: encoding", e))?;
             encoded.push((hashed.key, bytes));
         }
         self.lock().extend(encoded);

@@ -73,7 +73,7 @@ impl MemJournal {
         self.lock().events.clone()
     }
 
-    /// Makes every later append fail with `Unavailable` (or work again).
+    /// Makes every later append fail with `Stopped` (or work again).
     pub fn set_failing(&self, failing: bool) {
         self.lock().failing = failing;
     }
@@ -98,9 +98,7 @@ impl Journal for MemJournal {
         let seq = {
             let mut inner = self.lock();
             if inner.failing {
-                return Err(JournalError::Unavailable(
-                    "the test journal is failing".into(),
-                ));
+                return Err(JournalError::stopped("the test journal is failing"));
             }
             inner.last += 1;
             if self.keep {

@@ -34,10 +34,14 @@ pub use idem_store::{IdemStore, MemIdemStore, SledIdemStore};
 pub use memory::MemJournal;
 pub use recovery::{Recovered, RecoveryError, recover};
 pub use snapshot::{
-    Capture, Mark, SnapshotPolicy, SnapshotReport, SnapshotSource, SnapshotStore, Snapshotter,
+    Capture, CaptureError, Mark, SnapshotError, SnapshotPolicy, SnapshotReport, SnapshotSource,
+    SnapshotStore, Snapshotter,
 };
 pub use watermark::Watermark;
 pub use writer::{FlushPolicy, JournalStats, RELAXED_AHEAD_MS_MAX, SledJournal};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::domain::{Event, State};
 
@@ -45,16 +49,216 @@ use crate::domain::{Event, State};
 pub type Seq = u64;
 
 /// Why the journal did not take or keep an event.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Each failure is a variant of its own and keeps what caused it (the
+/// `io::Error` with its kind, sled's error, the codec's), so a caller can
+/// tell a full disk from a lock held by another process without reading
+/// text. Causes sit behind `Arc` because the error is cloned (a failed
+/// batch fails every waiter with the same error). Which HTTP status each
+/// becomes is decided in `http/error.rs` alone.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
     /// The queue to the writer is full: shed load (`503 overloaded`).
     #[error("the journal queue is full")]
     Full,
-    /// The journal cannot make changes durable (disk full, I/O error), or
-    /// has stopped after such a failure (`503 storage_unavailable`).
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
+    /// A file or directory could not be created, opened, read, written or
+    /// synced; the `io::Error` keeps its kind (`StorageFull`,
+    /// `PermissionDenied`, ...).
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("cannot fsync").
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        source: Arc<std::io::Error>,
+    },
+    /// A thread the journal needs could not start.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why not.
+        source: Arc<std::io::Error>,
+    },
+    /// sled failed (its own I/O, or damage it found).
+    #[error("{what}: {source}")]
+    Sled {
+        /// What was being done.
+        what: &'static str,
+        /// sled's error.
+        source: Arc<sled::Error>,
+    },
+    /// sled cannot open the database in `path` (a `conf` that does not
+    /// match, damage it found, its own I/O).
+    #[error("cannot open the database in {}: {source}", path.display())]
+    Open {
+        /// The database's directory.
+        path: PathBuf,
+        /// sled's error.
+        source: Arc<sled::Error>,
+    },
+    /// Another process holds the database's lock, still after waiting for
+    /// it (another server on the same data dir).
+    #[error(
+        "cannot open the database in {}: its lock is held by another process \
+         (another server on this data dir?): {source}",
+        path.display()
+    )]
+    Locked {
+        /// The database's directory.
+        path: PathBuf,
+        /// sled's error.
+        source: Arc<sled::Error>,
+    },
+    /// Bytes that do not encode (an event over the size limit) or stored
+    /// bytes that do not decode (damage).
+    #[error("{what}: {source}")]
+    Codec {
+        /// What was being encoded or decoded ("order 7 is damaged").
+        what: String,
+        /// The codec's error.
+        source: codec::CodecError,
+    },
+    /// A stored key has the wrong length: damage.
+    #[error("{what}: {len} bytes, not {expected}")]
+    BadKey {
+        /// Which key.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+        /// The length it must have.
+        expected: usize,
+    },
+    /// The batch that held this change failed: it is not durable.
+    #[error("the journal could not make this change durable")]
+    NotDurable,
+    /// The journal refuses events since an earlier failure (`cause`), until
+    /// the engine reloads (redb's `PreviousIo`).
+    #[error("the journal stopped after a storage failure: {cause}")]
+    Stopped {
+        /// The failure that stopped it.
+        #[source]
+        cause: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// The journal was closed (the server is stopping).
+    #[error("the journal is closed")]
+    Closed,
+    /// The writer thread is gone (it ended or panicked).
+    #[error("the journal writer stopped")]
+    WriterStopped,
+    /// Every sequence number was handed out.
+    #[error("sequence numbers exhausted")]
+    SeqExhausted,
+    /// The journal's directory has no parent, the data dir, where the
+    /// archive and the snapshots live.
+    #[error("{} has no data dir", .0.display())]
+    NoDataDir(PathBuf),
+    /// This journal keeps no history to rebuild its durable state from.
+    #[error("this journal cannot rebuild its durable state")]
+    NoHistory,
+    /// Rebuilding the durable state failed.
+    #[error("rebuilding the durable state: {0}")]
+    DurableState(#[source] Arc<RecoveryError>),
+    /// The order archive is still being opened; retry shortly.
+    #[error("the order archive is still opening; retry shortly")]
+    ArchiveOpening,
+    /// A store on another server (the cluster's JetStream) failed or did
+    /// not answer.
+    #[error("{what}: {source}")]
+    Remote {
+        /// What was being done.
+        what: &'static str,
+        /// The remote store's error.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
+
+impl JournalError {
+    /// An [`JournalError::Io`].
+    pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> JournalError {
+        JournalError::Io {
+            what,
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// A [`JournalError::Sled`].
+    pub fn sled(what: &'static str, source: sled::Error) -> JournalError {
+        JournalError::Sled {
+            what,
+            source: Arc::new(source),
+        }
+    }
+
+    /// A [`JournalError::Codec`].
+    pub fn codec(what: impl Into<String>, source: codec::CodecError) -> JournalError {
+        JournalError::Codec {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// A [`JournalError::Remote`].
+    pub fn remote(
+        what: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> JournalError {
+        JournalError::Remote {
+            what,
+            source: Arc::from(source.into()),
+        }
+    }
+
+    /// A [`JournalError::Stopped`] by `cause`.
+    pub fn stopped(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> JournalError {
+        JournalError::Stopped {
+            cause: Arc::from(cause.into()),
+        }
+    }
+
+    /// The kind of the operating system's error under this one, if an
+    /// `io::Error` caused it (see [`io_kind`]).
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        io_kind(self)
+    }
+}
+
+/// The kind of the first `io::Error` in `error`'s chain of sources (itself
+/// included), looking through `Arc`s and into `sled::Error::Io`: whether a
+/// failure was a full disk (`StorageFull`) or a permission, whatever layer
+/// reports it.
+pub fn io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cause = Some(error);
+    // Bounded: a chain of sources is short, and never a cycle.
+    for _ in 0..IO_KIND_DEPTH_MAX {
+        let error = cause?;
+        // A cause kept as `Arc<dyn Error>` (a remote store's, a stopped
+        // writer's) is looked into, not past.
+        if let Some(inner) = error.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            cause = Some(&**inner);
+            continue;
+        }
+        if let Some(io) = error
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| error.downcast_ref::<Arc<std::io::Error>>().map(|a| &**a))
+        {
+            return Some(io.kind());
+        }
+        if let Some(sled::Error::Io(io)) = error
+            .downcast_ref::<sled::Error>()
+            .or_else(|| error.downcast_ref::<Arc<sled::Error>>().map(|a| &**a))
+        {
+            return Some(io.kind());
+        }
+        cause = error.source();
+    }
+    None
+}
+
+/// How deep [`io_kind`] looks into a chain of sources.
+const IO_KIND_DEPTH_MAX: usize = 16;
 
 /// The journal as the engine sees it.
 pub trait Journal: Send + Sync + 'static {
@@ -63,7 +267,7 @@ pub trait Journal: Send + Sync + 'static {
     /// events become durable.
     ///
     /// # Errors
-    /// `Full` when the writer's queue is full, `Unavailable` after a storage
+    /// `Full` when the writer's queue is full, `Stopped` (or another kind) after a storage
     /// failure; the event was not taken.
     fn append(&self, event: &Event) -> Result<Seq, JournalError>;
 
@@ -80,9 +284,9 @@ pub trait Journal: Send + Sync + 'static {
         0
     }
 
-    /// Why the journal stopped taking events (a storage failure), if it
-    /// did.
-    fn failure(&self) -> Option<String> {
+    /// Why the journal stopped taking events (the storage failure, with
+    /// its cause), if it did.
+    fn failure(&self) -> Option<JournalError> {
         None
     }
 
@@ -92,12 +296,10 @@ pub trait Journal: Send + Sync + 'static {
     /// moves).
     ///
     /// # Errors
-    /// `Unavailable` when it cannot be rebuilt (or this journal keeps no
+    /// `DurableState` when it cannot be rebuilt (`NoHistory` when this journal keeps no
     /// history to rebuild it from).
     fn durable_state(&self) -> Result<(State, Seq), JournalError> {
-        Err(JournalError::Unavailable(
-            "this journal cannot rebuild its durable state".into(),
-        ))
+        Err(JournalError::NoHistory)
     }
 
     /// What the writer has done, for metrics, if this journal keeps count.
@@ -148,7 +350,8 @@ pub fn snapshot_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
 /// writer after the last good record.
 ///
 /// # Errors
-/// `RecoveryError::Storage` when the data dir cannot be used,
+/// `RecoveryError::Storage` when the data dir cannot be used (another
+/// server holds it: `JournalError::Locked`),
 /// `RecoveryError::Corrupt` for damage before the tail without `repair`.
 pub fn open(
     data_dir: &std::path::Path,
@@ -156,10 +359,9 @@ pub fn open(
     repair: bool,
 ) -> Result<Opened, RecoveryError> {
     let dir = journal_dir(data_dir);
-    let db = writer::open_db(&dir).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    let db = writer::open_db(&dir)?;
     let recovered = recover(&db, &dir, &snapshot_dir(data_dir), repair)?;
-    let journal = SledJournal::start(db, &dir, recovered.last_seq, policy)
-        .map_err(|e| RecoveryError::Storage(e.to_string()))?;
+    let journal = SledJournal::start(db, &dir, recovered.last_seq, policy)?;
     Ok(Opened {
         journal: std::sync::Arc::new(journal),
         recovered,

@@ -26,15 +26,19 @@ use std::path::Path;
 
 use crate::domain::{Event, State};
 use crate::journal::history::{Blocks, HistoryError, StoredBlock};
-use crate::journal::snapshot::{self, Cut, DirStore, SnapshotStore, TRUNCATE_BATCH, remove_keys};
-use crate::journal::{Epochs, History, Seq, codec};
+use crate::journal::snapshot::{
+    self, Cut, DirStore, SnapshotError, SnapshotStore, TRUNCATE_BATCH, remove_keys,
+};
+use crate::journal::{Epochs, History, JournalError, Seq, codec};
 
 pub use crate::journal::snapshot::{
     SNAPSHOT_EVERY_EVENTS, SNAPSHOT_EVERY_MS, SnapshotPolicy, Snapshotter, write_snapshot,
 };
 
-/// Why the state could not be rebuilt.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why the state could not be rebuilt. Damage names its sequence number;
+/// a storage failure keeps its cause (and so its `io::ErrorKind`, see
+/// `journal::io_kind`), by where it happened.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RecoveryError {
     /// Damage that is not a torn tail (damage before the tail, or a record
     /// that decodes but does not apply): history is broken at `seq`.
@@ -49,9 +53,39 @@ pub enum RecoveryError {
         /// What is wrong with it.
         why: String,
     },
-    /// The storage itself failed (unreadable data dir, I/O error).
+    /// The journal's database or a file beside it could not be opened,
+    /// written or synced (an unusable data dir, a lock held by another
+    /// server, an I/O error).
     #[error("storage error during recovery: {0}")]
-    Storage(String),
+    Storage(#[from] JournalError),
+    /// The journal's stored blocks could not be read.
+    #[error("storage error during recovery: {0}")]
+    History(#[from] HistoryError),
+    /// The snapshots could not be listed or written.
+    #[error("storage error during recovery: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The newest snapshot holds more than the journal made durable.
+    #[error(
+        "storage error during recovery: the newest snapshot ({snapshot}) is past the \
+         durable journal ({durable})"
+    )]
+    SnapshotAhead {
+        /// The snapshot's sequence number.
+        snapshot: Seq,
+        /// The journal's durable watermark.
+        durable: Seq,
+    },
+    /// The journal ends before what it had made durable.
+    #[error(
+        "storage error during recovery: the journal ends at {last}, before its durable \
+         mark {durable}"
+    )]
+    Short {
+        /// Its last record.
+        last: Seq,
+        /// Its durable watermark.
+        durable: Seq,
+    },
 }
 
 /// A rebuilt state.
@@ -71,11 +105,7 @@ pub struct Recovered {
 
 /// Reads the journal's blocks from the one holding `from + 1` on.
 fn blocks_from(history: &dyn History, from: Seq) -> Result<Blocks<'_>, RecoveryError> {
-    history.blocks_from(from).map_err(history_error)
-}
-
-fn history_error(e: HistoryError) -> RecoveryError {
-    RecoveryError::Storage(e.to_string())
+    Ok(history.blocks_from(from)?)
 }
 
 /// What the decoding stage of a replay hands to the applying stage. Records
@@ -90,7 +120,7 @@ enum Decoded {
     /// A key that is not a sequence number (nothing after it is read).
     BadKey(String),
     /// Reading the store failed (nothing after it is read).
-    Storage(String),
+    Storage(HistoryError),
 }
 
 /// Records decoded ahead of the apply stage, per message, and messages in
@@ -114,10 +144,10 @@ fn decode_stage(
         }
         true
     };
-    let blocks = match blocks_from(history, from) {
+    let blocks = match history.blocks_from(from) {
         Ok(blocks) => blocks,
         Err(e) => {
-            let _ = out.send(vec![Decoded::Storage(e.to_string())]);
+            let _ = out.send(vec![Decoded::Storage(e)]);
             return;
         }
     };
@@ -131,8 +161,8 @@ fn decode_stage(
                 push(Decoded::BadKey(why), &mut chunk);
                 break;
             }
-            Err(e @ HistoryError::Storage(_)) => {
-                push(Decoded::Storage(history_error(e).to_string()), &mut chunk);
+            Err(e @ HistoryError::Storage { .. }) => {
+                push(Decoded::Storage(e), &mut chunk);
                 break;
             }
         };
@@ -269,7 +299,7 @@ fn apply_stage(
     let mut last = cut.start;
     for item in rx.iter().flatten() {
         match item {
-            Decoded::Storage(why) => return Err(RecoveryError::Storage(why)),
+            Decoded::Storage(e) => return Err(RecoveryError::History(e)),
             Decoded::BadKey(why) => {
                 return Ok((
                     last,
@@ -337,7 +367,7 @@ fn good_record_after(history: &dyn History, damaged: Seq) -> Result<Option<Seq>,
         let block = match entry {
             Ok(block) => block,
             Err(HistoryError::BadKey(_)) => continue,
-            Err(e) => return Err(history_error(e)),
+            Err(e) => return Err(e.into()),
         };
         let good = codec::block_records(block.first, &block.bytes)
             .find(|r| r.seq > damaged && r.event.is_ok())
@@ -368,7 +398,7 @@ fn records_from(epochs: &Epochs, seq: Seq) -> Result<Dropped, RecoveryError> {
         let block = match entry {
             Ok(block) => block,
             Err(HistoryError::BadKey(_)) => continue,
-            Err(e) => return Err(history_error(e)),
+            Err(e) => return Err(e.into()),
         };
         for record in codec::block_records(block.first, &block.bytes).filter(|r| r.seq >= seq) {
             dropped.records += 1;
@@ -381,7 +411,7 @@ fn records_from(epochs: &Epochs, seq: Seq) -> Result<Dropped, RecoveryError> {
 /// Deletes every record from `seq` on, durably: the blocks after it go, and
 /// the block holding it keeps only the records before it.
 fn cut(epochs: &Epochs, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> {
-    let storage = |e: sled::Error| RecoveryError::Storage(format!("cutting the journal: {e}"));
+    let storage = |e: sled::Error| JournalError::sled("cutting the journal", e);
     let dropped = records_from(epochs, seq)?;
     // The blocks after the damage go first, newest first, and the block
     // holding it last: a cut interrupted (a crash, a signal) leaves the
@@ -405,7 +435,8 @@ fn cut(epochs: &Epochs, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> 
         }
     }
     if let Some((tree, key, block)) = epochs.holding(seq).map_err(storage)? {
-        let first = codec::seq_of(&key).map_err(|e| RecoveryError::Storage(e.to_string()))?;
+        let first =
+            codec::seq_of(&key).map_err(|e| JournalError::codec("cutting the journal", e))?;
         let keep = codec::block_records(first, &block)
             .find(|r| r.seq == seq)
             .map(|r| r.offset);
@@ -420,9 +451,10 @@ fn cut(epochs: &Epochs, dir: &Path, seq: Seq) -> Result<Dropped, RecoveryError> 
         }
     }
     epochs.flush().map_err(storage)?;
-    std::fs::File::open(dir.join("db"))
+    let data_path = dir.join("db");
+    std::fs::File::open(&data_path)
         .and_then(|f| f.sync_data())
-        .map_err(|e| RecoveryError::Storage(format!("syncing the cut: {e}")))?;
+        .map_err(|e| JournalError::io("cannot sync the cut", &data_path, e))?;
     Ok(dropped)
 }
 
@@ -572,9 +604,10 @@ pub fn durable_state(
     let (mut state, cut) = snapshot::load(snapshots)?;
     let snapshot_seq = cut.top;
     if snapshot_seq > durable {
-        return Err(RecoveryError::Storage(format!(
-            "the newest snapshot ({snapshot_seq}) is past the durable journal ({durable})"
-        )));
+        return Err(RecoveryError::SnapshotAhead {
+            snapshot: snapshot_seq,
+            durable,
+        });
     }
     let (last, damage) = replay(history, &mut state, &cut, durable)?;
     if let Some(damage) = damage {
@@ -584,9 +617,84 @@ pub fn durable_state(
         });
     }
     if last != durable {
-        return Err(RecoveryError::Storage(format!(
-            "the journal ends at {last}, before its durable mark {durable}"
-        )));
+        return Err(RecoveryError::Short { last, durable });
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+
+    use super::*;
+    use crate::journal::io_kind;
+
+    #[test]
+    fn a_data_dir_that_cannot_be_used_keeps_its_io_kind() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        // A file where the data dir should be: nothing can be created in it.
+        let data_dir = parent.path().join("data");
+        std::fs::write(&data_dir, b"not a directory").expect("writes");
+        let error = crate::journal::open(&data_dir, crate::journal::FlushPolicy::Strict, false)
+            .expect_err("a file is no data dir");
+        assert!(
+            matches!(
+                &error,
+                RecoveryError::Storage(JournalError::Io { path, .. }) if path.starts_with(&data_dir)
+            ),
+            "{error:?}"
+        );
+        assert_eq!(io_kind(&error), Some(ErrorKind::NotADirectory), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("cannot create journal directory"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn snapshots_that_cannot_be_listed_keep_their_io_kind() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let file = parent.path().join("snapshots");
+        std::fs::write(&file, b"not a directory").expect("writes");
+        let error: RecoveryError = DirStore::new(&file)
+            .list()
+            .expect_err("a file is no snapshot dir")
+            .into();
+        assert!(matches!(
+            error,
+            RecoveryError::Snapshot(SnapshotError::Io { .. })
+        ));
+        assert_eq!(io_kind(&error), Some(ErrorKind::NotADirectory), "{error}");
+    }
+
+    #[test]
+    fn a_full_disk_under_the_history_or_the_journal_stays_a_full_disk() {
+        let full = || std::io::Error::from(ErrorKind::StorageFull);
+        let read = RecoveryError::from(HistoryError::storage(
+            "reading the journal",
+            sled::Error::Io(full()),
+        ));
+        assert_eq!(io_kind(&read), Some(ErrorKind::StorageFull), "{read}");
+        let denied = RecoveryError::from(JournalError::io(
+            "cannot fsync",
+            Path::new("/data/journal/db"),
+            std::io::Error::from(ErrorKind::PermissionDenied),
+        ));
+        assert_eq!(io_kind(&denied), Some(ErrorKind::PermissionDenied));
+        // Through a journal that stopped on it, and a durable state that
+        // could not be rebuilt because of it.
+        let stopped =
+            JournalError::stopped(JournalError::sled("sled flush", sled::Error::Io(full())));
+        assert_eq!(stopped.io_kind(), Some(ErrorKind::StorageFull));
+        let rebuilt = JournalError::DurableState(std::sync::Arc::new(read));
+        assert_eq!(rebuilt.io_kind(), Some(ErrorKind::StorageFull));
+        // Damage is not I/O.
+        let damage = RecoveryError::Corrupt {
+            seq: 3,
+            why: "x".into(),
+        };
+        assert_eq!(io_kind(&damage), None);
+    }
 }

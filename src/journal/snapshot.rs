@@ -62,6 +62,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::DomainError;
 use crate::domain::book::{OrderBook, shard_of};
 use crate::domain::idem::{HashedRecord, IdemBook, StoredIdemRecord, StoredIdemRecordV1};
 use crate::domain::promo::Promotions;
@@ -70,8 +71,8 @@ use crate::domain::state::{OpenReservation, Part};
 use crate::domain::{OrderId, SkuId, State};
 use crate::files::{Existing, create_dir_durably, write_file_durably_with};
 use crate::journal::epochs::Dropped;
-use crate::journal::recovery::RecoveryError;
-use crate::journal::{History, Journal, Seq, SledJournal, codec};
+use crate::journal::history::HistoryError;
+use crate::journal::{History, Journal, JournalError, Seq, SledJournal, codec};
 use crate::steps::{self, Step};
 
 /// Take a snapshot after this many new durable events...
@@ -200,6 +201,98 @@ impl Capture {
     }
 }
 
+/// Why the live engine did not hand over its parts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaptureError {
+    /// An actor stopped before it answered.
+    #[error("an actor stopped during the snapshot")]
+    ActorStopped,
+    /// A SKU's part was neither copied under its lock nor by its actor.
+    #[error("a SKU could not be copied")]
+    PartMissing,
+    /// This engine only serves reads of the durable state.
+    #[error("a reader of the durable state takes no snapshots")]
+    ReadOnly,
+    /// The engine died (an actor panicked); the reason as its health has it.
+    #[error("the engine is dead: {0}")]
+    EngineDead(String),
+}
+
+/// Why a snapshot could not be listed, read, decoded, written or removed,
+/// or a new one taken. I/O keeps its `io::Error` (a full disk is
+/// `StorageFull`); damage keeps the codec's error.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SnapshotError {
+    /// A snapshot file or their directory could not be used.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("cannot read").
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        source: Arc<std::io::Error>,
+    },
+    /// A snapshot's bytes do not decode (damage, or a format this build
+    /// does not know).
+    #[error("it does not decode: {0}")]
+    Codec(#[from] codec::CodecError),
+    /// A snapshot's idempotency records do not load.
+    #[error("its idempotency records do not load: {0}")]
+    Records(#[source] DomainError),
+    /// A snapshot decodes, but does not agree with its name or itself.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The live engine did not hand over its parts.
+    #[error("capturing the state: {0}")]
+    Capture(#[from] CaptureError),
+    /// The journal failed before the captured state was durable.
+    #[error("the journal failed before the snapshot was durable: {0}")]
+    JournalFailed(#[source] JournalError),
+    /// The captured state did not become durable in time.
+    #[error("sequence {seq} did not become durable in {waited_ms} ms")]
+    NotDurable {
+        /// The capture's highest sequence number.
+        seq: Seq,
+        /// How long the snapshotter waited.
+        waited_ms: u64,
+    },
+    /// The journal below the previous snapshot could not be dropped.
+    #[error("truncating the journal: {0}")]
+    Truncate(#[source] HistoryError),
+    /// A store on other servers (the cluster's object store) failed or did
+    /// not answer.
+    #[error("{what}: {source}")]
+    Remote {
+        /// What was being done.
+        what: &'static str,
+        /// The store's error.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SnapshotError {
+    /// A [`SnapshotError::Io`].
+    pub fn io(what: &'static str, path: &Path, source: std::io::Error) -> SnapshotError {
+        SnapshotError::Io {
+            what,
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// A [`SnapshotError::Remote`].
+    pub fn remote(
+        what: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> SnapshotError {
+        SnapshotError::Remote {
+            what,
+            source: Arc::from(source.into()),
+        }
+    }
+}
+
 /// Where a snapshot's parts come from: the live engine.
 pub trait SnapshotSource: Send + Sync + 'static {
     /// Copies every part of the live state with its mark. Blocking: called
@@ -207,7 +300,7 @@ pub trait SnapshotSource: Send + Sync + 'static {
     ///
     /// # Errors
     /// Why it could not (the engine stopped, an actor died).
-    fn capture(&self) -> Result<Capture, String>;
+    fn capture(&self) -> Result<Capture, CaptureError>;
 }
 
 /// Where snapshot files live. A later multi-machine version keeps them
@@ -216,37 +309,37 @@ pub trait SnapshotStore: Send + Sync + 'static {
     /// The snapshots kept, by sequence number, newest first.
     ///
     /// # Errors
-    /// `Storage` when they cannot be listed.
-    fn list(&self) -> Result<Vec<Seq>, RecoveryError>;
+    /// `Io` or `Remote` when they cannot be listed.
+    fn list(&self) -> Result<Vec<Seq>, SnapshotError>;
     /// A snapshot's bytes.
     ///
     /// # Errors
-    /// The I/O error, as text.
-    fn read(&self, seq: Seq) -> Result<Vec<u8>, String>;
+    /// `Io` or `Remote` when they cannot be read.
+    fn read(&self, seq: Seq) -> Result<Vec<u8>, SnapshotError>;
     /// Writes a snapshot atomically and durably, its bytes produced by
     /// `fill` as they are written (a snapshot is never whole in memory).
     ///
     /// # Errors
-    /// `Storage` on any failure, `fill`'s included (the snapshots before it
-    /// stay).
+    /// `Io` or `Remote` on any failure, `fill`'s included (the snapshots
+    /// before it stay).
     fn write_with(
         &self,
         seq: Seq,
         fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> Result<(), RecoveryError>;
+    ) -> Result<(), SnapshotError>;
 
     /// Writes a snapshot's bytes atomically and durably.
     ///
     /// # Errors
     /// As [`SnapshotStore::write_with`].
-    fn write(&self, seq: Seq, bytes: &[u8]) -> Result<(), RecoveryError> {
+    fn write(&self, seq: Seq, bytes: &[u8]) -> Result<(), SnapshotError> {
         self.write_with(seq, &mut |out| out.write_all(bytes))
     }
     /// Deletes a snapshot.
     ///
     /// # Errors
-    /// The I/O error, as text.
-    fn remove(&self, seq: Seq) -> Result<(), String>;
+    /// `Io` or `Remote` when it cannot be removed.
+    fn remove(&self, seq: Seq) -> Result<(), SnapshotError>;
 }
 
 /// Snapshots as files `snapshot-<seq>.bin` in a directory.
@@ -269,20 +362,15 @@ impl DirStore {
 }
 
 impl SnapshotStore for DirStore {
-    fn list(&self) -> Result<Vec<Seq>, RecoveryError> {
+    fn list(&self) -> Result<Vec<Seq>, SnapshotError> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(RecoveryError::Storage(format!(
-                    "cannot read {}: {e}",
-                    self.dir.display()
-                )));
-            }
+            Err(e) => return Err(SnapshotError::io("cannot read", &self.dir, e)),
         };
         let mut found = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| RecoveryError::Storage(e.to_string()))?;
+            let entry = entry.map_err(|e| SnapshotError::io("cannot list", &self.dir, e))?;
             let name = entry.file_name();
             if let Some(seq) = name
                 .to_str()
@@ -297,25 +385,28 @@ impl SnapshotStore for DirStore {
         Ok(found)
     }
 
-    fn read(&self, seq: Seq) -> Result<Vec<u8>, String> {
-        std::fs::read(self.path(seq)).map_err(|e| e.to_string())
+    fn read(&self, seq: Seq) -> Result<Vec<u8>, SnapshotError> {
+        let path = self.path(seq);
+        std::fs::read(&path).map_err(|e| SnapshotError::io("cannot read", &path, e))
     }
 
     fn write_with(
         &self,
         seq: Seq,
         fill: &mut dyn FnMut(&mut dyn std::io::Write) -> std::io::Result<()>,
-    ) -> Result<(), RecoveryError> {
-        let io = |what: &str, e: std::io::Error| RecoveryError::Storage(format!("{what}: {e}"));
+    ) -> Result<(), SnapshotError> {
         // The directory's own entry (in the data dir) must be durable before
         // the journal below the snapshot is dropped.
-        create_dir_durably(&self.dir).map_err(|e| io("creating the snapshot dir", e))?;
-        write_file_durably_with(&self.path(seq), None, Existing::Replace, fill)
-            .map_err(|e| io("writing a snapshot", e))
+        create_dir_durably(&self.dir)
+            .map_err(|e| SnapshotError::io("cannot create the snapshot dir", &self.dir, e))?;
+        let path = self.path(seq);
+        write_file_durably_with(&path, None, Existing::Replace, fill)
+            .map_err(|e| SnapshotError::io("cannot write a snapshot", &path, e))
     }
 
-    fn remove(&self, seq: Seq) -> Result<(), String> {
-        std::fs::remove_file(self.path(seq)).map_err(|e| e.to_string())
+    fn remove(&self, seq: Seq) -> Result<(), SnapshotError> {
+        let path = self.path(seq);
+        std::fs::remove_file(&path).map_err(|e| SnapshotError::io("cannot remove", &path, e))
     }
 }
 
@@ -460,42 +551,43 @@ impl Cut {
 }
 
 /// Decodes a snapshot's bytes into a state and its cut.
-fn decode(seq: Seq, bytes: &[u8]) -> Result<(State, Cut), String> {
+fn decode(seq: Seq, bytes: &[u8]) -> Result<(State, Cut), SnapshotError> {
     match codec::snapshot_format(bytes) {
         Some(codec::SNAPSHOT_FORMAT_WHOLE) => {
             let body: WholeBody =
-                match codec::decode_snapshot_versioned::<WholeBody, WholeBodyV1>(bytes)
-                    .map_err(|e| e.to_string())?
-                {
+                match codec::decode_snapshot_versioned::<WholeBody, WholeBodyV1>(bytes)? {
                     codec::Versioned::Current(body) => body,
                     codec::Versioned::V1(old) => old.into(),
                 };
             if body.seq != seq {
-                return Err(format!("it names sequence {}", body.seq));
+                return Err(SnapshotError::Inconsistent(format!(
+                    "it names sequence {}",
+                    body.seq
+                )));
             }
             let state = State {
                 skus: body.skus,
                 orders: body.orders,
                 promotions: body.promotions,
-                idem: Arc::new(IdemBook::from_stored(body.idem).map_err(|e| e.to_string())?),
+                idem: Arc::new(IdemBook::from_stored(body.idem).map_err(SnapshotError::Records)?),
                 open_reservations: body.open_reservations,
                 next_id: body.next_id,
             };
             Ok((state, Cut::whole(seq)))
         }
         Some(codec::SNAPSHOT_FORMAT_PARTS) => {
-            let body: PartsBodyV2 = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
+            let body: PartsBodyV2 = codec::decode_snapshot(bytes)?;
             let (capture, stored) = body.capture.split();
-            let idem = IdemBook::from_stored(stored).map_err(|e| e.to_string())?;
+            let idem = IdemBook::from_stored(stored).map_err(SnapshotError::Records)?;
             from_parts(seq, body.top, body.start, capture, idem)
         }
         Some(codec::SNAPSHOT_FORMAT_COMPACT | codec::SNAPSHOT_FORMAT_STREAMED) => {
-            let body: PartsBody = codec::decode_snapshot(bytes).map_err(|e| e.to_string())?;
+            let body: PartsBody = codec::decode_snapshot(bytes)?;
             let mut capture = body.capture;
             let idem = IdemBook::from_snapshot(std::mem::take(&mut capture.idem));
             from_parts(seq, body.top, body.start, capture, idem)
         }
-        _ => Err("not a snapshot (magic)".into()),
+        _ => Err(SnapshotError::Inconsistent("not a snapshot (magic)".into())),
     }
 }
 
@@ -507,15 +599,15 @@ fn from_parts(
     start: Seq,
     capture: Capture,
     idem: IdemBook,
-) -> Result<(State, Cut), String> {
+) -> Result<(State, Cut), SnapshotError> {
     if top != seq || capture.top() != seq || capture.start() != start {
-        return Err(format!(
+        return Err(SnapshotError::Inconsistent(format!(
             "it names sequence {} (start {}), its parts {} (start {})",
             top,
             start,
             capture.top(),
             capture.start()
-        ));
+        )));
     }
     let mut cut = Cut {
         start,
@@ -537,7 +629,7 @@ fn from_parts(
         })
         .collect();
     if skus.len() != listed {
-        return Err("a SKU appears twice".into());
+        return Err(SnapshotError::Inconsistent("a SKU appears twice".into()));
     }
     let books = capture.shards.into_iter().map(|(book, mark)| {
         cut.shards.push(mark);
@@ -557,7 +649,7 @@ fn from_parts(
 
 /// Loads the newest snapshot that decodes; a damaged one is skipped with a
 /// warning (the journal still holds what the one before it does not cover).
-pub(crate) fn load(store: &dyn SnapshotStore) -> Result<(State, Cut), RecoveryError> {
+pub(crate) fn load(store: &dyn SnapshotStore) -> Result<(State, Cut), SnapshotError> {
     for seq in store.list()? {
         let bytes = match store.read(seq) {
             Ok(bytes) => bytes,
@@ -581,8 +673,8 @@ pub(crate) fn load(store: &dyn SnapshotStore) -> Result<(State, Cut), RecoveryEr
 /// benches that hold a whole state use it.
 ///
 /// # Errors
-/// `Storage` on any I/O failure (the previous snapshots stay).
-pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, RecoveryError> {
+/// `Io` on any I/O failure (the previous snapshots stay).
+pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, SnapshotError> {
     let store = DirStore::new(dir);
     write_capture(&store, Capture::whole(state, seq))?;
     Ok(store.path(seq))
@@ -592,7 +684,7 @@ pub fn write_snapshot(dir: &Path, state: &State, seq: Seq) -> Result<PathBuf, Re
 fn write_capture(
     store: &dyn SnapshotStore,
     capture: Capture,
-) -> Result<(Seq, Seq, usize), RecoveryError> {
+) -> Result<(Seq, Seq, usize), SnapshotError> {
     let (top, start) = (capture.top(), capture.start());
     let body = PartsBody {
         top,
@@ -694,33 +786,29 @@ impl Taker {
     }
 
     /// Waits until everything up to `seq` is durable.
-    fn wait_durable(&self, seq: Seq) -> Result<(), RecoveryError> {
+    fn wait_durable(&self, seq: Seq) -> Result<(), SnapshotError> {
         let deadline = Instant::now() + Duration::from_millis(DURABLE_WAIT_MS);
         loop {
             if self.journal.watermark().durable() >= seq {
                 return Ok(());
             }
             if let Some(why) = self.journal.failure() {
-                return Err(RecoveryError::Storage(format!(
-                    "the journal failed before the snapshot was durable: {why}"
-                )));
+                return Err(SnapshotError::JournalFailed(why));
             }
             if Instant::now() >= deadline {
-                return Err(RecoveryError::Storage(format!(
-                    "sequence {seq} did not become durable in {DURABLE_WAIT_MS} ms"
-                )));
+                return Err(SnapshotError::NotDurable {
+                    seq,
+                    waited_ms: DURABLE_WAIT_MS,
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 
-    fn snapshot(&mut self) -> Result<(), RecoveryError> {
+    fn snapshot(&mut self) -> Result<(), SnapshotError> {
         let started = Instant::now();
         let pauses_before = steps::histogram(Step::ActorCapture);
-        let capture = self
-            .source
-            .capture()
-            .map_err(|e| RecoveryError::Storage(format!("capturing the state: {e}")))?;
+        let capture = self.source.capture()?;
         steps::record(Step::Capture, started.elapsed());
         let capture_ms = elapsed_ms(started);
         let pause_us_max = steps::longest_since(Step::ActorCapture, &pauses_before);
@@ -737,7 +825,7 @@ impl Taker {
         // after its start; what lies below can go.
         let dropped = match self.start {
             Some(previous) => steps::timed(Step::EpochDrop, || self.history.drop_through(previous))
-                .map_err(|e| RecoveryError::Storage(format!("truncating the journal: {e}")))?,
+                .map_err(SnapshotError::Truncate)?,
             None => Dropped::default(),
         };
         for seq in self.store.list()?.into_iter().skip(SNAPSHOTS_KEPT) {
@@ -888,7 +976,7 @@ fn snapshot_loop(
     mut taker: Taker,
     policy: SnapshotPolicy,
     stop: &(Mutex<bool>, Condvar),
-) -> Result<(), RecoveryError> {
+) -> Result<(), SnapshotError> {
     let (flag, wake) = stop;
     loop {
         let stopping = {
@@ -1056,6 +1144,69 @@ mod format_tests {
         assert_eq!(
             outcome.render(state.orders.get(order.id)),
             Ok(FirstAnswer::Order(Arc::new(order)))
+        );
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn a_damaged_snapshot_keeps_the_codec_error_and_is_skipped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirStore::new(dir.path());
+        write_snapshot(dir.path(), &State::default(), 5).expect("written");
+        let whole = store.read(5).expect("reads");
+        assert!(decode(5, &whole).is_ok(), "the whole one decodes");
+
+        // A flipped byte past the header: the CRC catches it.
+        let mut flipped = whole.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        assert!(
+            matches!(
+                decode(5, &flipped),
+                Err(SnapshotError::Codec(codec::CodecError::BadChecksum))
+            ),
+            "{:?}",
+            decode(5, &flipped).err()
+        );
+        // Bytes that are no snapshot at all, and one under another name.
+        assert!(matches!(
+            decode(5, b"not a snapshot"),
+            Err(SnapshotError::Inconsistent(_))
+        ));
+        assert!(matches!(
+            decode(6, &whole),
+            Err(SnapshotError::Inconsistent(_))
+        ));
+
+        // load skips the damaged one for an older one that decodes.
+        write_snapshot(dir.path(), &State::default(), 3).expect("written");
+        std::fs::write(store.path(5), &flipped).expect("damaged");
+        let (_, cut) = load(&store).expect("loads");
+        assert_eq!(cut.top, 3, "the damaged newest is skipped");
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_be_read_or_removed_keeps_its_io_kind() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = DirStore::new(dir.path());
+        let missing = store.read(9).expect_err("no such snapshot");
+        assert!(matches!(missing, SnapshotError::Io { .. }), "{missing:?}");
+        assert_eq!(
+            crate::journal::io_kind(&missing),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        let gone = store.remove(9).expect_err("no such snapshot");
+        assert_eq!(
+            crate::journal::io_kind(&gone),
+            Some(std::io::ErrorKind::NotFound)
+        );
+        assert!(
+            gone.to_string().contains("snapshot-"),
+            "names the file: {gone}"
         );
     }
 }

@@ -20,7 +20,7 @@
 //! [`RELAXED_AHEAD_MS_MAX`], the engine makes relaxed answers wait too.
 //!
 //! A failed write or flush stops the journal: the failed batch and
-//! everything after it are marked failed (their waiters get `Unavailable`),
+//! everything after it are marked failed (their waiters get `NotDurable`),
 //! later appends are refused, the durable watermark stops moving (a sync
 //! that finishes after the failure fails its waiters instead), and the
 //! server goes back to the last durable state before changes are taken
@@ -236,15 +236,15 @@ struct Shared {
     appended: AppendTimes,
     stats: JournalStats,
     failed: AtomicBool,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<JournalError>>,
     /// Set by a snapshot: the writer starts a new epoch before its next
     /// batch.
     next_epoch: AtomicBool,
 }
 
 impl Shared {
-    fn fail(&self, from: Seq, why: String) {
-        tracing::error!(from_seq = from, error = %why, "journal write failed; refusing changes");
+    fn fail(&self, from: Seq, why: JournalError) {
+        tracing::error!(from_seq = from, error = %why, io_kind = ?why.io_kind(), "journal write failed; refusing changes");
         let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         *failure = Some(why);
         self.failed.store(true, Ordering::SeqCst);
@@ -298,8 +298,9 @@ impl std::fmt::Debug for SledJournal {
 /// before any record is acknowledged.
 ///
 /// # Errors
-/// `Unavailable` naming the directory when it cannot be created, opened or
-/// locked (another server may be using it).
+/// `Io` naming the directory when it cannot be created or synced, `Locked`
+/// when another process holds the database's lock (another server may be
+/// using it) after waiting for it, `Open` when sled cannot open it.
 pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
     open_db_cached(dir, SLED_CACHE_BYTES)
 }
@@ -310,19 +311,10 @@ pub fn open_db(dir: &Path) -> Result<sled::Db, JournalError> {
 /// # Errors
 /// As [`open_db`].
 pub fn open_db_cached(dir: &Path, cache_bytes: u64) -> Result<sled::Db, JournalError> {
-    create_dir_durably(dir).map_err(|e| {
-        JournalError::Unavailable(format!(
-            "cannot create journal directory {}: {e}",
-            dir.display()
-        ))
-    })?;
+    create_dir_durably(dir)
+        .map_err(|e| JournalError::io("cannot create journal directory", dir, e))?;
     ensure_sled_conf(dir)?;
-    let config = sled::Config::new()
-        .path(dir)
-        .cache_capacity(cache_bytes)
-        .flush_every_ms(None)
-        .segment_size(SLED_SEGMENT_BYTES)
-        .mode(sled::Mode::LowSpace);
+    let config = sled_config(dir, cache_bytes);
     // sled releases its file lock when the last of its threads lets go of a
     // closed database, a moment after the close: a reopen (a restart after a
     // storage failure, a tool right after the server) waits for it, briefly.
@@ -330,21 +322,54 @@ pub fn open_db_cached(dir: &Path, cache_bytes: u64) -> Result<sled::Db, JournalE
     let db = loop {
         match config.open() {
             Ok(db) => break db,
-            Err(e) if attempts < LOCK_ATTEMPTS_MAX && e.to_string().contains("acquire lock") => {
+            Err(e) if lock_is_held(&e, dir) => {
+                if attempts >= LOCK_ATTEMPTS_MAX {
+                    return Err(JournalError::Locked {
+                        path: dir.to_path_buf(),
+                        source: Arc::new(e),
+                    });
+                }
                 attempts += 1;
                 std::thread::sleep(Duration::from_millis(LOCK_RETRY_MS));
             }
             Err(e) => {
-                return Err(JournalError::Unavailable(format!(
-                    "cannot open journal in {}: {e}",
-                    dir.display()
-                )));
+                return Err(JournalError::Open {
+                    path: dir.to_path_buf(),
+                    source: Arc::new(e),
+                });
             }
         }
     };
     // The entries sled created (its data file, `blobs/`) must be durable too.
-    sync_dir(dir).map_err(|e| unavailable_sync(dir, &e))?;
+    sync_dir(dir).map_err(|e| JournalError::io("cannot fsync", dir, e))?;
     Ok(db)
+}
+
+/// The configuration every database is opened with.
+fn sled_config(dir: &Path, cache_bytes: u64) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .flush_every_ms(None)
+        .segment_size(SLED_SEGMENT_BYTES)
+        .mode(sled::Mode::LowSpace)
+}
+
+/// Whether sled's open failed because another open database holds the
+/// lock on its `db` file. sled 0.34.7 reports that as an `io::Error` of
+/// kind `Other` whose only trace of the cause is its text, so instead of
+/// reading the text this asks the operating system: it tries the same
+/// exclusive, non-blocking lock (`flock`, as sled's `fs2` does) on a file
+/// description of its own, which conflicts with sled's even within this
+/// process, and lets it go at once.
+pub fn lock_is_held(error: &sled::Error, dir: &Path) -> bool {
+    if !matches!(error, sled::Error::Io(_)) {
+        return false;
+    }
+    let Ok(file) = File::open(dir.join("db")) else {
+        return false; // no data file: nothing holds a lock on it
+    };
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }
 
 /// A sled database beside the journal's writer (the order archive, the
@@ -356,24 +381,23 @@ pub struct DurableDb {
     db: sled::Db,
     /// sled's data file, opened for syncing.
     data_file: Mutex<File>,
+    /// Its path, to name it in errors.
+    data_path: PathBuf,
 }
 
 impl DurableDb {
     /// `db`, opened by [`open_db`] in `dir`, with its data file.
     ///
     /// # Errors
-    /// `Unavailable` when the data file cannot be opened.
+    /// `Io` when the data file cannot be opened.
     pub fn new(db: &sled::Db, dir: &Path) -> Result<DurableDb, JournalError> {
         let data_path = dir.join("db");
-        let data_file = File::open(&data_path).map_err(|e| {
-            JournalError::Unavailable(format!(
-                "cannot open {} for syncing: {e}",
-                data_path.display()
-            ))
-        })?;
+        let data_file = File::open(&data_path)
+            .map_err(|e| JournalError::io("cannot open for syncing", &data_path, e))?;
         Ok(DurableDb {
             db: db.clone(),
             data_file: Mutex::new(data_file),
+            data_path,
         })
     }
 
@@ -386,18 +410,17 @@ impl DurableDb {
     ///
     /// # Errors
     /// What failed, the flush or the sync.
-    pub fn flush(&self) -> Result<(), String> {
-        self.db.flush().map_err(|e| format!("flushing: {e}"))?;
+    pub fn flush(&self) -> Result<(), JournalError> {
+        self.db
+            .flush()
+            .map_err(|e| JournalError::sled("flushing", e))?;
         let file = self
             .data_file
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.sync_data().map_err(|e| format!("syncing: {e}"))
+        file.sync_data()
+            .map_err(|e| JournalError::io("cannot fsync", &self.data_path, e))
     }
-}
-
-fn unavailable_sync(path: &Path, e: &std::io::Error) -> JournalError {
-    JournalError::Unavailable(format!("cannot fsync {}: {e}", path.display()))
 }
 
 /// The bytes of sled's `conf` for the configuration [`open_db`] uses:
@@ -420,7 +443,7 @@ pub fn sled_conf_bytes() -> Vec<u8> {
 /// sled checks that it matches the configuration.
 ///
 /// # Errors
-/// `Unavailable` when the file cannot be read or written.
+/// `Io` when the file cannot be read or written.
 pub fn ensure_sled_conf(dir: &Path) -> Result<(), JournalError> {
     let path = dir.join("conf");
     let whole = match std::fs::read(&path) {
@@ -430,12 +453,7 @@ pub fn ensure_sled_conf(dir: &Path) -> Result<(), JournalError> {
         }
         Ok(_) => false,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => {
-            return Err(JournalError::Unavailable(format!(
-                "cannot read {}: {e}",
-                path.display()
-            )));
-        }
+        Err(e) => return Err(JournalError::io("cannot read", &path, e)),
     };
     if whole {
         return Ok(());
@@ -444,7 +462,7 @@ pub fn ensure_sled_conf(dir: &Path) -> Result<(), JournalError> {
         tracing::warn!(path = %path.display(), "sled's conf is torn (a power cut while sled wrote it); writing it again");
     }
     write_file_durably(&path, &sled_conf_bytes(), None, Existing::Replace)
-        .map_err(|e| JournalError::Unavailable(format!("cannot write {}: {e}", path.display())))
+        .map_err(|e| JournalError::io("cannot write", &path, e))
 }
 
 impl SledJournal {
@@ -452,30 +470,27 @@ impl SledJournal {
     /// `last_seq` (all durable), with its writer thread.
     ///
     /// # Errors
-    /// `Unavailable` when sled's data file cannot be opened for syncing or
-    /// the thread cannot start.
+    /// `Io` when sled's data file cannot be opened for syncing, `Spawn`
+    /// when a thread cannot start, `Sled` when its epoch cannot be opened.
     pub fn start(
         db: sled::Db,
         dir: &Path,
         last_seq: Seq,
         policy: FlushPolicy,
     ) -> Result<SledJournal, JournalError> {
-        let archive_dir = dir.parent().map(super::archive_dir).ok_or_else(|| {
-            JournalError::Unavailable(format!("{} has no data dir", dir.display()))
-        })?;
+        let archive_dir = dir
+            .parent()
+            .map(super::archive_dir)
+            .ok_or_else(|| JournalError::NoDataDir(dir.to_path_buf()))?;
         let archive = OpeningArchive::start(archive_dir, db.clone())?;
         let epochs = Epochs::new(&db);
-        let epoch = epochs.for_writer().map_err(|e| {
-            JournalError::Unavailable(format!("cannot open the journal's epoch: {e}"))
-        })?;
+        let epoch = epochs
+            .for_writer()
+            .map_err(|e| JournalError::sled("cannot open the journal's epoch", e))?;
         let idem_store = Arc::new(SledIdemStore::open(&db, dir)?);
         let data_path = dir.join("db");
-        let data_file = File::open(&data_path).map_err(|e| {
-            JournalError::Unavailable(format!(
-                "cannot open {} for syncing: {e}",
-                data_path.display()
-            ))
-        })?;
+        let data_file = File::open(&data_path)
+            .map_err(|e| JournalError::io("cannot open for syncing", &data_path, e))?;
         let shared = Arc::new(Shared {
             watermark: Watermark::new(last_seq),
             appended: AppendTimes::new(last_seq),
@@ -487,8 +502,9 @@ impl SledJournal {
         shared.stats.epoch.store(epoch.number, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_EVENTS_MAX);
         let (sync_tx, sync_rx) = crossbeam_channel::bounded(SYNC_QUEUE_BATCHES_MAX);
-        let spawn_error = |e: std::io::Error| {
-            JournalError::Unavailable(format!("cannot start journal thread: {e}"))
+        let spawn_error = |e: std::io::Error| JournalError::Spawn {
+            what: "the journal thread",
+            source: Arc::new(e),
         };
         let syncer = {
             let shared = Arc::clone(&shared);
@@ -530,6 +546,22 @@ impl SledJournal {
             archive,
             idem_store,
         })
+    }
+
+    /// The error an append gets once the journal stopped: the failure
+    /// that stopped it is its cause.
+    fn stopped(&self) -> JournalError {
+        let failure = self
+            .shared
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // `failed` is set after `failure`, under the same lock.
+        let cause = failure.unwrap_or(JournalError::WriterStopped);
+        JournalError::Stopped {
+            cause: Arc::new(cause),
+        }
     }
 
     /// The sled database (the snapshotter and recovery read it).
@@ -592,17 +624,12 @@ impl Journal for SledJournal {
     fn append(&self, event: &Event) -> Result<Seq, JournalError> {
         let mut side = self.append.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.failed.load(Ordering::SeqCst) {
-            return Err(JournalError::Unavailable(
-                "the journal stopped after a storage failure".into(),
-            ));
+            return Err(self.stopped());
         }
         let seq = side.last_seq + 1;
         let bytes = codec::encode(seq, event)
-            .map_err(|e| JournalError::Unavailable(format!("cannot encode an event: {e}")))?;
-        let tx = side
-            .tx
-            .as_ref()
-            .ok_or_else(|| JournalError::Unavailable("the journal is closed".into()))?;
+            .map_err(|e| JournalError::codec("cannot encode an event", e))?;
+        let tx = side.tx.as_ref().ok_or(JournalError::Closed)?;
         match tx.try_send(Item { seq, bytes }) {
             Ok(()) => {
                 side.last_seq = seq;
@@ -611,9 +638,7 @@ impl Journal for SledJournal {
                 Ok(seq)
             }
             Err(TrySendError::Full(_)) => Err(JournalError::Full),
-            Err(TrySendError::Disconnected(_)) => Err(JournalError::Unavailable(
-                "the journal writer stopped".into(),
-            )),
+            Err(TrySendError::Disconnected(_)) => Err(JournalError::WriterStopped),
         }
     }
 
@@ -634,7 +659,7 @@ impl Journal for SledJournal {
             .oldest_after(self.shared.watermark.durable())
     }
 
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<JournalError> {
         self.shared
             .failure
             .lock()
@@ -643,13 +668,15 @@ impl Journal for SledJournal {
     }
 
     fn durable_state(&self) -> Result<(State, Seq), JournalError> {
-        let snapshots = self.dir.parent().map(super::snapshot_dir).ok_or_else(|| {
-            JournalError::Unavailable(format!("{} has no data dir", self.dir.display()))
-        })?;
+        let snapshots = self
+            .dir
+            .parent()
+            .map(super::snapshot_dir)
+            .ok_or_else(|| JournalError::NoDataDir(self.dir.clone()))?;
         let durable = self.shared.watermark.durable();
         let store = super::snapshot::DirStore::new(&snapshots);
         let state = super::recovery::durable_state(&self.epochs, &store, durable)
-            .map_err(|e| JournalError::Unavailable(format!("rebuilding the durable state: {e}")))?;
+            .map_err(|e| JournalError::DurableState(Arc::new(e)))?;
         Ok((state, durable))
     }
 
@@ -706,7 +733,7 @@ fn gather(rx: &Receiver<Item>, batch: &mut Vec<Item>, policy: FlushPolicy) -> bo
 /// Inserts a batch as blocks of consecutive records (each at most
 /// [`BLOCK_BYTES_MAX`], under its first sequence number) and flushes sled,
 /// which writes them to its data file (and `sync_file_range`s it).
-fn write_batch(batch: &[Item], db: &sled::Tree) -> Result<u64, String> {
+fn write_batch(batch: &[Item], db: &sled::Tree) -> Result<u64, JournalError> {
     let mut bytes = 0u64;
     let mut block: Vec<u8> = Vec::new();
     let mut first: Option<Seq> = None;
@@ -716,7 +743,7 @@ fn write_batch(batch: &[Item], db: &sled::Tree) -> Result<u64, String> {
             && let Some(seq) = first.take()
         {
             db.insert(codec::key(seq), std::mem::take(&mut block))
-                .map_err(|e| format!("sled insert: {e}"))?;
+                .map_err(|e| JournalError::sled("sled insert", e))?;
         }
         first.get_or_insert(item.seq);
         block.extend_from_slice(&item.bytes);
@@ -724,9 +751,10 @@ fn write_batch(batch: &[Item], db: &sled::Tree) -> Result<u64, String> {
     }
     if let Some(seq) = first {
         db.insert(codec::key(seq), block)
-            .map_err(|e| format!("sled insert: {e}"))?;
+            .map_err(|e| JournalError::sled("sled insert", e))?;
     }
-    db.flush().map_err(|e| format!("sled flush: {e}"))?;
+    db.flush()
+        .map_err(|e| JournalError::sled("sled flush", e))?;
     Ok(bytes)
 }
 
@@ -766,7 +794,7 @@ fn write_loop(stages: &Stages<'_>, mut epoch: Epoch, policy: FlushPolicy) {
                     shared.stats.epoch.store(epoch.number, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    shared.fail(first, format!("cannot start a journal epoch: {e}"));
+                    shared.fail(first, JournalError::sled("cannot start a journal epoch", e));
                     batch.clear();
                     continue;
                 }
@@ -782,7 +810,7 @@ fn write_loop(stages: &Stages<'_>, mut epoch: Epoch, policy: FlushPolicy) {
                     .send((first, last, bytes, batch.len(), started))
                     .is_err()
                 {
-                    shared.fail(first, "the sync thread stopped".into());
+                    shared.fail(first, JournalError::WriterStopped);
                 }
             }
             Err(why) => shared.fail(first, why),
@@ -798,7 +826,7 @@ fn write_loop(stages: &Stages<'_>, mut epoch: Epoch, policy: FlushPolicy) {
 fn sync_new_blobs(
     blobs: &Path,
     synced: &mut std::collections::HashSet<std::ffi::OsString>,
-) -> Result<(), String> {
+) -> Result<(), JournalError> {
     let Ok(entries) = std::fs::read_dir(blobs) else {
         return Ok(()); // no blob directory yet: nothing to sync
     };
@@ -810,13 +838,13 @@ fn sync_new_blobs(
         }
         File::open(entry.path())
             .and_then(|f| f.sync_all())
-            .map_err(|e| format!("fsync of sled blob {}: {e}", entry.path().display()))?;
+            .map_err(|e| JournalError::io("cannot fsync sled blob", &entry.path(), e))?;
         tracing::warn!(blob = %entry.path().display(), "sled wrote a blob; synced it");
         synced.insert(name);
         any = true;
     }
     if any {
-        sync_dir(blobs).map_err(|e| format!("fsync of {}: {e}", blobs.display()))?;
+        sync_dir(blobs).map_err(|e| JournalError::io("cannot fsync", blobs, e))?;
     }
     Ok(())
 }
@@ -847,7 +875,7 @@ fn sync_loop(
         let sync_started = Instant::now();
         let synced = data_file
             .sync_data()
-            .map_err(|e| format!("fdatasync of the journal: {e}"))
+            .map_err(|e| JournalError::io("cannot fdatasync", &blobs.with_file_name("db"), e))
             .and_then(|()| sync_new_blobs(blobs, &mut synced_blobs));
         crate::steps::record(crate::steps::Step::JournalSync, sync_started.elapsed());
         if let Err(why) = synced {
@@ -869,5 +897,62 @@ fn sync_loop(
             stats.events.fetch_add(*events as u64, Ordering::Relaxed);
             stats.bytes.fetch_add(*bytes, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_database_is_recognised_by_its_lock_not_by_the_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = open_db(dir.path()).expect("opens");
+        // A second open in this process meets sled's lock like another
+        // process would (flock locks belong to the open file, not the
+        // process).
+        let second = sled_config(dir.path(), SLED_CACHE_BYTES).open();
+        let Err(error) = second else {
+            panic!("a second open of a held database succeeded");
+        };
+        assert!(matches!(error, sled::Error::Io(_)), "{error:?}");
+        assert!(lock_is_held(&error, dir.path()), "{error}");
+        // The same error text means nothing on its own: a database nobody
+        // holds is not locked, whatever the error says.
+        let free = tempfile::tempdir().expect("tempdir");
+        std::fs::write(free.path().join("db"), b"").expect("writes");
+        let text = sled::Error::Io(std::io::Error::other("could not acquire lock on db"));
+        assert!(!lock_is_held(&text, free.path()));
+        // Nor is an error that is not sled's I/O, even on a held database.
+        let bug = sled::Error::ReportableBug("acquire lock".into());
+        assert!(!lock_is_held(&bug, dir.path()));
+        drop(held);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_io_kind_through_the_stopped_journal() {
+        let full = JournalError::io(
+            "cannot fdatasync",
+            Path::new("/data/journal/db"),
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        );
+        let stopped = JournalError::Stopped {
+            cause: Arc::new(full.clone()),
+        };
+        assert_eq!(full.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        assert_eq!(stopped.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        let through_sled = JournalError::sled(
+            "sled flush",
+            sled::Error::Io(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+        );
+        assert_eq!(
+            through_sled.io_kind(),
+            Some(std::io::ErrorKind::PermissionDenied)
+        );
+        assert_eq!(JournalError::NotDurable.io_kind(), None);
+        assert!(
+            stopped.to_string().contains("/data/journal/db"),
+            "the message names the file as before: {stopped}"
+        );
     }
 }

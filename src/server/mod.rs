@@ -416,7 +416,8 @@ async fn supervise(storage: Arc<Storage>, mut stop: watch::Receiver<bool>) {
             .backend
             .engine()
             .ok()
-            .and_then(|e| e.storage_failure());
+            .and_then(|e| e.storage_failure())
+            .map(|e| e.to_string());
         if failure.is_none() {
             storage.restart_snapshotter_if_dead(&mut last_snapshotter_start);
         }
