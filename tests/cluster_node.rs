@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::nats::NatsCluster;
-use support::server::{Api, Client, Server, hdrs};
+use support::server::{Api, Client, Server, Stream, hdrs};
 
 /// Small enough that three nodes each own a few, large enough that the
 /// SKUs below land in several.
@@ -62,26 +62,13 @@ fn cluster_view(server: &Server) -> Option<Value> {
 /// `nodes` live nodes and an owner for every partition (`GET /v1/stream`,
 /// read raw): partitions still move while the nodes even out their shares.
 fn live_cluster(server: &Server, nodes: usize) -> Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut tcp = std::net::TcpStream::connect(server.addr).expect("connects");
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        tcp,
-        "GET /v1/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-    )
-    .expect("sends");
-    let mut reader = BufReader::new(tcp);
+    let mut stream = Stream::open(server.addr);
     let started = Instant::now();
-    let mut line = String::new();
+    let mut last = Value::Null;
     while started.elapsed() < SETTLE {
-        line.clear();
-        let n = reader.read_line(&mut line).expect("reads the stream");
-        assert!(n > 0, "the stream ended");
-        let Some(json) = line.strip_prefix("data: ") else {
-            continue;
+        let Some(event) = stream.next() else {
+            panic!("the stream ended; last event: {last}");
         };
-        let event: Value = serde_json::from_str(json.trim_end()).expect("an event is JSON");
         let cluster = &event["cluster"];
         let settled = cluster["nodes"]
             .as_array()
@@ -92,8 +79,9 @@ fn live_cluster(server: &Server, nodes: usize) -> Value {
         if settled {
             return event;
         }
+        last = event;
     }
-    panic!("no dashboard event showed {nodes} nodes: {line}");
+    panic!("no dashboard event showed {nodes} nodes: {last}");
 }
 
 /// `GET path`, asked again while it answers 503 partition_unavailable or

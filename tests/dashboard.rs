@@ -8,65 +8,16 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::server::{Api, Server};
+use support::server::{Api, Server, Stream};
 
 /// The SKUs of the sale: one that sells out, one that does not.
 const DROP: &str = "drop";
 const STEADY: &str = "steady";
-
-/// An open `GET /v1/stream`, read event by event.
-struct Stream {
-    reader: BufReader<TcpStream>,
-    head: String,
-}
-
-impl Stream {
-    fn open(addr: SocketAddr) -> Stream {
-        let mut tcp = TcpStream::connect(addr).expect("connects");
-        tcp.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(
-            tcp,
-            "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        .expect("sends");
-        let mut reader = BufReader::new(tcp);
-        let mut head = String::new();
-        loop {
-            let mut line = String::new();
-            let n = reader.read_line(&mut line).expect("reads the head");
-            assert!(n > 0, "closed before the end of the head: {head}");
-            if line == "\r\n" {
-                break;
-            }
-            head.push_str(&line);
-        }
-        Stream { reader, head }
-    }
-
-    /// The next event's JSON, or `None` when the stream ended.
-    fn next(&mut self) -> Option<Value> {
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-            // Chunk sizes and `retry:` lines are skipped; an event is one
-            // `data:` line of compact JSON.
-            if let Some(json) = line.strip_prefix("data: ") {
-                return Some(serde_json::from_str(json.trim_end()).expect("the event is JSON"));
-            }
-        }
-    }
-}
 
 /// Places one order of `qty` units of `sku` per user; each answer's body
 /// (or error code) with its status under `_status`.

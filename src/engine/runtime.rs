@@ -110,7 +110,7 @@ impl ActorPool {
     /// [`ACTOR_THREADS_MAX`]).
     ///
     /// # Errors
-    /// `StorageUnavailable` when a thread cannot be started.
+    /// `Spawn` when a thread cannot be started.
     pub fn start(threads: usize) -> Result<ActorPool, EngineError> {
         let threads = ActorThreads::start(threads)?;
         let arbiters = threads.arbiters.clone();

@@ -545,3 +545,51 @@ pub fn closed_by_server(stream: &TcpStream) -> bool {
     stream.set_nonblocking(false).expect("blocking");
     closed
 }
+
+/// An open `GET /v1/stream`, read event by event.
+pub struct Stream {
+    reader: BufReader<TcpStream>,
+    /// The answer's status line and headers.
+    pub head: String,
+}
+
+impl Stream {
+    pub fn open(addr: SocketAddr) -> Stream {
+        let mut tcp = TcpStream::connect(addr).expect("connects");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            tcp,
+            "GET /v1/stream HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("sends");
+        let mut reader = BufReader::new(tcp);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let n = reader.read_line(&mut line).expect("reads the head");
+            assert!(n > 0, "closed before the end of the head: {head}");
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        Stream { reader, head }
+    }
+
+    /// The next event's JSON, or `None` when the stream ended.
+    pub fn next(&mut self) -> Option<Value> {
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            // Chunk sizes and `retry:` lines are skipped; an event is one
+            // `data:` line of compact JSON.
+            if let Some(json) = line.strip_prefix("data: ") {
+                return Some(serde_json::from_str(json.trim_end()).expect("the event is JSON"));
+            }
+        }
+    }
+}
